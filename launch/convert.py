@@ -1,0 +1,46 @@
+"""`kiln convert`: Hugging Face directory <-> Kiln checkpoint."""
+from __future__ import annotations
+
+import argparse
+
+import jax
+from flax import nnx
+
+from model import hf
+from model.config import DTYPES
+from train import checkpoint
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln convert", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="DIR", help="Hugging Face directory (config.json + *.safetensors)")
+    src.add_argument("--from-kiln", metavar="CKPT_DIR", help="Kiln run directory or checkpoints directory")
+    p.add_argument("--to", metavar="CKPT_DIR", help="Kiln checkpoints directory to write (with --from-hf)")
+    p.add_argument("--to-hf", metavar="DIR", help="Hugging Face directory to write (with --from-kiln)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step to read (default: latest) or write (0)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="parameter dtype of the written weights (default: as stored)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    if args.from_hf:
+        if not args.to or args.to_hf:
+            parser().error("--from-hf needs --to CKPT_DIR")
+        cfg, model = hf.load(args.from_hf, dtype=args.dtype or "float32")
+        step = args.step or 0
+        checkpoint.save_params(args.to, step, model, cfg)
+        print(f"wrote Kiln checkpoint {args.to} step {step}: {cfg.family}, {_count(model):,} parameters")
+    else:
+        if not args.to_hf or args.to:
+            parser().error("--from-kiln needs --to-hf DIR")
+        cfg, model = checkpoint.load_params(args.from_kiln, step=args.step)
+        hf.save(model, cfg, args.to_hf, dtype=args.dtype)
+        print(f"wrote Hugging Face directory {args.to_hf}: {cfg.family}, {_count(model):,} parameters")
+    return 0
+
+
+def _count(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

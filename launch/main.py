@@ -1,0 +1,64 @@
+"""The `kiln` command: dispatches `kiln SUBCOMMAND ...` to its module.
+
+Bad input ends with one line on stderr naming the problem and exit status 1; `--debug` shows the
+Python traceback instead.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Modules expose `main(argv: list[str]) -> int`.
+COMMANDS = {
+    "convert": ("launch.convert", "convert between Hugging Face directories and Kiln checkpoints"),
+}
+PLANNED = {
+    "train": "train one stage from a config",
+    "pipeline": "run several stages in order",
+    "sweep": "run a grid of configs",
+    "tokenizer": "train a sentencepiece tokenizer",
+    "data": "preview a data pipeline",
+    "sample": "sample from a checkpoint",
+    "eval": "evaluate a checkpoint",
+    "bench": "throughput and MFU benchmarks",
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, without a traceback."""
+
+
+def usage() -> str:
+    lines = ["usage: kiln SUBCOMMAND [ARGS ...]", "", "subcommands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<10} {text} (not yet available)" for name, text in PLANNED.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name in PLANNED:
+        print(f"kiln {name}: not yet available in this version of Kiln", file=sys.stderr)
+        return 2
+    if name not in COMMANDS:
+        print(f"kiln: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return module.main(rest)
+    except (UsageError, ValueError, FileNotFoundError, KeyError, OSError) as e:
+        if debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"kiln {name}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

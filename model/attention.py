@@ -1,0 +1,103 @@
+"""Grouped-query attention with RoPE, packed-sequence masks, sliding windows, soft-capping and a KV cache.
+
+One mask rule serves training and decoding: a query attends to a key when both belong to the same
+segment, the key's position is not after the query's, and (for windowed layers) the distance is
+below the window. Packed documents therefore never see each other, and empty cache slots (segment
+0, position "infinity") are never attended.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from model.config import ModelConfig
+from model.layers import normal, param, zeros
+from model.rope import apply_rotary
+from model.sharding import constrain
+
+NEG_INF = -2.3819763e38  # large finite negative: a fully masked row gives a uniform mix, never NaN
+
+
+def attention_mask(q_pos_BT: jax.Array, q_seg_BT: jax.Array, k_pos_BS: jax.Array, k_seg_BS: jax.Array,
+                   window: jax.Array | int) -> jax.Array:
+    """Boolean [B, T, S]: may query t attend to key s. `window` 0 means unlimited."""
+    q_pos, k_pos = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
+    allowed = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_pos <= q_pos)
+    return allowed & ((window <= 0) | (q_pos - k_pos < window))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with n_kv_heads shared key/value heads (GQA; MHA when equal)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+        E, H, K, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head
+        init = normal(cfg.init_std)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.n_kv_heads, self.group = K, H // K
+        self.scale = (cfg.query_pre_attn_scalar or D) ** -0.5
+        self.softcap = cfg.attn_softcap
+        self.q = param(rngs, init, (E, H, D), ("embed", "q_heads", "head_dim"), cfg, stack)
+        self.k = param(rngs, init, (E, K, D), ("embed", "kv_heads", "head_dim"), cfg, stack)
+        self.v = param(rngs, init, (E, K, D), ("embed", "kv_heads", "head_dim"), cfg, stack)
+        self.o = param(rngs, init, (H, D, E), ("q_heads", "head_dim", "embed"), cfg, stack)
+        self.qkv_bias, self.o_bias_on = cfg.qkv_bias, cfg.o_bias
+        if cfg.qkv_bias:
+            self.q_bias = param(rngs, zeros, (H, D), ("q_heads", "head_dim"), cfg, stack)
+            self.k_bias = param(rngs, zeros, (K, D), ("kv_heads", "head_dim"), cfg, stack)
+            self.v_bias = param(rngs, zeros, (K, D), ("kv_heads", "head_dim"), cfg, stack)
+        if cfg.o_bias:
+            self.o_bias = param(rngs, zeros, (E,), ("embed",), cfg, stack)
+
+    def project_qkv(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array):
+        """Queries [B,T,H,D] and rotated keys / values [B,T,K,D]."""
+        dt = self.dtype
+        q = jnp.einsum("bte,ehd->bthd", x_BTE, self.q[...].astype(dt))
+        k = jnp.einsum("bte,ekd->btkd", x_BTE, self.k[...].astype(dt))
+        v = jnp.einsum("bte,ekd->btkd", x_BTE, self.v[...].astype(dt))
+        if self.qkv_bias:
+            q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
+                       v + self.v_bias[...].astype(dt))
+        q = checkpoint_name(constrain(apply_rotary(q, cos, sin), ("batch", "act_seq", "act_heads", None)), "query_proj")
+        k = checkpoint_name(constrain(apply_rotary(k, cos, sin), ("batch", "act_seq", "act_kv_heads", None)), "key_proj")
+        v = checkpoint_name(constrain(v, ("batch", "act_seq", "act_kv_heads", None)), "value_proj")
+        return q, k, v
+
+    def attend(self, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+        """Softmax attention of queries over keys; returns the output projection [B,T,E]."""
+        B, T, H, D = q_BTHD.shape
+        q_BTKGD = q_BTHD.reshape(B, T, self.n_kv_heads, self.group, D)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
+        scores = scores * self.scale
+        if self.softcap is not None:
+            scores = jnp.tanh(scores / self.softcap) * self.softcap
+        scores = jnp.where(mask_BTS[:, None, None, :, :], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
+        out_BTHD = constrain(out_BTKGD.reshape(B, T, H, D), ("batch", "act_seq", "act_heads", None))
+        out = jnp.einsum("bthd,hde->bte", out_BTHD, self.o[...].astype(self.dtype))
+        if self.o_bias_on:
+            out = out + self.o_bias[...].astype(self.dtype)
+        return checkpoint_name(out, "out_proj")
+
+    def __call__(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, positions_BT: jax.Array,
+                 segments_BT: jax.Array, window: jax.Array | int) -> jax.Array:
+        q, k, v = self.project_qkv(x_BTE, cos, sin)
+        mask = attention_mask(positions_BT, segments_BT, positions_BT, segments_BT, window)
+        return self.attend(q, k, v, mask)
+
+    def decode(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, positions_BT: jax.Array,
+               segments_BT: jax.Array, window: jax.Array | int, cache_k: jax.Array, cache_v: jax.Array,
+               cache_pos: jax.Array, cache_seg: jax.Array, index: jax.Array):
+        """Writes this step's keys/values into the cache at `index`, then attends over the whole cache.
+
+        `cache_pos` / `cache_seg` [B, S] must already hold this step's positions and segments.
+        Returns (output [B,T,E], new cache_k, new cache_v).
+        """
+        q, k, v = self.project_qkv(x_BTE, cos, sin)
+        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+        mask = attention_mask(positions_BT, segments_BT, cache_pos, cache_seg, window)
+        out = self.attend(q, cache_k.astype(self.dtype), cache_v.astype(self.dtype), mask)
+        return out, cache_k, cache_v

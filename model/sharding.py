@@ -1,0 +1,134 @@
+"""Logical axis names -> mesh axes.
+
+Every parameter carries `axes` metadata (one logical name per dimension) and the forward pass
+constrains its main activations by logical name too. A rule table maps each logical name to mesh
+axes (`data`, `fsdp`, `tensor`); the table is data (it lives in the run config), so changing the
+parallelism layout never touches model code. A mesh axis that does not divide a dimension is
+dropped for that array (it is replicated instead), so tiny test models run on any mesh.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, Any], ...]
+
+# FSDP shards the embedding dimension of weights and the batch of activations; tensor parallelism
+# shards heads, the MLP hidden dimension and the vocabulary.
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    ("cache_seq", None),
+)
+
+_rules: contextvars.ContextVar[Rules] = contextvars.ContextVar("kiln_sharding_rules", default=DEFAULT_RULES)
+
+
+@contextlib.contextmanager
+def use_rules(rules: Sequence[Sequence[Any]]) -> Iterator[None]:
+    """Sets the logical-axis rule table for the model code traced inside the block."""
+    token = _rules.set(tuple((name, _as_tuple(target)) for name, target in rules))
+    try:
+        yield
+    finally:
+        _rules.reset(token)
+
+
+def _as_tuple(target: Any) -> tuple[str, ...]:
+    if target is None:
+        return ()
+    if isinstance(target, str):
+        return (target,)
+    return tuple(target)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh_shape: dict[str, int] | None = None, rules: Rules | None = None) -> PartitionSpec:
+    """PartitionSpec for logical `axes`; with `shape` and `mesh_shape`, non-dividing mesh axes are dropped."""
+    table = dict((name, _as_tuple(t)) for name, t in (rules or _rules.get()))
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(axes):
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to mesh.rules")
+        targets = []
+        for mesh_axis in table.get(name, ()) if name is not None else ():
+            size = (mesh_shape or {}).get(mesh_axis, 1)
+            if mesh_axis in used or (mesh_shape is not None and mesh_axis not in mesh_shape):
+                continue
+            if shape is not None and shape[dim] % (size * math.prod(mesh_shape[a] for a in targets)) != 0:
+                continue
+            targets.append(mesh_axis)
+        used.update(targets)
+        spec.append(None if not targets else targets[0] if len(targets) == 1 else tuple(targets))
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Constrains an activation's sharding by logical axes; a no-op when no mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(axes, x.shape, dict(mesh.shape))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes; one size may be -1 (the remaining devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by data*fsdp*tensor={known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor={math.prod(sizes)} does not match the {len(devices)} devices; "
+                         "set one of mesh.data/fsdp/tensor to -1")
+    grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def var_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
+    """The NamedSharding of one Variable, from its `axes` metadata."""
+    axes = var.get_metadata().get("axes")
+    shape = var.get_value().shape
+    if axes is None or len(axes) != len(shape):
+        raise ValueError(f"parameter of shape {shape} lacks logical `axes` metadata matching its rank")
+    return NamedSharding(mesh, logical_to_spec(axes, shape, dict(mesh.shape), rules))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """NamedShardings for every Variable of an nnx State (a pytree prefix of the state)."""
+    return jax.tree.map(lambda v: var_sharding(v, mesh, rules), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nnx.Module:
+    """Places every parameter of `module` on `mesh` according to the rule table (in place)."""
+    state = nnx.state(module)
+    shardings = state_shardings(state, mesh, rules)
+    nnx.update(module, jax.device_put(state, shardings))
+    return module

@@ -1,0 +1,186 @@
+"""The decoder-only language model: embed, a stack of pre-norm blocks run with `lax.scan`, norm, logits.
+
+All layers' parameters live in one `Block` with a leading `layers` axis. The forward pass splits
+that block into its graph and state and scans over the state, so the scanned and the unrolled
+(`scan_layers=False`) passes share one parameter layout and one checkpoint format. Per-layer
+differences (Gemma2's alternating sliding windows) travel through the scan as data.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.layers import MLP, Embed, RMSNorm, normal, param
+from model.rope import rotary_tables
+from model.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "save_out_proj": jax.checkpoint_policies.save_only_these_names("out_proj", "mlp_hidden"),
+}
+EMPTY_POSITION = np.iinfo(np.int32).max  # cache slots not yet written: after every query
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for decoding. Slot s of row b holds a token at `pos[b, s]`."""
+
+    k: jax.Array  # [L, B, S, K, D]
+    v: jax.Array  # [L, B, S, K, D]
+    pos: jax.Array  # [B, S] int32, EMPTY_POSITION where unwritten
+    seg: jax.Array  # [B, S] int32, 0 where unwritten or padding
+    index: jax.Array  # [] int32, the next slot to write
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> "KVCache":
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.dim_head)
+        dt = jnp.dtype(dtype or cfg.dtype)
+        return cls(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
+                   pos=jnp.full((batch, max_len), EMPTY_POSITION, jnp.int32),
+                   seg=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer (optionally with Gemma2's extra post-norms)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
+        self.sandwich = cfg.sandwich_norm
+        self.attn_norm = RMSNorm(cfg, rngs, stack)
+        self.attn = Attention(cfg, rngs, stack)
+        self.mlp_norm = RMSNorm(cfg, rngs, stack)
+        self.mlp = MLP(cfg, rngs, stack)
+        if cfg.sandwich_norm:
+            self.attn_post_norm = RMSNorm(cfg, rngs, stack)
+            self.mlp_post_norm = RMSNorm(cfg, rngs, stack)
+
+    def _mlp_residual(self, x: jax.Array, h: jax.Array) -> jax.Array:
+        if self.sandwich:
+            h = self.attn_post_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.sandwich:
+            h = self.mlp_post_norm(h)
+        return constrain(x + h, ("batch", "act_seq", "act_embed"))
+
+    def __call__(self, x, cos, sin, positions, segments, window):
+        return self._mlp_residual(x, self.attn(self.attn_norm(x), cos, sin, positions, segments, window))
+
+    def decode(self, x, cos, sin, positions, segments, window, cache_k, cache_v, cache_pos, cache_seg, index):
+        h, cache_k, cache_v = self.attn.decode(self.attn_norm(x), cos, sin, positions, segments, window,
+                                               cache_k, cache_v, cache_pos, cache_seg, index)
+        return self._mlp_residual(x, h), cache_k, cache_v
+
+
+def segment_positions(segments_BT: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at every segment boundary of a packed row."""
+    T = segments_BT.shape[1]
+    idx = jnp.arange(T, dtype=jnp.int32)[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segments_BT[:, :1], bool),
+                              segments_BT[:, 1:] != segments_BT[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(tokens)` returns float32 logits [batch, seq, vocab]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs)
+        self.layers = Block(cfg, rngs, stack=(cfg.n_layers,))
+        self.final_norm = RMSNorm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _inputs(self, tokens_BT, positions_BT, segments_BT):
+        if segments_BT is None:
+            segments_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+        if positions_BT is None:
+            positions_BT = segment_positions(segments_BT)
+        x = self.embed(tokens_BT)
+        if self.cfg.embed_scale:
+            x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
+        x = constrain(x, ("batch", "act_seq", "act_embed"))
+        cos, sin = rotary_tables(positions_BT, self.cfg)
+        return x, cos, sin, positions_BT.astype(jnp.int32), segments_BT.astype(jnp.int32)
+
+    def _scan(self, body, carry, xs):
+        cfg = self.cfg
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        return jax.lax.scan(body, carry, xs, unroll=1 if cfg.scan_layers else cfg.n_layers)
+
+    def logits(self, h_BTE: jax.Array) -> jax.Array:
+        """Float32 logits from final hidden states (after the final norm)."""
+        if self.cfg.tie_embeddings:
+            logits = self.embed.attend(h_BTE)
+        else:
+            logits = jnp.einsum("bte,ev->btv", h_BTE, self.lm_head[...].astype(h_BTE.dtype),
+                                preferred_element_type=jnp.float32)
+        if self.cfg.final_softcap is not None:
+            logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return constrain(logits, ("batch", "act_seq", "act_vocab"))
+
+    # -- full-sequence forward ------------------------------------------------------------------
+    def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+               segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states [B, T, d_model] (for heads other than the LM head)."""
+        x, cos, sin, pos, seg = self._inputs(tokens_BT, positions_BT, segment_ids_BT)
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, layer):
+            layer_state, window = layer
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, pos, seg, window), None
+
+        windows = jnp.asarray(self.cfg.layer_windows(), jnp.int32)
+        x, _ = self._scan(body, x, (state, windows))
+        return self.final_norm(x)
+
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, vocab]. Segment id 0 marks padding; packed documents get distinct ids."""
+        return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT))
+
+    # -- cached decoding ------------------------------------------------------------------------
+    def decode(self, tokens_BT: jax.Array, cache: KVCache, positions_BT: jax.Array | None = None,
+               segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Runs T new tokens against the cache (prefill: T = prompt length; sampling: T = 1).
+
+        Positions default to continuing from `cache.index`. Returns (logits [B,T,V], updated cache).
+        """
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(cache.index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+        x, cos, sin, pos, seg = self._inputs(tokens_BT, positions_BT, segment_ids_BT)
+        # Padding tokens are written as never-visible slots.
+        slot_pos = jnp.where(seg > 0, pos, EMPTY_POSITION)
+        cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, slot_pos, cache.index, axis=1)
+        cache_seg = jax.lax.dynamic_update_slice_in_dim(cache.seg, seg, cache.index, axis=1)
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, layer):
+            layer_state, window, k, v = layer
+            x, k, v = nnx.merge(graphdef, layer_state).decode(
+                x, cos, sin, pos, seg, window, k, v, cache_pos, cache_seg, cache.index)
+            return x, (k, v)
+
+        windows = jnp.asarray(self.cfg.layer_windows(), jnp.int32)
+        x, (k, v) = self._scan(body, x, (state, windows, cache.k, cache.v))
+        logits = self.logits(self.final_norm(x))
+        return logits, KVCache(k=k, v=v, pos=cache_pos, seg=cache_seg, index=cache.index + T)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters, from abstract shapes only (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -1,0 +1,81 @@
+"""Kiln checkpoints: an orbax CheckpointManager directory of numbered steps.
+
+Each step holds the item `params` (the model's parameters as a pure dict) and `model_config`
+(JSON of the ModelConfig), so a checkpoint alone rebuilds its model. Restoring goes onto an
+abstract, sharded target, so a checkpoint saved on one mesh loads onto another.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from model.config import ModelConfig
+from model.sharding import Rules, var_sharding
+from model.transformer import Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read, with the reason."""
+
+
+def checkpoint_dir(path: str) -> str:
+    """The CheckpointManager directory for a run directory or a checkpoints directory."""
+    inner = os.path.join(path, "checkpoints")
+    return os.path.abspath(inner if os.path.isdir(inner) else path)
+
+
+def save_params(path: str, step: int, model: Transformer, cfg: ModelConfig) -> None:
+    """Writes the parameters and config of `model` as step `step` under `path` (blocking)."""
+    with ocp.CheckpointManager(checkpoint_dir(path)) as mgr:
+        mgr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+            model_config=ocp.args.JsonSave(cfg.to_dict())))
+        mgr.wait_until_finished()
+
+
+def latest_step(path: str) -> int:
+    directory = checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    with ocp.CheckpointManager(directory) as mgr:
+        step = mgr.latest_step()
+    if step is None:
+        raise CheckpointError(f"{path}: no finished checkpoint step in {directory}")
+    return step
+
+
+def read_model_config(path: str, step: int | None = None) -> ModelConfig:
+    directory = checkpoint_dir(path)
+    step = latest_step(path) if step is None else step
+    with ocp.CheckpointManager(directory) as mgr:
+        try:
+            raw = mgr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))["model_config"]
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{directory}/{step}: not a Kiln checkpoint (no model_config item): {e}") from None
+    return ModelConfig.from_dict(raw)
+
+
+def load_params(path: str, step: int | None = None, mesh: Mesh | None = None, rules: Rules | None = None,
+                **overrides: Any) -> tuple[ModelConfig, Transformer]:
+    """Rebuilds the model saved at `path` (latest step by default), sharded on `mesh` if given.
+
+    `overrides` replace ModelConfig fields that do not change parameter shapes (dtype, remat, ...).
+    """
+    step = latest_step(path) if step is None else step
+    cfg = read_model_config(path, step).replace(**overrides)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+    def abstract(var: nnx.Variable) -> nnx.Variable:
+        sharding = var_sharding(var, mesh, rules) if mesh is not None else None
+        return var.replace(jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype, sharding=sharding))
+
+    target = nnx.to_pure_dict(jax.tree.map(abstract, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    with ocp.CheckpointManager(checkpoint_dir(path)) as mgr:
+        restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    nnx.replace_by_pure_dict(state, restored)
+    return cfg, nnx.merge(graphdef, state)
