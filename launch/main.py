@@ -10,14 +10,14 @@ import sys
 
 # subcommand -> (module, one-line help). Modules expose `main(argv: list[str]) -> int`.
 COMMANDS = {
+    "train": ("launch.train", "train one stage from a config"),
+    "tokenizer": ("launch.tokenizer_cli", "train a sentencepiece tokenizer"),
+    "data": ("launch.data_cli", "preview a data pipeline (kiln data preview --config=...)"),
     "convert": ("launch.convert", "convert between Hugging Face directories and Kiln checkpoints"),
 }
 PLANNED = {
-    "train": "train one stage from a config",
     "pipeline": "run several stages in order",
     "sweep": "run a grid of configs",
-    "tokenizer": "train a sentencepiece tokenizer",
-    "data": "preview a data pipeline",
     "sample": "sample from a checkpoint",
     "eval": "evaluate a checkpoint",
     "bench": "throughput and MFU benchmarks",

@@ -1,0 +1,92 @@
+"""Every config key Kiln knows, with its default. Stage files override only what differs.
+
+A stage file defines `get_config(variant: str = "") -> ConfigDict`, usually as
+`base.with_variant(config, VARIANTS, variant)`: variants are plain dicts of dotted keys.
+Configs are locked after loading, so a misspelt key is an error that names it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+from model.sharding import DEFAULT_RULES
+
+
+def source(path: str = "", format: str = "synthetic", weight: float = 1.0, **fields: Any) -> ConfigDict:
+    """A named data source: where it is, how to read it, and its mixture weight."""
+    return ConfigDict(dict(path=path, format=format, weight=weight, **fields))
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.stage = "pretrain"
+    c.run_dir = "runs/default"
+    c.seed = 0
+
+    # Model: a preset, optionally with sizes overridden (None: the preset's value).
+    c.model = ConfigDict(dict(
+        preset="tiny", family=placeholder(str), vocab_size=placeholder(int), d_model=placeholder(int),
+        n_layers=placeholder(int), n_heads=placeholder(int), n_kv_heads=placeholder(int),
+        head_dim=placeholder(int), d_ff=placeholder(int), max_seq_len=placeholder(int),
+        rope_theta=placeholder(float), sliding_window=placeholder(int),
+        # RoPE scaling for context extension: type none | linear | llama3 | yarn.
+        rope_scaling=ConfigDict(dict(type="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=placeholder(int),
+                                     beta_fast=placeholder(float), beta_slow=placeholder(float))),
+        dtype="float32", param_dtype="float32", remat="none", scan_layers=True,
+        # A Kiln run/checkpoint directory or a Hugging Face directory: parameters only.
+        init_from="",
+    ))
+
+    # Parameter-efficient tuning.
+    c.peft = ConfigDict(dict(method="none", lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
+                             lora_targets=("q", "k", "v", "o"), num_virtual_tokens=20, prefix_hidden=0))
+
+    # Data: named sources (mixture weights) for training and for evaluation.
+    c.data = ConfigDict(dict(
+        sources=ConfigDict(dict(train=source())),
+        eval_sources=ConfigDict(),
+        tokenizer="byte", tokenizer_vocab_size=2048, tokenizer_model_type="bpe",
+        seq_len=128, batch_size=8, packing=True, shuffle_seed=0,
+        text_separator="", truncate=True, chat_template="kiln", mask_special_tokens=False,
+        skip_bad_records=False, num_workers=0,
+        synthetic=ConfigDict(dict(num_examples=20000, max_digits=2, max_ops=2)),
+    ))
+
+    c.optim = ConfigDict(dict(lr=3e-4, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1,
+                              decay_fraction=0.2, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+                              clip_norm=1.0, grad_accum=1))
+    c.train = ConfigDict(dict(steps=1000, log_every=10, eval_every=200, eval_steps=10,
+                              max_nonfinite_steps=10, progress=True))
+    c.checkpoint = ConfigDict({"every": 500, "keep": 3, "keep_every": 0, "async": True, "resume": "auto"})
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1,
+                             rules=tuple((name, target) for name, target in DEFAULT_RULES)))
+    c.loss = ConfigDict(dict(type="next_token", z_loss=0.0, beta=0.1, label_smoothing=0.0,
+                             margin=0.0, center_coef=0.0))
+    c.rollout = ConfigDict(dict(num_samples=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128,
+                                reward="verifier"))
+    return c
+
+
+def with_variant(config: ConfigDict, variants: dict[str, dict[str, Any]], variant: str) -> ConfigDict:
+    """Applies the dotted-key overrides of `variants[variant]` ('' = none) to `config`."""
+    if variant and variant not in variants:
+        raise ValueError(f"unknown config variant {variant!r}; this file has: {', '.join(sorted(variants))}")
+    for key, value in (variants.get(variant, {}) if variant else {}).items():
+        set_path(config, key, value)
+    return config
+
+
+def set_path(config: ConfigDict, key: str, value: Any) -> None:
+    """config['a.b.c'] = value, creating nothing: every part of the path must exist."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        if part not in node:
+            raise KeyError(key)
+        node = node[part]
+    if leaf not in node:
+        raise KeyError(key)
+    node[leaf] = value

@@ -1,0 +1,125 @@
+"""Loading a config: `FILE.py[:variant]`, then `--config.KEY=VALUE` overrides, then validation and lock."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Any
+
+from ml_collections import ConfigDict, FieldReference
+
+from configs.base import set_path
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with the key and the reason."""
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "minimal", "save_dots", "save_qkv_proj", "save_out_proj"),
+    "model.rope_scaling.type": ("none", "linear", "llama3", "yarn"),
+    "peft.method": ("none", "lora", "prompt_tuning", "prefix_tuning"),
+    "optim.schedule": ("constant", "cosine", "wsd", "linear"),
+    "checkpoint.resume": ("auto", "none"),
+}
+
+
+def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigDict:
+    """Loads `path/to/file.py[:variant]`, applies `--config.a.b=value` strings, validates, locks."""
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(f"kiln_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config(variant)")
+    try:
+        config = module.get_config(variant) if variant else module.get_config()
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{spec}: {e.args[0] if e.args else e}") from None
+    for item in overrides:
+        apply_override(config, item)
+    validate(config)
+    config.lock()
+    return config
+
+
+def apply_override(config: ConfigDict, item: str) -> None:
+    """Applies one `--config.a.b=value` (or `a.b=value`), parsing the value by the field's type."""
+    text = item[2:] if item.startswith("--") else item
+    if not text.startswith("config.") or "=" not in text:
+        raise ConfigError(f"cannot read argument {item!r}; expected --config.KEY=VALUE")
+    key, _, raw = text[len("config."):].partition("=")
+    try:
+        current = _get(config, key)
+    except KeyError:
+        raise ConfigError(f"unknown config key {key!r} (from {item!r}); every key is listed in configs/base.py") from None
+    if isinstance(current, ConfigDict):
+        raise ConfigError(f"config key {key!r} is a group; set one of its fields: {', '.join(current.keys())}")
+    try:
+        set_path(config, key, parse_value(raw, current))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad value {raw!r} for config key {key!r}: {e}") from None
+
+
+def _get(config: ConfigDict, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, ConfigDict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def parse_value(raw: str, current: Any) -> Any:
+    """Parses `raw` into the type of `current` (bool, int, float, str, tuple; None: a Python literal)."""
+    kind = current.get_type() if isinstance(current, FieldReference) else type(current)
+    if kind is bool:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError("expected true or false")
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    if kind is str:
+        return raw
+    if kind in (tuple, list):
+        value = ast.literal_eval(raw)
+        return kind(value if isinstance(value, (tuple, list)) else (value,))
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def validate(config: ConfigDict) -> None:
+    """Checks choices and ranges; raises ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        value = _get(config, key)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} = {value!r}; expected one of {', '.join(allowed)}")
+    positive = ("data.seq_len", "data.batch_size", "train.steps", "train.log_every", "optim.grad_accum",
+                "checkpoint.keep")
+    for key in positive:
+        if _get(config, key) <= 0:
+            raise ConfigError(f"config key {key!r} must be positive, got {_get(config, key)}")
+    if config.data.batch_size % config.optim.grad_accum:
+        raise ConfigError(f"data.batch_size={config.data.batch_size} is not divisible by "
+                          f"optim.grad_accum={config.optim.grad_accum}")
+    for group in ("sources", "eval_sources"):
+        for name, src in config.data[group].items():
+            for field in ("path", "format", "weight"):
+                if field not in src:
+                    raise ConfigError(f"data.{group}.{name} lacks {field!r}")
+            if src.weight < 0:
+                raise ConfigError(f"data.{group}.{name}.weight must be >= 0, got {src.weight}")
+    if not config.data.sources:
+        raise ConfigError("data.sources is empty; name at least one training source")
+    if sum(s.weight for s in config.data.sources.values()) <= 0:
+        raise ConfigError("data.sources weights sum to zero")
