@@ -1,0 +1,35 @@
+"""Pre-training from scratch: the `small` preset on the built-in synthetic corpus (default) or Tiny Shakespeare."""
+from configs import base
+
+SHAKESPEARE = "$KILN_DATA_DIR/tinyshakespeare.txt"
+
+VARIANTS = {
+    # Runs in well under a minute on one CPU device: tests, checks and newcomers use it.
+    "smoke": {"model.preset": "tiny", "data.seq_len": 64, "data.batch_size": 8, "train.steps": 20,
+              "train.log_every": 5, "train.eval_every": 10, "train.eval_steps": 2, "checkpoint.every": 10,
+              "optim.warmup_steps": 5, "optim.lr": 1e-3, "data.synthetic.num_examples": 2000},
+    # Tiny Shakespeare: its own 2048-piece BPE tokenizer, 90% / 10% split, within 15 minutes on 2 CPU cores.
+    "shakespeare": {"data.tokenizer": "train", "data.seq_len": 256, "data.batch_size": 16, "train.steps": 600,
+                    "optim.lr": 1e-3, "optim.warmup_steps": 50, "optim.min_lr_ratio": 0.1,
+                    "train.eval_every": 100, "train.eval_steps": 20, "checkpoint.every": 100},
+}
+
+
+def get_config(variant: str = ""):
+    c = base.get_config()
+    c.stage = "pretrain"
+    c.run_dir = "runs/pretrain"
+    c.model.preset = "small"
+    c.data.seq_len = 256
+    c.data.batch_size = 16
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 50
+    c.train.steps = 1000
+    c.train.eval_every = 200
+    c.train.eval_steps = 10
+    c.data.eval_sources.eval = base.source(format="synthetic", split="eval")
+    if variant == "shakespeare":
+        c.run_dir = "runs/pretrain_shakespeare"
+        c.data.sources.train = base.source(SHAKESPEARE, "text", 1.0, start=0.0, end=0.9)
+        c.data.eval_sources.eval = base.source(SHAKESPEARE, "text", 1.0, start=0.9, end=1.0)
+    return base.with_variant(c, VARIANTS, variant)

@@ -1,0 +1,45 @@
+"""`kiln train --config=configs/STAGE.py[:variant] [--config.KEY=VALUE ...]`: one stage."""
+from __future__ import annotations
+
+import sys
+
+from launch.config import ConfigError, load_config
+from train.trainer import TrainingError, train
+
+
+def split_args(argv: list[str], prog: str) -> tuple[str, list[str], list[str]]:
+    """(config spec, --config.* overrides, other --name=value args) from the command line."""
+    spec, overrides, other = None, [], []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--config" and args:
+            spec = args.pop(0)
+        elif arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg.startswith("--config."):
+            overrides.append(arg)
+        elif arg in ("-h", "--help"):
+            print(f"usage: {prog} --config=FILE.py[:variant] [--config.KEY=VALUE ...] [--debug]\n\n{__doc__}")
+            sys.exit(0)
+        else:
+            other.append(arg)
+    if not spec:
+        raise ConfigError(f"{prog} needs --config=FILE.py[:variant]")
+    return spec, overrides, other
+
+
+def main(argv: list[str]) -> int:
+    spec, overrides, other = split_args(argv, "kiln train")
+    if other:
+        raise ConfigError(f"unknown argument {other[0]!r}; config values are set with --config.KEY=VALUE")
+    config = load_config(spec, overrides)
+    try:
+        last = train(config)
+    except TrainingError as e:
+        print(f"kiln train: error: {e}", file=sys.stderr)
+        return 1
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k in ("loss", "tokens_per_s", "mfu")
+                        or k.startswith("eval/") and k.count("/") == 1)
+    print(f"finished {config.stage}: {config.train.steps} steps in {config.run_dir}: {summary}")
+    return 0

@@ -1,0 +1,57 @@
+"""Held-out evaluation on each named `data.eval_sources` entry: loss, perplexity and bits per byte.
+
+Bits per byte divide the summed negative log-likelihood (in bits) by the UTF-8 bytes of the
+evaluated targets, so runs with different tokenizers compare. The first eval source is also
+reported under the plain keys `eval/loss`, `eval/perplexity`, `eval/bits_per_byte`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from data import pipeline
+from train.losses.next_token import forward_nll
+
+EVAL_KINDS = ("pretrain", "sft")
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+    """`eval_step(params, frozen, batch) -> [nll_sum, tokens, bytes]` (float32), ready for jit."""
+    def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
+        nll, _, mask = forward_nll(nnx.merge(graphdef, params, frozen), batch)
+        return jnp.stack([jnp.sum(nll * mask), jnp.sum(mask), jnp.sum(batch["target_bytes"] * mask)])
+    return eval_step
+
+
+def evaluate(run: Any, kind: str) -> dict[str, float]:
+    """Eval metrics for every eval source of `run.config` (at most `train.eval_steps` batches each)."""
+    cfg = run.config
+    if not cfg.data.eval_sources:
+        return {}
+    if kind not in EVAL_KINDS:
+        raise ValueError(f"data.eval_sources: evaluation of {kind!r} data is not supported; "
+                         f"supported kinds: {', '.join(EVAL_KINDS)}")
+    if getattr(run, "_eval_step", None) is None:
+        run._eval_step = jax.jit(make_eval_step(run.graphdef))
+    rows: dict[str, float] = {}
+    for i, name in enumerate(cfg.data.eval_sources.keys()):
+        batches = pipeline.eval_iterator(cfg.data, kind, run.tokenizer, name, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+        total = jnp.zeros(3, jnp.float32)
+        for n, batch in enumerate(batches):
+            if 0 < cfg.train.eval_steps <= n:
+                break
+            total = total + run._eval_step(run.state.params, run.frozen, run.global_batch(batch))
+        nll, tokens, nbytes = (float(x) for x in jax.device_get(total))
+        if tokens == 0:
+            raise ValueError(f"data.eval_sources.{name}: no loss tokens to evaluate")
+        metrics = {"loss": nll / tokens, "perplexity": math.exp(min(nll / tokens, 700.0)),
+                   "bits_per_byte": nll / math.log(2) / max(nbytes, 1.0), "tokens": tokens}
+        rows.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
+        if i == 0:
+            rows.update({f"eval/{k}": v for k, v in metrics.items() if k != "tokens"})
+    return rows

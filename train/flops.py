@@ -1,0 +1,64 @@
+"""Model FLOPs per token and the device's peak, for MFU.
+
+FLOPs per trained token = 6 * N + 6 * L * H * D * T, where
+- N counts the parameters used in matrix multiplies: every weight except the embedding lookup
+  (the LM head is counted, also when it shares the embedding table), so 2N multiply-adds forward
+  and 4N backward;
+- the attention term is the QK^T and AV products: 2 * 2 * T * H * D per token per layer forward,
+  times 3 for forward + backward, halved because causal masking skips the upper triangle
+  (counted once, as in the PaLM appendix B convention with causality applied).
+MFU = tokens/s * FLOPs per token / (peak FLOP/s per device * devices).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+from model.transformer import param_count
+
+# Dense peak FLOP/s per chip by (device kind substring, compute dtype); first match wins.
+PEAK_FLOPS = (
+    ("H200", "bfloat16", 989e12), ("H100", "bfloat16", 989e12), ("A100", "bfloat16", 312e12),
+    ("H200", "float32", 494e12), ("H100", "float32", 494e12), ("A100", "float32", 156e12),  # TF32
+    ("L4", "bfloat16", 121e12), ("TPU v6", "bfloat16", 918e12), ("TPU v5p", "bfloat16", 459e12),
+    ("TPU v5 lite", "bfloat16", 197e12), ("TPU v5e", "bfloat16", 197e12), ("TPU v4", "bfloat16", 275e12),
+)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) by the formula in the module docstring."""
+    n = param_count(cfg) - cfg.vocab_size * cfg.d_model  # drop the lookup table ...
+    if cfg.tie_embeddings:
+        n += cfg.vocab_size * cfg.d_model  # ... but a tied table is also the LM head matmul
+    attention = 6 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len
+    return 6.0 * n + attention
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of a jitted n^3 matmul on the default device: the CPU 'peak'."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(dtype: str, device: jax.Device | None = None) -> float:
+    """Peak FLOP/s of one device for matmuls in `dtype` (table for GPU/TPU, measured on CPU)."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return measured_matmul_peak("float32" if dtype == "float32" else "bfloat16")
+    for kind, table_dtype, peak in PEAK_FLOPS:
+        if kind.lower() in device.device_kind.lower() and table_dtype == ("float32" if dtype == "float32" else "bfloat16"):
+            return peak
+    return float(np.nan)  # unknown chip: MFU is reported as NaN rather than guessed

@@ -1,0 +1,34 @@
+"""Loss registry. A stage's loss is `loss_fn(model, batch, rngs) -> (loss_sum, metrics)`.
+
+`loss_sum` is a SUM over the micro-batch's loss units (tokens, pairs, ...), and `metrics["weight"]`
+counts those units. The shared train step divides the summed loss, its gradient and every other
+metric by the total weight of the whole step, across micro-batches and devices, so gradient
+accumulation and sharding never change the token weighting.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+LossFn = Callable[[nnx.Module, dict[str, jax.Array], nnx.Rngs], tuple[jax.Array, dict[str, jax.Array]]]
+_REGISTRY: dict[str, Callable[..., LossFn]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., LossFn]], Callable[..., LossFn]]:
+    """Registers a loss factory `factory(loss_config) -> loss_fn` under `name`."""
+    def wrap(factory: Callable[..., LossFn]) -> Callable[..., LossFn]:
+        _REGISTRY[name] = factory
+        return factory
+    return wrap
+
+
+def get(name: str, loss_config: Any) -> LossFn:
+    """The loss function `name` configured by the `loss.*` config group."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss.type {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](loss_config)
+
+
+from train.losses import next_token  # noqa: E402,F401  (registers its loss)

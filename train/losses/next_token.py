@@ -1,0 +1,41 @@
+"""Next-token cross-entropy (pre-training, SFT), with optional z-loss (PaLM, section 5)."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from train.losses import register
+
+
+def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(negative log-likelihood of each target, log of the softmax normaliser), both [B, T] float32."""
+    logits = logits_BTV.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+def forward_nll(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(nll [B,T], log_z [B,T], mask [B,T]) for a batch with tokens/targets/loss_mask/positions/segment_ids."""
+    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    nll, log_z = token_nll(logits, batch["targets"])
+    return nll, log_z, batch["loss_mask"].astype(jnp.float32)
+
+
+@register("next_token")
+def make_next_token(cfg: Any):
+    z_coef = float(cfg.get("z_loss", 0.0))
+
+    def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], rngs: nnx.Rngs):
+        nll, log_z, mask = forward_nll(model, batch)
+        ce_sum = jnp.sum(nll * mask)
+        z_sum = jnp.sum(jnp.square(log_z) * mask)
+        metrics = {"weight": jnp.sum(mask), "ce": ce_sum}
+        if z_coef:
+            metrics["z_loss"] = z_sum
+        return ce_sum + z_coef * z_sum, metrics
+
+    return loss_fn

@@ -1,0 +1,237 @@
+"""The trainer: one loop for every stage. A stage contributes its loss (`loss.type`), its data kind and its config.
+
+`train(config)` builds the mesh, the model (fresh, or parameters from `model.init_from`), the
+optimizer and the data stream; resumes from the run directory's latest checkpoint when asked;
+then steps, logs, evaluates and checkpoints until `train.steps`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from data import loader, pipeline, tokenizer as tokenizers
+from model import hf, presets
+from model.config import ModelConfig, RopeScaling
+from model.sharding import make_mesh, shard_module, use_rules
+from model.transformer import Transformer
+from train import checkpoint, flops, losses, optim, records
+from train.evaluate import evaluate
+from train.step import TrainState, init_state, make_train_step
+
+# Which batches each stage reads.
+DATA_KIND = {"pretrain": "pretrain", "context_extension": "pretrain", "anneal": "pretrain", "continue": "pretrain",
+             "sft": "sft", "reward": "preference", "dpo": "preference", "ppo": "prompts", "grpo": "prompts"}
+SHAPE_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (diverged, bad batch); the last good checkpoint is left intact."""
+
+
+def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
+    """The ModelConfig: `init_from`'s (or the preset's), with the run's `model.*` overrides applied."""
+    m = config.model
+    overrides: dict[str, Any] = {k: m[k] for k in (*SHAPE_FIELDS, "max_seq_len", "rope_theta", "sliding_window")
+                                 if m[k] is not None}
+    overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+    if m.rope_scaling.type != "none":
+        fields = {k: v for k, v in m.rope_scaling.to_dict().items() if v is not None}
+        overrides["rope_scaling"] = RopeScaling.from_dict(dict(fields, rope_type=fields.pop("type")))
+    if m.init_from:
+        base = source_config(m.init_from)
+        changed = [k for k in SHAPE_FIELDS if k in overrides and overrides[k] != getattr(base, k)]
+        if changed:
+            raise ValueError(f"model.init_from={m.init_from!r}: cannot change {', '.join(changed)} of a loaded model")
+        return base.replace(**overrides)
+    cfg = presets.get(m.preset).replace(**overrides)
+    if m.vocab_size is None:
+        cfg = cfg.replace(vocab_size=-(-vocab_size // 128) * 128)  # padded for even sharding
+    if cfg.vocab_size < vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    return cfg
+
+
+def source_config(path: str) -> ModelConfig:
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
+        with open(os.path.join(path, "config.json")) as f:
+            return hf.config_from_hf(json.load(f), where=os.path.join(path, "config.json"))
+    return checkpoint.read_model_config(path)
+
+
+def build_model(config: ConfigDict, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Transformer:
+    """A sharded model: fresh from `seed`, or with parameters from `model.init_from`."""
+    source = config.model.init_from
+    if not source:
+        model = Transformer(cfg, rngs=nnx.Rngs(config.seed))
+    elif os.path.isdir(os.path.join(source, "checkpoints")) or not os.path.isfile(os.path.join(source, "config.json")):
+        _, model = checkpoint.load_params(source, mesh=mesh, rules=config.mesh.rules)
+        model = _with_config(model, cfg)
+    else:
+        _, model = hf.load(source, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        model = _with_config(model, cfg)
+    return shard_module(model, mesh, config.mesh.rules)
+
+
+def _with_config(model: Transformer, cfg: ModelConfig) -> Transformer:
+    """The loaded parameters under `cfg` (same shapes; new RoPE scaling, dtypes, remat ...)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    loaded = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree.map(
+        lambda x: x.astype(cfg.param_dtype), nnx.to_pure_dict(loaded)))
+    return nnx.merge(graphdef, state)
+
+
+@dataclasses.dataclass
+class Run:
+    """What `train` builds before the loop (tests use it to drive steps directly)."""
+
+    config: ConfigDict
+    model_cfg: ModelConfig
+    mesh: jax.sharding.Mesh
+    tokenizer: Any
+    graphdef: nnx.GraphDef
+    frozen: nnx.State
+    state: TrainState
+    step_fn: Any
+    lr: Any
+    flops_per_token: float
+    _eval_step: Any = None  # jitted lazily by train.evaluate
+
+    def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return loader.global_batch(batch, self.mesh)
+
+
+def setup(config: ConfigDict, devices: list | None = None) -> Run:
+    """Tokenizer, mesh, model, optimizer and the jitted step for `config` (no data, no checkpoint)."""
+    tok = tokenizers.resolve(config.data, config.run_dir)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    with jax.set_mesh(mesh), use_rules(config.mesh.rules):
+        cfg = model_config(config, tok.vocab_size)
+        model = build_model(config, cfg, mesh)
+        graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+        tx, lr = optim.optimizer(config.optim, config.train.steps, params)
+        state = init_state(params, tx, config.seed)
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        loss_fn = losses.get(config.loss.type, config.loss)
+        step_fn = jax.jit(make_train_step(graphdef, loss_fn, tx, lr, config.optim.grad_accum),
+                          out_shardings=(shardings, None), donate_argnums=(0,))
+    return Run(config, cfg, mesh, tok, graphdef, frozen, state, step_fn, lr,
+               flops.flops_per_token(cfg, config.data.seq_len))
+
+
+def train(config: ConfigDict) -> dict[str, Any]:
+    """Runs one stage to `train.steps`; returns the last train and eval metrics."""
+    records.write_run_files(config.run_dir, config)
+    run = setup(config)
+    kind = DATA_KIND.get(config.stage, "pretrain")
+    ckpt = checkpoint.Checkpointer(config.run_dir, keep=config.checkpoint.keep,
+                                   keep_every=config.checkpoint.keep_every, async_save=config.checkpoint["async"])
+    data_iter = pipeline.train_iterator(config.data, kind, run.tokenizer, seed=config.seed,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+    start = ckpt.latest_step() if config.checkpoint.resume == "auto" else None
+    if start is not None:
+        run.state, data_state = ckpt.restore(start, run.state)
+        data_iter.set_state(data_state)
+        _truncate_metrics(config.run_dir, start)
+    start = start or 0
+    logger = records.MetricsLogger(config.run_dir, config.train.steps, start, config.train.progress)
+    if start:
+        logger.message(f"resumed from step {start} in {ckpt.directory}")
+    peak = flops.peak_flops(run.model_cfg.dtype) * run.mesh.size
+    last: dict[str, Any] = {}
+    try:
+        with jax.set_mesh(run.mesh), use_rules(config.mesh.rules):
+            if start == 0 and config.model.init_from and config.train.eval_every > 0:
+                last.update(_eval(run, kind, 0, logger))
+            last.update(_loop(run, kind, data_iter, ckpt, logger, start, peak))
+            if config.train.eval_every > 0 and config.data.eval_sources:
+                last.update(_eval(run, kind, config.train.steps, logger))
+        ckpt.save(run.state, data_iter.get_state(), run.model_cfg)
+    finally:
+        ckpt.close()
+        logger.close()
+    return last
+
+
+def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointer, logger: records.MetricsLogger,
+          start: int, peak: float) -> dict[str, Any]:
+    config = run.config
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    pending = None  # the previous step's metrics: read one step late so the device never idles
+    interval_start, interval_steps, last = time.perf_counter(), 0, {}
+    for step in range(start, config.train.steps):
+        batch = next(data_iter)
+        _check_batch(batch, step + 1)
+        run.state, metrics = run.step_fn(run.state, run.frozen, run.global_batch(batch))
+        if pending is not None:
+            last = _finish(run, pending, logger)
+        pending = (step + 1, metrics)
+        interval_steps += 1
+        if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.steps or step == start:
+            jax.block_until_ready(metrics)
+            elapsed = time.perf_counter() - interval_start
+            tps = tokens_per_step * interval_steps / elapsed
+            pending[1].update(tokens_per_s=tps, mfu=tps * run.flops_per_token / peak, step_time_s=elapsed / interval_steps)
+            last = _finish(run, pending, logger)
+            pending = None
+            interval_start, interval_steps = time.perf_counter(), 0
+        logger.advance()
+        if config.train.eval_every > 0 and (step + 1) % config.train.eval_every == 0 and step + 1 < config.train.steps:
+            last.update(_eval(run, kind, step + 1, logger))
+            interval_start = time.perf_counter()
+        if config.checkpoint.every > 0 and (step + 1) % config.checkpoint.every == 0:
+            ckpt.save(run.state, data_iter.get_state(), run.model_cfg)
+    if pending is not None:
+        last = _finish(run, pending, logger)
+    return last
+
+
+def _finish(run: Run, pending: tuple[int, dict], logger: records.MetricsLogger) -> dict[str, Any]:
+    """Checks one finished step (divergence) and logs it if it carries throughput figures."""
+    step, metrics = pending
+    metrics = jax.device_get(metrics)
+    streak = int(metrics.pop("nonfinite_streak"))
+    if streak >= run.config.train.max_nonfinite_steps:
+        raise TrainingError(f"{streak} consecutive non-finite steps up to step {step} (loss={metrics['loss']}); "
+                            "stopped. The latest checkpoint in run_dir/checkpoints is the last good state")
+    row = {k: float(v) for k, v in metrics.items()}
+    if "tokens_per_s" in row:
+        logger.log(step, row)
+    return row
+
+
+def _check_batch(batch: dict[str, np.ndarray], step: int) -> None:
+    masks = [v for k, v in batch.items() if k.endswith("loss_mask")]
+    if masks and not any(np.any(m) for m in masks):
+        raise TrainingError(f"step {step}: the batch has no loss tokens (every loss_mask is 0); "
+                            "check the data source's masks and lengths")
+
+
+def _eval(run: Run, kind: str, step: int, logger: records.MetricsLogger) -> dict[str, float]:
+    rows = evaluate(run, kind)
+    if rows:
+        logger.log(step, rows)
+    return rows
+
+
+def _truncate_metrics(run_dir: str, step: int) -> None:
+    """Drops rows logged after the checkpoint a resumed run restarts from, so steps never repeat."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
