@@ -44,15 +44,33 @@ def get_config() -> ConfigDict:
     c.peft = ConfigDict(dict(method="none", lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
                              lora_targets=("q", "k", "v", "o"), num_virtual_tokens=20, prefix_hidden=0))
 
-    # Data: named sources (mixture weights) for training and for evaluation.
+    # Data (data/): named sources (mixture weights) for training and for evaluation. A source is
+    # source(path, format, weight, **fields): format synthetic | text | jsonl | array_record | gsm8k |
+    # hh_rlhf; fields start/end (fractions of the records), jsonl/array_record field names
+    # (text_field, prompt_field, completion_field, messages_field, chosen_field, rejected_field,
+    # answer_field), gsm8k calculator_annotations. Paths may use $KILN_DATA_DIR. Weights are
+    # shares of training rows (so of tokens); 0 switches a source off.
     c.data = ConfigDict(dict(
         sources=ConfigDict(dict(train=source())),
         eval_sources=ConfigDict(),
+        # "byte" | "train" (sentencepiece on the training sources, kept in run_dir) | a .model,
+        # a tokenizer.json or a directory holding one.
         tokenizer="byte", tokenizer_vocab_size=2048, tokenizer_model_type="bpe",
-        seq_len=128, batch_size=8, packing=True, shuffle_seed=0,
-        text_separator="", truncate=True, chat_template="kiln", mask_special_tokens=False,
+        # batch_size is global. packing: several documents per row (segment ids, no attention
+        # across them) by pack_method first_fit (grain first-fit over packing_bins rows) or concat
+        # (concatenate-and-split: no padding, documents cut at row ends); false: one per row.
+        seq_len=128, batch_size=8, packing=True, pack_method="first_fit", packing_bins=4, shuffle_seed=0,
+        # text_separator splits text files into documents ("": the file is one document).
+        # truncate: cut over-long SFT/preference examples (keep the start) and prompts (keep the
+        # end); false drops them. Both are counted by `kiln data preview`.
+        text_separator="", truncate=True,
+        # chat_template: kiln | llama3 | chatml | gemma. mask_special_tokens: also keep the
+        # assistant's end-of-turn token out of the loss (headers never are trained).
+        chat_template="kiln", mask_special_tokens=False,
+        # skip_bad_records: skip (and count) malformed records instead of stopping at the first.
+        # num_workers: grain worker processes making batches (0: the calling thread).
         skip_bad_records=False, num_workers=0,
-        synthetic=ConfigDict(dict(num_examples=20000, max_digits=2, max_ops=2)),
+        synthetic=ConfigDict(dict(num_examples=20000, max_digits=2, max_ops=2, seed=0)),
     ))
 
     c.optim = ConfigDict(dict(lr=3e-4, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1,

@@ -27,7 +27,9 @@ def get_config(variant: str = ""):
     c.train.steps = 1000
     c.train.eval_every = 200
     c.train.eval_steps = 10
-    c.data.eval_sources.eval = base.source(format="synthetic", split="eval")
+    # The synthetic corpus: problems [0, 95%) train, the last 5% are held out.
+    c.data.sources.train = base.source(format="synthetic", start=0.0, end=0.95)
+    c.data.eval_sources.eval = base.source(format="synthetic", start=0.95, end=1.0)
     if variant == "shakespeare":
         c.run_dir = "runs/pretrain_shakespeare"
         c.data.sources.train = base.source(SHAKESPEARE, "text", 1.0, start=0.0, end=0.9)

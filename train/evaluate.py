@@ -2,7 +2,8 @@
 
 Bits per byte divide the summed negative log-likelihood (in bits) by the UTF-8 bytes of the
 evaluated targets, so runs with different tokenizers compare. The first eval source is also
-reported under the plain keys `eval/loss`, `eval/perplexity`, `eval/bits_per_byte`.
+reported under the plain keys `eval/loss`, `eval/perplexity`, `eval/bits_per_byte` (a source named
+`eval` only under those).
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def evaluate(run: Any, kind: str) -> dict[str, float]:
             raise ValueError(f"data.eval_sources.{name}: no loss tokens to evaluate")
         metrics = {"loss": nll / tokens, "perplexity": math.exp(min(nll / tokens, 700.0)),
                    "bits_per_byte": nll / math.log(2) / max(nbytes, 1.0), "tokens": tokens}
-        rows.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
-        if i == 0:
-            rows.update({f"eval/{k}": v for k, v in metrics.items() if k != "tokens"})
+        if name != "eval":
+            rows.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
+        if name == "eval" or (i == 0 and "eval" not in cfg.data.eval_sources):
+            rows.update({f"eval/{k}": v for k, v in metrics.items()})
     return rows

@@ -28,9 +28,6 @@ from train import checkpoint, flops, losses, optim, records
 from train.evaluate import evaluate
 from train.step import TrainState, init_state, make_train_step
 
-# Which batches each stage reads.
-DATA_KIND = {"pretrain": "pretrain", "context_extension": "pretrain", "anneal": "pretrain", "continue": "pretrain",
-             "sft": "sft", "reward": "preference", "dpo": "preference", "ppo": "prompts", "grpo": "prompts"}
 SHAPE_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
 
 
@@ -129,11 +126,11 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
                flops.flops_per_token(cfg, config.data.seq_len))
 
 
-def train(config: ConfigDict) -> dict[str, Any]:
-    """Runs one stage to `train.steps`; returns the last train and eval metrics."""
+def train(config: ConfigDict, devices: list | None = None) -> dict[str, Any]:
+    """Runs one stage to `train.steps` (on `devices`, default all); returns the last train and eval metrics."""
     records.write_run_files(config.run_dir, config)
-    run = setup(config)
-    kind = DATA_KIND.get(config.stage, "pretrain")
+    run = setup(config, devices)
+    kind = pipeline.STAGE_KINDS.get(config.stage, "pretrain")
     ckpt = checkpoint.Checkpointer(config.run_dir, keep=config.checkpoint.keep,
                                    keep_every=config.checkpoint.keep_every, async_save=config.checkpoint["async"])
     data_iter = pipeline.train_iterator(config.data, kind, run.tokenizer, seed=config.seed,
@@ -156,7 +153,8 @@ def train(config: ConfigDict) -> dict[str, Any]:
             last.update(_loop(run, kind, data_iter, ckpt, logger, start, peak))
             if config.train.eval_every > 0 and config.data.eval_sources:
                 last.update(_eval(run, kind, config.train.steps, logger))
-        ckpt.save(run.state, data_iter.get_state(), run.model_cfg)
+        if ckpt.latest_step() != int(run.state.step):
+            ckpt.save(run.state, data_iter.get_state(), run.model_cfg)
     finally:
         ckpt.close()
         logger.close()

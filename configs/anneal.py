@@ -1,0 +1,45 @@
+"""Annealing: the learning rate decays linearly to zero while training on a higher-quality mixture.
+
+Llama 3 anneals on upsampled high-quality data at the end of pre-training; here the mixture keeps
+a share of the pre-training distribution and upweights the held-out-quality source. Eval runs
+before the first step and at the end.
+"""
+from configs import base
+
+SHAKESPEARE = "$KILN_DATA_DIR/tinyshakespeare.txt"
+GSM8K = "$KILN_DATA_DIR/gsm8k/train.jsonl"
+
+VARIANTS = {
+    "smoke": {"model.init_from": "", "model.preset": "tiny", "data.seq_len": 64, "data.batch_size": 8,
+              "train.steps": 10, "train.log_every": 5, "train.eval_every": 10, "train.eval_steps": 2,
+              "checkpoint.every": 10, "data.synthetic.num_examples": 2000},
+    # After configs/pretrain.py:shakespeare: Shakespeare replay plus GSM8K's worked solutions.
+    "shakespeare": {"run_dir": "runs/anneal_shakespeare", "model.init_from": "runs/pretrain_shakespeare",
+                    "data.tokenizer": "runs/pretrain_shakespeare/tokenizer.model"},
+}
+
+
+def get_config(variant: str = ""):
+    c = base.get_config()
+    c.stage = "anneal"
+    c.run_dir = "runs/anneal"
+    c.model.init_from = "runs/pretrain"
+    c.data.seq_len = 256
+    c.data.batch_size = 16
+    # Higher-quality mix: worked GSM8K-style solutions dominate, pre-training text is kept as 30%.
+    c.data.sources.train = base.source(format="synthetic", weight=0.3, start=0.0, end=0.95)
+    c.data.sources.quality = base.source(format="synthetic", weight=0.7, start=0.5, end=0.95)
+    c.data.eval_sources.eval = base.source(format="synthetic", start=0.95, end=1.0)
+    c.optim.schedule = "linear"
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 0
+    c.optim.min_lr_ratio = 0.0
+    c.train.steps = 200
+    c.train.eval_every = 200
+    c.train.eval_steps = 10
+    c.checkpoint.every = 100
+    if variant == "shakespeare":
+        c.data.sources.train = base.source(SHAKESPEARE, "text", 0.3, start=0.0, end=0.9)
+        c.data.sources.quality = base.source(GSM8K, "gsm8k", 0.7)
+        c.data.eval_sources.eval = base.source(SHAKESPEARE, "text", 1.0, start=0.9, end=1.0)
+    return base.with_variant(c, VARIANTS, variant)

@@ -1,0 +1,340 @@
+"""Data sources: a named config entry {path, format, weight, ...} becomes records for a pipeline kind.
+
+Formats: `synthetic` (built-in arithmetic task, no file), `text` (.txt: documents split by
+`data.text_separator`, "" = the whole file is one document), `jsonl` (.jsonl / .jsonl.gz, field
+names configurable per source), `array_record` (each record a UTF-8 JSON object, read lazily),
+`gsm8k` and `hh_rlhf`. Every source takes `start` / `end` fractions selecting a contiguous slice
+of its records (of its characters when it is a single text document).
+
+Records, by kind (chats are lists of {role, content}; a prompt/completion pair becomes a user
+and an assistant turn):
+  pretrain    {"text": str}
+  sft         {"messages": chat}
+  preference  {"prompt": chat, "chosen": str, "rejected": str}
+  prompts     {"prompt": chat, "answer": str}        (the reference answer for verifiers)
+  tokenizer   {"text": str}                          (all of a record's text, to train tokenizers on)
+
+JSON Lines sources are read whole when loaded, so every malformed line is reported up front
+with its file and line number (or skipped and counted under `data.skip_bad_records`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import json
+import math
+import os
+import re
+from typing import Any, Callable, Iterator
+
+import grain
+
+from data import chat, synthetic
+
+KINDS = ("pretrain", "sft", "preference", "prompts", "tokenizer")
+FORMATS = ("synthetic", "text", "jsonl", "array_record", "gsm8k", "hh_rlhf")
+FIELDS = dict(text_field="text", prompt_field="prompt", completion_field="completion", messages_field="messages",
+              chosen_field="chosen", rejected_field="rejected", answer_field="answer")
+_OPTIONS = {"synthetic": (), "text": (), "jsonl": tuple(FIELDS), "array_record": tuple(FIELDS),
+            "gsm8k": ("calculator_annotations",), "hh_rlhf": ()}
+_COMMON = ("path", "format", "weight", "start", "end")
+_KINDS_OF = {"text": ("pretrain", "tokenizer"), "gsm8k": ("pretrain", "sft", "prompts", "tokenizer")}
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_REPLY = "\n\nAssistant:"
+
+
+class DataError(ValueError):
+    """Bad data or a bad source entry, naming the file (and line) where there is one."""
+
+
+class RecordError(Exception):
+    """What is wrong with one record; the reader adds where it is."""
+
+
+@dataclasses.dataclass
+class Source:
+    """A loaded source. `records` holds the kind's records; a lazily read format (array_record)
+    yields None for a bad record skipped under `data.skip_bad_records`."""
+    name: str
+    weight: float
+    records: grain.MapDataset
+    skipped: int  # bad records skipped while loading
+    where: str
+
+
+def expand_path(path: str, what: str) -> str:
+    """`path` with `$VARS` and `~` expanded; a clear error naming an unset variable."""
+    missing = [v for v in re.findall(r"\$\{?(\w+)\}?", path) if v not in os.environ]
+    if missing:
+        raise DataError(f"{what} path {path!r} uses ${missing[0]}, which is not set")
+    return os.path.expanduser(os.path.expandvars(path))
+
+
+def train_sources(data_cfg: Any, kind: str) -> list[Source]:
+    """The training sources with a positive weight (the mixture); weight 0 switches a source off."""
+    for name, src in data_cfg.sources.items():
+        if not isinstance(src.weight, (int, float)) or not math.isfinite(src.weight) or src.weight < 0:
+            raise DataError(f"source {name}: weight {src.weight} must be a finite number >= 0")
+    if not any(src.weight > 0 for src in data_cfg.sources.values()):
+        raise DataError("every training source has weight 0 (or there is none): data.sources needs a positive weight")
+    return [load(name, src, data_cfg, kind) for name, src in data_cfg.sources.items() if src.weight > 0]
+
+
+def eval_source(data_cfg: Any, kind: str, name: str) -> Source:
+    """The evaluation source `name`."""
+    if name not in data_cfg.eval_sources:
+        known = ", ".join(data_cfg.eval_sources) or "none"
+        raise DataError(f"no evaluation source {name!r} in data.eval_sources (defined: {known})")
+    return load(name, data_cfg.eval_sources[name], data_cfg, kind)
+
+
+def tokenizer_texts(data_cfg: Any) -> Iterator[str]:
+    """All text of every training source (in order), for training a tokenizer."""
+    for src in train_sources(data_cfg, "tokenizer"):
+        for record in src.records:
+            if record is not None:
+                yield record["text"]
+
+
+def load(name: str, src: Any, data_cfg: Any, kind: str) -> Source:
+    """Reads source entry `src` (named `name`) as records of `kind`."""
+    fmt = src.format
+    if fmt not in FORMATS:
+        raise DataError(f"source {name}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if kind not in KINDS:
+        raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS[:-1])}")
+    unknown = sorted(set(src.keys()) - set(_COMMON) - set(_OPTIONS[fmt]))
+    if unknown:
+        raise DataError(f"source {name}: unknown field(s) {', '.join(unknown)} for format {fmt!r}; "
+                        f"it takes {', '.join(_COMMON + _OPTIONS[fmt])}")
+    if kind not in _KINDS_OF.get(fmt, KINDS):
+        raise DataError(f"source {name}: format {fmt!r} has no {kind} records (it gives: "
+                        f"{', '.join(k for k in _KINDS_OF[fmt] if k != 'tokenizer')})")
+    start, end = float(src.get("start", 0.0)), float(src.get("end", 1.0))
+    if not 0.0 <= start < end <= 1.0:
+        raise DataError(f"source {name}: start={start}, end={end}; need 0 <= start < end <= 1")
+    if fmt == "synthetic":
+        return _synthetic(name, src, data_cfg, kind, start, end)
+    path = expand_path(src.path, f"source {name}")
+    if fmt == "array_record":
+        return _array_record(name, src, data_cfg, kind, path, start, end)
+    if not os.path.isfile(path):
+        raise DataError(f"source {name}: file {path!r} not found")
+    if fmt == "text":
+        records = [{"text": doc} for doc in _text_documents(path, data_cfg.text_separator, start, end)]
+        skipped = 0
+    else:
+        view = {"jsonl": _jsonl_view(src, kind), "gsm8k": _gsm8k_view(src, kind), "hh_rlhf": _hh_view(kind)}[fmt]
+        records, skipped = _read_json_lines(path, view, data_cfg.skip_bad_records)
+        lo, hi = _bounds(len(records), start, end)
+        records = records[lo:hi]
+    if not records:
+        why = f" ({skipped} bad records skipped)" if skipped else ""
+        raise DataError(f"source {name}: {path} has no records in [start={start}, end={end}]{why}")
+    return Source(name, float(src.weight), grain.MapDataset.source(records), skipped, path)
+
+
+def _bounds(n: int, start: float, end: float) -> tuple[int, int]:
+    """The index range [lo, hi) of the fractions [start, end) of n items."""
+    return round(n * start), round(n * end)
+
+
+# -- formats ---------------------------------------------------------------------------------------
+def _synthetic(name: str, src: Any, data_cfg: Any, kind: str, start: float, end: float) -> Source:
+    cfg = data_cfg.synthetic
+    lo, hi = _bounds(cfg.num_examples, start, end)
+    if hi <= lo:
+        raise DataError(f"source {name}: no synthetic examples in [start={start}, end={end}] of "
+                        f"data.synthetic.num_examples={cfg.num_examples}")
+    make = _synthetic_view(kind)
+    records = grain.MapDataset.range(lo, hi).map(
+        lambda i: make(synthetic.problem(i, seed=cfg.seed, max_digits=cfg.max_digits, max_ops=cfg.max_ops)))
+    return Source(name, float(src.weight), records, 0, "synthetic")
+
+
+def _synthetic_view(kind: str) -> Callable[[synthetic.Problem], dict[str, Any]]:
+    def view(p: synthetic.Problem) -> dict[str, Any]:
+        user = [{"role": "user", "content": p.question}]
+        return {"pretrain": lambda: {"text": f"{p.question}\n{p.solution}"},
+                "tokenizer": lambda: {"text": f"{p.question}\n{p.solution}"},
+                "sft": lambda: {"messages": user + [{"role": "assistant", "content": p.solution}]},
+                "preference": lambda: {"prompt": user, "chosen": p.solution, "rejected": p.wrong_solution},
+                "prompts": lambda: {"prompt": user, "answer": p.answer}}[kind]()
+    return view
+
+
+def _text_documents(path: str, separator: str, start: float, end: float) -> list[str]:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+    if not separator:  # one document: the slice is of its characters
+        lo, hi = _bounds(len(text), start, end)
+        return [text[lo:hi]] if text[lo:hi].strip() else []
+    docs = [d for d in text.split(separator) if d.strip()]
+    lo, hi = _bounds(len(docs), start, end)
+    return docs[lo:hi]
+
+
+def _open_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            yield from enumerate(f, 1)
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+        raise DataError(f"{path}: cannot read: {e}") from None
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"not valid UTF-8 (byte {e.start} of the record)") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"malformed JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _read_json_lines(path: str, view: Callable[[dict], dict], skip_bad: bool) -> tuple[list[dict], int]:
+    records, skipped = [], 0
+    for line_no, raw in _open_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            records.append(view(_parse_json(raw)))
+        except RecordError as e:
+            if not skip_bad:
+                raise DataError(f"{path}:{line_no}: {e} (set data.skip_bad_records=true to skip such records)") from None
+            skipped += 1
+    return records, skipped
+
+
+def _array_record(name: str, src: Any, data_cfg: Any, kind: str, path: str, start: float, end: float) -> Source:
+    paths = sorted(glob.glob(path))
+    if not paths:
+        raise DataError(f"source {name}: no file matches {path!r}")
+    reader = grain.sources.ArrayRecordDataSource(paths)
+    lo, hi = _bounds(len(reader), start, end)
+    if hi <= lo:
+        raise DataError(f"source {name}: {path} has no records in [start={start}, end={end}]")
+    view, skip_bad = _jsonl_view(src, kind), data_cfg.skip_bad_records
+
+    def read(i: int) -> dict[str, Any] | None:
+        try:
+            return view(_parse_json(reader[i]))
+        except RecordError as e:
+            if skip_bad:
+                return None
+            raise DataError(f"{path}: record {i}: {e} (set data.skip_bad_records=true to skip such records)") from None
+
+    return Source(name, float(src.weight), grain.MapDataset.range(lo, hi).map(read), 0, path)
+
+
+# -- record views ----------------------------------------------------------------------------------
+def _field(record: dict[str, Any], key: str, types: tuple[type, ...] = (str,)) -> Any:
+    if key not in record:
+        raise RecordError(f"missing field {key!r} (the record has: {', '.join(map(repr, record)) or 'no fields'})")
+    value = record[key]
+    if not isinstance(value, types):
+        raise RecordError(f"field {key!r} is {type(value).__name__}; expected {' or '.join(t.__name__ for t in types)}")
+    return value
+
+
+def _chat(value: Any, key: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    try:
+        return chat.check_messages(value)
+    except chat.ChatError as e:
+        raise RecordError(f"field {key!r}: {e}") from None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _jsonl_view(src: Any, kind: str) -> Callable[[dict], dict]:
+    f = {key: src.get(key, default) for key, default in FIELDS.items()}
+
+    def view(r: dict[str, Any]) -> dict[str, Any]:
+        if kind == "pretrain":
+            return {"text": _field(r, f["text_field"])}
+        if kind == "tokenizer":
+            return {"text": "\n".join(_strings(r))}
+        if kind == "sft":
+            if f["messages_field"] in r:
+                return {"messages": _chat(r[f["messages_field"]], f["messages_field"])}
+            prompt = _chat(_field(r, f["prompt_field"], (str, list)), f["prompt_field"])
+            return {"messages": prompt + [{"role": "assistant", "content": _field(r, f["completion_field"])}]}
+        prompt = _chat(_field(r, f["prompt_field"], (str, list)), f["prompt_field"])
+        if kind == "preference":
+            return {"prompt": prompt, "chosen": _field(r, f["chosen_field"]), "rejected": _field(r, f["rejected_field"])}
+        return {"prompt": prompt, "answer": _field(r, f["answer_field"]) if f["answer_field"] else ""}
+    return view
+
+
+def _gsm8k_view(src: Any, kind: str) -> Callable[[dict], dict]:
+    keep_calculator = bool(src.get("calculator_annotations", False))
+
+    def view(r: dict[str, Any]) -> dict[str, Any]:
+        question, answer = _field(r, "question"), _field(r, "answer")
+        final = synthetic.extract_answer(answer)
+        if final is None:
+            raise RecordError("the answer has no final '#### N' line")
+        # <<48/2=24>> are calculator calls; the model is not given a calculator.
+        steps = answer if keep_calculator else _CALCULATOR.sub("", answer)
+        user = [{"role": "user", "content": question}]
+        return {"pretrain": lambda: {"text": f"{question}\n{steps}"},
+                "tokenizer": lambda: {"text": f"{question}\n{steps}"},
+                "sft": lambda: {"messages": user + [{"role": "assistant", "content": steps}]},
+                "prompts": lambda: {"prompt": user, "answer": final}}[kind]()
+    return view
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
+    """An HH-RLHF pair -> (the shared dialogue as chat messages, the chosen reply, the rejected reply).
+
+    The shared prompt ends at the last "\\n\\nAssistant:" that both dialogues have in common (a few
+    pairs differ before their last turn marker, so the marker alone is not enough).
+    """
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(_HH_REPLY)
+    if cut < 0:
+        raise RecordError("chosen and rejected share no dialogue before an 'Assistant:' reply")
+    parts = _HH_TURN.split(chosen[:cut])
+    if parts[0].strip():
+        raise RecordError("the dialogue does not start with '\\n\\nHuman:'")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    messages = [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+    if not messages:
+        raise RecordError("the dialogue has no turn before the final reply")
+    start = cut + len(_HH_REPLY)
+    return messages, chosen[start:].strip(), rejected[start:].strip()
+
+
+def _hh_view(kind: str) -> Callable[[dict], dict]:
+    def view(r: dict[str, Any]) -> dict[str, Any]:
+        chosen, rejected = _field(r, "chosen"), _field(r, "rejected")
+        if kind in ("pretrain", "tokenizer"):
+            return {"text": chosen.strip() if kind == "pretrain" else f"{chosen}\n{rejected}"}
+        prompt, good, bad = split_hh(chosen, rejected)
+        return {"sft": lambda: {"messages": prompt + [{"role": "assistant", "content": good}]},
+                "preference": lambda: {"prompt": prompt, "chosen": good, "rejected": bad},
+                "prompts": lambda: {"prompt": prompt, "answer": ""}}[kind]()
+    return view

@@ -1,0 +1,113 @@
+"""The sentencepiece backend: load `.model` files, and train the ones Kiln uses.
+
+Kiln-trained models keep text exactly (identity normalisation, no dummy prefix, whitespace kept),
+fall back to bytes for anything unseen, split digits, and hold the chat control tokens as
+*control* symbols, which sentencepiece never produces from text.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece
+from sentencepiece import sentencepiece_model_pb2
+
+from data.tokenizer import BOS, CHAT_SPECIALS, CONTROL_TOKENS, EOS, PAD, UNK, Tokenizer, TokenizerError
+
+MODEL_TYPES = ("bpe", "unigram")
+_USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+_CONTROL = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
+# Sentences longer than this many bytes are skipped by the trainer; documents are cut into lines first.
+_MAX_SENTENCE_BYTES = 1 << 16
+# Enough sentences to learn a vocabulary; sampled with a fixed seed when there are more.
+_MAX_SENTENCES = 2_000_000
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece `.model` file. Chat special strings that the model declares as user-defined
+    symbols (matched inside raw text) are made control symbols, so user text cannot produce them."""
+
+    def __init__(self, path: str):
+        proto = sentencepiece_model_pb2.ModelProto()
+        try:
+            with open(path, "rb") as f:
+                proto.ParseFromString(f.read())
+        except Exception as e:  # protobuf raises its own DecodeError, or others on garbage
+            raise TokenizerError(f"{path}: not a sentencepiece model ({e})") from None
+        if not proto.pieces:
+            raise TokenizerError(f"{path}: not a sentencepiece model (no pieces)")
+        for p in proto.pieces:
+            if p.type == _USER_DEFINED and p.piece in CHAT_SPECIALS:
+                p.type = _CONTROL
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.name = path
+        self.vocab_size = self.sp.get_piece_size()
+        if self.sp.eos_id() < 0:
+            raise TokenizerError(f"{path}: the sentencepiece model has no EOS token")
+        self.eos_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        # Padding is never attended to nor trained on; models without a pad token pad with EOS.
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def token_id(self, piece: str) -> int | None:
+        token = self.sp.piece_to_id(piece)
+        # piece_to_id answers unk for unknown pieces.
+        return None if token == self.sp.unk_id() and piece != self.sp.id_to_piece(token) else token
+
+    def piece(self, token: int) -> str:
+        return self.sp.id_to_piece(int(token))
+
+    def is_special(self, token: int) -> bool:
+        return self.sp.is_control(int(token)) or self.sp.is_unknown(int(token))
+
+    def _token_bytes(self) -> np.ndarray:
+        # "▁" is a space. Models with a dummy prefix (Llama 2) decode a text's first word
+        # without it, so there each text counts one byte more than it decodes to.
+        out = np.zeros(self.vocab_size, np.int64)
+        for i in range(self.vocab_size):
+            if self.sp.is_byte(i):
+                out[i] = 1
+            elif not (self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i)):
+                out[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+
+
+def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: str = "bpe", seed: int = 0) -> None:
+    """Trains a sentencepiece model on `texts` and writes it to `out_path`; deterministic given
+    the same texts. Ids: 0 pad, 1 bos, 2 eos, 3 unk, 4-7 chat control tokens, then bytes and pieces."""
+    if model_type not in MODEL_TYPES:
+        raise TokenizerError(f"tokenizer model_type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+    minimum = 4 + len(CONTROL_TOKENS) + 256 + 1
+    if vocab_size < minimum:
+        raise TokenizerError(f"tokenizer vocab_size {vocab_size} is below {minimum}: specials, control "
+                             "tokens and 256 byte-fallback tokens come first")
+    # The trainer reads sentences; newlines are learnt as byte tokens, like any unseen character.
+    lines = [line for text in texts for line in text.split("\n") if line.strip()]
+    if not lines:
+        raise TokenizerError("no text to train a tokenizer on: the training sources are empty")
+    sentencepiece.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            byte_fallback=True, split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+            normalization_rule_name="identity", allow_whitespace_only_pieces=True, character_coverage=0.9995,
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece=PAD, bos_piece=BOS, eos_piece=EOS, unk_piece=UNK,
+            control_symbols=list(CONTROL_TOKENS), max_sentence_length=_MAX_SENTENCE_BYTES,
+            input_sentence_size=_MAX_SENTENCES, shuffle_input_sentence=True, num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        # e.g. "Vocabulary size is too high (N). Please set it to a value <= M."
+        raise TokenizerError(f"sentencepiece training failed: {e}") from None
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, out_path)  # atomic: a concurrent reader sees no half-written model

@@ -1,0 +1,61 @@
+"""`kiln tokenizer --input=FILES --vocab_size=N --model_type=bpe|unigram --out=PATH`
+
+Trains a sentencepiece tokenizer on text files (comma-separated paths or glob patterns; UTF-8
+text, or .jsonl / .jsonl.gz whose records' `--text_field` is used): byte fallback, digits split
+one per token, ids 0-3 pad/bos/eos/unk, then the chat control tokens as control symbols. The same
+inputs and settings always give the same model.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+from typing import Iterator
+
+from ml_collections import ConfigDict
+
+from data import sources, spm, tokenizer as tokenizers
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln tokenizer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="comma-separated files or glob patterns")
+    p.add_argument("--vocab_size", type=int, required=True)
+    p.add_argument("--model_type", choices=spm.MODEL_TYPES, default="bpe")
+    p.add_argument("--out", required=True, help="where to write the .model file")
+    p.add_argument("--text_field", default="text", help="the text field of .jsonl inputs (default: text)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    paths = input_paths(args.input)
+    spm.train(_texts(paths, args.text_field), args.out, vocab_size=args.vocab_size, model_type=args.model_type)
+    tok = tokenizers.load(args.out)
+    print(f"wrote {args.out}: sentencepiece {args.model_type}, vocab {tok.vocab_size}, from {len(paths)} file(s)")
+    return 0
+
+
+def input_paths(spec: str) -> list[str]:
+    """The files that `spec` names, in order; a clear error for a pattern that matches nothing."""
+    paths = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        matches = sorted(glob.glob(sources.expand_path(part, "--input")))
+        if not matches:
+            raise sources.DataError(f"--input {part!r} matches no file")
+        paths += matches
+    if not paths:
+        raise sources.DataError("--input names no file")
+    return paths
+
+
+def _texts(paths: list[str], text_field: str) -> Iterator[str]:
+    # The data layer's readers, so bad UTF-8 or JSON is reported with its file and line.
+    data_cfg = ConfigDict(dict(text_separator="", skip_bad_records=False))
+    for path in paths:
+        fmt = "jsonl" if path.endswith((".jsonl", ".jsonl.gz")) else "text"
+        src = ConfigDict(dict(path=path, format=fmt, weight=1.0))
+        if fmt == "jsonl":
+            src.text_field = text_field
+        for record in sources.load(path, src, data_cfg, "pretrain").records:
+            yield record["text"]

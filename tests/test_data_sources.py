@@ -1,0 +1,230 @@
+"""Sources and their bad data, the synthetic task, and exact masks on the real data sets."""
+import gzip
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+from ml_collections import ConfigDict
+
+from configs import base
+from data import examples, sources, synthetic
+from data import tokenizer as tk
+from data.examples import Encoder
+
+BYTE = tk.load("byte")
+
+
+def data_cfg(**overrides):
+    cfg = base.get_config().data
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def records(path, fmt, kind, cfg=None, **fields):
+    src = sources.load("s", base.source(str(path), fmt, **fields), cfg or data_cfg(), kind)
+    return [src.records[i] for i in range(len(src.records))], src
+
+
+def write_jsonl(path, rows):
+    path.write_bytes(b"\n".join(r if isinstance(r, bytes) else json.dumps(r).encode() for r in rows) + b"\n")
+    return path
+
+
+def trained_text(example, tok=BYTE):
+    return tok.decode(example["targets"][example["loss_mask"] > 0].tolist())
+
+
+# -- synthetic task ----------------------------------------------------------------------------------
+def test_synthetic_problems_are_deterministic_and_verifiable():
+    p = synthetic.problem(7, seed=3, max_digits=2, max_ops=3)
+    assert p == synthetic.problem(7, seed=3, max_digits=2, max_ops=3)
+    assert p != synthetic.problem(8, seed=3, max_digits=2, max_ops=3)
+    assert p != synthetic.problem(7, seed=4, max_digits=2, max_ops=3)
+    for i in range(200):
+        q = synthetic.problem(i, max_digits=3, max_ops=4)
+        assert q.solution.endswith(f"#### {q.answer}")
+        assert synthetic.extract_answer(q.solution) == q.answer
+        assert synthetic.verify(q.solution, q.answer)
+        assert not synthetic.verify(q.wrong_solution, q.answer)
+        # Every worked step is true arithmetic: "a op b = c".
+        for a, op, b, c in re.findall(r"(\d+) ([-+*/]) (\d+) = (-?\d+)", q.solution):
+            assert eval(f"{a} {'//' if op == '/' else op} {b}") == int(c)
+    one_step = [synthetic.problem(i, max_digits=1, max_ops=1) for i in range(50)]
+    assert all(q.solution.count("\n") == 2 for q in one_step)  # start, one step, answer
+    assert all(int(n) < 10 for q in one_step for n in re.findall(r"has (\d+)", q.question))
+
+
+def test_extract_answer_and_verify():
+    assert synthetic.extract_answer("steps\n#### 1,234.") == "1234"
+    assert synthetic.extract_answer("#### $5\nmore\n#### 7") == "7"
+    assert synthetic.extract_answer("no answer") is None
+    assert synthetic.extract_answer("####   ") is None
+    assert synthetic.verify("so\n#### 12.0", "12") and not synthetic.verify("#### 13", "12")
+    assert synthetic.verify("#### abc", "abc") and not synthetic.verify("12", "12")
+
+
+def test_synthetic_source_slices_and_kinds():
+    cfg = data_cfg()
+    cfg.synthetic.num_examples = 100
+    train, _ = records("", "synthetic", "prompts", cfg, end=0.9)
+    held, _ = records("", "synthetic", "prompts", cfg, start=0.9)
+    assert (len(train), len(held)) == (90, 10)
+    assert held[0]["answer"] == synthetic.problem(90, max_digits=2, max_ops=2).answer
+    pair, _ = records("", "synthetic", "preference", cfg)
+    assert pair[0]["chosen"] != pair[0]["rejected"] and pair[0]["prompt"][0]["role"] == "user"
+
+
+# -- files and bad data ------------------------------------------------------------------------------
+def test_text_documents_separator_and_character_slices(tmp_path):
+    (tmp_path / "t.txt").write_text("one\n\ntwo\n\n\n\nthree\n\nfour")
+    docs, _ = records(tmp_path / "t.txt", "text", "pretrain", data_cfg(text_separator="\n\n"))
+    assert [d["text"] for d in docs] == ["one", "two", "three", "four"]
+    docs, _ = records(tmp_path / "t.txt", "text", "pretrain", data_cfg(text_separator="\n\n"), start=0.5)
+    assert [d["text"] for d in docs] == ["three", "four"]
+    (tmp_path / "w.txt").write_text("abcdefghij")
+    docs, _ = records(tmp_path / "w.txt", "text", "pretrain", start=0.9)
+    assert docs == [{"text": "j"}]
+
+
+def test_jsonl_fields_chats_and_gzip(tmp_path):
+    rows = [{"q": "hi", "a": "yo", "extra": 1},
+            {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                          {"role": "assistant", "content": "a"}]}]
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write("\n".join(map(json.dumps, rows)) + "\n\n")
+    got, _ = records(tmp_path / "c.jsonl.gz", "jsonl", "sft", prompt_field="q", completion_field="a")
+    assert got[0] == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    assert got[1]["messages"][0] == {"role": "system", "content": "s"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b'{"text": "x"', "malformed JSON"),
+    (b'{"text": "caf\xe9"}', "not valid UTF-8"),
+    (b'{"txt": "x"}', "missing field 'text'"),
+    (b'{"text": 3}', "field 'text' is int"),
+    (b'["text"]', "expected a JSON object"),
+])
+def test_bad_jsonl_line_is_an_error_naming_file_and_line_or_a_counted_skip(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b"}, bad, {"text": "c"}])
+    with pytest.raises(sources.DataError, match=f"{path}:3: {message}"):
+        records(path, "jsonl", "pretrain")
+    got, src = records(path, "jsonl", "pretrain", data_cfg(skip_bad_records=True))
+    assert [r["text"] for r in got] == ["a", "b", "c"] and src.skipped == 1
+
+
+def test_other_bad_sources(tmp_path, monkeypatch):
+    (tmp_path / "bin.txt").write_bytes(b"fine\nfine\nbad \xff here\n")
+    with pytest.raises(sources.DataError, match=r"bin.txt:3: not valid UTF-8"):
+        records(tmp_path / "bin.txt", "text", "pretrain")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(sources.DataError, match="has no records"):
+        records(tmp_path / "empty.jsonl", "jsonl", "pretrain")
+    with pytest.raises(sources.DataError, match="not found"):
+        records(tmp_path / "nope.jsonl", "jsonl", "pretrain")
+    with pytest.raises(sources.DataError, match="unknown field.*text_feild"):
+        records(tmp_path / "x.jsonl", "jsonl", "pretrain", text_feild="t")
+    with pytest.raises(sources.DataError, match="format 'text' has no sft records"):
+        records(tmp_path / "bin.txt", "text", "sft")
+    with pytest.raises(sources.DataError, match="unknown format 'csv'"):
+        records(tmp_path / "x.csv", "csv", "pretrain")
+    with pytest.raises(sources.DataError, match="start=0.5, end=0.5"):
+        records(tmp_path / "bin.txt", "text", "pretrain", start=0.5, end=0.5)
+    monkeypatch.delenv("KILN_DATA_DIR", raising=False)
+    with pytest.raises(sources.DataError, match=r"uses \$KILN_DATA_DIR, which is not set"):
+        records("$KILN_DATA_DIR/gsm8k/train.jsonl", "gsm8k", "sft")
+    write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]}])
+    with pytest.raises(sources.DataError, match=r"m.jsonl:1: field 'messages': message 1 has role 'robot'"):
+        records(tmp_path / "m.jsonl", "jsonl", "sft")
+
+
+@pytest.mark.parametrize("weights, message", [
+    ((1.0, math.nan), "weight nan"), ((1.0, -1.0), "weight -1.0"), ((0.0, 0.0), "every training source has weight 0"),
+    ((1.0, math.inf), "weight inf")])
+def test_mixture_weights_that_make_no_sense(weights, message):
+    cfg = data_cfg()
+    cfg.sources = ConfigDict({"a": base.source(weight=weights[0]), "b": base.source(weight=weights[1])})
+    with pytest.raises(sources.DataError, match=message):
+        sources.train_sources(cfg, "pretrain")
+
+
+def test_array_record_source_lazy_errors_and_skips(tmp_path):
+    path = str(tmp_path / "r.array_record")
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for r in [{"prompt": "p0", "completion": "c0"}, b"not json", {"prompt": "p2", "completion": "c2"}]:
+        writer.write(r if isinstance(r, bytes) else json.dumps(r).encode())
+    writer.close()
+    src = sources.load("s", base.source(path, "array_record"), data_cfg(), "sft")
+    assert len(src.records) == 3 and src.records[2]["messages"][1] == {"role": "assistant", "content": "c2"}
+    with pytest.raises(sources.DataError, match=r"r.array_record: record 1: malformed JSON"):
+        src.records[1]
+    got, _ = records(path, "array_record", "sft", data_cfg(skip_bad_records=True), start=0.3)
+    assert got[0] is None and got[1]["messages"][0]["content"] == "p2"
+    assert Encoder.from_config(data_cfg(), BYTE)("sft", None) == (None, examples.BAD_RECORD)
+
+
+# -- over-length policy ------------------------------------------------------------------------------
+def test_truncation_dropping_and_empty_masks():
+    chat_ = {"messages": [{"role": "user", "content": "q" * 10}, {"role": "assistant", "content": "a" * 10}]}
+    # <s> <|user|> q*10 <|end|> <|assistant|> a*10 <|end|> = 25 ids -> 24 positions, 11 trained.
+    ex, status = Encoder(BYTE, seq_len=24)("sft", chat_)
+    assert status == examples.OK and len(ex["tokens"]) == 24 and ex["loss_mask"].sum() == 11
+    ex, status = Encoder(BYTE, seq_len=20)("sft", chat_)
+    assert status == examples.TRUNCATED and trained_text(ex) == "a" * 7
+    assert Encoder(BYTE, seq_len=20, truncate=False)("sft", chat_) == (None, examples.TOO_LONG)
+    assert Encoder(BYTE, seq_len=13)("sft", chat_) == (None, examples.EMPTY_MASK)
+    ex, status = Encoder(BYTE, seq_len=5)("prompts", {"prompt": chat_["messages"][:1], "answer": "1"})
+    assert status == examples.TRUNCATED and ex["prompt"].tolist() == [*BYTE.encode_text("qqq"), 7, 6]
+
+
+# -- the real data sets ------------------------------------------------------------------------------
+def test_gsm8k_trained_tokens_are_exactly_the_completion(data_dir):
+    path = f"{data_dir}/gsm8k/train.jsonl"
+    sft, src = records(path, "gsm8k", "sft")
+    assert len(sft) == 7473 and src.skipped == 0
+    first = sft[0]["messages"]
+    assert first[0]["content"].startswith("Natalia sold clips to 48 of her friends in April")
+    assert first[1]["content"] == ("Natalia sold 48/2 = 24 clips in May.\n"
+                                   "Natalia sold 48+24 = 72 clips altogether in April and May.\n#### 72")
+    prompts, _ = records(path, "gsm8k", "prompts", end=0.001)
+    assert [p["answer"] for p in prompts[:2]] == ["72", "10"]
+    enc = Encoder(BYTE, seq_len=2048)
+    for record in sft[:50]:
+        ex, status = enc("sft", record)
+        assert status == examples.OK and trained_text(ex) == record["messages"][1]["content"]
+        assert ex["loss_mask"].sum() == len(record["messages"][1]["content"].encode()) + 1  # + <|end|>
+    raw, _ = records(path, "gsm8k", "sft", calculator_annotations=True)
+    assert "<<48/2=24>>" in raw[0]["messages"][1]["content"]
+
+
+def test_hh_rlhf_pairs_share_the_prompt_and_train_only_the_replies(data_dir):
+    pairs, _ = records(f"{data_dir}/hh-rlhf/harmless-base-test.jsonl.gz", "hh_rlhf", "preference")
+    assert len(pairs) == 2312  # including the four whose dialogues differ before the last turn marker
+    first = pairs[0]
+    assert [m["role"] for m in first["prompt"]] == ["user", "assistant", "user", "assistant", "user"]
+    assert first["prompt"][0]["content"] == "what are some pranks with a pen i can do?"
+    assert first["chosen"].startswith("No, sorry!  All of these involve a pen")
+    enc = Encoder(BYTE, seq_len=4096)
+    for record in pairs[:40]:
+        pair, status = enc("preference", record)
+        assert status == examples.OK
+        chosen = {k[7:]: v for k, v in pair.items() if k.startswith("chosen_")}
+        rejected = {k[9:]: v for k, v in pair.items() if k.startswith("rejected_")}
+        assert trained_text(chosen) == record["chosen"] and trained_text(rejected) == record["rejected"]
+        n = int(np.argmax(chosen["loss_mask"]))  # the shared prompt ends where training starts
+        assert n == int(np.argmax(rejected["loss_mask"]))
+        assert np.array_equal(chosen["tokens"][:n + 1], rejected["tokens"][:n + 1])
+
+
+def test_hh_rlhf_split_on_a_pair_that_differs_before_the_last_marker():
+    chosen = "\n\nHuman: Q\n\nAssistant: A1\n\nHuman: Q2\n\nAssistant: No.  Human: Then"
+    rejected = "\n\nHuman: Q\n\nAssistant: A1\n\nHuman: Q2\n\nAssistant: A drag king"
+    prompt, good, bad = sources.split_hh(chosen, rejected)
+    assert prompt == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A1"},
+                      {"role": "user", "content": "Q2"}]
+    assert (good, bad) == ("No.  Human: Then", "A drag king")
+    with pytest.raises(sources.RecordError, match="share no dialogue"):
+        sources.split_hh("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: c\n\nAssistant: d")
