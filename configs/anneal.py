@@ -15,7 +15,8 @@ VARIANTS = {
               "checkpoint.every": 10, "data.synthetic.num_examples": 2000},
     # After configs/pretrain.py:shakespeare: Shakespeare replay plus GSM8K's worked solutions.
     "shakespeare": {"run_dir": "runs/anneal_shakespeare", "model.init_from": "runs/pretrain_shakespeare",
-                    "data.tokenizer": "runs/pretrain_shakespeare/tokenizer.model"},
+                    "data.tokenizer": "runs/pretrain_shakespeare/tokenizer.model", "data.batch_size": 4,
+                    "train.steps": 60, "train.eval_every": 60, "train.eval_steps": 0, "optim.lr": 6e-4},
 }
 
 
@@ -26,9 +27,10 @@ def get_config(variant: str = ""):
     c.model.init_from = "runs/pretrain"
     c.data.seq_len = 256
     c.data.batch_size = 16
-    # Higher-quality mix: worked GSM8K-style solutions dominate, pre-training text is kept as 30%.
+    # Higher-quality mix: longer worked solutions (three-step problems with three-digit numbers) make up
+    # 70%; the pre-training distribution is kept as 30%.
     c.data.sources.train = base.source(format="synthetic", weight=0.3, start=0.0, end=0.95)
-    c.data.sources.quality = base.source(format="synthetic", weight=0.7, start=0.5, end=0.95)
+    c.data.sources.quality = base.source(format="synthetic", weight=0.7, start=0.0, end=0.95, max_digits=3, max_ops=3)
     c.data.eval_sources.eval = base.source(format="synthetic", start=0.95, end=1.0)
     c.optim.schedule = "linear"
     c.optim.lr = 3e-4

@@ -27,14 +27,14 @@ def get_config(variant: str = ""):
     c.model.init_from = "runs/pretrain_shakespeare"
     c.data.tokenizer = "runs/pretrain_shakespeare/tokenizer.model"
     c.data.seq_len = 256
-    c.data.batch_size = 16
+    c.data.batch_size = 4
     c.data.sources.train = base.source("$KILN_DATA_DIR/gsm8k/train.jsonl", "gsm8k", 1.0 - REPLAY)
     c.data.sources.replay = base.source(SHAKESPEARE, "text", REPLAY, start=0.0, end=0.9)
     c.data.eval_sources.new = base.source("$KILN_DATA_DIR/gsm8k/test.jsonl", "gsm8k", 1.0)
     c.data.eval_sources.old = base.source(SHAKESPEARE, "text", 1.0, start=0.9, end=1.0)
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 30  # re-warming: a fresh optimizer ramps up from zero again
-    c.train.steps = 300
+    c.train.steps = 100
     c.train.eval_every = 100
     c.train.eval_steps = 10
     c.checkpoint.every = 100

@@ -8,10 +8,12 @@ VARIANTS = {
     "smoke": {"model.preset": "tiny", "data.seq_len": 64, "data.batch_size": 8, "train.steps": 20,
               "train.log_every": 5, "train.eval_every": 10, "train.eval_steps": 2, "checkpoint.every": 10,
               "optim.warmup_steps": 5, "optim.lr": 1e-3, "data.synthetic.num_examples": 2000},
-    # Tiny Shakespeare: its own 2048-piece BPE tokenizer, 90% / 10% split, within 15 minutes on 2 CPU cores.
-    "shakespeare": {"data.tokenizer": "train", "data.seq_len": 256, "data.batch_size": 16, "train.steps": 600,
-                    "optim.lr": 1e-3, "optim.warmup_steps": 50, "optim.min_lr_ratio": 0.1,
-                    "train.eval_every": 100, "train.eval_steps": 20, "checkpoint.every": 100},
+    # Tiny Shakespeare: its own 2048-piece BPE tokenizer, 90% / 10% split; about 14 minutes on 2 CPU cores
+    # (~400 tokens/s). Small batches: early in training more updates beat bigger ones, token for token.
+    # Evaluates on the whole held-out 10% every 100 steps.
+    "shakespeare": {"data.tokenizer": "train", "data.seq_len": 256, "data.batch_size": 4, "train.steps": 300,
+                    "optim.lr": 2e-3, "optim.warmup_steps": 20, "optim.min_lr_ratio": 0.1,
+                    "train.eval_every": 100, "train.eval_steps": 0, "checkpoint.every": 100},
 }
 
 
@@ -21,11 +23,11 @@ def get_config(variant: str = ""):
     c.run_dir = "runs/pretrain"
     c.model.preset = "small"
     c.data.seq_len = 256
-    c.data.batch_size = 16
+    c.data.batch_size = 8
     c.optim.lr = 1e-3
-    c.optim.warmup_steps = 50
-    c.train.steps = 1000
-    c.train.eval_every = 200
+    c.optim.warmup_steps = 30
+    c.train.steps = 300  # about 25 minutes on a 2-core CPU
+    c.train.eval_every = 100
     c.train.eval_steps = 10
     # The synthetic corpus: problems [0, 95%) train, the last 5% are held out.
     c.data.sources.train = base.source(format="synthetic", start=0.0, end=0.95)

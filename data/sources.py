@@ -3,7 +3,8 @@
 Formats: `synthetic` (built-in arithmetic task, no file), `text` (.txt: documents split by
 `data.text_separator`, "" = the whole file is one document), `jsonl` (.jsonl / .jsonl.gz, field
 names configurable per source), `array_record` (each record a UTF-8 JSON object, read lazily),
-`gsm8k` and `hh_rlhf`. Every source takes `start` / `end` fractions selecting a contiguous slice
+`gsm8k` and `hh_rlhf`. A synthetic source may set its own `max_digits` / `max_ops` (default
+`data.synthetic.*`). Every source takes `start` / `end` fractions selecting a contiguous slice
 of its records (of its characters when it is a single text document).
 
 Records, by kind (chats are lists of {role, content}; a prompt/completion pair becomes a user
@@ -36,7 +37,7 @@ KINDS = ("pretrain", "sft", "preference", "prompts", "tokenizer")
 FORMATS = ("synthetic", "text", "jsonl", "array_record", "gsm8k", "hh_rlhf")
 FIELDS = dict(text_field="text", prompt_field="prompt", completion_field="completion", messages_field="messages",
               chosen_field="chosen", rejected_field="rejected", answer_field="answer")
-_OPTIONS = {"synthetic": (), "text": (), "jsonl": tuple(FIELDS), "array_record": tuple(FIELDS),
+_OPTIONS = {"synthetic": ("max_digits", "max_ops"), "text": (), "jsonl": tuple(FIELDS), "array_record": tuple(FIELDS),
             "gsm8k": ("calculator_annotations",), "hh_rlhf": ()}
 _COMMON = ("path", "format", "weight", "start", "end")
 _KINDS_OF = {"text": ("pretrain", "tokenizer"), "gsm8k": ("pretrain", "sft", "prompts", "tokenizer")}
@@ -149,8 +150,9 @@ def _synthetic(name: str, src: Any, data_cfg: Any, kind: str, start: float, end:
         raise DataError(f"source {name}: no synthetic examples in [start={start}, end={end}] of "
                         f"data.synthetic.num_examples={cfg.num_examples}")
     make = _synthetic_view(kind)
+    seed, digits, ops = int(cfg.seed), int(src.get("max_digits", cfg.max_digits)), int(src.get("max_ops", cfg.max_ops))
     records = grain.MapDataset.range(lo, hi).map(
-        lambda i: make(synthetic.problem(i, seed=cfg.seed, max_digits=cfg.max_digits, max_ops=cfg.max_ops)))
+        lambda i: make(synthetic.problem(i, seed=seed, max_digits=digits, max_ops=ops)))
     return Source(name, float(src.weight), records, 0, "synthetic")
 
 

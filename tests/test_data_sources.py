@@ -76,6 +76,9 @@ def test_synthetic_source_slices_and_kinds():
     assert held[0]["answer"] == synthetic.problem(90, max_digits=2, max_ops=2).answer
     pair, _ = records("", "synthetic", "preference", cfg)
     assert pair[0]["chosen"] != pair[0]["rejected"] and pair[0]["prompt"][0]["role"] == "user"
+    hard, _ = records("", "synthetic", "prompts", cfg, max_digits=3, max_ops=3)  # per-source difficulty
+    assert [h["answer"] for h in hard[:20]] == [synthetic.problem(i, max_digits=3, max_ops=3).answer for i in range(20)]
+    assert [h["answer"] for h in hard[:20]] != [t["answer"] for t in train[:20]]
 
 
 # -- files and bad data ------------------------------------------------------------------------------

@@ -83,11 +83,22 @@ def test_resume_is_bit_identical(pretrained, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.train(cfg)
     assert checkpoint.latest_step(str(tmp_path)) == 10
+    # A save killed half-way leaves only orbax's temporary directory, which resume must ignore.
+    partial = os.path.join(str(tmp_path), "checkpoints", "12.orbax-checkpoint-tmp-1700000000")
+    os.makedirs(os.path.join(partial, "params"))
+    assert checkpoint.latest_step(str(tmp_path)) == 10
     monkeypatch.setattr(trainer, "_check_batch", real_check)
     trainer.train(cfg)
     resumed, uninterrupted = train_losses(str(tmp_path)), train_losses(reference)
     assert list(resumed) == list(range(1, 21))  # rows after the checkpoint were replaced, not repeated
     assert resumed == uninterrupted
+
+
+def test_checkpoint_retention(tmp_path):
+    trainer.train(config("pretrain", str(tmp_path), "--config.checkpoint.every=5", "--config.checkpoint.keep=2",
+                         "--config.checkpoint.keep_every=10", "--config.train.eval_every=0"))
+    steps = sorted(int(d) for d in os.listdir(os.path.join(str(tmp_path), "checkpoints")) if d.isdigit())
+    assert steps == [10, 15, 20]  # the latest two, plus every 10th kept for good
 
 
 def poisoned(after, mask_value):
