@@ -59,7 +59,7 @@ def measure(preset: str, batch: int, seq: int, dtype: str, steps: int, remat: st
         elapsed = time.perf_counter() - start
     tps = batch * seq * steps / elapsed
     fpt = flops.flops_per_token(cfg, seq)
-    peak = flops.peak_flops(dtype) * mesh.size
+    peak = flops.total_peak_flops(dtype, list(mesh.devices.flat))
     return dict(preset=preset, params=param_count(cfg), batch=batch, seq=seq, dtype=dtype, remat=remat,
                 devices=mesh.size, device=jax.devices()[0].device_kind, tokens_per_s=tps,
                 step_s=elapsed / steps, compile_s=compile_s, tflops_per_s=tps * fpt / 1e12,

@@ -9,8 +9,8 @@ VARIANTS = {
               "train.log_every": 5, "train.eval_every": 10, "train.eval_steps": 2, "checkpoint.every": 10,
               "optim.warmup_steps": 5, "optim.lr": 1e-3, "data.synthetic.num_examples": 2000},
     # Tiny Shakespeare: its own 2048-piece BPE tokenizer, 90% / 10% split; about 14 minutes on 2 CPU cores
-    # (~400 tokens/s). Small batches: early in training more updates beat bigger ones, token for token.
-    # Evaluates on the whole held-out 10% every 100 steps.
+    # (~400 tokens/s). Batch 4: this early in training more updates beat bigger batches token for token
+    # (at 307k tokens, batch 8 reached 2.75 bits/byte, batch 4 2.67, batch 2 2.69; lr 3e-3 gave 2.70).
     "shakespeare": {"data.tokenizer": "train", "data.seq_len": 256, "data.batch_size": 4, "train.steps": 300,
                     "optim.lr": 2e-3, "optim.warmup_steps": 20, "optim.min_lr_ratio": 0.1,
                     "train.eval_every": 100, "train.eval_steps": 0, "checkpoint.every": 100},

@@ -62,3 +62,11 @@ def peak_flops(dtype: str, device: jax.Device | None = None) -> float:
         if kind.lower() in device.device_kind.lower() and table_dtype == ("float32" if dtype == "float32" else "bfloat16"):
             return peak
     return float(np.nan)  # unknown chip: MFU is reported as NaN rather than guessed
+
+
+def total_peak_flops(dtype: str, devices: list[jax.Device]) -> float:
+    """Peak FLOP/s of `devices` together. On CPU the measured peak already uses every core, and
+    fake CPU devices (tests) share those cores, so it is not multiplied."""
+    if devices[0].platform == "cpu":
+        return peak_flops(dtype, devices[0])
+    return peak_flops(dtype, devices[0]) * len(devices)

@@ -49,12 +49,14 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
         changed = [k for k in SHAPE_FIELDS if k in overrides and overrides[k] != getattr(base, k)]
         if changed:
             raise ValueError(f"model.init_from={m.init_from!r}: cannot change {', '.join(changed)} of a loaded model")
-        return base.replace(**overrides)
-    cfg = presets.get(m.preset).replace(**overrides)
-    if m.vocab_size is None:
-        cfg = cfg.replace(vocab_size=-(-vocab_size // 128) * 128)  # padded for even sharding
+        cfg = base.replace(**overrides)
+    else:
+        cfg = presets.get(m.preset).replace(**overrides)
+        if m.vocab_size is None:
+            cfg = cfg.replace(vocab_size=-(-vocab_size // 128) * 128)  # padded for even sharding
     if cfg.vocab_size < vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        raise ValueError(f"the model's vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size} "
+                         f"(data.tokenizer={config.data.tokenizer!r}); use the tokenizer the model was trained with")
     return cfg
 
 
@@ -144,7 +146,7 @@ def train(config: ConfigDict, devices: list | None = None) -> dict[str, Any]:
     logger = records.MetricsLogger(config.run_dir, config.train.steps, start, config.train.progress)
     if start:
         logger.message(f"resumed from step {start} in {ckpt.directory}")
-    peak = flops.peak_flops(run.model_cfg.dtype) * run.mesh.size
+    peak = flops.total_peak_flops(run.model_cfg.dtype, list(run.mesh.devices.flat))
     last: dict[str, Any] = {}
     try:
         with jax.set_mesh(run.mesh), use_rules(config.mesh.rules):
