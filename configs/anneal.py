@@ -13,10 +13,11 @@ VARIANTS = {
     "smoke": {"model.init_from": "", "model.preset": "tiny", "data.seq_len": 64, "data.batch_size": 8,
               "train.steps": 10, "train.log_every": 5, "train.eval_every": 10, "train.eval_steps": 2,
               "checkpoint.every": 10, "data.synthetic.num_examples": 2000},
-    # After configs/pretrain.py:shakespeare: Shakespeare replay plus GSM8K's worked solutions.
+    # After configs/pretrain.py:shakespeare: half Shakespeare, half GSM8K's worked solutions, from the LR
+    # where pre-training's cosine ended (2e-4) down to zero; both domains are evaluated.
     "shakespeare": {"run_dir": "runs/anneal_shakespeare", "model.init_from": "runs/pretrain_shakespeare",
                     "data.tokenizer": "runs/pretrain_shakespeare/tokenizer.model", "data.batch_size": 4,
-                    "train.steps": 60, "train.eval_every": 60, "train.eval_steps": 0, "optim.lr": 6e-4},
+                    "train.steps": 60, "train.eval_every": 60, "train.eval_steps": 10, "optim.lr": 2e-4},
 }
 
 
@@ -41,7 +42,8 @@ def get_config(variant: str = ""):
     c.train.eval_steps = 10
     c.checkpoint.every = 100
     if variant == "shakespeare":
-        c.data.sources.train = base.source(SHAKESPEARE, "text", 0.3, start=0.0, end=0.9)
-        c.data.sources.quality = base.source(GSM8K, "gsm8k", 0.7)
+        c.data.sources.train = base.source(SHAKESPEARE, "text", 0.5, start=0.0, end=0.9)
+        c.data.sources.quality = base.source(GSM8K, "gsm8k", 0.5)
         c.data.eval_sources.eval = base.source(SHAKESPEARE, "text", 1.0, start=0.9, end=1.0)
+        c.data.eval_sources.quality = base.source("$KILN_DATA_DIR/gsm8k/test.jsonl", "gsm8k", 1.0)
     return base.with_variant(c, VARIANTS, variant)
