@@ -60,14 +60,11 @@ def read_model_config(path: str, step: int | None = None) -> ModelConfig:
     return ModelConfig.from_dict(raw)
 
 
-def load_params(path: str, step: int | None = None, mesh: Mesh | None = None, rules: Rules | None = None,
-                **overrides: Any) -> tuple[ModelConfig, Transformer]:
-    """Rebuilds the model saved at `path` (latest step by default), sharded on `mesh` if given.
-
-    `overrides` replace ModelConfig fields that do not change parameter shapes (dtype, remat, ...).
-    """
+def load_params(path: str, step: int | None = None, mesh: Mesh | None = None,
+                rules: Rules | None = None) -> tuple[ModelConfig, Transformer]:
+    """Rebuilds the model saved at `path` (latest step by default), sharded on `mesh` if given."""
     step = latest_step(path) if step is None else step
-    cfg = read_model_config(path, step).replace(**overrides)
+    cfg = read_model_config(path, step)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
     def abstract(var: nnx.Variable) -> nnx.Variable:
