@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
@@ -60,8 +58,13 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
     return cfg
 
 
+def _is_hf_dir(path: str) -> bool:
+    """A Hugging Face directory (config.json, no Kiln checkpoints) rather than a Kiln run/checkpoint directory."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
+
+
 def source_config(path: str) -> ModelConfig:
-    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
+    if _is_hf_dir(path):
         with open(os.path.join(path, "config.json")) as f:
             return hf.config_from_hf(json.load(f), where=os.path.join(path, "config.json"))
     return checkpoint.read_model_config(path)
@@ -72,12 +75,10 @@ def build_model(config: ConfigDict, cfg: ModelConfig, mesh: jax.sharding.Mesh) -
     source = config.model.init_from
     if not source:
         model = Transformer(cfg, rngs=nnx.Rngs(config.seed))
-    elif os.path.isdir(os.path.join(source, "checkpoints")) or not os.path.isfile(os.path.join(source, "config.json")):
-        _, model = checkpoint.load_params(source, mesh=mesh, rules=config.mesh.rules)
-        model = _with_config(model, cfg)
+    elif _is_hf_dir(source):
+        model = _with_config(hf.load(source, dtype=cfg.dtype, param_dtype=cfg.param_dtype)[1], cfg)
     else:
-        _, model = hf.load(source, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        model = _with_config(model, cfg)
+        model = _with_config(checkpoint.load_params(source, mesh=mesh, rules=config.mesh.rules)[1], cfg)
     return shard_module(model, mesh, config.mesh.rules)
 
 
@@ -92,7 +93,7 @@ def _with_config(model: Transformer, cfg: ModelConfig) -> Transformer:
 
 @dataclasses.dataclass
 class Run:
-    """What `train` builds before the loop (tests use it to drive steps directly)."""
+    """What `setup` builds before the loop: everything a step or an evaluation needs."""
 
     config: ConfigDict
     model_cfg: ModelConfig
