@@ -12,10 +12,9 @@ Llama 3's DPO recipe does.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
-if TYPE_CHECKING:  # a type only: data.tokenizer imports the sources, which import this module
-    from data.tokenizer import Tokenizer
+from data.tokenizer_base import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 

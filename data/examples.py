@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from data import chat
-from data.tokenizer import Tokenizer
+from data.tokenizer_base import Tokenizer
 
 OK, TRUNCATED, TOO_LONG, EMPTY_MASK, BAD_RECORD = "ok", "truncated", "too_long", "empty_mask", "bad_record"
 STATUSES = (OK, TRUNCATED, TOO_LONG, EMPTY_MASK, BAD_RECORD)

@@ -35,7 +35,7 @@ from grain import experimental as gx
 
 from data import examples, sources
 from data.examples import Encoder
-from data.tokenizer import Tokenizer
+from data.tokenizer_base import Tokenizer
 
 KINDS = ("pretrain", "sft", "preference", "prompts")
 # The batches each training stage reads; stages not listed (the pre-training family) read "pretrain".

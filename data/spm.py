@@ -2,7 +2,8 @@
 
 Kiln-trained models keep text exactly (identity normalisation, no dummy prefix, whitespace kept),
 fall back to bytes for anything unseen, split digits, and hold the chat control tokens as
-*control* symbols, which sentencepiece never produces from text.
+*control* symbols, which sentencepiece never produces from text. Any model's pieces spelled like
+a chat control token or like its BOS / EOS / padding become control symbols when it is loaded.
 """
 from __future__ import annotations
 
@@ -14,20 +15,20 @@ import numpy as np
 import sentencepiece
 from sentencepiece import sentencepiece_model_pb2
 
-from data.tokenizer import BOS, CHAT_SPECIALS, CONTROL_TOKENS, EOS, PAD, UNK, Tokenizer, TokenizerError
+from data.tokenizer_base import BOS, CHAT_SPECIALS, CONTROL_TOKENS, EOS, PAD, UNK, Tokenizer, TokenizerError
 
 MODEL_TYPES = ("bpe", "unigram")
-_USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-_CONTROL = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
-# Sentences longer than this many bytes are skipped by the trainer; documents are cut into lines first.
+_PIECE = sentencepiece_model_pb2.ModelProto.SentencePiece
+# The trainer skips sentences longer than this many bytes, so longer lines are cut into pieces.
 _MAX_SENTENCE_BYTES = 1 << 16
 # Enough sentences to learn a vocabulary; sampled with a fixed seed when there are more.
 _MAX_SENTENCES = 2_000_000
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece `.model` file. Chat special strings that the model declares as user-defined
-    symbols (matched inside raw text) are made control symbols, so user text cannot produce them."""
+    """A sentencepiece `.model` file. Pieces spelled like a chat control token, BOS, EOS or padding
+    are made control symbols, so user text cannot produce them: a user-defined symbol is matched
+    inside raw text, and a normal piece can be the best segmentation of it."""
 
     def __init__(self, path: str):
         proto = sentencepiece_model_pb2.ModelProto()
@@ -38,9 +39,11 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"{path}: not a sentencepiece model ({e})") from None
         if not proto.pieces:
             raise TokenizerError(f"{path}: not a sentencepiece model (no pieces)")
+        spec = proto.trainer_spec
+        controls = set(CHAT_SPECIALS) | {spec.bos_piece, spec.eos_piece, spec.pad_piece}
         for p in proto.pieces:
-            if p.type == _USER_DEFINED and p.piece in CHAT_SPECIALS:
-                p.type = _CONTROL
+            if p.type in (_PIECE.NORMAL, _PIECE.USER_DEFINED) and p.piece in controls:
+                p.type = _PIECE.CONTROL
         self.sp = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.name = path
         self.vocab_size = self.sp.get_piece_size()
@@ -51,7 +54,7 @@ class SentencePieceTokenizer(Tokenizer):
         # Padding is never attended to nor trained on; models without a pad token pad with EOS.
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
 
-    def encode_text(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -80,9 +83,10 @@ class SentencePieceTokenizer(Tokenizer):
         return out
 
 
-def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: str = "bpe", seed: int = 0) -> None:
+def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: str = "bpe", seed: int = 0) -> int:
     """Trains a sentencepiece model on `texts` and writes it to `out_path`; deterministic given
-    the same texts. Ids: 0 pad, 1 bos, 2 eos, 3 unk, 4-7 chat control tokens, then bytes and pieces."""
+    the same texts. Ids: 0 pad, 1 bos, 2 eos, 3 unk, 4-7 chat control tokens, then bytes and pieces.
+    Returns how many lines were over the trainer's 64 KB sentence limit and were cut into pieces."""
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"tokenizer model_type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
     minimum = 4 + len(CONTROL_TOKENS) + 256 + 1
@@ -90,7 +94,8 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: s
         raise TokenizerError(f"tokenizer vocab_size {vocab_size} is below {minimum}: specials, control "
                              "tokens and 256 byte-fallback tokens come first")
     # The trainer reads sentences; newlines are learnt as byte tokens, like any unseen character.
-    lines = [line for text in texts for line in text.split("\n") if line.strip()]
+    cut = [cut_line(line, _MAX_SENTENCE_BYTES) for text in texts for line in text.split("\n") if line.strip()]
+    lines = [piece for pieces in cut for piece in pieces]
     if not lines:
         raise TokenizerError("no text to train a tokenizer on: the training sources are empty")
     sentencepiece.set_random_generator_seed(seed)
@@ -111,3 +116,21 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: s
     with open(tmp, "wb") as f:
         f.write(model.getvalue())
     os.replace(tmp, out_path)  # atomic: a concurrent reader sees no half-written model
+    return sum(len(pieces) > 1 for pieces in cut)
+
+
+def cut_line(line: str, limit: int) -> list[str]:
+    """`line` in pieces of at most `limit` UTF-8 bytes, never cut inside a character. A cut goes
+    before the last space or tab of the piece's second half where there is one, so that words
+    stay whole (a sentencepiece word starts with its space)."""
+    data = line.encode("utf-8")
+    pieces, start = [], 0
+    while len(data) - start > limit:
+        end = start + limit
+        while data[end] & 0xC0 == 0x80:  # a UTF-8 continuation byte: `end` is inside a character
+            end -= 1
+        space = max(data.rfind(b" ", start + limit // 2, end), data.rfind(b"\t", start + limit // 2, end))
+        end = space if space >= 0 else end
+        pieces.append(data[start:end].decode("utf-8"))
+        start = end
+    return pieces + [data[start:].decode("utf-8")]

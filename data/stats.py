@@ -10,7 +10,7 @@ import numpy as np
 
 from data import examples, sources
 from data.examples import Encoder
-from data.tokenizer import Tokenizer
+from data.tokenizer_base import Tokenizer
 
 
 @dataclasses.dataclass

@@ -1,7 +1,9 @@
 """`kiln data preview --config=FILE[:variant] [--config.KEY=VALUE ...] [--num_examples=N] [--kind=KIND]`
 
 Prints the first N rows of the training pipeline as the model sees them, decoded: trained text
-(loss on) inside ⟦ ⟧, special tokens by name, each packed segment on its own, padding counted;
+(loss on) inside ⟦ ⟧, special tokens by name inside ⟪ ⟫ (so that text which merely spells one,
+such as a typed "<|user|>", stays plain and tells itself apart; a marker character typed in text
+is doubled), each packed segment on its own, padding counted;
 then statistics: per-source kept / truncated / dropped counts and tokens per example, and the
 padding and trained fractions of the batches shown. The output is a function of the config alone.
 """
@@ -18,8 +20,10 @@ from data import pipeline, stats, tokenizer as tokenizers
 from data.tokenizer import Tokenizer
 from launch.config import ConfigError, load_config
 
-# The data a stage reads. Stages not listed read pre-training text.
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+SPECIAL_OPEN, SPECIAL_CLOSE = "⟪", "⟫"
+# Marker characters typed in text are doubled, so a lone marker is always the preview's own.
+_ESCAPE = str.maketrans({c: c * 2 for c in TRAINED_OPEN + TRAINED_CLOSE + SPECIAL_OPEN + SPECIAL_CLOSE})
 _MIN_STAT_BATCHES = 4
 
 
@@ -58,8 +62,9 @@ def main(argv: list[str]) -> int:
         print(f"tokenizer {data.tokenizer} (vocab {tok.vocab_size}), seq_len {data.seq_len}, "
               f"global batch {data.batch_size}, packing {data.pack_method if data.packing else 'off'}, "
               f"chat template {data.chat_template}")
-        print(f"legend: {TRAINED_OPEN}trained{TRAINED_CLOSE} (loss on), other text untrained, "
-              "<special> tokens by name, [segment N ...] starts a packed sequence")
+        print(f"legend: {TRAINED_OPEN}trained{TRAINED_CLOSE} (loss on), other text untrained; "
+              f"{SPECIAL_OPEN}<special>{SPECIAL_CLOSE} a special token (text that spells one stays plain, "
+              "a marker typed in text is doubled); [segment N ...] starts a packed sequence")
         rows = [(b, r) for b in range(num_batches) for r in range(data.batch_size)][:args.num_examples]
         for b, r in rows:
             print(f"\n=== batch {b}, row {r} ===")
@@ -112,12 +117,12 @@ def _spans(ids: list[int], trained: list[bool], tok: Tokenizer) -> str:
 
 
 def _text(ids: list[int], tok: Tokenizer) -> str:
-    """Decoded text, special tokens written as their names."""
+    """Decoded text (marker characters doubled), special tokens written as their names inside ⟪ ⟫."""
     out, run = [], []
     for t in ids:
         if tok.is_special(t):
-            out.append(tok.decode(run) + tok.piece(t))
+            out.append(tok.decode(run).translate(_ESCAPE) + f"{SPECIAL_OPEN}{tok.piece(t)}{SPECIAL_CLOSE}")
             run = []
         else:
             run.append(t)
-    return "".join(out) + tok.decode(run)
+    return "".join(out) + tok.decode(run).translate(_ESCAPE)

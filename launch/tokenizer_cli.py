@@ -2,8 +2,9 @@
 
 Trains a sentencepiece tokenizer on text files (comma-separated paths or glob patterns; UTF-8
 text, or .jsonl / .jsonl.gz whose records' `--text_field` is used): byte fallback, digits split
-one per token, ids 0-3 pad/bos/eos/unk, then the chat control tokens as control symbols. The same
-inputs and settings always give the same model.
+one per token, ids 0-3 pad/bos/eos/unk, then the chat control tokens as control symbols. Lines
+over sentencepiece's 64 KB sentence limit are cut into pieces (and counted). The same inputs and
+settings always give the same model.
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     paths = input_paths(args.input)
-    spm.train(_texts(paths, args.text_field), args.out, vocab_size=args.vocab_size, model_type=args.model_type)
+    num_cut = spm.train(_texts(paths, args.text_field), args.out, vocab_size=args.vocab_size,
+                        model_type=args.model_type)
     tok = tokenizers.load(args.out)
-    print(f"wrote {args.out}: sentencepiece {args.model_type}, vocab {tok.vocab_size}, from {len(paths)} file(s)")
+    cut = f"; {num_cut} line(s) over 64 KB cut into pieces" if num_cut else ""
+    print(f"wrote {args.out}: sentencepiece {args.model_type}, vocab {tok.vocab_size}, from {len(paths)} file(s){cut}")
     return 0
 
 

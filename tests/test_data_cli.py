@@ -1,9 +1,13 @@
 """`kiln data preview` and the SFT / preference stage configs."""
 import json
+import re
 
 import pytest
 
-from launch import main as kiln
+from configs import base
+from data import pipeline
+from data import tokenizer as tk
+from launch import data_cli, main as kiln
 from launch.config import load_config
 
 
@@ -18,25 +22,39 @@ def test_stage_configs_name_their_sources():
     assert gsm8k.stage == "sft"
     assert (gsm8k.data.sources.train.path, gsm8k.data.sources.train.format) == ("$KILN_DATA_DIR/gsm8k/train.jsonl", "gsm8k")
     assert gsm8k.data.eval_sources.test.path == "$KILN_DATA_DIR/gsm8k/test.jsonl"
-    hh = load_config("configs/preference.py:hh_rlhf")
-    assert hh.stage == "dpo" and hh.data.sources.train.format == "hh_rlhf" and hh.data.sources.train.end == 0.9
-    for spec in ("configs/sft.py", "configs/sft.py:smoke", "configs/preference.py", "configs/preference.py:smoke"):
+    for spec in ("configs/sft.py", "configs/sft.py:smoke"):
         assert load_config(spec).data.sources.train.format == "synthetic"
 
 
 def test_preview_is_deterministic_and_shows_spans(capsys):
     code, out, _ = preview(capsys, "--config=configs/sft.py:smoke", "--num_examples=2")
     assert code == 0
-    assert "####" in out and "⟦" in out and "[segment 1:" in out and "<|assistant|>" in out
+    # Each packed conversation trains exactly its reply: from after the assistant header to <|end|>.
+    rows = out.split("\n=== ", 1)[1]  # after the legend
+    replies = re.findall(r"⟪<\|assistant\|>⟫⟦[^⟦⟧]*\n#### \d+⟪<\|end\|>⟫⟧", rows)
+    assert len(replies) == rows.count("[segment ") == rows.count("⟦") > 2
     assert "statistics" in out and "source train (synthetic): 1000 examples: ok 1000" in out
     assert preview(capsys, "--config=configs/sft.py:smoke", "--num_examples=2")[1] == out
 
 
+def test_preview_tells_typed_control_strings_from_real_ones(tmp_path):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "say <|user|> ⟪x⟫", "completion": "ok"}) + "\n")
+    cfg = base.get_config().data
+    cfg.eval_sources.t, cfg.seq_len, cfg.batch_size = base.source(str(tmp_path / "t.jsonl"), "jsonl"), 32, 1
+    (batch,) = pipeline.eval_iterator(cfg, "sft", tk.load("byte"), "t")
+    # The typed "<|user|>" is plain text, the real one is marked; a typed marker is doubled.
+    assert data_cli.render_row(batch, 0, "sft", tk.load("byte")) == (
+        "[segment 1: 26 positions, 3 trained]\n"
+        "⟪<s>⟫⟪<|user|>⟫say <|user|> ⟪⟪x⟫⟫⟪<|end|>⟫⟪<|assistant|>⟫⟦ok⟪<|end|>⟫⟧\n[padding: 6 positions]")
+
+
 def test_preview_other_kinds_and_a_trained_tokenizer(capsys):
-    code, out, _ = preview(capsys, "--config=configs/preference.py:smoke", "--num_examples=1")
-    assert code == 0 and "--- chosen ---" in out and "--- rejected ---" in out
+    code, out, _ = preview(capsys, "--config=configs/sft.py:smoke", "--kind=preference", "--num_examples=1")
+    answers = re.findall(r"--- (chosen|rejected) ---\n[^⟦]*⟪<\|assistant\|>⟫⟦[^⟦⟧]*#### (-?\d+)⟪<\|end\|>⟫⟧\n", out)
+    assert code == 0 and [side for side, _ in answers] == ["chosen", "rejected"] and answers[0][1] != answers[1][1]
     code, out, _ = preview(capsys, "--config=configs/sft.py:smoke", "--kind=prompts", "--num_examples=1")
-    assert code == 0 and "[reference answer:" in out and "left-padding positions" in out
+    assert code == 0 and re.search(r"\[\d+ left-padding positions\]\n⟪<s>⟫⟪<\|user\|>⟫[^⟪⟦]+⟪<\|end\|>⟫"
+                                   r"⟪<\|assistant\|>⟫\n\[reference answer: '\d+'\]", out)
     args = ["--config=configs/sft.py:smoke", "--config.data.tokenizer=train", "--config.data.tokenizer_vocab_size=400",
             "--kind=pretrain", "--num_examples=1", "--max_stat_examples=50"]
     code, out, _ = preview(capsys, *args)
@@ -58,8 +76,13 @@ def test_preview_reports_bad_data_in_one_line(capsys, tmp_path, monkeypatch):
     assert preview(capsys, "--config=configs/sft.py:smoke", "--bogus")[0] == 1
 
 
-@pytest.mark.parametrize("spec", ["configs/sft.py:gsm8k", "configs/preference.py:hh_rlhf"])
-def test_preview_on_the_real_data_sets(capsys, data_dir, spec):
-    code, out, _ = preview(capsys, f"--config={spec}", "--num_examples=2", "--max_stat_examples=200")
-    assert code == 0 and ("####" in out if "gsm8k" in spec else "--- rejected ---" in out)
-    assert preview(capsys, f"--config={spec}", "--num_examples=2", "--max_stat_examples=200")[1] == out
+HH_RLHF = ["--config=configs/sft.py", "--kind=preference", "--config.data.seq_len=1024",
+           "--config.data.sources.train.format=hh_rlhf",
+           "--config.data.sources.train.path=$KILN_DATA_DIR/hh-rlhf/harmless-base-test.jsonl.gz"]
+
+
+@pytest.mark.parametrize("args", [["--config=configs/sft.py:gsm8k"], HH_RLHF], ids=["gsm8k", "hh_rlhf"])
+def test_preview_on_the_real_data_sets(capsys, data_dir, args):
+    code, out, _ = preview(capsys, *args, "--num_examples=2", "--max_stat_examples=200")
+    assert code == 0 and ("####" in out if "gsm8k" in args[0] else "--- rejected ---" in out)
+    assert preview(capsys, *args, "--num_examples=2", "--max_stat_examples=200")[1] == out

@@ -50,12 +50,14 @@ def test_synthetic_problems_are_deterministic_and_verifiable():
         assert synthetic.extract_answer(q.solution) == q.answer
         assert synthetic.verify(q.solution, q.answer)
         assert not synthetic.verify(q.wrong_solution, q.answer)
-        # Every worked step is true arithmetic: "a op b = c".
-        for a, op, b, c in re.findall(r"(\d+) ([-+*/]) (\d+) = (-?\d+)", q.solution):
+        # Every worked step (the lines between the start and the answer) is true arithmetic: "a op b = c".
+        steps = re.findall(r"(\d+) ([-+*/]) (\d+) = (-?\d+)", q.solution)
+        assert len(steps) == q.solution.count("\n") - 1
+        for a, op, b, c in steps:
             assert eval(f"{a} {'//' if op == '/' else op} {b}") == int(c)
     one_step = [synthetic.problem(i, max_digits=1, max_ops=1) for i in range(50)]
     assert all(q.solution.count("\n") == 2 for q in one_step)  # start, one step, answer
-    assert all(int(n) < 10 for q in one_step for n in re.findall(r"has (\d+)", q.question))
+    assert all(int(n) < 10 for q in one_step for n in re.findall(r"\d+", q.question))  # every operand
 
 
 def test_extract_answer_and_verify():
@@ -101,7 +103,7 @@ def test_jsonl_fields_chats_and_gzip(tmp_path):
         f.write("\n".join(map(json.dumps, rows)) + "\n\n")
     got, _ = records(tmp_path / "c.jsonl.gz", "jsonl", "sft", prompt_field="q", completion_field="a")
     assert got[0] == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-    assert got[1]["messages"][0] == {"role": "system", "content": "s"}
+    assert got[1]["messages"] == rows[1]["messages"]
 
 
 @pytest.mark.parametrize("bad, message", [
