@@ -37,9 +37,9 @@ def measure(preset: str, batch: int, seq: int, dtype: str, steps: int, remat: st
     with jax.set_mesh(mesh):
         model = shard_module(Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
         graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-        tx, lr = optim.optimizer(OPTIM, 1000, params)
+        tx = optim.optimizer(OPTIM, 1000, params)
         state = init_state(params, tx, 0)
-        step = jax.jit(make_train_step(graphdef, losses.get("next_token", {}), tx, lr, grad_accum),
+        step = jax.jit(make_train_step(graphdef, losses.get("next_token", {}), tx, grad_accum),
                        donate_argnums=(0,))
         rng = np.random.RandomState(0)
         tokens = rng.randint(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)

@@ -28,6 +28,19 @@ def make_eval_step(graphdef: nnx.GraphDef):
     return eval_step
 
 
+def eval_metrics(nll_sum: float, tokens: float, nbytes: float) -> dict[str, float]:
+    """Loss (nats per token), perplexity and bits per byte from the summed NLL (nats) of `tokens`
+    targets that decode to `nbytes` UTF-8 bytes. Perplexity past float range is inf; bits per byte
+    of targets without bytes (only special tokens) are NaN rather than a made-up number."""
+    loss = nll_sum / tokens
+    try:
+        perplexity = math.exp(loss)
+    except OverflowError:
+        perplexity = math.inf
+    bits_per_byte = nll_sum / math.log(2) / nbytes if nbytes > 0 else math.nan
+    return {"loss": loss, "perplexity": perplexity, "bits_per_byte": bits_per_byte, "tokens": tokens}
+
+
 def evaluate(run: Any, kind: str) -> dict[str, float]:
     """Eval metrics for every eval source of `run.config` (at most `train.eval_steps` batches each)."""
     cfg = run.config
@@ -50,8 +63,7 @@ def evaluate(run: Any, kind: str) -> dict[str, float]:
         nll, tokens, nbytes = (float(x) for x in jax.device_get(total))
         if tokens == 0:
             raise ValueError(f"data.eval_sources.{name}: no loss tokens to evaluate")
-        metrics = {"loss": nll / tokens, "perplexity": math.exp(min(nll / tokens, 700.0)),
-                   "bits_per_byte": nll / math.log(2) / max(nbytes, 1.0), "tokens": tokens}
+        metrics = eval_metrics(nll, tokens, nbytes)
         if name != "eval":
             rows.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
         if name == "eval" or (i == 0 and "eval" not in cfg.data.eval_sources):

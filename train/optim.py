@@ -1,7 +1,7 @@
 """Learning-rate schedules and the AdamW optimizer with global-norm clipping (optax)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import optax
@@ -36,19 +36,35 @@ def schedule(cfg: Any, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: nnx.State) -> nnx.State:
-    """Weight decay on matrices (two or more non-layer axes) only: not on norms, biases or soft prompts' scales."""
+    """Weight decay on matrices only: not on norms' scales or biases.
+
+    A matrix has two or more feature axes besides the stacked `layers` axis; heads x head_dim is one
+    feature axis split for sharding, so q/k/v biases ([heads, head_dim]) are vectors and not decayed.
+    """
     def one(var: nnx.Variable) -> nnx.Variable:
         axes = var.get_metadata().get("axes") or ()
-        return var.replace(len([a for a in axes if a != "layers"]) >= 2)
+        return var.replace(len([a for a in axes if a not in ("layers", "head_dim")]) >= 2)
     return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def optimizer(cfg: Any, total_steps: int, params: nnx.State) -> tuple[optax.GradientTransformation, Callable]:
-    """(AdamW with clipping, the LR schedule) for `optim.*`."""
+def optimizer(cfg: Any, total_steps: int, params: nnx.State) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and the LR schedule, for `optim.*`."""
     lr = schedule(cfg, total_steps)
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=decay_mask(params)))
-    return optax.chain(*parts), lr
+    # inject_hyperparams records in the optimizer state the LR each update used: the step logs that,
+    # not the schedule at the step count, which runs ahead of the updates after skipped steps.
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
+    parts.append(adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask(params)))
+    return optax.chain(*parts)
+
+
+def applied_lr(opt_state: Any) -> jax.Array:
+    """The learning rate of the last update `opt_state` went through (0 before the first)."""
+    def recorded(x: Any) -> bool:
+        return isinstance(x, optax.InjectStatefulHyperparamsState)
+    for node in jax.tree.leaves(opt_state, is_leaf=recorded):
+        if recorded(node):
+            return node.hyperparams["learning_rate"]
+    raise ValueError("the optimizer state records no learning rate (no inject_hyperparams)")

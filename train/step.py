@@ -7,7 +7,7 @@ has no loss tokens) leaves parameters and optimizer state untouched and is count
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from flax import nnx
 
 from model.sharding import constrain
 from train.losses import LossFn
+from train.optim import applied_lr
 
 
 class TrainState(NamedTuple):
@@ -46,7 +47,7 @@ def split_micro(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    lr_schedule: Callable[[jax.Array], jax.Array], grad_accum: int = 1):
+                    grad_accum: int = 1):
     """`step(state, frozen, batch) -> (state, metrics)`, a pure function ready for `jax.jit`."""
 
     def micro_grads(params, frozen, batch, key):
@@ -87,7 +88,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
         new_state = TrainState(step=state.step + 1, params=keep_if_ok(params, state.params),
                                opt_state=keep_if_ok(opt_state, state.opt_state), rng=state.rng,
                                nonfinite_streak=streak, nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32))
-        metrics.update(weight=weight, grad_norm=grad_norm, lr=lr_schedule(state.step), skipped=~ok,
+        # The LR this update used (a skipped step: the one it would have used, which the next step uses).
+        metrics.update(weight=weight, grad_norm=grad_norm, lr=applied_lr(opt_state), skipped=~ok,
                        nonfinite_streak=streak)
         return new_state, metrics
 

@@ -14,20 +14,28 @@ from flax import nnx
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], nnx.Rngs], tuple[jax.Array, dict[str, jax.Array]]]
 _REGISTRY: dict[str, Callable[..., LossFn]] = {}
+_KINDS: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str) -> Callable[[Callable[..., LossFn]], Callable[..., LossFn]]:
-    """Registers a loss factory `factory(loss_config) -> loss_fn` under `name`."""
+def register(name: str, kinds: tuple[str, ...]) -> Callable[[Callable[..., LossFn]], Callable[..., LossFn]]:
+    """Registers a loss factory `factory(loss_config) -> loss_fn` under `name`; `kinds` are the
+    data pipeline kinds (data.pipeline.KINDS) whose batches the loss reads."""
     def wrap(factory: Callable[..., LossFn]) -> Callable[..., LossFn]:
-        _REGISTRY[name] = factory
+        _REGISTRY[name], _KINDS[name] = factory, kinds
         return factory
     return wrap
 
 
-def get(name: str, loss_config: Any) -> LossFn:
-    """The loss function `name` configured by the `loss.*` config group."""
+def batch_kinds(name: str) -> tuple[str, ...]:
+    """The data kinds loss `name` trains on; ValueError naming the known losses if it is unknown."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown loss.type {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _KINDS[name]
+
+
+def get(name: str, loss_config: Any) -> LossFn:
+    """The loss function `name` configured by the `loss.*` config group."""
+    batch_kinds(name)
     return _REGISTRY[name](loss_config)
 
 

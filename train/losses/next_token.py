@@ -25,17 +25,18 @@ def forward_nll(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Arr
     return nll, log_z, batch["loss_mask"].astype(jnp.float32)
 
 
-@register("next_token")
+@register("next_token", kinds=("pretrain", "sft"))
 def make_next_token(cfg: Any):
     z_coef = float(cfg.get("z_loss", 0.0))
 
     def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], rngs: nnx.Rngs):
         nll, log_z, mask = forward_nll(model, batch)
         ce_sum = jnp.sum(nll * mask)
-        z_sum = jnp.sum(jnp.square(log_z) * mask)
         metrics = {"weight": jnp.sum(mask), "ce": ce_sum}
-        if z_coef:
-            metrics["z_loss"] = z_sum
-        return ce_sum + z_coef * z_sum, metrics
+        if not z_coef:
+            return ce_sum, metrics
+        # The z-loss term as it enters the loss (coef * sum log_z^2), so loss = ce + z_loss (T5X, MaxText).
+        metrics["z_loss"] = z_coef * jnp.sum(jnp.square(log_z) * mask)
+        return ce_sum + metrics["z_loss"], metrics
 
     return loss_fn
