@@ -1,45 +1,126 @@
 """Kiln checkpoints: an orbax CheckpointManager directory of numbered steps.
 
-Each step holds the item `params` (the model's parameters as a pure dict) and `model_config`
-(JSON of the ModelConfig), so a checkpoint alone rebuilds its model. Restoring goes onto an
-abstract, sharded target, so a checkpoint saved on one mesh loads onto another.
+Each step holds the item `params` (the model's parameters as a pure dict), `model_config` (JSON of
+the ModelConfig), so a checkpoint alone rebuilds its model, and `fingerprint` (JSON: a checksum of
+every array, taken before the write). Orbax checks neither the bytes nor the values it reads back,
+so random bytes in a data file restore as finite garbage; every restore recomputes the checksums
+and compares. Restoring goes onto an abstract, sharded target, so a checkpoint saved on one mesh
+loads onto another.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from data.sources import expand_path
 from model.config import ModelConfig
 from model.sharding import Rules, var_sharding
 from model.transformer import Transformer
 
+CORRUPT_DIR = "checkpoints.corrupt"  # beside checkpoints/: unreadable steps are moved here, never deleted
+
 
 class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read, with the reason."""
+    """A checkpoint that cannot be read or written, with the reason."""
 
 
-def checkpoint_dir(path: str) -> str:
-    """The CheckpointManager directory for a run directory or a checkpoints directory."""
+def ensure_writable(directory: str) -> None:
+    """Creates `directory` if needed and proves it writable with a probe file; CheckpointError if not.
+    Checked before every save too: once orbax's background writer fails, its threads wait minutes
+    for signals that never come."""
+    if "://" in directory:  # object stores (gs://...) are orbax's business
+        return
+    probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint directory {directory} is not writable ({e.strerror or e}); "
+                              "fix its permissions or choose another run_dir") from None
+
+
+def locate(path: str) -> tuple[str, int | None]:
+    """(CheckpointManager directory, step or None for the latest) for a run directory, its
+    `checkpoints` directory, or one step directory such as `run/checkpoints/20`. `$VARS` and `~`
+    are expanded."""
+    path = os.path.abspath(expand_path(path, "checkpoint"))
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, "params")):
+        return os.path.dirname(path), int(name)
     inner = os.path.join(path, "checkpoints")
-    return os.path.abspath(inner if os.path.isdir(inner) else path)
+    return (inner if os.path.isdir(inner) else path), None
 
 
+# -- checksums -----------------------------------------------------------------------------------------
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words (narrower types widened, 8-byte types split in two)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """Two uint32 sums of the array's bits, plain and position-weighted. Unsigned integer sums
+    wrap and are exact in any order, so the result does not depend on the mesh."""
+    bits = _as_uint32(x).reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.stack([jnp.sum(bits), jnp.sum(bits * weights)])
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
+_all_finite = jax.jit(lambda flat: {k: jnp.all(jnp.isfinite(v)) for k, v in flat.items()
+                                    if jnp.issubdtype(v.dtype, jnp.floating)})
+
+
+def fingerprint(tree: dict[str, Any]) -> dict[str, list[int]]:
+    """{"item/path/to/leaf": [sum, weighted sum]} for every array of `tree`."""
+    sums = jax.device_get(_checksums(_flat(tree)))
+    return {k: [int(v) for v in np.asarray(s)] for k, s in sums.items()}
+
+
+def verify(tree: dict[str, Any], expected: dict[str, list[int]] | None, where: str) -> None:
+    """Raises CheckpointError if a restored array differs from its checksum or a float is not finite."""
+    flat = _flat(tree)
+    if expected is not None:
+        got = fingerprint(tree)
+        for key in sorted(set(got) | set(expected)):
+            if got.get(key) != expected.get(key):
+                raise CheckpointError(f"{where}: {key} does not match the checksum taken when it was saved "
+                                      "(the file is damaged)")
+    finite = jax.device_get(_all_finite(flat))
+    bad = sorted(k for k, ok in finite.items() if not ok)
+    if bad:
+        raise CheckpointError(f"{where}: {bad[0]} holds non-finite values")
+
+
+# -- parameters only (init_from, kiln convert) -------------------------------------------------------------
 def save_params(path: str, step: int, model: Transformer, cfg: ModelConfig) -> None:
     """Writes the parameters and config of `model` as step `step` under `path` (blocking)."""
-    with ocp.CheckpointManager(checkpoint_dir(path)) as mgr:
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.CheckpointManager(locate(path)[0]) as mgr:
         mgr.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
-            model_config=ocp.args.JsonSave(cfg.to_dict())))
+            params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(cfg.to_dict()),
+            fingerprint=ocp.args.JsonSave(fingerprint({"params": params}))))
         mgr.wait_until_finished()
 
 
 def latest_step(path: str) -> int:
-    directory = checkpoint_dir(path)
+    """The step `path` names, or its latest finished one."""
+    directory, step = locate(path)
+    if step is not None:
+        return step
     if not os.path.isdir(directory):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     with ocp.CheckpointManager(directory) as mgr:
@@ -50,7 +131,7 @@ def latest_step(path: str) -> int:
 
 
 def read_model_config(path: str, step: int | None = None) -> ModelConfig:
-    directory = checkpoint_dir(path)
+    directory = locate(path)[0]
     step = latest_step(path) if step is None else step
     with ocp.CheckpointManager(directory) as mgr:
         try:
@@ -62,7 +143,8 @@ def read_model_config(path: str, step: int | None = None) -> ModelConfig:
 
 def load_params(path: str, step: int | None = None, mesh: Mesh | None = None,
                 rules: Rules | None = None) -> tuple[ModelConfig, Transformer]:
-    """Rebuilds the model saved at `path` (latest step by default), sharded on `mesh` if given."""
+    """Rebuilds the model saved at `path` (the step it names, else the latest), sharded on `mesh` if given."""
+    directory = locate(path)[0]
     step = latest_step(path) if step is None else step
     cfg = read_model_config(path, step)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
@@ -72,9 +154,20 @@ def load_params(path: str, step: int | None = None, mesh: Mesh | None = None,
         return var.replace(jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype, sharding=sharding))
 
     target = nnx.to_pure_dict(jax.tree.map(abstract, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    with ocp.CheckpointManager(checkpoint_dir(path)) as mgr:
-        restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
-    nnx.replace_by_pure_dict(state, restored)
+    where = f"checkpoint {directory}/{step}"
+    items = {"params": ocp.args.StandardRestore(target)}
+    if _has_item(directory, step, "fingerprint"):
+        items["fingerprint"] = ocp.args.JsonRestore()
+    with ocp.CheckpointManager(directory) as mgr:
+        try:
+            out = mgr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax and tensorstore raise many types for damaged files
+            raise CheckpointError(f"{where} cannot be read ({_one_line(e)}); name an earlier step directory "
+                                  f"such as {directory}/<step>") from None
+    expected = out.get("fingerprint")
+    verify({"params": out["params"]}, None if expected is None else
+           {k: v for k, v in expected.items() if k.startswith("params/")}, where)
+    nnx.replace_by_pure_dict(state, out["params"])
     return cfg, nnx.merge(graphdef, state)
 
 
@@ -101,50 +194,107 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _has_item(directory: str, step: int, item: str) -> bool:
+    return os.path.isdir(os.path.join(directory, str(step), item))
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _rest(state: Any) -> dict[str, Any]:
+    """The train state other than the parameters."""
+    return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
+            "nonfinite_streak": state.nonfinite_streak, "nonfinite_total": state.nonfinite_total}
+
+
 class Checkpointer:
     """Saves and restores (train state, data-iterator state) under `run_dir/checkpoints`.
 
     Items per step: `params` (trainable parameters, pure dict), `train_state` (optimizer, step, RNG,
-    counters), `data` (iterator state, JSON) and `model_config` (JSON). Orbax writes each step into
-    a temporary directory and renames it when complete, so a crash mid-save leaves nothing that
-    `latest_step` would pick up.
+    counters), `data` (iterator state, JSON), `model_config` (JSON) and `fingerprint` (JSON
+    checksums). Orbax writes each step into a temporary directory and renames it when complete, so
+    a crash mid-save leaves nothing that `latest_step` would pick up.
     """
 
     def __init__(self, run_dir: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
                                                enable_async_checkpointing=async_save)
-        self.directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+        self.run_dir = os.path.abspath(run_dir)
+        self.directory = os.path.join(self.run_dir, "checkpoints")
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, state: Any, data_state: dict[str, Any], model_config: ModelConfig) -> None:
+        """Starts writing `state` (asynchronously unless disabled); a failed write raises CheckpointError."""
         step = int(state.step)
-        rest = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
-                "nonfinite_streak": state.nonfinite_streak, "nonfinite_total": state.nonfinite_total}
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(state.params)),
-            train_state=ocp.args.StandardSave(_flat(rest)),
-            data=ocp.args.JsonSave(data_state),
-            model_config=ocp.args.JsonSave(model_config.to_dict())), force=True)
+        ensure_writable(self.directory)
+        params, rest = nnx.to_pure_dict(state.params), _flat(_rest(state))
+        checksums = fingerprint({"params": params, "train_state": rest})
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(rest),
+                data=ocp.args.JsonSave(data_state), model_config=ocp.args.JsonSave(model_config.to_dict()),
+                fingerprint=ocp.args.JsonSave(checksums)), force=True)
+        except Exception as e:  # includes the previous asynchronous save's failure, reported here
+            raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {_one_line(e)}") from None
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
-        """(state shaped and sharded like `like`, data-iterator state) at `step`."""
-        rest = {"opt_state": like.opt_state, "step": like.step, "rng": like.rng,
-                "nonfinite_streak": like.nonfinite_streak, "nonfinite_total": like.nonfinite_total}
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(like.params))),
-            train_state=ocp.args.StandardRestore(_abstract(_flat(rest))),
-            data=ocp.args.JsonRestore()))
+        """(state shaped and sharded like `like`, data-iterator state) at `step`, checked against its
+        checksums; CheckpointError if it cannot be read or does not match."""
+        rest = _rest(like)
+        items = dict(params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(like.params))),
+                     train_state=ocp.args.StandardRestore(_abstract(_flat(rest))), data=ocp.args.JsonRestore())
+        if _has_item(self.directory, step, "fingerprint"):
+            items["fingerprint"] = ocp.args.JsonRestore()
+        where = f"checkpoint step {step} in {self.directory}"
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax and tensorstore raise many types for damaged files
+            raise CheckpointError(f"{where} cannot be read: {_one_line(e)}") from None
+        verify({"params": out["params"], "train_state": out["train_state"]}, out.get("fingerprint"), where)
         params = jax.tree.map(lambda x: x, like.params)
         nnx.replace_by_pure_dict(params, out["params"])
-        rest = _unflat(rest, out["train_state"])
-        return type(like)(params=params, **rest), out["data"]
+        return type(like)(params=params, **_unflat(rest, out["train_state"])), out["data"]
+
+    def restore_latest(self, like: Any, warn: Callable[[str], None]) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, data state) of the latest step that restores and verifies; None if there is
+        no step. Unreadable later steps are moved to `run_dir/checkpoints.corrupt/` with a warning.
+        If no step is readable, CheckpointError lists why, and nothing is moved."""
+        failures: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, data = self.restore(step, like)
+                break
+            except CheckpointError as e:
+                failures.append((step, str(e)))
+        else:
+            if not failures:
+                return None
+            raise CheckpointError("no checkpoint can be restored: " + "; ".join(why for _, why in failures) +
+                                  f". Move {self.directory} aside to start over")
+        for bad, why in failures:
+            dest = os.path.join(self.run_dir, CORRUPT_DIR, f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if jax.process_index() == 0:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.move(os.path.join(self.directory, str(bad)), dest)
+            warn(f"warning: {why}; moved it to {dest} and resumed from step {step}")
+        if failures:
+            self.manager.reload()
+        return step, state, data
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the pending save is written; CheckpointError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"writing a checkpoint in {self.directory} failed: {_one_line(e)}") from None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

@@ -1,0 +1,181 @@
+"""Checkpoints: every part of the train state round-trips exactly, and a damaged checkpoint is never
+restored: it is detected (checksums, finiteness), set aside, and the previous good step used instead.
+
+The state is the tiny model's real TrainState with every field made distinctive (random optimizer
+moments, an unusual step, RNG and counters), so a field that is not saved, or restored into the wrong
+place, shows as a difference.
+"""
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from launch.config import load_config
+from train import checkpoint, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = {"sources": {"train": {"epoch": 3, "position": 17}}}  # stands in for the data iterator's state
+
+
+@pytest.fixture(scope="module")
+def run():
+    config = load_config(os.path.join(ROOT, "configs/pretrain.py:smoke"), ["--config.run_dir=/nonexistent"])
+    return trainer.setup(config)
+
+
+def distinctive(state, seed):
+    """`state` with every array replaced by random values of its shape, dtype and sharding."""
+    rng = np.random.default_rng(seed)
+
+    def one(x):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            value = rng.standard_normal(x.shape)
+        else:
+            value = rng.integers(1, 1000, x.shape)
+        return jax.device_put(np.asarray(value).astype(x.dtype), x.sharding)
+    return jax.tree.map(one, state)
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def assert_same_state(a, b):
+    (la, ta), (lb, tb) = jax.tree.flatten(host(a)), jax.tree.flatten(host(b))
+    assert ta == tb
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(x, y)
+
+
+def save_steps(run_dir, run, steps):
+    """A checkpoint per step (synchronous writes), each state distinct; returns the states."""
+    ckpt = checkpoint.Checkpointer(run_dir, async_save=False)
+    states = {}
+    for step in steps:
+        states[step] = distinctive(run.state, step)._replace(step=jnp.asarray(step, jnp.int32))
+        ckpt.save(states[step], DATA, run.model_cfg)
+    ckpt.close()
+    return states
+
+
+def damage(run_dir, step, how):
+    """Damages the largest file of `step`'s parameters: random bytes in its middle, or cut to half."""
+    root = os.path.join(run_dir, "checkpoints", str(step), "params")
+    files = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+    path = max(files, key=os.path.getsize)
+    size = os.path.getsize(path)
+    if how == "random bytes":
+        with open(path, "r+b") as f:
+            f.seek(size // 2)
+            f.write(np.random.default_rng(0).bytes(min(4096, size // 4)))
+    else:
+        os.truncate(path, size // 2)
+
+
+def test_every_field_of_the_train_state_round_trips(run, tmp_path):
+    saved = save_steps(str(tmp_path), run, [7])[7]
+    # The restore target is a fresh state: nothing of `saved` can leak in except through the files.
+    state, data = checkpoint.Checkpointer(str(tmp_path)).restore(7, run.state)
+    assert data == DATA
+    assert_same_state(state, saved)
+    assert int(state.step) == 7 and int(state.nonfinite_total) != int(run.state.nonfinite_total)
+    # Restored onto the same shardings as the target (a mesh change restores onto the new one).
+    for got, like in zip(jax.tree.leaves(state), jax.tree.leaves(run.state)):
+        assert got.sharding == like.sharding
+
+
+@pytest.mark.parametrize("how", ["random bytes", "truncated"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run, tmp_path, how):
+    run_dir = str(tmp_path)
+    states = save_steps(run_dir, run, [1, 2])
+    damage(run_dir, 2, how)
+    ckpt, warnings = checkpoint.Checkpointer(run_dir), []
+    step, state, data = ckpt.restore_latest(run.state, warn=warnings.append)
+    assert step == 1 and data == DATA
+    assert_same_state(state, states[1])
+    # One warning naming the bad step and where it went; the step moved aside, not deleted.
+    assert len(warnings) == 1 and "checkpoint step 2" in warnings[0] and checkpoint.CORRUPT_DIR in warnings[0]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["1"]
+    [moved] = os.listdir(os.path.join(run_dir, checkpoint.CORRUPT_DIR))
+    assert moved.startswith("2-") and os.path.isdir(os.path.join(run_dir, checkpoint.CORRUPT_DIR, moved, "params"))
+    assert ckpt.latest_step() == 1 and checkpoint.latest_step(run_dir) == 1
+
+
+def test_damage_that_still_decodes_is_caught_by_the_checksum(run, tmp_path):
+    """Bytes that decode: other (finite, well-formed) parameters written over step 3's. Orbax restores them
+    without complaint, as it restored random bytes in an uncompressed chunk as finite garbage (measured:
+    values up to 3.5e37); only the checksum taken at save time tells them from the saved parameters."""
+    run_dir = str(tmp_path)
+    save_steps(run_dir, run, [3])
+    params_dir = os.path.join(run_dir, "checkpoints", "3", "params")
+    shutil.rmtree(params_dir)
+    with ocp.StandardCheckpointer() as writer:
+        writer.save(params_dir, nnx.to_pure_dict(distinctive(run.state, 99).params))
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 3 .*: params/.* does not match the checksum"):
+        checkpoint.Checkpointer(run_dir).restore(3, run.state)
+    with pytest.raises(checkpoint.CheckpointError, match=r"/3: params/.* does not match the checksum"):
+        checkpoint.load_params(run_dir)  # the init_from path checks as well
+
+
+def test_no_readable_checkpoint_is_an_error_that_moves_nothing(run, tmp_path):
+    run_dir = str(tmp_path)
+    save_steps(run_dir, run, [1, 2])
+    damage(run_dir, 1, "random bytes")
+    damage(run_dir, 2, "truncated")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint can be restored: checkpoint step 2.*step 1"):
+        checkpoint.Checkpointer(run_dir).restore_latest(run.state, warn=print)
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["1", "2"]
+    assert not os.path.exists(os.path.join(run_dir, checkpoint.CORRUPT_DIR))
+
+
+def test_nonfinite_parameters_are_refused(run, tmp_path):
+    state = distinctive(run.state, 5)._replace(step=jnp.asarray(0, jnp.int32))
+    table = state.params["embed"]["table"]
+    table.value = table[...].at[3, 4].set(jnp.inf)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(state, DATA, run.model_cfg)
+    ckpt.close()
+    with pytest.raises(checkpoint.CheckpointError, match="params/embed/table holds non-finite values"):
+        checkpoint.Checkpointer(str(tmp_path)).restore(0, run.state)
+
+
+def test_checksum_sees_values_and_positions():
+    tree = {"a": jnp.arange(6, dtype=jnp.float32).reshape(2, 3), "b": jnp.array([1, 2], jnp.int32),
+            "c": jnp.ones((4,), jnp.bfloat16)}
+    expected = checkpoint.fingerprint(tree)
+    checkpoint.verify(tree, expected, "here")  # the same arrays pass
+    one_bit = dict(tree, c=tree["c"].at[2].set(jnp.bfloat16(1.0078125)))  # the next bf16 above 1
+    swapped = dict(tree, a=tree["a"][:, ::-1])  # same values, other places: the plain sum is blind to it
+    assert checkpoint.fingerprint(swapped)["a"][0] == expected["a"][0]
+    for bad, key in ((one_bit, "c"), (swapped, "a")):
+        with pytest.raises(checkpoint.CheckpointError, match=f"here: {key} does not match the checksum"):
+            checkpoint.verify(bad, expected, "here")
+    with pytest.raises(checkpoint.CheckpointError, match="here: b does not match"):
+        checkpoint.verify({"a": tree["a"], "c": tree["c"]}, expected, "here")  # a missing array
+
+
+def test_locate_accepts_run_checkpoints_and_step_directories(run, tmp_path, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    save_steps(run_dir, run, [2, 4])
+    inner = os.path.join(run_dir, "checkpoints")
+    monkeypatch.setenv("KILN_TEST_RUNS", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert checkpoint.locate(run_dir) == (inner, None)
+    assert checkpoint.locate(inner) == (inner, None)
+    assert checkpoint.locate("$KILN_TEST_RUNS/run/checkpoints/2") == (inner, 2)
+    assert checkpoint.locate("~/run") == (inner, None)
+    assert checkpoint.latest_step("~/run") == 4 and checkpoint.latest_step("${KILN_TEST_RUNS}/run/checkpoints/2") == 2
+
+
+def test_unwritable_directory_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "checkpoints"
+    blocker.write_text("a file where the directory should be")
+    with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint directory {blocker} is not writable"):
+        checkpoint.ensure_writable(str(blocker))
+    checkpoint.ensure_writable(str(tmp_path / "fresh" / "checkpoints"))  # created when missing
+    assert os.listdir(tmp_path / "fresh" / "checkpoints") == []  # and the probe removed
