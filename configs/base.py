@@ -78,7 +78,12 @@ def get_config() -> ConfigDict:
                               clip_norm=1.0, grad_accum=1))
     c.train = ConfigDict(dict(steps=1000, log_every=10, eval_every=200, eval_steps=10,
                               max_nonfinite_steps=10, progress=True))
-    c.checkpoint = ConfigDict({"every": 500, "keep": 3, "keep_every": 0, "async": True, "resume": "auto"})
+    # resume: auto (continue from the latest readable checkpoint of run_dir) | none (start over; the
+    # earlier checkpoints are set aside in run_dir/superseded/). allow_changes: let a resumed run
+    # change data settings or the seed (its data stream then restarts); optimizer, schedule, step
+    # count, evaluation and mesh may always change; model shape, stage and loss never.
+    c.checkpoint = ConfigDict({"every": 500, "keep": 3, "keep_every": 0, "async": True, "resume": "auto",
+                               "allow_changes": False})
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1,
                              rules=tuple((name, target) for name, target in DEFAULT_RULES)))
     c.loss = ConfigDict(dict(type="next_token", z_loss=0.0, beta=0.1, label_smoothing=0.0,

@@ -8,6 +8,7 @@ from typing import Any
 
 from ml_collections import ConfigDict, FieldReference
 
+from configs import base
 from configs.base import set_path
 
 
@@ -98,8 +99,38 @@ def parse_value(raw: str, current: Any) -> Any:
         return raw
 
 
+# Keys that nothing reads yet, and the step that connects them: setting one is an error, so that
+# nobody sweeps a knob that does nothing.
+UNCONNECTED = {
+    "peft.": "Step 4 (LoRA, prompt and prefix tuning)",
+    "loss.beta": "Step 5 (DPO)", "loss.label_smoothing": "Step 5 (DPO)",
+    "loss.margin": "Step 5 (reward model)", "loss.center_coef": "Step 5 (reward model)",
+    "rollout.": "Steps 5-6 (sampling, RL)",
+    "mesh.dcn_data": "Step 8 (multi-slice meshes)", "mesh.dcn_fsdp": "Step 8 (multi-slice meshes)",
+}
+
+
+def check_connected(config: ConfigDict) -> None:
+    """ConfigError for a key of UNCONNECTED set away from its default in configs/base.py."""
+    defaults = base.get_config()
+    for prefix, step in UNCONNECTED.items():
+        keys = ([f"{prefix}{k}" for k in _get(defaults, prefix[:-1]).keys()] if prefix.endswith(".") else [prefix])
+        for key in keys:
+            value, default = _get(config, key), _get(defaults, key)
+            if value != default:
+                raise ConfigError(f"config key {key!r} = {value!r} is not connected to anything yet (it arrives "
+                                  f"with {step}); leave it at its default {default!r}")
+    scaling = config.model.rope_scaling
+    if scaling.type == "none":
+        for key, value in scaling.items():
+            if key != "type" and value != defaults.model.rope_scaling[key]:
+                raise ConfigError(f"config key 'model.rope_scaling.{key}' is set but model.rope_scaling.type is "
+                                  "'none'; set the type (linear, llama3, yarn) or drop the key")
+
+
 def validate(config: ConfigDict) -> None:
-    """Checks choices and ranges; raises ConfigError naming the key."""
+    """Checks choices, ranges and unconnected keys; raises ConfigError naming the key."""
+    check_connected(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:

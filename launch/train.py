@@ -1,9 +1,12 @@
 """`kiln train --config=configs/STAGE.py[:variant] [--config.KEY=VALUE ...]`: one stage."""
 from __future__ import annotations
 
+import os
 import sys
 
 from launch.config import ConfigError, load_config
+from train.checkpoint import CheckpointError
+from train.rundir import RunDirError
 from train.trainer import TrainingError, train
 
 
@@ -36,9 +39,15 @@ def main(argv: list[str]) -> int:
     config = load_config(spec, overrides)
     try:
         last = train(config)
-    except TrainingError as e:
+    except (TrainingError, RunDirError) as e:
         print(f"kiln train: error: {e}", file=sys.stderr)
         return 1
+    except CheckpointError as e:
+        print(f"kiln train: error: {e}", file=sys.stderr, flush=True)
+        # A failed asynchronous orbax write leaves threads that wait minutes for signals that never
+        # come; the error is reported and the last good checkpoint is intact, so leave now.
+        sys.stdout.flush()
+        os._exit(1)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k in ("loss", "tokens_per_s", "mfu")
                         or k.startswith("eval/") and k.count("/") == 1)
     print(f"finished {config.stage}: {config.train.steps} steps in {config.run_dir}: {summary}")

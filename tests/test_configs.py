@@ -6,6 +6,7 @@ import os
 import pytest
 
 from launch.config import ConfigError, load_config
+from train import preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
@@ -28,6 +29,9 @@ def test_config_loads_and_validates(path, variant):
     assert config.is_locked
     if os.path.basename(path) != "base.py":
         assert config.stage and config.run_dir
+        # A runnable stage whose loss is registered for that stage's batches: no config presents
+        # itself as runnable before the step that implements it lands.
+        preflight.stage_kind(config)
     if variant == "smoke":
         assert config.data.batch_size % 8 == 0, "smoke batches must also run on 8 devices"
 

@@ -11,6 +11,7 @@ from importlib import metadata
 from typing import Any
 
 import jax
+import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -58,9 +59,22 @@ def write_run_files(run_dir: str, config: ConfigDict) -> None:
     write_json_atomic(os.path.join(run_dir, "env.json"), environment())
 
 
+def _fmt(value: Any, spec: str) -> str:
+    """`value` formatted by `spec`; "nan" for a missing or non-finite number, so that display never fails."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return format(value, spec)
+    return "nan" if value is None or isinstance(value, float) else str(value)
+
+
 def _clean(value: Any) -> Any:
-    value = float(value) if hasattr(value, "dtype") or isinstance(value, (int, float)) else value
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    """A JSON-safe metric: numbers as float (None when not finite: JSON has no NaN), text as is."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value if value is None or isinstance(value, str) else str(value)
+    return number if math.isfinite(number) else None
 
 
 class MetricsLogger:
@@ -88,11 +102,11 @@ class MetricsLogger:
             if key != "step" and isinstance(value, float):
                 self.tb.add_scalar(key, value, step)
         if self.bar is not None and "loss" in clean:
-            self.bar.set_postfix(loss=f"{clean['loss']:.4f}", tok_s=f"{clean.get('tokens_per_s') or 0:.0f}",
-                                 mfu=f"{100 * (clean.get('mfu') or 0):.1f}%", refresh=False)
+            self.bar.set_postfix(loss=_fmt(clean["loss"], ".4f"), tok_s=_fmt(clean.get("tokens_per_s"), ".0f"),
+                                 mfu=_fmt(clean.get("mfu"), ".1%"), refresh=False)
         elif any(k.startswith("eval/") for k in clean):
-            self.message(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in clean.items()
-                                                      if k.startswith("eval/") and isinstance(v, float)))
+            self.message(f"step {step}: " + ", ".join(f"{k}={_fmt(v, '.4f')}" for k, v in clean.items()
+                                                      if k.startswith("eval/")))
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -18,17 +19,16 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from data import loader, pipeline, tokenizer as tokenizers
+from data.sources import expand_path
 from model import hf, presets
 from model.config import ModelConfig, RopeScaling
 from model.sharding import make_mesh, shard_module, use_rules
 from model.transformer import Transformer
-from train import checkpoint, flops, losses, optim, records
+from train import checkpoint, flops, losses, optim, preflight, records, rundir
 from train.evaluate import evaluate
 from train.step import TrainState, init_state, make_train_step
 
 SHAPE_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-
-
 class TrainingError(RuntimeError):
     """The run cannot go on (diverged, bad batch); the last good checkpoint is left intact."""
 
@@ -43,7 +43,7 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
         fields = {k: v for k, v in m.rope_scaling.to_dict().items() if v is not None}
         overrides["rope_scaling"] = RopeScaling.from_dict(dict(fields, rope_type=fields.pop("type")))
     if m.init_from:
-        base = source_config(m.init_from)
+        base = source_config(init_source(config))
         changed = [k for k in SHAPE_FIELDS if k in overrides and overrides[k] != getattr(base, k)]
         if changed:
             raise ValueError(f"model.init_from={m.init_from!r}: cannot change {', '.join(changed)} of a loaded model")
@@ -56,6 +56,18 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
         raise ValueError(f"the model's vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size} "
                          f"(data.tokenizer={config.data.tokenizer!r}); use the tokenizer the model was trained with")
     return cfg
+
+
+def init_source(config: ConfigDict) -> str:
+    """`model.init_from` with `$VARS` and `~` expanded ("" when training from scratch)."""
+    source = config.model.init_from
+    if not source:
+        return ""
+    path = expand_path(source, "model.init_from")
+    if not os.path.exists(path):
+        raise ValueError(f"model.init_from={source!r}: {path} does not exist; name a Kiln run directory, "
+                         "a checkpoint step directory (run/checkpoints/STEP) or a Hugging Face directory")
+    return path
 
 
 def _is_hf_dir(path: str) -> bool:
@@ -72,7 +84,7 @@ def source_config(path: str) -> ModelConfig:
 
 def build_model(config: ConfigDict, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Transformer:
     """A sharded model: fresh from `seed`, or with parameters from `model.init_from`."""
-    source = config.model.init_from
+    source = init_source(config)
     if not source:
         model = Transformer(cfg, rngs=nnx.Rngs(config.seed))
     elif _is_hf_dir(source):
@@ -103,7 +115,6 @@ class Run:
     frozen: nnx.State
     state: TrainState
     step_fn: Any
-    lr: Any
     flops_per_token: float
     _eval_step: Any = None  # jitted lazily by train.evaluate
 
@@ -112,38 +123,57 @@ class Run:
 
 
 def setup(config: ConfigDict, devices: list | None = None) -> Run:
-    """Tokenizer, mesh, model, optimizer and the jitted step for `config` (no data, no checkpoint)."""
+    """Tokenizer, mesh, model, optimizer and the jitted step for `config` (no data, no checkpoint).
+    The sequence length, batch and memory are checked against the model and mesh first."""
     tok = tokenizers.resolve(config.data, config.run_dir)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
     with jax.set_mesh(mesh), use_rules(config.mesh.rules):
         cfg = model_config(config, tok.vocab_size)
+        preflight.check_shapes(config, cfg, mesh)
         model = build_model(config, cfg, mesh)
         graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-        tx, lr = optim.optimizer(config.optim, config.train.steps, params)
+        tx = optim.optimizer(config.optim, config.train.steps, params)
         state = init_state(params, tx, config.seed)
         shardings = jax.tree.map(lambda x: x.sharding, state)
         loss_fn = losses.get(config.loss.type, config.loss)
-        step_fn = jax.jit(make_train_step(graphdef, loss_fn, tx, lr, config.optim.grad_accum),
+        step_fn = jax.jit(make_train_step(graphdef, loss_fn, tx, config.optim.grad_accum),
                           out_shardings=(shardings, None), donate_argnums=(0,))
-    return Run(config, cfg, mesh, tok, graphdef, frozen, state, step_fn, lr,
+    return Run(config, cfg, mesh, tok, graphdef, frozen, state, step_fn,
                flops.flops_per_token(cfg, config.data.seq_len))
 
 
 def train(config: ConfigDict, devices: list | None = None) -> dict[str, Any]:
-    """Runs one stage to `train.steps` (on `devices`, default all); returns the last train and eval metrics."""
-    records.write_run_files(config.run_dir, config)
-    run = setup(config, devices)
-    kind = pipeline.STAGE_KINDS.get(config.stage, "pretrain")
-    ckpt = checkpoint.Checkpointer(config.run_dir, keep=config.checkpoint.keep,
-                                   keep_every=config.checkpoint.keep_every, async_save=config.checkpoint["async"])
+    """Runs one stage to `train.steps` (on `devices`, default all); returns the last train and eval metrics.
+
+    The run directory is locked for the whole run; config.json and env.json are written once the
+    run has started (checked, set up and restored), so a run that fails to start changes nothing.
+    """
+    kind = preflight.stage_kind(config)
+    lock = rundir.RunLock(config.run_dir)
+    if jax.process_index() == 0:
+        lock.acquire()
+    try:
+        checkpoint.ensure_writable(os.path.join(config.run_dir, "checkpoints"))
+        run = setup(config, devices)
+        if config.checkpoint.resume == "none":
+            _say(_set_aside(config.run_dir, ["checkpoints"], "checkpoint.resume=none: the earlier checkpoints"))
+        ckpt = checkpoint.Checkpointer(config.run_dir, keep=config.checkpoint.keep,
+                                       keep_every=config.checkpoint.keep_every, async_save=config.checkpoint["async"])
+        try:
+            return _run(run, kind, ckpt)
+        finally:
+            ckpt.close()
+    finally:
+        lock.release()
+
+
+def _run(run: Run, kind: str, ckpt: checkpoint.Checkpointer) -> dict[str, Any]:
+    config = run.config
     data_iter = pipeline.train_iterator(config.data, kind, run.tokenizer, seed=config.seed,
                                         process_index=jax.process_index(), process_count=jax.process_count())
-    start = ckpt.latest_step() if config.checkpoint.resume == "auto" else None
-    if start is not None:
-        run.state, data_state = ckpt.restore(start, run.state)
-        data_iter.set_state(data_state)
-        _truncate_metrics(config.run_dir, start)
-    start = start or 0
+    start = _resume(run, ckpt, data_iter)
+    if jax.process_index() == 0:
+        _start_records(config, start)
     logger = records.MetricsLogger(config.run_dir, config.train.steps, start, config.train.progress)
     if start:
         logger.message(f"resumed from step {start} in {ckpt.directory}")
@@ -154,14 +184,74 @@ def train(config: ConfigDict, devices: list | None = None) -> dict[str, Any]:
             if start == 0 and config.model.init_from and config.train.eval_every > 0:
                 last.update(_eval(run, kind, 0, logger))
             last.update(_loop(run, kind, data_iter, ckpt, logger, start, peak))
-            if config.train.eval_every > 0 and config.data.eval_sources:
+            if config.train.eval_every > 0 and config.data.eval_sources and start < config.train.steps:
                 last.update(_eval(run, kind, config.train.steps, logger))
         if ckpt.latest_step() != int(run.state.step):
             ckpt.save(run.state, data_iter.get_state(), run.model_cfg)
+        ckpt.wait()
     finally:
-        ckpt.close()
         logger.close()
     return last
+
+
+def _resume(run: Run, ckpt: checkpoint.Checkpointer, data_iter: pipeline.DataIterator) -> int:
+    """Restores the latest good checkpoint into `run.state` and `data_iter`; returns its step (0: none).
+
+    A resumed run may change only what does not reshape its state or reorder its batches; what
+    changed is printed, and data-stream changes need `checkpoint.allow_changes` (the stream then
+    restarts from its beginning)."""
+    config = run.config
+    if config.checkpoint.resume != "auto" or not ckpt.manager.all_steps():
+        return 0
+    data_changed = False
+    started_with = rundir.read_config(config.run_dir)
+    if started_with is not None:
+        free, guarded, fixed = rundir.config_changes(started_with, config.to_dict())
+        if fixed:
+            raise ValueError(f"cannot resume {config.run_dir} with {fixed[0]}: that changes the model or the stage; "
+                             "start a new run_dir (model.init_from can start it from this run's weights)")
+        if guarded and not config.checkpoint.allow_changes:
+            raise ValueError(f"resuming {config.run_dir} with {guarded[0]} would change the data stream; set "
+                             "--config.checkpoint.allow_changes=true to resume anyway (the stream then restarts), "
+                             "or use a new run_dir")
+        if free or guarded:
+            _say(f"resuming {config.run_dir} with changed settings: {'; '.join(free + guarded)}")
+        data_changed = any(line.startswith(("data.", "seed")) for line in guarded)
+    restored = ckpt.restore_latest(run.state, warn=_say)
+    if restored is None:
+        return 0
+    step, run.state, data_state = restored
+    if data_changed:
+        _say("the data settings changed: the data stream starts again from its beginning")
+    else:
+        data_iter.set_state(data_state)
+    return step
+
+
+def _start_records(config: ConfigDict, start: int) -> None:
+    """Writes config.json and env.json; a fresh start sets the earlier attempt's records aside, a
+    resumed run keeps its metrics up to the restored step (the full earlier file is set aside)."""
+    run_dir = config.run_dir
+    if start == 0:
+        _say(_set_aside(run_dir, ["metrics.jsonl", "tensorboard", "config.json", "env.json"],
+                        "an earlier attempt's records"))
+    else:
+        _truncate_metrics(run_dir, start)
+        started_with = rundir.read_config(run_dir)
+        if started_with is not None and rundir.config_changes(started_with, config.to_dict()) != ([], [], []):
+            rundir.set_aside(run_dir, ["config.json"])
+    records.write_run_files(run_dir, config)
+
+
+def _set_aside(run_dir: str, names: list[str], what: str) -> str:
+    dest = rundir.set_aside(run_dir, names) if jax.process_index() == 0 else None
+    return f"{what} moved to {dest}" if dest else ""
+
+
+def _say(text: str) -> None:
+    """A message from process 0 on stderr (before the progress bar exists)."""
+    if text and jax.process_index() == 0:
+        print(text, file=sys.stderr, flush=True)
 
 
 def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointer, logger: records.MetricsLogger,
@@ -226,13 +316,26 @@ def _eval(run: Run, kind: str, step: int, logger: records.MetricsLogger) -> dict
 
 
 def _truncate_metrics(run_dir: str, step: int) -> None:
-    """Drops rows logged after the checkpoint a resumed run restarts from, so steps never repeat."""
+    """Drops rows logged after the checkpoint a resumed run restarts from, so steps never repeat;
+    the file as it was is set aside first."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.isfile(path):
+    if not os.path.isfile(path):
         return
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if _row_step(line) <= step]
+    if len(keep) == len(lines):
+        return
+    old = os.path.join(rundir.set_aside(run_dir, ["metrics.jsonl"]), "metrics.jsonl")
+    _say(f"metrics logged after step {step} were dropped; the earlier file is kept at {old}")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")  # a line torn by a kill: dropped

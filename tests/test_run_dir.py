@@ -1,0 +1,241 @@
+"""The run directory under careless use: a second process, an unwritable disk, a restart after a kill,
+a resume with changed settings, a bad stage or shape, a NaN on a logged step. Each fault stops with one
+clear error (or is handled) and loses nothing that was written before."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from data import pipeline
+from launch.config import ConfigError, load_config
+from train import checkpoint, records, rundir, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.train.eval_every=0",
+         "--config.train.log_every=1", "--config.optim.warmup_steps=0"]
+
+
+def config(run_dir, *overrides, stage="pretrain", progress=False):
+    return load_config(os.path.join(ROOT, f"configs/{stage}.py:smoke"),
+                       [f"--config.run_dir={run_dir}", f"--config.train.progress={str(progress).lower()}",
+                        *SHORT, *overrides])
+
+
+def steps_logged(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def superseded(run_dir, name):
+    """The copies of `name` set aside in run_dir/superseded/*/."""
+    root = os.path.join(run_dir, rundir.SUPERSEDED_DIR)
+    return sorted(os.path.join(root, d, name) for d in os.listdir(root) if os.path.exists(os.path.join(root, d, name)))
+
+
+def kill_at(monkeypatch, step):
+    """Interrupts the run when it fetches the batch of `step`, as a kill would."""
+    real = trainer._check_batch
+
+    def check(batch, s):
+        if s == step:
+            raise KeyboardInterrupt(f"killed before step {step}")
+        real(batch, s)
+    monkeypatch.setattr(trainer, "_check_batch", check)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (copy it before changing it)."""
+    run_dir = str(tmp_path_factory.mktemp("finished") / "run")
+    trainer.train(config(run_dir))
+    return run_dir
+
+
+# -- checked before anything is written --------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.stage=bogus"], "unknown stage 'bogus' .*runnable stages: pretrain"),
+    (["--config.stage=dpo"], "stage 'dpo' is not available yet .*Step 5"),
+    (["--config.data.seq_len=4096"], "data.seq_len=4096 is longer than the model's max_seq_len=256"),
+    (["--config.data.seq_len=65536", "--config.model.max_seq_len=65536"],  # 512 GiB of attention scores
+     r"data.batch_size=8 x data.seq_len=65536 needs at least 5\d\d.\d GiB .* but this host has"),
+    (["--config.data.batch_size=12"], r"12 rows per micro-batch do not split over mesh data\*fsdp=8 devices"),
+    (["--config.data.batch_size=16", "--config.optim.grad_accum=4"], "4 rows per micro-batch do not split"),
+])
+def test_bad_stage_or_shape_stops_before_writing(tmp_path, overrides, message):
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=message):
+        trainer.train(config(run_dir, *overrides))
+    # At most the lock and the (empty) checkpoint directory probed for writing.
+    files = [os.path.relpath(os.path.join(d, f), run_dir) for d, _, names in os.walk(run_dir) for f in names]
+    assert files in ([], [".lock"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.peft.method=lora", "'peft.method' = 'lora' is not connected to anything yet .*Step 4"),
+    ("--config.peft.lora_rank=4", "'peft.lora_rank' = 4 is not connected"),
+    ("--config.loss.label_smoothing=0.1", "'loss.label_smoothing' = 0.1 is not connected"),
+    ("--config.loss.margin=1.0", "'loss.margin' = 1.0 is not connected"),
+    ("--config.rollout.top_k=5", "'rollout.top_k' = 5 is not connected"),
+    ("--config.mesh.dcn_data=2", "'mesh.dcn_data' = 2 is not connected"),
+    ("--config.model.rope_scaling.factor=4.0", "'model.rope_scaling.factor' is set but model.rope_scaling.type is 'none'"),
+])
+def test_unconnected_keys_are_refused(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        config(str(tmp_path), override)
+
+
+# -- the lock ---------------------------------------------------------------------------------------------
+def test_a_run_directory_in_use_is_refused_and_a_stale_lock_is_not(tmp_path):
+    run_dir = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from train.rundir import RunLock; "
+                               f"RunLock({run_dir!r}).acquire(); print('locked', flush=True); time.sleep(600)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(rundir.RunDirError, match=f"run directory {run_dir} is in use by process {holder.pid} "):
+            trainer.train(config(run_dir))
+        assert sorted(os.listdir(run_dir)) == [".lock"]  # nothing written by the refused run
+    finally:
+        holder.kill()
+        holder.wait()
+    # The killed holder's lock file is still there, naming it; the kernel dropped its lock.
+    assert json.load(open(os.path.join(run_dir, ".lock")))["pid"] == holder.pid
+    with rundir.RunLock(run_dir):
+        assert json.load(open(os.path.join(run_dir, ".lock")))["pid"] == os.getpid()
+
+
+# -- the disk ---------------------------------------------------------------------------------------------
+def test_unwritable_checkpoints_fail_at_the_start(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("not a directory")
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoints is not writable"):
+        trainer.train(config(str(run_dir)))
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.json").exists()
+
+
+def test_a_save_that_fails_later_stops_the_run_at_once(tmp_path, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    ckpts = os.path.join(run_dir, "checkpoints")
+    real = trainer._check_batch
+
+    def lose_the_disk(batch, step):
+        if step == 3:  # after the (asynchronous) step-2 save has finished, the directory goes away
+            deadline = time.time() + 120
+            while not os.path.isdir(os.path.join(ckpts, "2")) and time.time() < deadline:
+                time.sleep(0.1)
+            os.rename(ckpts, ckpts + ".gone")
+            with open(ckpts, "w") as f:
+                f.write("not a directory")
+        real(batch, step)
+    monkeypatch.setattr(trainer, "_check_batch", lose_the_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoints is not writable"):
+        trainer.train(config(run_dir))
+    assert steps_logged(run_dir) == [1, 2, 3, 4]
+    assert sorted(os.listdir(ckpts + ".gone")) == ["2"]  # the good checkpoint survives
+
+
+# -- restarts and resumes ---------------------------------------------------------------------------------
+def test_restart_from_step_zero_starts_clean_records(tmp_path, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    kill_at(monkeypatch, 2)  # before the first checkpoint (step 2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config(run_dir))
+    assert steps_logged(run_dir) == [1] and not os.path.exists(os.path.join(run_dir, "checkpoints", "2"))
+    monkeypatch.undo()
+    trainer.train(config(run_dir))
+    assert steps_logged(run_dir) == [1, 2, 3, 4]  # step 1 once, not twice
+    [old] = superseded(run_dir, "metrics.jsonl")
+    assert [json.loads(line)["step"] for line in open(old)] == [1]
+
+
+def test_resume_notes_free_changes_and_records_them(finished, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(finished, run_dir)
+    before = open(os.path.join(run_dir, "config.json")).read()
+    trainer.train(config(run_dir, "--config.train.steps=6", "--config.optim.lr=0.002"))
+    err = capsys.readouterr().err
+    assert "resuming" in err and "optim.lr: 0.001 -> 0.002" in err and "train.steps: 4 -> 6" in err
+    assert steps_logged(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert json.load(open(os.path.join(run_dir, "config.json")))["optim"]["lr"] == 0.002
+    [old] = superseded(run_dir, "config.json")
+    assert open(old).read() == before
+
+
+def test_resume_refuses_data_changes_unless_allowed(finished, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(finished, run_dir)
+    config_json = os.path.join(run_dir, "config.json")
+    before = open(config_json).read()
+    for change in ("--config.data.batch_size=16", "--config.data.seq_len=32", "--config.seed=1"):
+        with pytest.raises(ValueError, match=f"with {change[9:].replace('=', ': .* -> ')} .*checkpoint.allow_changes"):
+            trainer.train(config(run_dir, "--config.train.steps=6", change))
+        assert open(config_json).read() == before  # a run that does not start changes nothing
+    with pytest.raises(ValueError, match=r"with model.n_layers: None -> 3: that changes the model"):
+        trainer.train(config(run_dir, "--config.train.steps=6", "--config.model.n_layers=3",
+                             "--config.checkpoint.allow_changes=true"))
+    capsys.readouterr()
+    trainer.train(config(run_dir, "--config.train.steps=6", "--config.data.batch_size=16",
+                         "--config.checkpoint.allow_changes=true"))
+    assert "the data stream starts again from its beginning" in capsys.readouterr().err
+    assert steps_logged(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert json.load(open(config_json))["data"]["batch_size"] == 16
+
+
+def test_init_from_expands_paths_and_takes_a_step_directory(finished, monkeypatch):
+    parent, name = os.path.split(finished)
+    monkeypatch.setenv("KILN_TEST_RUNS", parent)
+    monkeypatch.setenv("HOME", parent)
+    at_2 = checkpoint.load_params(os.path.join(finished, "checkpoints", "2"))[1]
+    at_4 = checkpoint.load_params(finished)[1]
+    for source, expected in ((f"$KILN_TEST_RUNS/{name}/checkpoints/2", at_2), (f"~/{name}", at_4)):
+        run = trainer.setup(config("/nonexistent", f"--config.model.init_from={source}"))
+        got = np.asarray(run.state.params["embed"]["table"][...])
+        np.testing.assert_array_equal(got, np.asarray(expected.embed.table[...]), err_msg=source)
+    assert not np.array_equal(np.asarray(at_2.embed.table[...]), np.asarray(at_4.embed.table[...]))
+    with pytest.raises(ValueError, match=r"model.init_from='\$KILN_TEST_RUNS/missing': .*/missing does not exist"):
+        trainer.setup(config("/nonexistent", "--config.model.init_from=$KILN_TEST_RUNS/missing"))
+
+
+# -- logging ----------------------------------------------------------------------------------------------
+def test_nan_loss_on_a_logged_step_with_the_progress_bar(tmp_path, monkeypatch):
+    """The non-finite guard's one line, not a formatting error from the progress bar."""
+    real = pipeline.train_iterator
+
+    def poisoned(*args, **kwargs):
+        it = real(*args, **kwargs)
+
+        class NaNAfterTwo:
+            n = 0
+
+            def __next__(self):
+                self.n += 1
+                batch = next(it)
+                return dict(batch, loss_mask=batch["loss_mask"] * np.nan) if self.n > 2 else batch
+
+            def get_state(self):
+                return it.get_state()
+
+            def set_state(self, state):
+                it.set_state(state)
+        return NaNAfterTwo()
+    monkeypatch.setattr(pipeline, "train_iterator", poisoned)
+    with pytest.raises(trainer.TrainingError, match="2 consecutive non-finite steps up to step 4"):
+        trainer.train(config(str(tmp_path), "--config.train.max_nonfinite_steps=2", progress=True))
+
+
+def test_logger_survives_any_metric_value(tmp_path, capsys):
+    logger = records.MetricsLogger(str(tmp_path), total_steps=4, progress=True)
+    logger.log(1, {"loss": float("nan"), "tokens_per_s": None, "mfu": float("inf"), "grad_norm": np.float32(2.5)})
+    logger.log(2, {"grad_norm": 1.0})  # no loss at all
+    logger.log(3, {"eval/loss": None, "eval/bits_per_byte": float("nan"), "eval/note": "text"})
+    logger.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[0] == {"step": 1, "loss": None, "tokens_per_s": None, "mfu": None, "grad_norm": 2.5}
+    assert rows[2]["eval/loss"] is None and rows[2]["eval/note"] == "text"
+    assert "step 3: eval/loss=nan, eval/bits_per_byte=nan" in capsys.readouterr().out

@@ -1,0 +1,88 @@
+"""Checks a run's config against the code, the model and the machine before anything is trained.
+
+Each failure is one ValueError line naming the config keys involved and what to change, so a
+bogus stage, a sequence longer than the model's, a batch that does not split over the mesh or a
+shape that cannot fit in memory stops the run before it writes anything.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from data import pipeline
+from model.config import ModelConfig
+from model.transformer import param_count
+from train import losses
+
+# The stages this version trains; the data kind of each is `pipeline.STAGE_KINDS` (default pretrain).
+STAGES = ("pretrain", "context_extension", "anneal", "continue", "sft")
+PLANNED_STAGES = {"reward": "Step 5", "rejection_sampling": "Step 5", "dpo": "Step 5", "ppo": "Step 6",
+                  "grpo": "Step 6", "rloo": "Step 6"}
+GIB = 2 ** 30
+
+
+def stage_kind(config: Any) -> str:
+    """The data kind `config.stage` trains on; ValueError for an unknown or not yet available stage,
+    or a `loss.type` that cannot train on that stage's batches."""
+    stage = config.stage
+    if stage in PLANNED_STAGES:
+        raise ValueError(f"stage {stage!r} is not available yet (it arrives with {PLANNED_STAGES[stage]}); "
+                         f"runnable stages: {', '.join(STAGES)}")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (config key 'stage'); runnable stages: {', '.join(STAGES)}")
+    kind = pipeline.STAGE_KINDS.get(stage, "pretrain")
+    if kind not in losses.batch_kinds(config.loss.type):
+        raise ValueError(f"loss.type {config.loss.type!r} does not train on the {kind!r} batches of stage {stage!r}")
+    return kind
+
+
+def check_shapes(config: Any, cfg: ModelConfig, mesh: Mesh) -> None:
+    """Sequence length against the model, the batch against the mesh and processes, memory against the devices."""
+    data = config.data
+    if data.seq_len > cfg.max_seq_len:
+        raise ValueError(f"data.seq_len={data.seq_len} is longer than the model's max_seq_len={cfg.max_seq_len}; "
+                         "lower data.seq_len, or raise model.max_seq_len (with model.rope_scaling to extend a "
+                         "trained model's context)")
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = data.batch_size // config.optim.grad_accum
+    if micro % split:
+        raise ValueError(f"data.batch_size={data.batch_size} / optim.grad_accum={config.optim.grad_accum} = {micro} "
+                         f"rows per micro-batch do not split over mesh data*fsdp={split} devices; make the rows a "
+                         "multiple of it")
+    if data.batch_size % jax.process_count():
+        raise ValueError(f"data.batch_size={data.batch_size} does not split over {jax.process_count()} processes")
+    check_memory(config, cfg, mesh)
+
+
+def memory_floor(config: Any, cfg: ModelConfig) -> dict[str, float]:
+    """Bytes (summed over devices) that one step needs at the very least: parameters with their
+    gradients and two AdamW moments, one micro-batch's float32 logits, and one layer's float32
+    attention scores. The real peak is higher; this is a bound that never refuses a run that fits."""
+    rows = config.data.batch_size // config.optim.grad_accum
+    T = config.data.seq_len
+    return {"parameters and optimizer": 4.0 * param_count(cfg) * jnp.dtype(cfg.param_dtype).itemsize,
+            "logits": 4.0 * rows * T * cfg.vocab_size,
+            "attention scores of one layer": 4.0 * rows * cfg.n_heads * T * T}
+
+
+def check_memory(config: Any, cfg: ModelConfig, mesh: Mesh) -> None:
+    """ValueError when `memory_floor` exceeds what the mesh's devices hold."""
+    floor = memory_floor(config, cfg)
+    need = sum(floor.values())
+    devices = list(mesh.devices.flat)
+    if devices[0].platform == "cpu":  # fake CPU devices share the host's memory
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host"
+    else:
+        stats = devices[0].memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return
+        have, where = stats["bytes_limit"] * len(devices), f"{len(devices)} x {devices[0].device_kind}"
+    if need > have:
+        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in floor.items())
+        raise ValueError(f"data.batch_size={config.data.batch_size} x data.seq_len={config.data.seq_len} needs at "
+                         f"least {need / GIB:.1f} GiB ({parts}) but {where} has {have / GIB:.1f} GiB; lower "
+                         "data.batch_size or data.seq_len, or raise optim.grad_accum")
