@@ -92,6 +92,13 @@ def test_resume_is_bit_identical(pretrained, tmp_path, monkeypatch):
     resumed, uninterrupted = train_losses(str(tmp_path)), train_losses(reference)
     assert list(resumed) == list(range(1, 21))  # rows after the checkpoint were replaced, not repeated
     assert resumed == uninterrupted
+    # The final states, every array of them (parameters, moments, counts, RNG) and the data stream's
+    # position, are bit-identical too.
+    like = trainer.setup(cfg).state
+    (a, data_a), (b, data_b) = (checkpoint.Checkpointer(d).restore(20, like) for d in (str(tmp_path), reference))
+    assert data_a == data_b
+    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)), strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_checkpoint_retention(tmp_path):

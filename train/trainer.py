@@ -29,6 +29,8 @@ from train.evaluate import evaluate
 from train.step import TrainState, init_state, make_train_step
 
 SHAPE_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (diverged, bad batch); the last good checkpoint is left intact."""
 
