@@ -13,6 +13,7 @@ import pytest
 
 from data import pipeline
 from launch.config import ConfigError, load_config
+from test_train import poisoned
 from train import checkpoint, records, rundir, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,26 +206,7 @@ def test_init_from_expands_paths_and_takes_a_step_directory(finished, monkeypatc
 # -- logging ----------------------------------------------------------------------------------------------
 def test_nan_loss_on_a_logged_step_with_the_progress_bar(tmp_path, monkeypatch):
     """The non-finite guard's one line, not a formatting error from the progress bar."""
-    real = pipeline.train_iterator
-
-    def poisoned(*args, **kwargs):
-        it = real(*args, **kwargs)
-
-        class NaNAfterTwo:
-            n = 0
-
-            def __next__(self):
-                self.n += 1
-                batch = next(it)
-                return dict(batch, loss_mask=batch["loss_mask"] * np.nan) if self.n > 2 else batch
-
-            def get_state(self):
-                return it.get_state()
-
-            def set_state(self, state):
-                it.set_state(state)
-        return NaNAfterTwo()
-    monkeypatch.setattr(pipeline, "train_iterator", poisoned)
+    monkeypatch.setattr(pipeline, "train_iterator", poisoned(after=2, mask_value=np.nan))
     with pytest.raises(trainer.TrainingError, match="2 consecutive non-finite steps up to step 4"):
         trainer.train(config(str(tmp_path), "--config.train.max_nonfinite_steps=2", progress=True))
 
