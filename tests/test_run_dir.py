@@ -2,6 +2,7 @@
 a resume with changed settings, a bad stage or shape, a NaN on a logged step. Each fault stops with one
 clear error (or is handled) and loses nothing that was written before."""
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -221,3 +222,18 @@ def test_logger_survives_any_metric_value(tmp_path, capsys):
     assert rows[0] == {"step": 1, "loss": None, "tokens_per_s": None, "mfu": None, "grad_norm": 2.5}
     assert rows[2]["eval/loss"] is None and rows[2]["eval/note"] == "text"
     assert "step 3: eval/loss=nan, eval/bits_per_byte=nan" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("--config.stage=bogus", "kiln train: error: unknown stage 'bogus'"),
+    ("checkpoints is a file", "kiln train: error: checkpoint directory .*/checkpoints is not writable"),
+])
+def test_cli_reports_faults_in_one_line(tmp_path, fault, message):
+    if fault == "checkpoints is a file":
+        (tmp_path / "checkpoints").write_text("x")
+    p = subprocess.run([sys.executable, "-m", "launch.main", "train", "--config=configs/pretrain.py:smoke",
+                        f"--config.run_dir={tmp_path}", *([fault] if fault.startswith("--") else [])],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    [line] = p.stderr.strip().splitlines()
+    assert re.match(message, line), line
