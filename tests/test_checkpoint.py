@@ -98,11 +98,11 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run, tmp_path,
     step, state, data = ckpt.restore_latest(run.state, warn=warnings.append)
     assert step == 1 and data == DATA
     assert_same_state(state, states[1])
-    # One warning naming the bad step and where it went; the step moved aside, not deleted.
-    assert len(warnings) == 1 and "checkpoint step 2" in warnings[0] and checkpoint.CORRUPT_DIR in warnings[0]
+    # One warning naming the bad step and where it went (the directory the README names); moved, not deleted.
+    assert len(warnings) == 1 and "checkpoint step 2" in warnings[0] and "checkpoints.corrupt" in warnings[0]
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["1"]
-    [moved] = os.listdir(os.path.join(run_dir, checkpoint.CORRUPT_DIR))
-    assert moved.startswith("2-") and os.path.isdir(os.path.join(run_dir, checkpoint.CORRUPT_DIR, moved, "params"))
+    [moved] = os.listdir(os.path.join(run_dir, "checkpoints.corrupt"))
+    assert moved.startswith("2-") and os.path.isdir(os.path.join(run_dir, "checkpoints.corrupt", moved, "params"))
     assert ckpt.latest_step() == 1 and checkpoint.latest_step(run_dir) == 1
 
 
@@ -130,7 +130,7 @@ def test_no_readable_checkpoint_is_an_error_that_moves_nothing(run, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint can be restored: checkpoint step 2.*step 1"):
         checkpoint.Checkpointer(run_dir).restore_latest(run.state, warn=print)
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["1", "2"]
-    assert not os.path.exists(os.path.join(run_dir, checkpoint.CORRUPT_DIR))
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints.corrupt"))
 
 
 def test_nonfinite_parameters_are_refused(run, tmp_path):
