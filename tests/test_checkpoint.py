@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from launch.config import load_config
+from model.sharding import make_mesh, var_sharding
 from train import checkpoint, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,3 +180,21 @@ def test_unwritable_directory_is_one_clear_error(tmp_path):
         checkpoint.ensure_writable(str(blocker))
     checkpoint.ensure_writable(str(tmp_path / "fresh" / "checkpoints"))  # created when missing
     assert os.listdir(tmp_path / "fresh" / "checkpoints") == []  # and the probe removed
+
+
+def test_load_params_restores_a_step_onto_another_mesh(run, tmp_path):
+    """The init_from path: the step named, every parameter as saved, placed as the rules say on a mesh
+    other than the saving one (orbax would otherwise restore the saved placement)."""
+    saved = save_steps(str(tmp_path), run, [2, 4])
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    assert dict(mesh.shape) != dict(run.mesh.shape)
+    cfg, model = checkpoint.load_params(str(tmp_path / "checkpoints" / "2"), mesh=mesh, rules=run.config.mesh.rules)
+    assert cfg == run.model_cfg
+    got = jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    want = jax.tree.leaves(saved[2].params)
+    assert len(got) == len(want)
+    for var, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(w))
+        expected = var_sharding(var, mesh, run.config.mesh.rules)
+        assert var[...].sharding.is_equivalent_to(expected, w.ndim), (var[...].sharding, expected)
+    assert any("tensor" in str(var[...].sharding.spec) for var in got)  # really placed on the new mesh

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from model import presets, sharding
+from model.attention import Attention
 from model.transformer import REMAT_POLICIES, KVCache, Transformer, param_count
 
 GEMMA = presets.get("tiny", family="gemma2", act="gelu_tanh", norm_plus_one=True, sandwich_norm=True,
@@ -257,7 +258,7 @@ def test_scan_unroll_and_remat_agree(remat, scan, gemma_reference):
 # -- sharding and precision ------------------------------------------------------------------------------
 def test_sharded_forward_equals_one_device():
     assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
-    cfg = presets.get("tiny", n_kv_heads=2, qkv_bias=True)
+    cfg = presets.get("tiny", n_kv_heads=2, qkv_bias=True, o_bias=True)  # every attention parameter is sharded
     model = make(cfg)
     t = tokens((8, 32))
     ref = np.asarray(forward(model, t, None, None))
@@ -290,6 +291,24 @@ def test_mixed_precision_forward():
     # bound cannot be tight; float32 parity is held to 1e-6 elsewhere. A bug in the bf16 path (a norm
     # or RoPE computed wrong) moves logits by tens of percent.
     assert err <= 3e-2
+
+
+def test_bf16_attention_scores_are_float32():
+    """In bfloat16 compute, query-key scores are accumulated and kept in float32 before the softmax.
+
+    One query against two keys whose raw scores are 1024 and 1026 (bf16 inputs, exact products): bf16
+    spacing at 1024 is 8, so scores rounded to bf16 would tie at 1024 and mix the values 50/50. In float32
+    the scaled scores (D = 16, scale 1/4) are 256 and 256.5, so the weight on key 0 is sigmoid(-0.5) = 0.3775.
+    """
+    attn = Attention(presets.get("tiny", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    H, K, D, E = 4, 2, 16, 64
+    attn.o[...] = jnp.full((H, D, E), 1.0 / (H * D))  # out[e] = mean over heads and head_dim of probs @ v
+    q = jnp.zeros((1, 1, H, D), jnp.bfloat16).at[..., 0].set(32).at[..., 1].set(2)
+    k = jnp.zeros((1, 2, K, D), jnp.bfloat16).at[..., 0].set(32).at[:, 1, :, 1].set(1)  # q.k = 1024, 1026
+    v = jnp.zeros((1, 2, K, D), jnp.bfloat16).at[:, 0].set(1)  # key 0's value is 1, key 1's is 0
+    out = attn.attend(q, k, v, jnp.ones((1, 1, 2), bool))
+    # Measured 0.376953 (bf16 rounding of the probability 0.377541); bf16 scores would give 0.5.
+    np.testing.assert_allclose(np.asarray(out, np.float32), 0.377541, atol=3e-3)
 
 
 # -- presets ---------------------------------------------------------------------------------------------
