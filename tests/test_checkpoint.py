@@ -93,18 +93,21 @@ def test_every_field_of_the_train_state_round_trips(run, tmp_path):
 @pytest.mark.parametrize("how", ["random bytes", "truncated"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run, tmp_path, how):
     run_dir = str(tmp_path)
-    states = save_steps(run_dir, run, [1, 2])
-    damage(run_dir, 2, how)
-    ckpt, warnings = checkpoint.Checkpointer(run_dir), []
-    step, state, data = ckpt.restore_latest(run.state, warn=warnings.append)
-    assert step == 1 and data == DATA
-    assert_same_state(state, states[1])
-    # One warning naming the bad step and where it went (the directory the README names); moved, not deleted.
-    assert len(warnings) == 1 and "checkpoint step 2" in warnings[0] and "checkpoints.corrupt" in warnings[0]
-    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["1"]
-    [moved] = os.listdir(os.path.join(run_dir, "checkpoints.corrupt"))
-    assert moved.startswith("2-") and os.path.isdir(os.path.join(run_dir, "checkpoints.corrupt", moved, "params"))
-    assert ckpt.latest_step() == 1 and checkpoint.latest_step(run_dir) == 1
+    states = save_steps(run_dir, run, [1, 2, 3])
+    for bad, good in ((3, 2), (2, 1)):  # twice: the second lands beside the first in checkpoints.corrupt
+        damage(run_dir, bad, how)
+        ckpt, warnings = checkpoint.Checkpointer(run_dir), []
+        step, state, data = ckpt.restore_latest(run.state, warn=warnings.append)
+        assert step == good and data == DATA
+        assert_same_state(state, states[good])
+        # One warning naming the bad step and where it went (the directory the README names).
+        assert len(warnings) == 1 and f"checkpoint step {bad}" in warnings[0] and "checkpoints.corrupt" in warnings[0]
+        assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [str(s) for s in range(1, good + 1)]
+        assert ckpt.latest_step() == good and checkpoint.latest_step(run_dir) == good
+    # Moved, not deleted.
+    moved = sorted(os.listdir(os.path.join(run_dir, "checkpoints.corrupt")))
+    assert [m.split("-")[0] for m in moved] == ["2", "3"]
+    assert all(os.path.isdir(os.path.join(run_dir, "checkpoints.corrupt", m, "params")) for m in moved)
 
 
 def test_damage_that_still_decodes_is_caught_by_the_checksum(run, tmp_path):

@@ -99,6 +99,11 @@ def test_gradient_by_hand():
     assert not np.any(grad[0, 2]) and not np.any(grad[1, 1])  # masked positions get no gradient at all
 
 
+def test_next_token_trains_on_pretrain_and_sft_batches():
+    """The data kinds the trainer builds pipelines for when loss.type is next_token."""
+    assert losses.batch_kinds("next_token") == ("pretrain", "sft")
+
+
 def test_unknown_loss_is_an_error():
     with pytest.raises(ValueError, match="loss.type"):
         losses.get("no_such_loss", {})
