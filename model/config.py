@@ -4,11 +4,27 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so np.dtype(jnp.bfloat16) has a name)
+import numpy as np
+
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots", "save_qkv_proj", "save_out_proj")
 DTYPES = ("float32", "bfloat16", "float16")
+DType = Any  # a dtype name ("bfloat16"), a JAX/NumPy dtype (jnp.bfloat16, np.float32) or a numpy dtype object
+
+
+def dtype_name(dtype: DType) -> str:
+    """The name of `dtype` ("bfloat16" for jnp.bfloat16, np.dtype("bfloat16") or "bfloat16");
+    ValueError unless it is one of DTYPES."""
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = repr(dtype)
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {DTYPES}")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,18 +111,19 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     # Numerics and compilation.
-    dtype: str = "float32"
+    dtype: str = "float32"  # any DType is accepted and stored by name
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        for field in ("dtype", "param_dtype"):
+            object.__setattr__(self, field, dtype_name(getattr(self, field)))
         checks = [
             (self.family in FAMILIES, f"family {self.family!r} is not one of {FAMILIES}"),
             (self.act in ACTIVATIONS, f"act {self.act!r} is not one of {ACTIVATIONS}"),
             (self.remat in REMAT_POLICIES, f"remat {self.remat!r} is not one of {REMAT_POLICIES}"),
-            (self.dtype in DTYPES and self.param_dtype in DTYPES, f"dtypes must be among {DTYPES}"),
             (self.n_heads % self.n_kv_heads == 0,
              f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"),
             (self.head_dim is not None or self.d_model % self.n_heads == 0,

@@ -20,7 +20,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from model.config import ModelConfig, RopeScaling
+from model.config import DType, ModelConfig, RopeScaling, dtype_name
 from model.transformer import Transformer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -238,11 +238,12 @@ class _Reader:
         return self._open(self.where[name]).get_tensor(name)
 
 
-def load(path: str, dtype: str | None = None, param_dtype: str | None = None,
+def load(path: str, dtype: DType | None = None, param_dtype: DType | None = None,
          **overrides: Any) -> tuple[ModelConfig, Transformer]:
     """Reads a Hugging Face directory: returns (config, model) with parameters in `param_dtype`.
 
-    `dtype` sets the compute dtype (default float32); `param_dtype` defaults to `dtype`.
+    `dtype` sets the compute dtype (default float32); `param_dtype` defaults to `dtype`. Both take a
+    JAX/NumPy dtype (`jnp.bfloat16`) or its name.
     `overrides` replace ModelConfig fields (e.g. remat, scan_layers).
     """
     cfg_file = os.path.join(path, "config.json")
@@ -250,8 +251,8 @@ def load(path: str, dtype: str | None = None, param_dtype: str | None = None,
         raise HFFormatError(f"{path}: no config.json (is this a Hugging Face model directory?)")
     with open(cfg_file) as f:
         cfg = config_from_hf(json.load(f), where=cfg_file)
-    dtype = dtype or "float32"
-    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype, **overrides)
+    dtype = dtype_name(dtype or "float32")
+    cfg = cfg.replace(dtype=dtype, param_dtype=dtype_name(param_dtype or dtype), **overrides)
     reader = _Reader(path)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     flat = dict(nnx.to_flat_state(state))
@@ -280,10 +281,10 @@ def load(path: str, dtype: str | None = None, param_dtype: str | None = None,
 
 
 # -- writing -----------------------------------------------------------------------------------------
-def hf_tensors(model: Transformer, cfg: ModelConfig, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(model: Transformer, cfg: ModelConfig, dtype: DType | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) pairs in Hugging Face layout, gathered to host memory one parameter at a time."""
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    np_dtype = _NP_DTYPES[dtype or cfg.param_dtype]
+    np_dtype = _NP_DTYPES[dtype_name(dtype or cfg.param_dtype)]
     for kiln_path, hf_name, to_hf, _ in tensor_table(cfg):
         value = np.asarray(jax.device_get(flat[kiln_path].get_value())).astype(np_dtype)
         if kiln_path[0] == "layers":
@@ -293,10 +294,10 @@ def hf_tensors(model: Transformer, cfg: ModelConfig, dtype: str | None = None) -
             yield hf_name, np.ascontiguousarray(to_hf(value))
 
 
-def save(model: Transformer, config: ModelConfig, path: str, dtype: str | None = None,
+def save(model: Transformer, config: ModelConfig, path: str, dtype: DType | None = None,
          max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Writes `model` as a Hugging Face directory at `path` (atomically: all or nothing)."""
-    dtype = dtype or config.param_dtype
+    dtype = dtype_name(dtype or config.param_dtype)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".kiln-hf-", dir=parent)

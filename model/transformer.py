@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from model.attention import Attention
-from model.config import ModelConfig
+from model.config import DType, ModelConfig
 from model.layers import MLP, Embed, RMSNorm, normal, param
 from model.rope import rotary_tables
 from model.sharding import constrain
@@ -40,7 +40,7 @@ class KVCache(NamedTuple):
     index: jax.Array  # [] int32, the next slot to write
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> "KVCache":
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: DType | None = None) -> "KVCache":
         shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.dim_head)
         dt = jnp.dtype(dtype or cfg.dtype)
         return cls(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),

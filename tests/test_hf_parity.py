@@ -138,6 +138,21 @@ def llama_dir(tmp_path):
     return tmp_path / "llama"
 
 
+def test_dtype_arguments_take_jax_and_numpy_dtypes(llama_dir, tmp_path):
+    """`jnp.bfloat16`, `np.float32` and "bfloat16" mean the same thing to every public dtype argument."""
+    by_name = hf.load(str(llama_dir), dtype="bfloat16", param_dtype="float32")
+    by_dtype = hf.load(str(llama_dir), dtype=jnp.bfloat16, param_dtype=np.float32)
+    assert by_dtype[0] == by_name[0] and by_dtype[0].dtype == "bfloat16" and by_dtype[0].param_dtype == "float32"
+    np.testing.assert_array_equal(by_dtype[1](jnp.asarray(TOKENS)), by_name[1](jnp.asarray(TOKENS)))
+    cfg, model = hf.load(str(llama_dir), dtype=np.dtype("float32"))
+    assert model.layers.attn.q[...].dtype == jnp.float32
+    hf.save(model, cfg, str(tmp_path / "half"), dtype=jnp.float16)
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert presets.get("tiny", dtype=jnp.bfloat16).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="dtype 'int32' is not one of"):
+        hf.load(str(llama_dir), dtype=jnp.int32)
+
+
 def test_unsupported_model_type_is_named(llama_dir):
     cfg = json.loads((llama_dir / "config.json").read_text())
     (llama_dir / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt_neox")))

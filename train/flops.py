@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ModelConfig
+from model.config import DType, ModelConfig, dtype_name
 from model.transformer import param_count
 
 # Dense peak FLOP/s per chip by (device kind substring, compute dtype); first match wins.
@@ -53,8 +53,9 @@ def measured_matmul_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) -
     return 2 * n ** 3 / best
 
 
-def peak_flops(dtype: str, device: jax.Device | None = None) -> float:
+def peak_flops(dtype: DType, device: jax.Device | None = None) -> float:
     """Peak FLOP/s of one device for matmuls in `dtype` (table for GPU/TPU, measured on CPU)."""
+    dtype = dtype_name(dtype)
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return measured_matmul_peak("float32" if dtype == "float32" else "bfloat16")
@@ -64,7 +65,7 @@ def peak_flops(dtype: str, device: jax.Device | None = None) -> float:
     return float(np.nan)  # unknown chip: MFU is reported as NaN rather than guessed
 
 
-def total_peak_flops(dtype: str, devices: list[jax.Device]) -> float:
+def total_peak_flops(dtype: DType, devices: list[jax.Device]) -> float:
     """Peak FLOP/s of `devices` together. On CPU the measured peak already uses every core, and
     fake CPU devices (tests) share those cores, so it is not multiplied."""
     if devices[0].platform == "cpu":
