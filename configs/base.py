@@ -40,9 +40,15 @@ def get_config() -> ConfigDict:
         init_from="",
     ))
 
-    # Parameter-efficient tuning.
+    # Parameter-efficient tuning: method none (train every parameter) | lora | prompt_tuning | prefix_tuning.
+    # LoRA: adapters of rank lora_rank on lora_targets (any of q k v o gate up down), scaled
+    # lora_alpha / lora_rank (lora_rslora: / sqrt(rank)); A initialised lora_init kaiming | gaussian,
+    # B zero; dropout on the adapters' inputs. Only the adapters train and are checkpointed (with a
+    # pointer to model.init_from, the frozen base). adapter_from: a Hugging Face PEFT adapter
+    # directory to continue from (its r, alpha and targets must match these keys).
     c.peft = ConfigDict(dict(method="none", lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
-                             lora_targets=("q", "k", "v", "o"), num_virtual_tokens=20, prefix_hidden=0))
+                             lora_targets=("q", "k", "v", "o"), lora_rslora=False, lora_init="kaiming",
+                             adapter_from="", num_virtual_tokens=20, prefix_hidden=0))
 
     # Data (data/): named sources (mixture weights) for training and for evaluation. A source is
     # source(path, format, weight, **fields): format synthetic | text | jsonl | array_record | gsm8k |

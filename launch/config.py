@@ -22,6 +22,7 @@ CHOICES = {
     "model.remat": ("none", "full", "minimal", "save_dots", "save_qkv_proj", "save_out_proj"),
     "model.rope_scaling.type": ("none", "linear", "llama3", "yarn"),
     "peft.method": ("none", "lora", "prompt_tuning", "prefix_tuning"),
+    "peft.lora_init": ("kaiming", "gaussian"),
     "optim.schedule": ("constant", "cosine", "wsd", "linear"),
     "checkpoint.resume": ("auto", "none"),
 }
@@ -102,7 +103,7 @@ def parse_value(raw: str, current: Any) -> Any:
 # Keys that nothing reads yet, and the step that connects them: setting one is an error, so that
 # nobody sweeps a knob that does nothing.
 UNCONNECTED = {
-    "peft.": "Step 4 (LoRA, prompt and prefix tuning)",
+    "peft.num_virtual_tokens": "Step 4's prompt and prefix tuning", "peft.prefix_hidden": "Step 4's prefix tuning",
     "loss.beta": "Step 5 (DPO)", "loss.label_smoothing": "Step 5 (DPO)",
     "loss.margin": "Step 5 (reward model)", "loss.center_coef": "Step 5 (reward model)",
     "rollout.": "Steps 5-6 (sampling, RL)",
@@ -128,9 +129,27 @@ def check_connected(config: ConfigDict) -> None:
                                   "'none'; set the type (linear, llama3, yarn) or drop the key")
 
 
+PEFT_METHODS_AVAILABLE = ("none", "lora")
+
+
+def check_peft(config: ConfigDict) -> None:
+    """ConfigError for a PEFT method this version lacks, or LoRA settings without peft.method=lora."""
+    peft, defaults = config.peft, base.get_config().peft
+    if peft.method not in PEFT_METHODS_AVAILABLE:
+        raise ConfigError(f"config key 'peft.method' = {peft.method!r} is not available yet (prompt and prefix "
+                          f"tuning arrive later in Step 4); available: {', '.join(PEFT_METHODS_AVAILABLE)}")
+    if peft.method != "lora":
+        for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_rslora", "lora_init",
+                    "adapter_from"):
+            if peft[key] != defaults[key]:
+                raise ConfigError(f"config key 'peft.{key}' is set but peft.method is {peft.method!r}; "
+                                  "set --config.peft.method=lora or drop the key")
+
+
 def validate(config: ConfigDict) -> None:
     """Checks choices, ranges and unconnected keys; raises ConfigError naming the key."""
     check_connected(config)
+    check_peft(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:

@@ -1,4 +1,4 @@
-"""`kiln convert`: Hugging Face directory <-> Kiln checkpoint."""
+"""`kiln convert`: Hugging Face directory <-> Kiln checkpoint; LoRA runs to merged weights or a PEFT adapter."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import argparse
 import jax
 from flax import nnx
 
-from model import hf
+from model import hf, hf_peft, lora
 from model.config import DTYPES
 from train import checkpoint
 
@@ -21,6 +21,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step to read (default: latest) or write (0)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="parameter dtype of the written weights (default: as stored)")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="with --from-kiln of a LoRA run: write only the adapters, as a Hugging Face PEFT adapter "
+                        "directory (adapter_config.json + adapter_model.safetensors); default: merged weights")
     return p
 
 
@@ -37,10 +40,20 @@ def main(argv: list[str]) -> int:
         if not args.to_hf or args.to:
             parser().error("--from-kiln needs --to-hf DIR")
         cfg, model = checkpoint.load_params(args.from_kiln, step=args.step)
+        if args.adapter_only:
+            if args.dtype:
+                parser().error("--adapter-only writes float32 adapters; drop --dtype")
+            hf_peft.save_adapter(model, args.to_hf, base_model_name_or_path=checkpoint.base_of(args.from_kiln))
+            adapters = sum(a.a.size + a.b.size for a in lora.adapters(model).values())
+            print(f"wrote PEFT adapter directory {args.to_hf}: rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}, "
+                  f"{adapters:,} parameters")
+            return 0
         hf.save(model, cfg, args.to_hf, dtype=args.dtype)
-        print(f"wrote Hugging Face directory {args.to_hf}: {cfg.family}, {_count(model):,} parameters")
+        merged = " (LoRA adapters merged)" if lora.adapters(model) else ""
+        print(f"wrote Hugging Face directory {args.to_hf}: {cfg.family}, {_count(model):,} parameters{merged}")
     return 0
 
 
 def _count(model: nnx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    """Parameters of the model as written: adapters are merged into the weights, not counted beside them."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from model import lora
 from model.config import ModelConfig
 from model.layers import normal, param, zeros
 from model.rope import apply_rotary
@@ -50,12 +51,12 @@ class Attention(nnx.Module):
         if cfg.o_bias:
             self.o_bias = param(rngs, zeros, (E,), ("embed",), cfg, stack)
 
-    def project_qkv(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array):
-        """Queries [B,T,H,D] and rotated keys / values [B,T,K,D]."""
+    def project_qkv(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, key: jax.Array | None = None):
+        """Queries [B,T,H,D] and rotated keys / values [B,T,K,D]. `key`: LoRA dropout (training)."""
         dt = self.dtype
-        q = jnp.einsum("bte,ehd->bthd", x_BTE, self.q[...].astype(dt))
-        k = jnp.einsum("bte,ekd->btkd", x_BTE, self.k[...].astype(dt))
-        v = jnp.einsum("bte,ekd->btkd", x_BTE, self.v[...].astype(dt))
+        q = lora.apply(self, "q", x_BTE, jnp.einsum("bte,ehd->bthd", x_BTE, self.q[...].astype(dt)), key)
+        k = lora.apply(self, "k", x_BTE, jnp.einsum("bte,ekd->btkd", x_BTE, self.k[...].astype(dt)), key)
+        v = lora.apply(self, "v", x_BTE, jnp.einsum("bte,ekd->btkd", x_BTE, self.v[...].astype(dt)), key)
         if self.qkv_bias:
             q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
                        v + self.v_bias[...].astype(dt))
@@ -64,7 +65,8 @@ class Attention(nnx.Module):
         v = checkpoint_name(constrain(v, ("batch", "act_seq", "act_kv_heads", None)), "value_proj")
         return q, k, v
 
-    def attend(self, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    def attend(self, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_BTS: jax.Array,
+               key: jax.Array | None = None) -> jax.Array:
         """Softmax attention of queries over keys; returns the output projection [B,T,E]."""
         B, T, H, D = q_BTHD.shape
         q_BTKGD = q_BTHD.reshape(B, T, self.n_kv_heads, self.group, D)
@@ -77,15 +79,16 @@ class Attention(nnx.Module):
         out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
         out_BTHD = constrain(out_BTKGD.reshape(B, T, H, D), ("batch", "act_seq", "act_heads", None))
         out = jnp.einsum("bthd,hde->bte", out_BTHD, self.o[...].astype(self.dtype))
+        out = lora.apply(self, "o", out_BTHD, out, key)
         if self.o_bias_on:
             out = out + self.o_bias[...].astype(self.dtype)
         return checkpoint_name(out, "out_proj")
 
     def __call__(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, positions_BT: jax.Array,
-                 segments_BT: jax.Array, window: jax.Array | int) -> jax.Array:
-        q, k, v = self.project_qkv(x_BTE, cos, sin)
+                 segments_BT: jax.Array, window: jax.Array | int, key: jax.Array | None = None) -> jax.Array:
+        q, k, v = self.project_qkv(x_BTE, cos, sin, key)
         mask = attention_mask(positions_BT, segments_BT, positions_BT, segments_BT, window)
-        return self.attend(q, k, v, mask)
+        return self.attend(q, k, v, mask, key)
 
     def decode(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, positions_BT: jax.Array,
                segments_BT: jax.Array, window: jax.Array | int, cache_k: jax.Array, cache_v: jax.Array,

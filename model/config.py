@@ -75,6 +75,34 @@ class RopeScaling:
         return out
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (Hu et al., 2021): which projections get them, and their rank and scaling."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+    rslora: bool = False  # scale alpha / sqrt(rank) (Kalajdzievski, 2023) instead of alpha / rank
+    init: str = "kaiming"  # A's initialiser: kaiming (uniform, bound 1/sqrt(fan_in), as PEFT) | gaussian (std 1/rank)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"LoRA targets {list(self.targets)}: choose among {', '.join(LORA_TARGETS)}")
+        if self.rank <= 0 or not 0.0 <= self.dropout < 1.0 or self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"LoRA needs rank > 0, 0 <= dropout < 1 and init kaiming | gaussian; got rank="
+                             f"{self.rank}, dropout={self.dropout}, init={self.init!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Every size and switch of the decoder. Family presets live in `model.presets`."""
@@ -110,6 +138,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Parameter-efficient adapters inside the model (None: a plain decoder).
+    lora: LoraConfig | None = None
     # Numerics and compilation.
     dtype: str = "float32"  # any DType is accepted and stored by name
     param_dtype: str = "float32"
@@ -152,6 +182,8 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         if isinstance(changes.get("rope_scaling"), dict):
             changes["rope_scaling"] = RopeScaling.from_dict(changes["rope_scaling"])
+        if isinstance(changes.get("lora"), dict):
+            changes["lora"] = LoraConfig(**changes["lora"])
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,6 +199,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}")
         d["rope_scaling"] = RopeScaling.from_dict(d.get("rope_scaling"))
+        d["lora"] = LoraConfig(**d["lora"]) if d.get("lora") else None
         if d.get("window_layers") is not None:
             d["window_layers"] = tuple(d["window_layers"])
         return cls(**d)

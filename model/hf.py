@@ -6,6 +6,7 @@ share Hugging Face's tensor names, so one table maps them; only the config keys 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from model import lora
 from model.config import DType, ModelConfig, RopeScaling, dtype_name
 from model.transformer import Transformer
 
@@ -296,12 +298,13 @@ def hf_tensors(model: Transformer, cfg: ModelConfig, dtype: DType | None = None)
 
 def save(model: Transformer, config: ModelConfig, path: str, dtype: DType | None = None,
          max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Writes `model` as a Hugging Face directory at `path` (atomically: all or nothing)."""
+    """Writes `model` as a Hugging Face directory at `path` (atomically: all or nothing); LoRA
+    adapters are merged into the weights they adapt."""
     dtype = dtype_name(dtype or config.param_dtype)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".kiln-hf-", dir=parent)
-    try:
+    if lora.adapters(model):  # Hugging Face weights hold the adapters merged in, in the written dtype
+        model = lora.merge(model, dtype)
+        config = model.cfg
+    with atomic_dir(path) as tmp:
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
         for name, arr in hf_tensors(model, config, dtype):
@@ -326,6 +329,17 @@ def save(model: Transformer, config: ModelConfig, path: str, dtype: DType | None
         hf_cfg["torch_dtype"] = dtype
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+    """Yields a temporary directory beside `path` to fill; on success it replaces `path` whole, on
+    any failure it is removed and `path` is left as it was."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".kiln-hf-", dir=parent)
+    try:
+        yield tmp
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

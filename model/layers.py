@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from model import lora
 from model.config import ModelConfig
 from model.sharding import constrain
 
@@ -77,16 +78,17 @@ class MLP(nnx.Module):
             self.down_bias = param(rngs, zeros, (E,), ("embed",), cfg, stack)
         self.has_bias = cfg.mlp_bias
 
-    def __call__(self, x_BTE: jax.Array) -> jax.Array:
+    def __call__(self, x_BTE: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """`key`: LoRA dropout (training)."""
         dt = self.dtype
-        gate_BTF = jnp.einsum("bte,ef->btf", x_BTE, self.gate[...].astype(dt))
-        up_BTF = jnp.einsum("bte,ef->btf", x_BTE, self.up[...].astype(dt))
+        gate_BTF = lora.apply(self, "gate", x_BTE, jnp.einsum("bte,ef->btf", x_BTE, self.gate[...].astype(dt)), key)
+        up_BTF = lora.apply(self, "up", x_BTE, jnp.einsum("bte,ef->btf", x_BTE, self.up[...].astype(dt)), key)
         if self.has_bias:
             gate_BTF = gate_BTF + self.gate_bias[...].astype(dt)
             up_BTF = up_BTF + self.up_bias[...].astype(dt)
         h_BTF = constrain(self.act(gate_BTF) * up_BTF, ("batch", "act_seq", "act_mlp"))
         h_BTF = checkpoint_name(h_BTF, "mlp_hidden")
-        out_BTE = jnp.einsum("btf,fe->bte", h_BTF, self.down[...].astype(dt))
+        out_BTE = lora.apply(self, "down", h_BTF, jnp.einsum("btf,fe->bte", h_BTF, self.down[...].astype(dt)), key)
         if self.has_bias:
             out_BTE = out_BTE + self.down_bias[...].astype(dt)
         return out_BTE

@@ -40,6 +40,7 @@ DEFAULT_RULES: Rules = (
     ("act_kv_heads", "tensor"),
     ("act_vocab", "tensor"),
     ("cache_seq", None),
+    ("lora_rank", None),
 )
 
 _rules: contextvars.ContextVar[Rules] = contextvars.ContextVar("kiln_sharding_rules", default=DEFAULT_RULES)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model import lora
 from model.attention import Attention
 from model.config import DType, ModelConfig
 from model.layers import MLP, Embed, RMSNorm, normal, param
@@ -61,17 +62,19 @@ class Block(nnx.Module):
             self.attn_post_norm = RMSNorm(cfg, rngs, stack)
             self.mlp_post_norm = RMSNorm(cfg, rngs, stack)
 
-    def _mlp_residual(self, x: jax.Array, h: jax.Array) -> jax.Array:
+    def _mlp_residual(self, x: jax.Array, h: jax.Array, key: jax.Array | None = None) -> jax.Array:
         if self.sandwich:
             h = self.attn_post_norm(h)
         x = x + h
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x), key)
         if self.sandwich:
             h = self.mlp_post_norm(h)
         return constrain(x + h, ("batch", "act_seq", "act_embed"))
 
-    def __call__(self, x, cos, sin, positions, segments, window):
-        return self._mlp_residual(x, self.attn(self.attn_norm(x), cos, sin, positions, segments, window))
+    def __call__(self, x, cos, sin, positions, segments, window, key=None):
+        attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
+        h = self.attn(self.attn_norm(x), cos, sin, positions, segments, window, attn_key)
+        return self._mlp_residual(x, h, mlp_key)
 
     def decode(self, x, cos, sin, positions, segments, window, cache_k, cache_v, cache_pos, cache_seg, index):
         h, cache_k, cache_v = self.attn.decode(self.attn_norm(x), cos, sin, positions, segments, window,
@@ -98,6 +101,8 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+        if cfg.lora is not None:
+            lora.attach(self, rngs)
 
     # -- inputs ---------------------------------------------------------------------------------
     def _inputs(self, tokens_BT, positions_BT, segments_BT):
@@ -131,23 +136,26 @@ class Transformer(nnx.Module):
 
     # -- full-sequence forward ------------------------------------------------------------------
     def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-               segment_ids_BT: jax.Array | None = None) -> jax.Array:
+               segment_ids_BT: jax.Array | None = None, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, d_model] (for heads other than the LM head)."""
         x, cos, sin, pos, seg = self._inputs(tokens_BT, positions_BT, segment_ids_BT)
         graphdef, state = nnx.split(self.layers)
+        windows = jnp.asarray(self.cfg.layer_windows(), jnp.int32)
+        # One dropout key per layer, scanned over like the weights (adapter dropout; None: no dropout).
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.n_layers)
 
         def body(x, layer):
-            layer_state, window = layer
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, pos, seg, window), None
+            layer_state, window, key = layer
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, pos, seg, window, key), None
 
-        windows = jnp.asarray(self.cfg.layer_windows(), jnp.int32)
-        x, _ = self._scan(body, x, (state, windows))
+        x, _ = self._scan(body, x, (state, windows, keys))
         return self.final_norm(x)
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
-        """Logits [B, T, vocab]. Segment id 0 marks padding; packed documents get distinct ids."""
-        return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT))
+                 segment_ids_BT: jax.Array | None = None, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, vocab]. Segment id 0 marks padding; packed documents get distinct ids.
+        `dropout_key` switches on the dropout of LoRA adapters (training); without it the pass is deterministic."""
+        return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key))
 
     # -- cached decoding ------------------------------------------------------------------------
     def decode(self, tokens_BT: jax.Array, cache: KVCache, positions_BT: jax.Array | None = None,

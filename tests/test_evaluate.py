@@ -34,7 +34,7 @@ class FixedLogits(nnx.Module):
     def __init__(self, logits):
         self.logits = nnx.Param(jnp.asarray(logits, jnp.float32))
 
-    def __call__(self, tokens, positions, segment_ids):
+    def __call__(self, tokens, positions, segment_ids, dropout_key=None):
         return self.logits[...]
 
 

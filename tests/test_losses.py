@@ -38,7 +38,7 @@ class FixedLogits:
     def __init__(self, logits):
         self.logits = logits
 
-    def __call__(self, tokens, positions, segment_ids):
+    def __call__(self, tokens, positions, segment_ids, dropout_key=None):
         assert positions is BATCH["positions"] and segment_ids is BATCH["segment_ids"]
         assert tokens.shape == self.logits.shape[:2]
         return self.logits

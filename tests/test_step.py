@@ -66,7 +66,7 @@ class Bigram(nnx.Module):
     def __init__(self, table):
         self.table = nnx.Param(jnp.asarray(table, jnp.float32), axes=("vocab", "vocab"))
 
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, dropout_key=None):
         return self.table[...][tokens]
 
 

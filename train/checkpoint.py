@@ -2,7 +2,8 @@
 
 Each step holds the item `params` (the model's parameters as a pure dict), `model_config` (JSON of
 the ModelConfig), so a checkpoint alone rebuilds its model, and `fingerprint` (JSON: a checksum of
-every array, taken before the write). Orbax checks neither the bytes nor the values it reads back,
+every array, taken before the write). A run that trains adapters only (LoRA) saves only them, plus
+the item `base` (JSON: the frozen base's directory), from which loading rebuilds the rest. Orbax checks neither the bytes nor the values it reads back,
 so random bytes in a data file restore as finite garbage; every restore recomputes the checksums
 and compares. Restoring goes onto an abstract, sharded target, so a checkpoint saved on one mesh
 loads onto another.
@@ -22,7 +23,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data.sources import expand_path
-from model.config import ModelConfig
+from model import hf, lora
+from model.config import DType, ModelConfig
 from model.sharding import Rules, var_sharding
 from model.transformer import Transformer
 
@@ -143,21 +145,25 @@ def read_model_config(path: str, step: int | None = None) -> ModelConfig:
 
 def load_params(path: str, step: int | None = None, mesh: Mesh | None = None,
                 rules: Rules | None = None) -> tuple[ModelConfig, Transformer]:
-    """Rebuilds the model saved at `path` (the step it names, else the latest), sharded on `mesh` if given."""
+    """Rebuilds the model saved at `path` (the step it names, else the latest), sharded on `mesh` if
+    given. A checkpoint of adapters gets its frozen weights from the base it points to."""
     directory = locate(path)[0]
     step = latest_step(path) if step is None else step
     cfg = read_model_config(path, step)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    base = _has_item(directory, step, "base")
+    saved = nnx.state(state, lora.trainable(cfg) if base else nnx.Param)
 
     def abstract(var: nnx.Variable) -> nnx.Variable:
         sharding = var_sharding(var, mesh, rules) if mesh is not None else None
         return var.replace(jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype, sharding=sharding))
 
-    target = nnx.to_pure_dict(jax.tree.map(abstract, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    target = nnx.to_pure_dict(jax.tree.map(abstract, saved, is_leaf=lambda x: isinstance(x, nnx.Variable)))
     where = f"checkpoint {directory}/{step}"
     items = {"params": ocp.args.StandardRestore(target)}
-    if _has_item(directory, step, "fingerprint"):
-        items["fingerprint"] = ocp.args.JsonRestore()
+    for item in ("fingerprint", "base"):
+        if _has_item(directory, step, item):
+            items[item] = ocp.args.JsonRestore()
     with ocp.CheckpointManager(directory) as mgr:
         try:
             out = mgr.restore(step, args=ocp.args.Composite(**items))
@@ -167,8 +173,45 @@ def load_params(path: str, step: int | None = None, mesh: Mesh | None = None,
     expected = out.get("fingerprint")
     verify({"params": out["params"]}, None if expected is None else
            {k: v for k, v in expected.items() if k.startswith("params/")}, where)
+    if base:
+        nnx.replace_by_pure_dict(state, _base_values(out["base"]["init_from"], cfg, mesh, rules, where))
     nnx.replace_by_pure_dict(state, out["params"])
     return cfg, nnx.merge(graphdef, state)
+
+
+def _base_values(base: str, cfg: ModelConfig, mesh: Mesh | None, rules: Rules | None, where: str) -> dict[str, Any]:
+    """The frozen weights (pure dict, without adapters) that the adapters of checkpoint `where` were trained on."""
+    if not os.path.exists(base):
+        raise CheckpointError(f"{where} holds adapters trained on {base}, which no longer exists; restore that "
+                              "base directory, or merge the adapters while it is there (kiln convert --to-hf)")
+    base_model = load_model(base, mesh=mesh, rules=rules, param_dtype=cfg.param_dtype)[1]
+    if lora.adapters(base_model):  # adapters trained on adapters: the earlier ones are part of the base
+        base_model = lora.merge(base_model)
+    return jax.tree.map(lambda x: x.astype(cfg.param_dtype), nnx.to_pure_dict(nnx.state(base_model, nnx.Param)))
+
+
+def base_of(path: str) -> str:
+    """The frozen base a checkpoint of adapters points to ("" for a checkpoint of a whole model)."""
+    directory = locate(path)[0]
+    step = latest_step(path)
+    if not _has_item(directory, step, "base"):
+        return ""
+    with ocp.CheckpointManager(directory) as mgr:
+        return mgr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]["init_from"]
+
+
+def is_hf_dir(path: str) -> bool:
+    """A Hugging Face directory (config.json, no Kiln checkpoints) rather than a Kiln run or checkpoint."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_model(path: str, *, mesh: Mesh | None = None, rules: Rules | None = None,
+               param_dtype: DType | None = None) -> tuple[ModelConfig, Transformer]:
+    """The model in `path`: a Hugging Face directory (read in `param_dtype`, default float32) or a
+    Kiln run, checkpoints or step directory (parameters as saved)."""
+    if is_hf_dir(path):
+        return hf.load(path, dtype=param_dtype, param_dtype=param_dtype)
+    return load_params(path, mesh=mesh, rules=rules)
 
 
 # -- full training state -----------------------------------------------------------------------------
@@ -218,12 +261,14 @@ class Checkpointer:
     a crash mid-save leaves nothing that `latest_step` would pick up.
     """
 
-    def __init__(self, run_dir: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True):
+    def __init__(self, run_dir: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True, base: str = ""):
+        """`base`: the directory of the frozen weights when the state holds only adapters."""
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
                                                enable_async_checkpointing=async_save)
         self.run_dir = os.path.abspath(run_dir)
         self.directory = os.path.join(self.run_dir, "checkpoints")
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.base = os.path.abspath(base) if base else ""
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -234,11 +279,13 @@ class Checkpointer:
         ensure_writable(self.directory)
         params, rest = nnx.to_pure_dict(state.params), _flat(_rest(state))
         checksums = fingerprint({"params": params, "train_state": rest})
+        items = dict(params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(rest),
+                     data=ocp.args.JsonSave(data_state), model_config=ocp.args.JsonSave(model_config.to_dict()),
+                     fingerprint=ocp.args.JsonSave(checksums))
+        if self.base:
+            items["base"] = ocp.args.JsonSave({"init_from": self.base})
         try:
-            self.manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(rest),
-                data=ocp.args.JsonSave(data_state), model_config=ocp.args.JsonSave(model_config.to_dict()),
-                fingerprint=ocp.args.JsonSave(checksums)), force=True)
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # includes the previous asynchronous save's failure, reported here
             raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {_one_line(e)}") from None
 

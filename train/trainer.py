@@ -20,8 +20,8 @@ from ml_collections import ConfigDict
 
 from data import loader, pipeline, tokenizer as tokenizers
 from data.sources import expand_path
-from model import hf, presets
-from model.config import ModelConfig, RopeScaling
+from model import hf, hf_peft, lora, presets
+from model.config import LoraConfig, ModelConfig, RopeScaling
 from model.sharding import make_mesh, shard_module, use_rules
 from model.transformer import Transformer
 from train import checkpoint, flops, losses, optim, preflight, records, rundir
@@ -44,6 +44,7 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
     if m.rope_scaling.type != "none":
         fields = {k: v for k, v in m.rope_scaling.to_dict().items() if v is not None}
         overrides["rope_scaling"] = RopeScaling.from_dict(dict(fields, rope_type=fields.pop("type")))
+    overrides["lora"] = lora_config(config)
     if m.init_from:
         base = source_config(init_source(config))
         changed = [k for k in SHAPE_FIELDS if k in overrides and overrides[k] != getattr(base, k)]
@@ -72,36 +73,53 @@ def init_source(config: ConfigDict) -> str:
     return path
 
 
-def _is_hf_dir(path: str) -> bool:
-    """A Hugging Face directory (config.json, no Kiln checkpoints) rather than a Kiln run/checkpoint directory."""
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
-
-
 def source_config(path: str) -> ModelConfig:
-    if _is_hf_dir(path):
+    if checkpoint.is_hf_dir(path):
         with open(os.path.join(path, "config.json")) as f:
             return hf.config_from_hf(json.load(f), where=os.path.join(path, "config.json"))
     return checkpoint.read_model_config(path)
 
 
-def build_model(config: ConfigDict, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Transformer:
-    """A sharded model: fresh from `seed`, or with parameters from `model.init_from`."""
-    source = init_source(config)
+def lora_config(config: ConfigDict) -> LoraConfig | None:
+    """The LoRA adapters `peft.*` asks for (None unless peft.method is lora)."""
+    p = config.peft
+    if p.method != "lora":
+        return None
+    return LoraConfig(rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout, targets=tuple(p.lora_targets),
+                      rslora=p.lora_rslora, init=p.lora_init)
+
+
+def build_model(config: ConfigDict, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[Transformer, str]:
+    """A sharded model: fresh from `seed`, or with parameters from `model.init_from` (and
+    `peft.adapter_from`); and the directory of its frozen base ("" unless it trains adapters only).
+
+    A LoRA run started from a LoRA checkpoint with the same adapter settings continues its adapters
+    (on that checkpoint's base); any other start from adapters merges them into the weights first."""
+    source, base = init_source(config), ""
     if not source:
         model = Transformer(cfg, rngs=nnx.Rngs(config.seed))
-    elif _is_hf_dir(source):
-        model = _with_config(hf.load(source, dtype=cfg.dtype, param_dtype=cfg.param_dtype)[1], cfg)
     else:
-        model = _with_config(checkpoint.load_params(source, mesh=mesh, rules=config.mesh.rules)[1], cfg)
-    return shard_module(model, mesh, config.mesh.rules)
+        loaded = checkpoint.load_model(source, mesh=mesh, rules=config.mesh.rules, param_dtype=cfg.param_dtype)[1]
+        continues = bool(lora.adapters(loaded)) and loaded.cfg.lora == cfg.lora
+        if lora.adapters(loaded) and not continues:
+            loaded = lora.merge(loaded)
+        model = _with_config(loaded, cfg, config.seed)
+        base = checkpoint.base_of(source) if continues else source
+    if config.peft.adapter_from:
+        hf_peft.load_adapter(model, expand_path(config.peft.adapter_from, "peft.adapter_from"))
+    return shard_module(model, mesh, config.mesh.rules), (base if cfg.lora is not None else "")
 
 
-def _with_config(model: Transformer, cfg: ModelConfig) -> Transformer:
-    """The loaded parameters under `cfg` (same shapes; new RoPE scaling, dtypes, remat ...)."""
+def _with_config(model: Transformer, cfg: ModelConfig, seed: int) -> Transformer:
+    """The loaded parameters under `cfg` (same shapes; new RoPE scaling, dtypes, remat ...). Adapters
+    that `cfg` asks for and `model` lacks are initialised from `seed`, as a fresh model's would be."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    loaded = nnx.state(model)
-    nnx.replace_by_pure_dict(state, jax.tree.map(
-        lambda x: x.astype(cfg.param_dtype), nnx.to_pure_dict(loaded)))
+    if cfg.lora is not None and not lora.adapters(model):
+        # Only the adapters leave the jitted init, so XLA never computes the discarded base weights.
+        fresh = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.LoRAParam)))
+        nnx.replace_by_pure_dict(state, fresh())
+    loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x.astype(cfg.param_dtype), loaded))
     return nnx.merge(graphdef, state)
 
 
@@ -118,6 +136,7 @@ class Run:
     state: TrainState
     step_fn: Any
     flops_per_token: float
+    base: str = ""  # the frozen base's directory when only adapters train
     _eval_step: Any = None  # jitted lazily by train.evaluate
 
     def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -132,8 +151,8 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
     with jax.set_mesh(mesh), use_rules(config.mesh.rules):
         cfg = model_config(config, tok.vocab_size)
         preflight.check_shapes(config, cfg, mesh)
-        model = build_model(config, cfg, mesh)
-        graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+        model, base = build_model(config, cfg, mesh)
+        graphdef, params, frozen = nnx.split(model, lora.trainable(cfg), ...)
         tx = optim.optimizer(config.optim, config.train.steps, params)
         state = init_state(params, tx, config.seed)
         shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -141,7 +160,7 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
         step_fn = jax.jit(make_train_step(graphdef, loss_fn, tx, config.optim.grad_accum),
                           out_shardings=(shardings, None), donate_argnums=(0,))
     return Run(config, cfg, mesh, tok, graphdef, frozen, state, step_fn,
-               flops.flops_per_token(cfg, config.data.seq_len))
+               flops.flops_per_token(cfg, config.data.seq_len), base)
 
 
 def train(config: ConfigDict, devices: list | None = None) -> dict[str, Any]:
@@ -160,7 +179,8 @@ def train(config: ConfigDict, devices: list | None = None) -> dict[str, Any]:
         if config.checkpoint.resume == "none":
             _say(_set_aside(config.run_dir, ["checkpoints"], "checkpoint.resume=none: the earlier checkpoints"))
         ckpt = checkpoint.Checkpointer(config.run_dir, keep=config.checkpoint.keep,
-                                       keep_every=config.checkpoint.keep_every, async_save=config.checkpoint["async"])
+                                       keep_every=config.checkpoint.keep_every, async_save=config.checkpoint["async"],
+                                       base=run.base)
         try:
             return _run(run, kind, ckpt)
         finally:

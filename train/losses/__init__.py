@@ -1,4 +1,5 @@
-"""Loss registry. A stage's loss is `loss_fn(model, batch, rngs) -> (loss_sum, metrics)`.
+"""Loss registry. A stage's loss is `loss_fn(model, batch, rngs) -> (loss_sum, metrics)`; `rngs` (None: no randomness, as
+in evaluation) feeds dropout and sampling.
 
 `loss_sum` is a SUM over the micro-batch's loss units (tokens, pairs, ...), and `metrics["weight"]`
 counts those units. The shared train step divides the summed loss, its gradient and every other

@@ -18,9 +18,11 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, 
     return log_z - target_logit, log_z
 
 
-def forward_nll(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(nll [B,T], log_z [B,T], mask [B,T]) for a batch with tokens/targets/loss_mask/positions/segment_ids."""
-    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+def forward_nll(model: nnx.Module, batch: dict[str, jax.Array], dropout_key: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(nll [B,T], log_z [B,T], mask [B,T]) for a batch with tokens/targets/loss_mask/positions/segment_ids.
+    `dropout_key` switches on the model's (adapter) dropout: training passes one, evaluation none."""
+    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
     nll, log_z = token_nll(logits, batch["targets"])
     return nll, log_z, batch["loss_mask"].astype(jnp.float32)
 
@@ -30,7 +32,7 @@ def make_next_token(cfg: Any):
     z_coef = float(cfg.get("z_loss", 0.0))
 
     def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], rngs: nnx.Rngs):
-        nll, log_z, mask = forward_nll(model, batch)
+        nll, log_z, mask = forward_nll(model, batch, None if rngs is None else rngs.dropout())
         ce_sum = jnp.sum(nll * mask)
         metrics = {"weight": jnp.sum(mask), "ce": ce_sum}
         if not z_coef:
