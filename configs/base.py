@@ -46,9 +46,14 @@ def get_config() -> ConfigDict:
     # B zero; dropout on the adapters' inputs. Only the adapters train and are checkpointed (with a
     # pointer to model.init_from, the frozen base). adapter_from: a Hugging Face PEFT adapter
     # directory to continue from (its r, alpha and targets must match these keys).
+    # Prompt tuning: num_virtual_tokens learned input embeddings before every sequence, initialised
+    # prompt_init random | vocab (embeddings of random vocabulary tokens) | text (of prompt_init_text).
+    # Prefix tuning (P-tuning v2): num_virtual_tokens learned keys and values per layer and kv-head,
+    # through an MLP of width prefix_hidden while training (0: learned directly).
     c.peft = ConfigDict(dict(method="none", lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
                              lora_targets=("q", "k", "v", "o"), lora_rslora=False, lora_init="kaiming",
-                             adapter_from="", num_virtual_tokens=20, prefix_hidden=0))
+                             adapter_from="", num_virtual_tokens=20, prompt_init="random", prompt_init_text="",
+                             prefix_hidden=0))
 
     # Data (data/): named sources (mixture weights) for training and for evaluation. A source is
     # source(path, format, weight, **fields): format synthetic | text | jsonl | array_record | gsm8k |

@@ -23,6 +23,7 @@ CHOICES = {
     "model.rope_scaling.type": ("none", "linear", "llama3", "yarn"),
     "peft.method": ("none", "lora", "prompt_tuning", "prefix_tuning"),
     "peft.lora_init": ("kaiming", "gaussian"),
+    "peft.prompt_init": ("random", "vocab", "text"),
     "optim.schedule": ("constant", "cosine", "wsd", "linear"),
     "checkpoint.resume": ("auto", "none"),
 }
@@ -103,7 +104,6 @@ def parse_value(raw: str, current: Any) -> Any:
 # Keys that nothing reads yet, and the step that connects them: setting one is an error, so that
 # nobody sweeps a knob that does nothing.
 UNCONNECTED = {
-    "peft.num_virtual_tokens": "Step 4's prompt and prefix tuning", "peft.prefix_hidden": "Step 4's prefix tuning",
     "loss.beta": "Step 5 (DPO)", "loss.label_smoothing": "Step 5 (DPO)",
     "loss.margin": "Step 5 (reward model)", "loss.center_coef": "Step 5 (reward model)",
     "rollout.": "Steps 5-6 (sampling, RL)",
@@ -129,21 +129,24 @@ def check_connected(config: ConfigDict) -> None:
                                   "'none'; set the type (linear, llama3, yarn) or drop the key")
 
 
-PEFT_METHODS_AVAILABLE = ("none", "lora")
+# The peft.* keys each method reads; setting another method's key is an error.
+PEFT_KEYS = {"lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_rslora", "lora_init",
+                      "adapter_from"),
+             "prompt_tuning": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
+             "prefix_tuning": ("num_virtual_tokens", "prefix_hidden")}
 
 
 def check_peft(config: ConfigDict) -> None:
-    """ConfigError for a PEFT method this version lacks, or LoRA settings without peft.method=lora."""
+    """ConfigError for a peft.* key that the chosen peft.method does not read."""
     peft, defaults = config.peft, base.get_config().peft
-    if peft.method not in PEFT_METHODS_AVAILABLE:
-        raise ConfigError(f"config key 'peft.method' = {peft.method!r} is not available yet (prompt and prefix "
-                          f"tuning arrive later in Step 4); available: {', '.join(PEFT_METHODS_AVAILABLE)}")
-    if peft.method != "lora":
-        for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_rslora", "lora_init",
-                    "adapter_from"):
-            if peft[key] != defaults[key]:
-                raise ConfigError(f"config key 'peft.{key}' is set but peft.method is {peft.method!r}; "
-                                  "set --config.peft.method=lora or drop the key")
+    used = PEFT_KEYS.get(peft.method, ())
+    for key in sorted({k for keys in PEFT_KEYS.values() for k in keys} - set(used)):
+        if peft[key] != defaults[key]:
+            readers = [m for m, keys in PEFT_KEYS.items() if key in keys]
+            raise ConfigError(f"config key 'peft.{key}' is set but peft.method is {peft.method!r}; it is read by "
+                              f"peft.method={' or '.join(readers)}")
+    if peft.method == "prompt_tuning" and (peft.prompt_init == "text") != bool(peft.prompt_init_text):
+        raise ConfigError("peft.prompt_init=text and peft.prompt_init_text go together: set both or neither")
 
 
 def validate(config: ConfigDict) -> None:

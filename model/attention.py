@@ -1,9 +1,10 @@
 """Grouped-query attention with RoPE, packed-sequence masks, sliding windows, soft-capping and a KV cache.
 
 One mask rule serves training and decoding: a query attends to a key when both belong to the same
-segment, the key's position is not after the query's, and (for windowed layers) the distance is
-below the window. Packed documents therefore never see each other, and empty cache slots (segment
-0, position "infinity") are never attended.
+segment (or the key is a prompt/prefix-tuning slot, segment -1, which every segment shares), the
+key's position is not after the query's, and (for windowed layers) the distance is below the window.
+Packed documents therefore never see each other, and empty cache slots (segment 0, position
+"infinity") are never attended.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ NEG_INF = -2.3819763e38  # large finite negative: a fully masked row gives a uni
 def attention_mask(q_pos_BT: jax.Array, q_seg_BT: jax.Array, k_pos_BS: jax.Array, k_seg_BS: jax.Array,
                    window: jax.Array | int) -> jax.Array:
     """Boolean [B, T, S]: may query t attend to key s. `window` 0 means unlimited."""
-    q_pos, k_pos = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
-    allowed = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_pos <= q_pos)
+    q_pos, k_pos, k_seg = q_pos_BT[:, :, None], k_pos_BS[:, None, :], k_seg_BS[:, None, :]
+    allowed = ((q_seg_BT[:, :, None] == k_seg) | (k_seg < 0)) & (k_pos <= q_pos)
     return allowed & ((window <= 0) | (q_pos - k_pos < window))
 
 
@@ -85,9 +86,18 @@ class Attention(nnx.Module):
         return checkpoint_name(out, "out_proj")
 
     def __call__(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, positions_BT: jax.Array,
-                 segments_BT: jax.Array, window: jax.Array | int, key: jax.Array | None = None) -> jax.Array:
+                 segments_BT: jax.Array, window: jax.Array | int, key: jax.Array | None = None,
+                 prefix: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """`prefix`: this layer's prompt/prefix keys and values [N, K, D] (rotated already), seen by every segment."""
         q, k, v = self.project_qkv(x_BTE, cos, sin, key)
-        mask = attention_mask(positions_BT, segments_BT, positions_BT, segments_BT, window)
+        k_pos, k_seg = positions_BT, segments_BT
+        if prefix is not None:
+            B, N = x_BTE.shape[0], prefix[0].shape[0]
+            k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(k.dtype), (B, *p.shape)), x], axis=1)
+                    for p, x in zip(prefix, (k, v)))
+            k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(-N, 0, dtype=jnp.int32), (B, N)), k_pos], axis=1)
+            k_seg = jnp.concatenate([jnp.full((B, N), -1, jnp.int32), k_seg], axis=1)
+        mask = attention_mask(positions_BT, segments_BT, k_pos, k_seg, window)
         return self.attend(q, k, v, mask, key)
 
     def decode(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, positions_BT: jax.Array,

@@ -104,6 +104,23 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrefixConfig:
+    """Prompt tuning (kind "prompt": N virtual tokens) or prefix tuning (kind "prefix": N learned keys
+    and values per layer, through an MLP of width `hidden` while training when hidden > 0)."""
+
+    kind: str = "prompt"
+    num_tokens: int = 20
+    hidden: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("prompt", "prefix") or self.num_tokens <= 0 or self.hidden < 0:
+            raise ValueError(f"prefix kind must be prompt or prefix with num_tokens > 0 and hidden >= 0; got "
+                             f"{self.kind!r}, {self.num_tokens}, {self.hidden}")
+        if self.kind == "prompt" and self.hidden:
+            raise ValueError("prompt tuning has no MLP reparameterisation (hidden applies to prefix tuning)")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Every size and switch of the decoder. Family presets live in `model.presets`."""
 
@@ -138,8 +155,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
-    # Parameter-efficient adapters inside the model (None: a plain decoder).
+    # Parameter-efficient tuning inside the model (None: a plain decoder).
     lora: LoraConfig | None = None
+    prefix: PrefixConfig | None = None
     # Numerics and compilation.
     dtype: str = "float32"  # any DType is accepted and stored by name
     param_dtype: str = "float32"
@@ -163,6 +181,8 @@ class ModelConfig:
         for ok, why in checks:
             if not ok:
                 raise ValueError(why)
+        if self.lora is not None and self.prefix is not None:
+            raise ValueError("a model takes one parameter-efficient method: LoRA or a prompt/prefix, not both")
         if self.window_layers is not None:
             object.__setattr__(self, "window_layers", tuple(int(i) for i in self.window_layers))
         if isinstance(self.eos_token_id, list):
@@ -184,6 +204,8 @@ class ModelConfig:
             changes["rope_scaling"] = RopeScaling.from_dict(changes["rope_scaling"])
         if isinstance(changes.get("lora"), dict):
             changes["lora"] = LoraConfig(**changes["lora"])
+        if isinstance(changes.get("prefix"), dict):
+            changes["prefix"] = PrefixConfig(**changes["prefix"])
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,6 +222,7 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys {unknown}")
         d["rope_scaling"] = RopeScaling.from_dict(d.get("rope_scaling"))
         d["lora"] = LoraConfig(**d["lora"]) if d.get("lora") else None
+        d["prefix"] = PrefixConfig(**d["prefix"]) if d.get("prefix") else None
         if d.get("window_layers") is not None:
             d["window_layers"] = tuple(d["window_layers"])
         return cls(**d)

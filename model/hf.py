@@ -301,6 +301,9 @@ def save(model: Transformer, config: ModelConfig, path: str, dtype: DType | None
     """Writes `model` as a Hugging Face directory at `path` (atomically: all or nothing); LoRA
     adapters are merged into the weights they adapt."""
     dtype = dtype_name(dtype or config.param_dtype)
+    if config.prefix is not None:
+        raise HFFormatError("a prompt- or prefix-tuned model has no Hugging Face weight layout; sample and evaluate "
+                            "its Kiln checkpoint directly")
     if lora.adapters(model):  # Hugging Face weights hold the adapters merged in, in the written dtype
         model = lora.merge(model, dtype)
         config = model.cfg

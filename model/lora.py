@@ -115,11 +115,6 @@ def merge(model: nnx.Module, dtype: DType | None = None) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
-def trainable(cfg: ModelConfig) -> type[nnx.Variable]:
-    """The variable type a stage trains for this model: the adapters if it has any, else every Param."""
-    return nnx.LoRAParam if cfg.lora is not None else nnx.Param
-
-
 def count(state: nnx.State) -> int:
     """Number of elements in a state's arrays (abstract shapes are fine)."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

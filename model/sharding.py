@@ -41,6 +41,7 @@ DEFAULT_RULES: Rules = (
     ("act_vocab", "tensor"),
     ("cache_seq", None),
     ("lora_rank", None),
+    ("prefix", None),
 )
 
 _rules: contextvars.ContextVar[Rules] = contextvars.ContextVar("kiln_sharding_rules", default=DEFAULT_RULES)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import lora
+from model import lora, prefix as prefixes
 from model.attention import Attention
 from model.config import DType, ModelConfig
 from model.layers import MLP, Embed, RMSNorm, normal, param
@@ -71,9 +71,9 @@ class Block(nnx.Module):
             h = self.mlp_post_norm(h)
         return constrain(x + h, ("batch", "act_seq", "act_embed"))
 
-    def __call__(self, x, cos, sin, positions, segments, window, key=None):
+    def __call__(self, x, cos, sin, positions, segments, window, key=None, prefix=None):
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
-        h = self.attn(self.attn_norm(x), cos, sin, positions, segments, window, attn_key)
+        h = self.attn(self.attn_norm(x), cos, sin, positions, segments, window, attn_key, prefix)
         return self._mlp_residual(x, h, mlp_key)
 
     def decode(self, x, cos, sin, positions, segments, window, cache_k, cache_v, cache_pos, cache_seg, index):
@@ -101,16 +101,20 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+        # Parameter-efficient parts come last, so that adding them leaves the base's initialisation alone.
         if cfg.lora is not None:
             lora.attach(self, rngs)
+        if cfg.prefix is not None:
+            self.prefix = prefixes.make(cfg, rngs)
 
     # -- inputs ---------------------------------------------------------------------------------
-    def _inputs(self, tokens_BT, positions_BT, segments_BT):
+    def _inputs(self, tokens_BT, positions_BT, segments_BT, x=None):
+        """Embedded inputs (or the given embeddings `x`), rotary tables, positions and segments."""
         if segments_BT is None:
             segments_BT = jnp.ones(tokens_BT.shape, jnp.int32)
         if positions_BT is None:
             positions_BT = segment_positions(segments_BT)
-        x = self.embed(tokens_BT)
+        x = self.embed(tokens_BT) if x is None else x
         if self.cfg.embed_scale:
             x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
         x = constrain(x, ("batch", "act_seq", "act_embed"))
@@ -145,11 +149,55 @@ class Transformer(nnx.Module):
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.n_layers)
 
         def body(x, layer):
-            layer_state, window, key = layer
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, pos, seg, window, key), None
+            layer_state, window, key, prefix_kv = layer
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, pos, seg, window, key, prefix_kv), None
 
-        x, _ = self._scan(body, x, (state, windows, keys))
+        x, _ = self._scan(body, x, (state, windows, keys, self.prefix_kv()))
         return self.final_norm(x)
+
+    def prefix_kv(self) -> tuple[jax.Array, jax.Array] | None:
+        """Prompt/prefix tuning's keys and values of every layer [L, N, K, D] at positions -N..-1 (None
+        without). Prompt tuning's are the virtual tokens' own, from a causal pass of the layers over them."""
+        p = self.cfg.prefix
+        if p is None:
+            return None
+        if p.kind == "prefix":
+            return self.prefix()
+        N = p.num_tokens
+        pos, seg = prefixes.positions(N)[None], jnp.ones((1, N), jnp.int32)
+        virtual = self.prefix.embeddings[...].astype(self.cfg.dtype)[None]
+        x, cos, sin, pos, seg = self._inputs(None, pos, seg, x=virtual)
+        cache = KVCache.init(self.cfg, 1, N)
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, layer):
+            layer_state, window, k, v = layer
+            x, k, v = nnx.merge(graphdef, layer_state).decode(x, cos, sin, pos, seg, window, k, v, pos, seg, 0)
+            return x, (k[0], v[0])
+
+        windows = jnp.asarray(self.cfg.layer_windows(), jnp.int32)
+        _, kv = self._scan(body, x, (state, windows, cache.k, cache.v))
+        return kv
+
+    def num_prefix(self) -> int:
+        """Key/value slots before every sequence (prompt or prefix tuning's N; 0 without)."""
+        return self.cfg.prefix.num_tokens if self.cfg.prefix is not None else 0
+
+    def init_cache(self, batch: int, max_len: int, dtype: DType | None = None) -> KVCache:
+        """An empty cache for `max_len` tokens per row, after the prompt/prefix slots if the model has them."""
+        n = self.num_prefix()
+        cache = KVCache.init(self.cfg, batch, max_len + n, dtype)
+        if not n:
+            return cache
+        k, v = self.prefix_kv()
+
+        def put(slots: jax.Array, kv_LNKD: jax.Array) -> jax.Array:  # the same prefix in every row
+            rows = jnp.broadcast_to(kv_LNKD[:, None], (kv_LNKD.shape[0], batch, *kv_LNKD.shape[1:]))
+            return slots.at[:, :, :n].set(rows.astype(slots.dtype))
+
+        return KVCache(k=put(cache.k, k), v=put(cache.v, v),
+                       pos=cache.pos.at[:, :n].set(prefixes.positions(n)),
+                       seg=cache.seg.at[:, :n].set(prefixes.PREFIX_SEGMENT), index=jnp.asarray(n, jnp.int32))
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None, *, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -165,8 +213,9 @@ class Transformer(nnx.Module):
         Positions default to continuing from `cache.index`. Returns (logits [B,T,V], updated cache).
         """
         B, T = tokens_BT.shape
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(cache.index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        if positions_BT is None:  # real tokens start at 0 after the prompt/prefix slots
+            start = cache.index - self.num_prefix()
+            positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
         x, cos, sin, pos, seg = self._inputs(tokens_BT, positions_BT, segment_ids_BT)
@@ -186,6 +235,14 @@ class Transformer(nnx.Module):
         x, (k, v) = self._scan(body, x, (state, windows, cache.k, cache.v))
         logits = self.logits(self.final_norm(x))
         return logits, KVCache(k=k, v=v, pos=cache_pos, seg=cache_seg, index=cache.index + T)
+
+
+def trainable(cfg: ModelConfig) -> type[nnx.Variable]:
+    """The variables a stage trains for this model: its LoRA adapters or its prompt/prefix if it has
+    them (the base stays frozen), else every parameter."""
+    if cfg.lora is not None:
+        return nnx.LoRAParam
+    return prefixes.PrefixParam if cfg.prefix is not None else nnx.Param
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -14,7 +14,7 @@ from flax import nnx
 import hf_models
 from model import hf, hf_peft, lora, presets
 from model.config import LORA_TARGETS, LoraConfig
-from model.transformer import Transformer
+from model.transformer import Transformer, trainable
 from train import optim, trainer
 
 ALL = LoraConfig(rank=4, alpha=8.0, targets=LORA_TARGETS)
@@ -114,7 +114,7 @@ def test_only_adapters_are_trainable_and_optimizer_state_shrinks():
         sizes = {}
         for name, cfg in (("full", full_cfg), ("lora", lora_cfg)):
             model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-            _, params, frozen = nnx.split(model, lora.trainable(cfg), ...)
+            _, params, frozen = nnx.split(model, trainable(cfg), ...)
             tx = optim.optimizer(OPTIM, 100, params)
             opt_state = jax.eval_shape(tx.init, params)
             sizes[name] = (lora.count(params), sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state)))

@@ -78,8 +78,8 @@ def test_bad_stage_or_shape_stops_before_writing(tmp_path, overrides, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.peft.method=prefix_tuning", "'peft.method' = 'prefix_tuning' is not available yet"),
-    ("--config.peft.num_virtual_tokens=4", "'peft.num_virtual_tokens' = 4 is not connected"),
+    ("--config.peft.prefix_hidden=16", "'peft.prefix_hidden' is set but peft.method is 'none'; it is read by "
+                                       "peft.method=prefix_tuning"),
     ("--config.peft.lora_rank=4", "'peft.lora_rank' is set but peft.method is 'none'"),
     ("--config.loss.label_smoothing=0.1", "'loss.label_smoothing' = 0.1 is not connected"),
     ("--config.loss.margin=1.0", "'loss.margin' = 1.0 is not connected"),

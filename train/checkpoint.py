@@ -26,7 +26,7 @@ from data.sources import expand_path
 from model import hf, lora
 from model.config import DType, ModelConfig
 from model.sharding import Rules, var_sharding
-from model.transformer import Transformer
+from model.transformer import Transformer, trainable
 
 CORRUPT_DIR = "checkpoints.corrupt"  # beside checkpoints/: unreadable steps are moved here, never deleted
 
@@ -152,7 +152,7 @@ def load_params(path: str, step: int | None = None, mesh: Mesh | None = None,
     cfg = read_model_config(path, step)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     base = _has_item(directory, step, "base")
-    saved = nnx.state(state, lora.trainable(cfg) if base else nnx.Param)
+    saved = nnx.state(state, trainable(cfg) if base else nnx.Param)
 
     def abstract(var: nnx.Variable) -> nnx.Variable:
         sharding = var_sharding(var, mesh, rules) if mesh is not None else None
@@ -185,6 +185,8 @@ def _base_values(base: str, cfg: ModelConfig, mesh: Mesh | None, rules: Rules | 
         raise CheckpointError(f"{where} holds adapters trained on {base}, which no longer exists; restore that "
                               "base directory, or merge the adapters while it is there (kiln convert --to-hf)")
     base_model = load_model(base, mesh=mesh, rules=rules, param_dtype=cfg.param_dtype)[1]
+    if base_model.cfg.prefix is not None:
+        raise CheckpointError(f"{where} points to {base}, itself prompt/prefix-tuned; a base must be a whole model")
     if lora.adapters(base_model):  # adapters trained on adapters: the earlier ones are part of the base
         base_model = lora.merge(base_model)
     return jax.tree.map(lambda x: x.astype(cfg.param_dtype), nnx.to_pure_dict(nnx.state(base_model, nnx.Param)))

@@ -20,10 +20,10 @@ from ml_collections import ConfigDict
 
 from data import loader, pipeline, tokenizer as tokenizers
 from data.sources import expand_path
-from model import hf, hf_peft, lora, presets
-from model.config import LoraConfig, ModelConfig, RopeScaling
+from model import hf, hf_peft, lora, prefix as prefixes, presets
+from model.config import LoraConfig, ModelConfig, PrefixConfig, RopeScaling
 from model.sharding import make_mesh, shard_module, use_rules
-from model.transformer import Transformer
+from model.transformer import Transformer, trainable
 from train import checkpoint, flops, losses, optim, preflight, records, rundir
 from train.evaluate import evaluate
 from train.step import TrainState, init_state, make_train_step
@@ -44,7 +44,7 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
     if m.rope_scaling.type != "none":
         fields = {k: v for k, v in m.rope_scaling.to_dict().items() if v is not None}
         overrides["rope_scaling"] = RopeScaling.from_dict(dict(fields, rope_type=fields.pop("type")))
-    overrides["lora"] = lora_config(config)
+    overrides.update(peft_configs(config))
     if m.init_from:
         base = source_config(init_source(config))
         changed = [k for k in SHAPE_FIELDS if k in overrides and overrides[k] != getattr(base, k)]
@@ -80,43 +80,60 @@ def source_config(path: str) -> ModelConfig:
     return checkpoint.read_model_config(path)
 
 
-def lora_config(config: ConfigDict) -> LoraConfig | None:
-    """The LoRA adapters `peft.*` asks for (None unless peft.method is lora)."""
+def peft_configs(config: ConfigDict) -> dict[str, LoraConfig | PrefixConfig | None]:
+    """The model's `lora` and `prefix` settings that `peft.*` asks for (both None for peft.method=none)."""
     p = config.peft
-    if p.method != "lora":
-        return None
-    return LoraConfig(rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout, targets=tuple(p.lora_targets),
-                      rslora=p.lora_rslora, init=p.lora_init)
+    lora_cfg = prefix_cfg = None
+    if p.method == "lora":
+        lora_cfg = LoraConfig(rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout,
+                              targets=tuple(p.lora_targets), rslora=p.lora_rslora, init=p.lora_init)
+    elif p.method in ("prompt_tuning", "prefix_tuning"):
+        prefix_cfg = PrefixConfig(kind=p.method.split("_")[0], num_tokens=p.num_virtual_tokens, hidden=p.prefix_hidden)
+    return {"lora": lora_cfg, "prefix": prefix_cfg}
 
 
-def build_model(config: ConfigDict, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[Transformer, str]:
+def build_model(config: ConfigDict, cfg: ModelConfig, mesh: jax.sharding.Mesh, tokenizer: Any
+                ) -> tuple[Transformer, str]:
     """A sharded model: fresh from `seed`, or with parameters from `model.init_from` (and
-    `peft.adapter_from`); and the directory of its frozen base ("" unless it trains adapters only).
+    `peft.adapter_from`); and the directory of its frozen base ("" unless it trains only adapters
+    or a prompt/prefix).
 
-    A LoRA run started from a LoRA checkpoint with the same adapter settings continues its adapters
-    (on that checkpoint's base); any other start from adapters merges them into the weights first."""
+    A PEFT run started from a checkpoint with the same PEFT settings continues its adapters or
+    prefix (on that checkpoint's base); a start from LoRA adapters with other settings merges them
+    into the weights first."""
     source, base = init_source(config), ""
     if not source:
         model = Transformer(cfg, rngs=nnx.Rngs(config.seed))
     else:
         loaded = checkpoint.load_model(source, mesh=mesh, rules=config.mesh.rules, param_dtype=cfg.param_dtype)[1]
-        continues = bool(lora.adapters(loaded)) and loaded.cfg.lora == cfg.lora
+        tuned = {"lora": loaded.cfg.lora, "prefix": loaded.cfg.prefix}
+        continues = any(tuned.values()) and tuned == {"lora": cfg.lora, "prefix": cfg.prefix}
+        if loaded.cfg.prefix is not None and not continues:
+            raise ValueError(f"model.init_from={config.model.init_from!r} is prompt/prefix-tuned; continue it with "
+                             "the same peft.* settings, or start from its base")
         if lora.adapters(loaded) and not continues:
             loaded = lora.merge(loaded)
         model = _with_config(loaded, cfg, config.seed)
         base = checkpoint.base_of(source) if continues else source
+        if cfg.prefix is not None and cfg.prefix.kind == "prompt" and not continues:
+            text = config.peft.prompt_init_text
+            prefixes.init_prompt(model, config.peft.prompt_init, tokenizer.encode(text) if text else [],
+                                 jax.random.key(config.seed))
     if config.peft.adapter_from:
         hf_peft.load_adapter(model, expand_path(config.peft.adapter_from, "peft.adapter_from"))
-    return shard_module(model, mesh, config.mesh.rules), (base if cfg.lora is not None else "")
+    tuned_only = cfg.lora is not None or cfg.prefix is not None
+    return shard_module(model, mesh, config.mesh.rules), (base if tuned_only else "")
 
 
 def _with_config(model: Transformer, cfg: ModelConfig, seed: int) -> Transformer:
-    """The loaded parameters under `cfg` (same shapes; new RoPE scaling, dtypes, remat ...). Adapters
-    that `cfg` asks for and `model` lacks are initialised from `seed`, as a fresh model's would be."""
+    """The loaded parameters under `cfg` (same shapes; new RoPE scaling, dtypes, remat ...). LoRA
+    adapters or a prompt/prefix that `cfg` asks for and `model` lacks are initialised from `seed`,
+    as a fresh model's would be."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    if cfg.lora is not None and not lora.adapters(model):
-        # Only the adapters leave the jitted init, so XLA never computes the discarded base weights.
-        fresh = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.LoRAParam)))
+    kind = trainable(cfg)
+    if kind is not nnx.Param and not jax.tree.leaves(nnx.state(model, kind)):
+        # Only the new parts leave the jitted init, so XLA never computes the discarded base weights.
+        fresh = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)), kind)))
         nnx.replace_by_pure_dict(state, fresh())
     loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x.astype(cfg.param_dtype), loaded))
@@ -151,8 +168,8 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
     with jax.set_mesh(mesh), use_rules(config.mesh.rules):
         cfg = model_config(config, tok.vocab_size)
         preflight.check_shapes(config, cfg, mesh)
-        model, base = build_model(config, cfg, mesh)
-        graphdef, params, frozen = nnx.split(model, lora.trainable(cfg), ...)
+        model, base = build_model(config, cfg, mesh, tok)
+        graphdef, params, frozen = nnx.split(model, trainable(cfg), ...)
         tx = optim.optimizer(config.optim, config.train.steps, params)
         state = init_state(params, tx, config.seed)
         shardings = jax.tree.map(lambda x: x.sharding, state)

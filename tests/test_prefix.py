@@ -1,0 +1,126 @@
+"""Prompt tuning and prefix tuning: a learned prompt equals prepending it, per packed document, in
+training and in cached decoding; MLP-reparameterised prefixes fold into plain ones."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model import hf, prefix
+from model import presets
+from model.config import PrefixConfig
+from model.transformer import KVCache, Transformer, trainable
+from train import trainer
+
+CFG = presets.get("tiny", sliding_window=9, window_layers=(1,))  # one windowed layer: the prefix can fall out of it
+TEXT = [11, 22, 33, 44, 55]
+N = len(TEXT)
+X = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 12)))
+
+
+@pytest.fixture(scope="module")
+def base():
+    return Transformer(CFG, rngs=nnx.Rngs(0))
+
+
+def prepended(base, tokens):
+    """The base model's logits for `tokens` when TEXT really precedes them."""
+    full = jnp.concatenate([jnp.broadcast_to(jnp.asarray(TEXT), (tokens.shape[0], N)), tokens], axis=1)
+    return base(full)[:, N:]
+
+
+def tuned(base, kind, hidden=0, scan=True):
+    """`base` with a prompt (the embeddings of TEXT) or prefix (TEXT's keys and values) that stands for TEXT."""
+    cfg = base.cfg.replace(prefix=PrefixConfig(kind=kind, num_tokens=N, hidden=hidden), scan_layers=scan)
+    model = trainer._with_config(base, cfg, 0)
+    if kind == "prompt":
+        prefix.init_prompt(model, "text", TEXT, jax.random.key(0))
+    elif not hidden:
+        cache = KVCache.init(base.cfg, 1, N)
+        _, cache = base.decode(jnp.asarray([TEXT]), cache, positions_BT=prefix.positions(N)[None])
+        model.prefix.k.set_value(cache.k[:, 0])
+        model.prefix.v.set_value(cache.v[:, 0])
+    return model
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+@pytest.mark.parametrize("scan", [True, False])
+def test_a_learned_prompt_equals_prepending_it(base, kind, scan):
+    model = tuned(base, kind, scan=scan)
+    ref = prepended(base, X)
+    err = float(jnp.abs(model(X) - ref).max())
+    assert err < 1e-6, err  # measured 1.2e-7 (float32); RoPE sees the same distances at shifted positions
+    assert float(jnp.abs(base(X) - ref).max()) > 1e-2  # the prompt matters
+
+
+def test_prefix_is_per_kv_head(base):
+    model = Transformer(base.cfg.replace(prefix=PrefixConfig(kind="prefix", num_tokens=7)), rngs=nnx.Rngs(0))
+    k, v = model.prefix_kv()
+    c = base.cfg
+    assert k.shape == v.shape == (c.n_layers, 7, c.n_kv_heads, c.dim_head) and c.n_kv_heads < c.n_heads
+    assert model.prefix.k.get_metadata()["axes"] == ("layers", "prefix", "kv_heads", "head_dim")
+
+
+def test_every_packed_document_sees_the_prompt_and_no_other_document(base):
+    """Two documents packed in one row, padding in the other: each document's logits equal its own row's."""
+    model = tuned(base, "prompt")
+    a, b = X[0, :5], X[1, :7]
+    packed = jnp.stack([jnp.concatenate([a, b]), jnp.concatenate([b, jnp.zeros(5, jnp.int32)])])
+    segments = jnp.asarray([[1] * 5 + [2] * 7, [1] * 7 + [0] * 5])
+    out = model(packed, segment_ids_BT=segments)
+    err = max(float(jnp.abs(out[0, :5] - model(a[None])[0]).max()),
+              float(jnp.abs(out[0, 5:] - model(b[None])[0]).max()),
+              float(jnp.abs(out[1, :7] - model(b[None])[0]).max()))
+    assert err < 1e-6, err  # measured 0 (the same sums); a document seeing its neighbour moves logits by ~1e-2
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_cached_decoding_sees_the_prompt(base, kind):
+    model = tuned(base, kind)
+    full = model(X)
+    cache = model.init_cache(2, 12)
+    assert int(cache.index) == N
+    first, cache = model.decode(X[:, :7], cache)
+    rest = []
+    for t in range(7, 12):  # one token at a time, as the sampler does
+        logits, cache = model.decode(X[:, t:t + 1], cache)
+        rest.append(logits)
+    err = float(jnp.abs(jnp.concatenate([first, *rest], axis=1) - full).max())
+    assert err < 1e-6, err  # measured 1.0e-7
+
+
+def test_mlp_reparameterised_prefix_folds_into_plain_prefixes(base):
+    model = tuned(base, "prefix", hidden=32)
+    folded = prefix.fold(model)
+    assert folded.cfg.prefix.hidden == 0 and not hasattr(folded.prefix, "w_in")
+    np.testing.assert_array_equal(folded(X), model(X))
+    assert {p.shape for p in jax.tree.leaves(nnx.state(model, prefix.PrefixParam))} == {
+        (N, 64), (64, 32), (32,), (32, 2 * 2 * 2 * 16), (2 * 2 * 2 * 16,)}
+
+
+def test_only_the_prompt_trains(base):
+    model = tuned(base, "prompt")
+    _, params, frozen = nnx.split(model, trainable(model.cfg), ...)
+    assert [x.shape for x in jax.tree.leaves(params)] == [(N, 64)]
+    assert sum(x.size for x in jax.tree.leaves(frozen)) == sum(
+        x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
+
+
+def test_prompt_initialisations(base):
+    model = tuned(base, "prompt")
+    table = np.asarray(base.embed.table[...])
+    np.testing.assert_array_equal(model.prefix.embeddings[...], table[TEXT])
+    prefix.init_prompt(model, "vocab", [], jax.random.key(1))
+    rows = np.asarray(model.prefix.embeddings[...])
+    assert all(np.any(np.all(table == r, axis=1)) for r in rows)  # each is some token's embedding
+    prefix.init_prompt(model, "random", [], jax.random.key(1))
+    assert abs(float(jnp.std(model.prefix.embeddings[...])) - table.std()) < 0.5 * table.std()
+    with pytest.raises(ValueError, match="prompt_init_text"):
+        prefix.init_prompt(model, "text", [], jax.random.key(1))
+
+
+def test_hugging_face_export_refuses_a_prefix(base, tmp_path):
+    model = tuned(base, "prefix")
+    with pytest.raises(hf.HFFormatError, match="prompt- or prefix-tuned"):
+        hf.save(model, model.cfg, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
