@@ -1,0 +1,74 @@
+"""Verifiable-task evaluation: problems and shots from separate splits, prompts with and without a
+chain of thought, answers read after '####', accuracy counted from what the sampler wrote."""
+import pytest
+
+from configs import base
+from train import tasks
+
+DATA = base.get_config().data
+DATA.synthetic.num_examples = 200
+
+
+def split(start, end, limit=0):
+    return tasks.items("t", base.source(format="synthetic", start=start, end=end), DATA, limit)
+
+
+def test_items_carry_question_solution_and_answer():
+    item = split(0.95, 1.0)[0]
+    assert item.solution.endswith(f"#### {item.answer}") and item.answer.isdigit()
+    assert item.question.endswith("?") and len(split(0.95, 1.0)) == 10 and len(split(0.0, 0.95, limit=7)) == 7
+
+
+def test_shots_never_include_an_evaluated_problem():
+    evaluated, pool = split(0.95, 1.0), split(0.0, 0.95)
+    shots = tasks.choose_shots(pool, 4, evaluated, seed=0)
+    assert len(shots) == 4 and shots == tasks.choose_shots(pool, 4, evaluated, seed=0)
+    assert shots != tasks.choose_shots(pool, 4, evaluated, seed=1)
+    with pytest.raises(ValueError, match="also an evaluated problem"):
+        tasks.choose_shots(evaluated, 2, evaluated)
+    with pytest.raises(ValueError, match="need 300 examples"):
+        tasks.choose_shots(pool, 300, evaluated)
+
+
+def test_prompts_with_and_without_chain_of_thought():
+    item, (s1, s2) = split(0.95, 1.0)[0], split(0.0, 0.95)[:2]
+    cot = tasks.prompt(item, [s1, s2], cot=True, chat=False)
+    assert cot == f"{s1.question}\n{s1.solution}\n\n{s2.question}\n{s2.solution}\n\n{item.question}\n"
+    direct = tasks.prompt(item, [s1], cot=False, chat=False)
+    assert direct == f"{s1.question}\n#### {s1.answer}\n\n{item.question}\n#### "
+    messages = tasks.prompt(item, [s1], cot=False, chat=True)
+    assert messages == [{"role": "user", "content": s1.question}, {"role": "assistant", "content": f"#### {s1.answer}"},
+                        {"role": "user", "content": item.question}]
+    assert tasks.prompt(item, [], cot=True, chat=True) == [{"role": "user", "content": item.question}]
+
+
+def test_scoring_reads_the_final_answer():
+    item = tasks.Item("q", "s\n#### 1234", "1234")
+    assert tasks.score("a = 2\n#### 1,234", item, cot=True, chat=False)
+    assert not tasks.score("#### 1234 then #### 5", item, cot=True, chat=False)  # the last #### counts
+    assert tasks.score("1234", item, cot=False, chat=False)  # after the prompt's "#### "
+    assert not tasks.score("1234", item, cot=True, chat=False)  # a chain of thought must end in "#### N"
+    assert tasks.score("#### 1234.", item, cot=False, chat=True)
+
+
+class Scripted:
+    """A stand-in sampler: answers each question with the scripted text and records its calls."""
+
+    def __init__(self, answers):
+        self.answers, self.calls = answers, []
+
+    def complete(self, prompts, **kw):
+        self.calls.append((prompts, kw))
+        return [{"text": self.answers[p if isinstance(p, str) else p[-1]["content"]]} for p in prompts]
+
+
+def test_accuracy_counts_right_answers_in_batches():
+    evaluated = split(0.95, 1.0)
+    answers = {tasks.prompt(it, [], cot=True, chat=False): f"work\n#### {it.answer if i % 3 else 0}"
+               for i, it in enumerate(evaluated)}
+    sampler = Scripted(answers)
+    out = tasks.accuracy(sampler, evaluated, [], cot=True, chat=False, max_new_tokens=64, batch_size=4)
+    assert out["correct"] == sum(1 for i in range(10) if i % 3) == 6 and out["accuracy"] == 0.6 and out["n"] == 10
+    assert [len(p) for p, _ in sampler.calls] == [4, 4, 2]
+    assert sampler.calls[0][1]["temperature"] == 0.0 and sampler.calls[0][1]["stop"] == ("\n\n",)
+    assert [e["correct"] for e in out["examples"]] == [False, True, True]
