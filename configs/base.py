@@ -19,6 +19,11 @@ def source(path: str = "", format: str = "synthetic", weight: float = 1.0, **fie
     return ConfigDict(dict(path=path, format=format, weight=weight, **fields))
 
 
+def task(eval_source: ConfigDict, shots_source: ConfigDict) -> ConfigDict:
+    """A verifiable task for `kiln eval`: the evaluated problems and the split its few-shot examples come from."""
+    return ConfigDict(dict(eval=eval_source, shots=shots_source))
+
+
 def get_config() -> ConfigDict:
     c = ConfigDict()
     c.stage = "pretrain"
@@ -97,6 +102,12 @@ def get_config() -> ConfigDict:
                                "allow_changes": False})
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1,
                              rules=tuple((name, target) for name, target in DEFAULT_RULES)))
+    # Evaluation (`kiln eval`): bits per byte and perplexity on data.eval_sources, and exact-match
+    # accuracy on verifiable tasks, each task {eval: source, shots: source} (the few-shot examples come
+    # from their own split). Every pair of `shots` (k) and `chain_of_thought` is scored, greedily, on
+    # the first num_problems problems (0: all); shot_seed draws the examples.
+    c.eval = ConfigDict(dict(tasks=ConfigDict(), shots=(0, 4), chain_of_thought=(True, False), num_problems=100,
+                             max_new_tokens=256, batch_size=32, shot_seed=0))
     c.loss = ConfigDict(dict(type="next_token", z_loss=0.0, beta=0.1, label_smoothing=0.0,
                              margin=0.0, center_coef=0.0))
     c.rollout = ConfigDict(dict(num_samples=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128,

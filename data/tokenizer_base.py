@@ -130,7 +130,10 @@ class ByteTokenizer(Tokenizer):
         return (np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self.offset).tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode("utf-8", errors="replace")
+        """The text of the byte tokens; control tokens and ids past the vocabulary (a model's padded
+        embedding rows) have none."""
+        end = self.offset + 256
+        return bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < end).decode("utf-8", errors="replace")
 
     def token_id(self, piece: str) -> int | None:
         return self._ids.get(piece)

@@ -14,12 +14,12 @@ COMMANDS = {
     "tokenizer": ("launch.tokenizer_cli", "train a sentencepiece tokenizer"),
     "data": ("launch.data_cli", "preview a data pipeline (kiln data preview --config=...)"),
     "convert": ("launch.convert", "convert between Hugging Face directories and Kiln checkpoints"),
+    "sample": ("launch.sample", "sample from a checkpoint (kiln sample --checkpoint=... --prompt=...)"),
+    "eval": ("launch.eval", "evaluate a checkpoint (kiln eval --checkpoint=... --config=configs/eval.py)"),
 }
 PLANNED = {
     "pipeline": "run several stages in order",
     "sweep": "run a grid of configs",
-    "sample": "sample from a checkpoint",
-    "eval": "evaluate a checkpoint",
     "bench": "throughput and MFU benchmarks",
 }
 

@@ -72,6 +72,7 @@ def test_byte_tokenizer_layout_round_trip_and_bytes():
     assert tok.encode("Hi", add_bos=True, add_eos=True) == [1, 72 + 8, 105 + 8, 2]
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT
+    assert tok.decode([72 + 8, 264, 300, 105 + 8, 2]) == "Hi"  # ids past the 264 (a padded embedding's) have no text
     assert tok.special_id("<|user|>") not in ids  # typed control tokens stay text
     assert tok.token_bytes()[ids].sum() == len(TEXT.encode("utf-8"))
     assert tok.token_bytes()[:8].sum() == 0

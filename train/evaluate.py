@@ -8,7 +8,7 @@ reported under the plain keys `eval/loss`, `eval/perplexity`, `eval/bits_per_byt
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,24 +42,31 @@ def eval_metrics(nll_sum: float, tokens: float, nbytes: float) -> dict[str, floa
 
 
 def evaluate(run: Any, kind: str) -> dict[str, float]:
-    """Eval metrics for every eval source of `run.config` (at most `train.eval_steps` batches each)."""
-    cfg = run.config
+    """Eval metrics of a training run's current state on every eval source (`evaluate_sources`)."""
+    if getattr(run, "_eval_step", None) is None:
+        run._eval_step = jax.jit(make_eval_step(run.graphdef))
+    return evaluate_sources(run.config, kind, run.tokenizer,
+                            lambda batch: run._eval_step(run.state.params, run.frozen, run.global_batch(batch)))
+
+
+def evaluate_sources(cfg: Any, kind: str, tokenizer: Any, eval_step: Callable[[dict[str, Any]], jax.Array]
+                     ) -> dict[str, float]:
+    """Eval metrics for every eval source of `cfg` (at most `train.eval_steps` batches each);
+    `eval_step(numpy batch) -> [nll_sum, tokens, bytes]`."""
     if not cfg.data.eval_sources:
         return {}
     if kind not in EVAL_KINDS:
         raise ValueError(f"data.eval_sources: evaluation of {kind!r} data is not supported; "
                          f"supported kinds: {', '.join(EVAL_KINDS)}")
-    if getattr(run, "_eval_step", None) is None:
-        run._eval_step = jax.jit(make_eval_step(run.graphdef))
     rows: dict[str, float] = {}
     for i, name in enumerate(cfg.data.eval_sources.keys()):
-        batches = pipeline.eval_iterator(cfg.data, kind, run.tokenizer, name, process_index=jax.process_index(),
+        batches = pipeline.eval_iterator(cfg.data, kind, tokenizer, name, process_index=jax.process_index(),
                                          process_count=jax.process_count())
         total = jnp.zeros(3, jnp.float32)
         for n, batch in enumerate(batches):
             if 0 < cfg.train.eval_steps <= n:
                 break
-            total = total + run._eval_step(run.state.params, run.frozen, run.global_batch(batch))
+            total = total + eval_step(batch)
         nll, tokens, nbytes = (float(x) for x in jax.device_get(total))
         if tokens == 0:
             raise ValueError(f"data.eval_sources.{name}: no loss tokens to evaluate")

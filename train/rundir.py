@@ -24,7 +24,7 @@ SUPERSEDED_DIR = "superseded"
 # nor alter which batches come next. Prefixes end with a dot. `model.init_from` only seeds a fresh
 # run: a resumed one restores its own checkpoint, so the source moving elsewhere does not matter.
 FREE_ON_RESUME = ("run_dir", "optim.", "train.", "checkpoint.", "mesh.", "data.eval_sources.", "loss.z_loss",
-                  "model.dtype", "model.remat", "model.scan_layers", "model.init_from", "data.num_workers")
+                  "model.dtype", "model.remat", "model.scan_layers", "model.init_from", "data.num_workers", "eval.")
 # These cannot change at all: the checkpoint's arrays would not fit, or the run would be another stage.
 NEVER_ON_RESUME = ("stage", "loss.type", "peft.", "model.")
 

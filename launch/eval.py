@@ -1,0 +1,99 @@
+"""`kiln eval --checkpoint=RUN_OR_HF_DIR --config=configs/eval.py[:variant] [--config.KEY=VALUE ...]`
+
+Evaluates one checkpoint (a Kiln run, checkpoints or step directory, or a Hugging Face directory):
+bits per byte and perplexity on `data.eval_sources`, and exact-match accuracy on every task of
+`eval.tasks` for each number of shots and with and without a chain of thought. Writes
+`results.json` and `results.md` into the config's `run_dir` (each through a temporary file) and
+prints the table.
+
+Tokenizer and chat template come from the checkpoint's run (or the Hugging Face directory), as for
+`kiln sample`; `--tokenizer`, `--chat_template` and `--chat` / `--no-chat` override them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import jax
+from flax import nnx
+
+from data import loader
+from launch.config import load_config
+from model.sharding import make_mesh, use_rules
+from train import evaluate, generate, tasks
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Kiln run / checkpoints / step directory, or a Hugging Face directory")
+    p.add_argument("--config", default="configs/eval.py", help="evaluation config FILE.py[:variant]")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the checkpoint's)")
+    p.add_argument("--chat_template", default=None, help="chat template (default: the checkpoint's)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt with the chat template (default: for runs that trained on conversations)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    known = [a for a in argv if not a.startswith("--config.")]
+    args = parser().parse_args(known)
+    config = load_config(args.config, [a for a in argv if a.startswith("--config.")])
+    results = run(config, args.checkpoint, tokenizer=args.tokenizer, chat_template=args.chat_template, chat=args.chat)
+    print(markdown(results))
+    return 0
+
+
+def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat_template: str | None = None,
+        chat: bool | None = None) -> dict[str, Any]:
+    """Evaluates `checkpoint_path` as `config` says; returns (and writes) the results."""
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    started = time.perf_counter()
+    with jax.set_mesh(mesh), use_rules(config.mesh.rules):
+        sampler, use_chat = generate.load_sampler(checkpoint_path, tokenizer=tokenizer, chat_template=chat_template,
+                                                  chat=chat, mesh=mesh, rules=config.mesh.rules)
+        graphdef, params, rest = nnx.split(sampler.model, nnx.Param, ...)
+        step = jax.jit(evaluate.make_eval_step(graphdef))
+        text = evaluate.evaluate_sources(config, "pretrain", sampler.tokenizer,
+                                         lambda batch: step(params, rest, loader.global_batch(batch, mesh)))
+        rows = []
+        for name, task in config.eval.tasks.items():
+            evaluated = tasks.items(f"eval.tasks.{name}.eval", task.eval, config.data, config.eval.num_problems)
+            pool = tasks.items(f"eval.tasks.{name}.shots", task.shots, config.data)
+            for k in config.eval.shots:
+                shots = tasks.choose_shots(pool, k, evaluated, seed=config.eval.shot_seed)
+                for cot in config.eval.chain_of_thought:
+                    t0 = time.perf_counter()
+                    out = tasks.accuracy(sampler, evaluated, shots, cot=cot, chat=use_chat,
+                                         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+                    rows.append(dict(task=name, shots=k, chain_of_thought=cot, seconds=time.perf_counter() - t0, **out))
+    results = {"checkpoint": os.path.abspath(checkpoint_path), "chat": use_chat, "metrics": text, "tasks": rows,
+               "seconds": time.perf_counter() - started}
+    if jax.process_index() == 0:
+        os.makedirs(config.run_dir, exist_ok=True)
+        _write(os.path.join(config.run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+        _write(os.path.join(config.run_dir, "results.md"), markdown(results) + "\n")
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as markdown: the text metrics, then one row per (task, shots, chain of thought)."""
+    lines = [f"Evaluation of `{results['checkpoint']}` ({'chat' if results['chat'] else 'plain-text'} prompts)", ""]
+    if results["metrics"]:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in results["metrics"].items()]
+        lines.append("")
+    if results["tasks"]:
+        lines += ["| task | shots | chain of thought | accuracy | correct / n | seconds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['shots']} | {'yes' if r['chain_of_thought'] else 'no'} | {r['accuracy']:.3f} | "
+                  f"{r['correct']} / {r['n']} | {r['seconds']:.1f} |" for r in results["tasks"]]
+    return "\n".join(lines)
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,38 @@
+"""`kiln eval`: text metrics and task accuracy for every (shots, chain of thought), written as results.json / .md."""
+import json
+import os
+import subprocess
+import sys
+
+from flax import nnx
+
+from launch.config import load_config
+from launch import eval as kiln_eval
+from model import presets
+from model.transformer import Transformer
+from train import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_eval_writes_every_combination(tmp_path):
+    cfg = presets.get("tiny", vocab_size=384, max_seq_len=2048)  # room for 2-shot prompts of bytes
+    checkpoint.save_params(str(tmp_path / "ckpt"), 0, Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
+    config = load_config(os.path.join(ROOT, "configs/eval.py:smoke"), [
+        f"--config.run_dir={tmp_path / 'eval'}", "--config.eval.shots=(0, 2)", "--config.eval.max_new_tokens=8",
+        "--config.eval.num_problems=3", "--config.eval.batch_size=2"])
+    results = kiln_eval.run(config, str(tmp_path / "ckpt"), tokenizer="byte", chat=False)
+    combos = [(r["task"], r["shots"], r["chain_of_thought"], r["n"]) for r in results["tasks"]]
+    assert combos == [("arithmetic", k, cot, 3) for k in (0, 2) for cot in (True, False)]
+    assert all(r["accuracy"] == 0.0 and len(r["examples"]) == 3 for r in results["tasks"])  # a random model
+    assert 7 < results["metrics"]["eval/arithmetic/bits_per_byte"] < 10  # about log2(384) bits per byte: random
+    written = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert written["tasks"] == json.loads(json.dumps(results["tasks"]))
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "| arithmetic | 2 | no | 0.000 | 0 / 3 |" in table
+
+
+def test_eval_cli_bad_checkpoint_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "launch.main", "eval", f"--checkpoint={tmp_path / 'nope'}",
+                           "--config=configs/eval.py:smoke"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "no such directory" in done.stderr

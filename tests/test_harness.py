@@ -1,0 +1,92 @@
+"""Kiln models in lm-evaluation-harness: log-likelihoods equal the model's own, generation goes through
+the sampler, and the harness runs a task defined from local files."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+pytest.importorskip("lm_eval")
+
+from data import tokenizer as tokenizers  # noqa: E402
+from model import presets  # noqa: E402
+from model.transformer import Transformer  # noqa: E402
+from train.generate import Sampler  # noqa: E402
+from train.harness import KilnLM  # noqa: E402
+
+BYTE = tokenizers.load("byte")
+
+
+class Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model = Transformer(presets.get("tiny", vocab_size=384), rngs=nnx.Rngs(0))
+    return KilnLM(sampler=Sampler(model, BYTE), batch_size=3, max_length=32)
+
+
+def reference(model, ids):
+    """log P(ids[t] | ids[:t]) for t >= 1, from one plain forward."""
+    logp = jax.nn.log_softmax(model(jnp.asarray([ids[:-1]])), axis=-1)[0]
+    return np.asarray(logp[np.arange(len(ids) - 1), np.asarray(ids[1:])])
+
+
+def test_loglikelihood_equals_the_models_own(lm):
+    pairs = [("The sum is", " 42"), ("Ava has 3 apples.", " She eats one."), ("x", "yz")]
+    got = lm.loglikelihood([Request(c, k) for c, k in pairs] * 2)  # 6 requests: batches of 3 and 3
+    for (context, continuation), (score, greedy) in zip(pairs * 2, got):
+        ctx, cont = BYTE.encode(context, add_bos=True), BYTE.encode_text(continuation)
+        want = reference(lm.sampler.model, ctx + cont)[-len(cont):]
+        assert abs(score - float(want.sum())) < 1e-5  # measured 0: the padded batch computes the same sums
+        logits = lm.sampler.model(jnp.asarray([(ctx + cont)[:-1]]))[0, -len(cont):]
+        assert greedy == bool(np.all(np.asarray(jnp.argmax(logits, -1)) == np.asarray(cont)))
+
+
+def test_the_models_own_greedy_continuation_is_greedy(lm):
+    """Scored on token ids: a random model's greedy bytes need not be text."""
+    context = BYTE.encode("Ava has", add_bos=True)
+    ids = lm.sampler.generate([context], max_new_tokens=6, temperature=0.0, stop_ids=()).row(0)[0]
+    (_, greedy), (_, other) = lm._score([(context, ids), (context, ids[:-1] + [(ids[-1] + 1) % 264])])
+    assert greedy and not other
+
+
+def test_loglikelihood_rolling_sums_every_token(lm):
+    short = "Ava has 3 apples."
+    ids = BYTE.encode(short, add_bos=True)
+    assert abs(lm.loglikelihood_rolling([Request(short)])[0] - float(reference(lm.sampler.model, ids).sum())) < 1e-4
+    long = "Ben finds 12 more marbles and gives 5 to Chloe. " * 2  # 98 bytes: four windows of at most 32
+    ids = BYTE.encode(long, add_bos=True)
+    want = sum(float(reference(lm.sampler.model, ids[s - 1:s + 32]).sum()) for s in range(1, len(ids), 32))
+    assert abs(lm.loglikelihood_rolling([Request(long)])[0] - want) < 1e-3
+
+
+def test_generate_until_is_the_samplers_greedy_text(lm):
+    out = lm.generate_until([Request("Ava has", {"until": ["\n"], "max_gen_toks": 12})])
+    want = lm.sampler.complete(["Ava has"], stop=["\n"], max_new_tokens=12, temperature=0.0, chat=False)[0]["text"]
+    assert out == [want] and "\n" not in out[0]
+
+
+def test_harness_runs_a_local_gsm8k_task(lm, tmp_path, data_dir):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    gsm8k = os.path.join(data_dir, "gsm8k")
+    (tmp_path / "kiln_gsm8k.yaml").write_text(json.dumps({
+        "task": "kiln_gsm8k_local", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": os.path.join(gsm8k, "test.jsonl"),
+                                          "train": os.path.join(gsm8k, "train.jsonl")}},
+        "test_split": "test", "fewshot_split": "train", "output_type": "generate_until",
+        "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": "{{answer.split('####')[-1].strip()}}",
+        "generation_kwargs": {"until": ["\n\n", "Question:"], "do_sample": False, "max_gen_toks": 8},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}))
+    results = lm_eval.simple_evaluate(model=lm, tasks=["kiln_gsm8k_local"], num_fewshot=1, limit=3,
+                                      task_manager=TaskManager(include_path=str(tmp_path)))
+    row = results["results"]["kiln_gsm8k_local"]
+    assert row["exact_match,none"] == 0.0  # a random model; the point is that the harness ran it through Kiln
+    assert len(results["samples"]["kiln_gsm8k_local"]) == 3

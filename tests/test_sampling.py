@@ -1,0 +1,303 @@
+"""The sampler: exactness against the full forward, sampling statistics, stopping, sharding, the text
+wrapper and `kiln sample`."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from data.tokenizer import ByteTokenizer
+from launch import sample as sample_cli
+from model import hf, presets, sampling
+from model.config import LoraConfig, PrefixConfig
+from model.sharding import make_mesh, shard_module
+from model.transformer import Transformer
+from train import checkpoint
+from train.generate import Sampler
+
+# The byte tokenizer's 264 ids fit; a wider init than the default makes next-token distributions
+# peaked enough that greedy continuations are far from ties.
+CFG = presets.get("tiny", vocab_size=264, init_std=0.1)
+MODEL = Transformer(CFG, rngs=nnx.Rngs(0))
+BYTE = ByteTokenizer()
+# Ragged prompts: one fills the 64-slot bucket exactly, the others are left-padded by 59 and 41.
+PROMPTS = [list(np.random.RandomState(i).randint(8, 264, n)) for i, n in enumerate((5, 23, 64))]
+N = 12
+WIDTH = 80  # the longest prompt and its continuation
+SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9, num_samples=2)  # one compiled program for most tests
+
+
+@jax.jit
+def _forward(state, tokens_BT):
+    return nnx.merge(*state)(tokens_BT)
+
+
+def forward_logits(model, rows):
+    """Float32 logits of the training forward for each row, right-padded to one width (one compiled
+    program; the forward is causal, so the padding is unseen)."""
+    tokens = np.zeros((len(rows), WIDTH), np.int32)
+    for r, ids in enumerate(rows):
+        tokens[r, :len(ids)] = ids
+    return np.asarray(_forward(nnx.split(model), tokens))
+
+
+def greedy_reference(model, prompts, steps):
+    """Greedy continuations by recomputing the full forward after every token."""
+    rows = [list(p) for p in prompts]
+    for _ in range(steps):
+        logits = forward_logits(model, rows)
+        for r, ids in enumerate(rows):
+            ids.append(int(np.argmax(logits[r, len(ids) - 1])))
+    return np.asarray([ids[len(p):] for ids, p in zip(rows, prompts)])
+
+
+def generate(**kw):
+    kw = dict(dict(max_new_tokens=N, temperature=0.0), **kw)
+    return sampling.generate(kw.pop("model", MODEL), kw.pop("prompts", PROMPTS), **kw)
+
+
+@pytest.fixture(scope="module")
+def greedy():
+    return generate()
+
+
+def test_greedy_equals_argmax_of_full_forward_recomputed_every_step(greedy):
+    np.testing.assert_array_equal(greedy.tokens, greedy_reference(MODEL, PROMPTS, N))
+    assert greedy.lengths.tolist() == [N] * 3 and greedy.finish_reasons == ["length"] * 3
+    assert len(set(map(tuple, greedy.tokens.tolist()))) == 3  # the rows really differ
+
+
+def test_logprobs_equal_the_training_forward_untempered_and_rows_are_prompt_major():
+    """Sampled with temperature, top-k and top-p; the log-probs are still the model's own."""
+    out = generate(seed=3, **SAMPLED)
+    assert out.tokens.shape == (6, N) and out.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
+    prompts = [PROMPTS[i] for i in out.prompt_index]
+    logits = forward_logits(MODEL, [p + t.tolist() for p, t in zip(prompts, out.tokens)])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    want = np.stack([logp[r, len(p) - 1 + np.arange(N), out.tokens[r]] for r, p in enumerate(prompts)])
+    err = np.abs(want - out.logprobs).max()
+    print(f"sampler vs training forward log-probs: max abs err {err:.2e}")
+    # Measured 9.5e-7 (float32: the cached and the full attention sum in other orders). A position off
+    # by one, a cache slot overwritten or a tempered distribution moves them by > 1e-2.
+    assert err <= 1e-4
+    assert all((out.tokens[r] != out.tokens[r + 1]).any() for r in (0, 2, 4))  # each sample draws its own
+
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    a, b, c = (generate(seed=s, **SAMPLED).tokens for s in (7, 7, 8))
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).mean() > 0.5
+    key = generate(seed=jax.random.key(7), **SAMPLED).tokens  # an explicit key is the same as its seed
+    np.testing.assert_array_equal(a, key)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(greedy):
+    np.testing.assert_array_equal(generate(temperature=1.5, top_k=1, seed=1).tokens, greedy.tokens)
+    np.testing.assert_array_equal(generate(temperature=1.5, top_p=1e-6, seed=1).tokens, greedy.tokens)
+
+
+# -- sampling statistics on crafted logits ---------------------------------------------------------
+PROBS = np.asarray([0.45, 0.25, 0.15, 0.1, 0.05])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,expect", [
+    (1.0, 0, 1.0, PROBS),
+    (0.5, 0, 1.0, PROBS ** 2 / np.sum(PROBS ** 2)),  # p^(1/T), renormalised
+    (1.0, 3, 1.0, np.r_[PROBS[:3], 0, 0] / PROBS[:3].sum()),
+    # The nucleus of 0.6: 0.45 (mass before it 0) and 0.25 (before it 0.45 < 0.6); 0.15 has 0.7 before it.
+    (1.0, 0, 0.6, np.r_[PROBS[:2], 0, 0, 0] / PROBS[:2].sum()),
+])
+def test_sampling_frequencies_match_the_filtered_softmax(temperature, top_k, top_p, expect):
+    n = 20000
+    order = np.asarray([3, 0, 4, 1, 2])  # token ids shuffled, so that sorting is really exercised
+    logits = np.zeros((n, 5), np.float32)
+    logits[:, order] = np.log(PROBS)
+    keys = jax.random.split(jax.random.key(0), n)
+    tok, logp = jax.jit(sampling.sample_logits, static_argnames=("greedy", "top_k", "use_top_p"))(
+        jnp.asarray(logits), keys, temperature, top_p, top_k=top_k, use_top_p=top_p < 1)
+    counts = np.bincount(np.asarray(tok), minlength=5)[order]
+    # Each count is binomial(n, p): within 4.5 standard deviations (a false alarm once in ~10^5 runs).
+    tolerance = 4.5 * np.sqrt(n * expect * (1 - expect)) + 0.5
+    assert np.all(np.abs(counts - n * expect) <= tolerance), (counts, n * expect)
+    np.testing.assert_allclose(np.asarray(logp), np.log(PROBS[np.argsort(order)])[np.asarray(tok)], atol=1e-6)
+
+
+# -- stopping ----------------------------------------------------------------------------------------
+def test_stop_id_ends_the_row_and_pads_after_it(greedy):
+    stop = int(greedy.tokens[0, 4])
+    first = [int(np.argmax(row == stop)) if stop in row else None for row in greedy.tokens]
+    out = generate(stop_ids=[stop], pad_id=-1)
+    for r, at in enumerate(first):
+        if at is None:
+            assert out.finish_reasons[r] == "length" and out.lengths[r] == N
+            continue
+        assert out.finish_reasons[r] == "stop" and out.lengths[r] == at + 1
+        np.testing.assert_array_equal(out.tokens[r, :at + 1], greedy.tokens[r, :at + 1])  # the stop id is kept
+        assert np.all(out.tokens[r, at + 1:] == -1) and np.all(out.logprobs[r, at + 1:] == 0)
+    assert out.row(0)[0] == greedy.tokens[0, :first[0] + 1].tolist()
+
+
+def test_stop_sequence_ends_the_row_after_it(greedy):
+    seq = greedy.tokens[1, 6:9].tolist()
+    out = generate(stop_sequences=[seq, [1, 2, 3, 4, 5]])
+    text = greedy.tokens[1].tolist()
+    end = next(i + 3 for i in range(N - 2) if text[i:i + 3] == seq)
+    assert out.finish_reasons[1] == "stop" and out.lengths[1] == end
+    np.testing.assert_array_equal(out.tokens[1, :end], greedy.tokens[1, :end])
+    # A sequence that ends with a prompt token must not match across the prompt boundary.
+    pair = [PROMPTS[0][-1], int(greedy.tokens[0, 0])]
+    assert all(greedy.tokens[0, i:i + 2].tolist() != pair for i in range(N - 1))
+    assert generate(stop_sequences=[pair]).finish_reasons[0] == "length"
+
+
+def test_all_rows_stopped_ends_early_and_one_program_serves_a_bucket(greedy):
+    before = sampling._sample._cache_size()
+    out = generate(stop_ids=greedy.tokens[:, 0].tolist())
+    assert out.lengths.tolist() == [1, 1, 1] and out.finish_reasons == ["stop"] * 3
+    # Other lengths in the same 64-token bucket and another stop-id set reuse the compiled program.
+    generate(prompts=[p[:-2] for p in PROMPTS], stop_ids=[5, 6])
+    assert sampling._sample._cache_size() == before
+
+
+def test_bad_arguments_are_clear_errors():
+    for kw, msg in [(dict(prompts=[[]]), "prompt 0 is empty"), (dict(prompts=[[300]]), "outside the vocabulary"),
+                    (dict(max_new_tokens=250), "max_seq_len=256"), (dict(top_p=0.0), "top_p"),
+                    (dict(temperature=-1.0), "temperature"), (dict(num_samples=0), "num_samples")]:
+        with pytest.raises(ValueError, match=msg):
+            generate(**kw)
+
+
+# -- adapters, sharding ------------------------------------------------------------------------------
+@pytest.mark.parametrize("adapter", ["lora", "prompt", "prefix"])
+def test_adapters_inside_the_model_are_sampled_with(adapter):
+    extra = dict(lora=LoraConfig(rank=4, targets=("q", "v", "down"))) if adapter == "lora" else \
+        dict(prefix=PrefixConfig(kind=adapter, num_tokens=3))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(CFG.replace(**extra), rngs=nnx.Rngs(1))))
+    rng = np.random.RandomState(2)
+
+    def value(path, x):  # random weights from numpy: no compiled initialiser per shape; norms at 1
+        norm = "scale" in jax.tree_util.keystr(path)
+        return jnp.asarray(np.ones(x.shape) if norm else 0.1 * rng.standard_normal(x.shape), x.dtype)
+
+    # Every adapter weight is non-zero (LoRA's B starts at zero), so that dropping them changes the output.
+    model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(value, abstract))
+    out = generate(model=model)
+    np.testing.assert_array_equal(out.tokens, greedy_reference(model, PROMPTS, N))
+
+
+@pytest.mark.parametrize("axes", [dict(fsdp=2), dict(tensor=2)])
+def test_sharded_run_equals_one_device(axes):
+    mesh = make_mesh(**dict(dict(data=1, fsdp=1, tensor=1), **axes), devices=jax.devices()[:2])
+    graphdef, state = nnx.split(MODEL)
+    with jax.set_mesh(mesh):
+        model = shard_module(nnx.merge(graphdef, jax.tree.map(jnp.copy, state)), mesh)
+    one = generate(seed=4, **SAMPLED)
+    programs = sampling._sample._cache_size()
+    two = generate(model=model, mesh=mesh, seed=4, **SAMPLED)
+    assert sampling._sample._cache_size() == programs + 1  # a program of its own, partitioned for the mesh
+    np.testing.assert_array_equal(one.tokens, two.tokens)
+    np.testing.assert_allclose(one.logprobs, two.logprobs, atol=1e-5)
+    assert len(one.lengths) == 6  # the 6 rows were padded to a multiple of the 2 batch shards and back
+
+
+# -- the text wrapper ----------------------------------------------------------------------------
+def test_complete_cuts_text_at_stop_strings():
+    sampler = Sampler(MODEL, BYTE)
+    prompts = ["Hello", "Once upon", "a time"]  # three, as PROMPTS: the greedy tests' programs serve these
+    free = sampler.complete(prompts, max_new_tokens=N, temperature=0.0)
+    ids = free[0]["token_ids"]
+    # The random model's bytes are mostly not text; take two printable ASCII ones in a row as the stop.
+    i = next(i for i in range(1, N - 1) if all(40 <= t - BYTE.offset < 127 for t in ids[i:i + 2]))
+    stop = BYTE.decode(ids[i:i + 2])
+    cut = sampler.complete(prompts, stop=[stop, "never appears"], max_new_tokens=N, temperature=0.0)
+    text = free[0]["text"]
+    assert cut[0]["text"] == text[:text.index(stop)] and cut[0]["finish_reason"] == "stop"
+    # The tokens run to the end of the stop string, where the decode loop stopped too.
+    assert cut[0]["token_ids"] == ids[:i + 2]
+    assert cut[0]["logprobs"] == pytest.approx(free[0]["logprobs"][:i + 2], abs=1e-6)
+    assert stop not in free[1]["text"] and cut[1] == free[1]
+    assert [c["prompt_index"] for c in cut] == [0, 1, 2]
+
+
+def test_chat_prompts_end_in_the_assistant_header_and_stop_at_end_of_turn():
+    sampler = Sampler(MODEL, BYTE, chat_template="kiln")
+    ids = sampler.encode("hi")
+    assert ids[-1] == BYTE.token_id("<|assistant|>") and ids[:2] == [BYTE.bos_id, BYTE.token_id("<|user|>")]
+    assert sampler.encode([{"role": "user", "content": "hi"}]) == ids
+    assert sampler.encode("hi", chat=False) == BYTE.encode("hi", add_bos=True)
+    assert sampler.stop_ids() == sorted({BYTE.eos_id, BYTE.token_id("<|end|>")})
+    with pytest.raises(ValueError, match="need a chat template"):
+        Sampler(MODEL, BYTE).encode([{"role": "user", "content": "hi"}])
+
+
+# -- kiln sample ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A Kiln run directory: checkpoints plus the config.json of an sft run (byte tokenizer, kiln template)."""
+    path = tmp_path_factory.mktemp("run")
+    checkpoint.save_params(str(path / "checkpoints"), 5, MODEL, CFG)
+    (path / "config.json").write_text(json.dumps({"stage": "sft", "data": {"tokenizer": "byte",
+                                                                           "chat_template": "kiln"}}))
+    return path
+
+
+def run_cli(args, capsys):
+    assert sample_cli.main(args) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_cli_samples_a_kiln_run_with_its_chat_template(run_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    rows = run_cli([f"--checkpoint={run_dir}", f"--prompts={prompts}", "--temperature=0", "--max_new_tokens=8",
+                    "--num_samples=2"], capsys)
+    assert [(r.get("prompt"), r["sample"]) for r in rows] == [("hi", 0), ("hi", 1), (None, 0), (None, 1)]
+    assert rows[2]["messages"] == [{"role": "user", "content": "hi"}]
+    assert set(rows[0]) == {"prompt", "sample", "text", "token_ids", "logprobs", "finish_reason"}
+    # Chat by default for an sft run: "hi" is one user turn of the kiln template.
+    chat_ids = Sampler(MODEL, BYTE, chat_template="kiln").encode("hi")
+    want = greedy_reference(MODEL, [chat_ids], 8)[0].tolist()
+    for row in rows:
+        assert row["token_ids"] == want[:len(row["token_ids"])] and row["text"] == BYTE.decode(row["token_ids"])
+    out = tmp_path / "out.jsonl"
+    assert sample_cli.main([f"--checkpoint={run_dir}/checkpoints/5", "--prompt=hi", "--no-chat",
+                            "--temperature=0", "--max_new_tokens=8", f"--output={out}"]) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    want = greedy_reference(MODEL, [BYTE.encode("hi", add_bos=True)], 8)[0].tolist()
+    assert written[0]["token_ids"] == want[:len(written[0]["token_ids"])]
+    assert not list(tmp_path.glob("out.jsonl.tmp*"))
+
+
+def test_cli_samples_a_hugging_face_directory(tmp_path, capsys):
+    hf.save(MODEL, CFG, str(tmp_path / "hf"))
+    rows = run_cli([f"--checkpoint={tmp_path / 'hf'}", "--tokenizer=byte", "--prompt=hi", "--prompt=yo",
+                    "--temperature=0", "--max_new_tokens=8"], capsys)
+    want = greedy_reference(MODEL, [BYTE.encode(p, add_bos=True) for p in ("hi", "yo")], 8)
+    assert [r["token_ids"] for r in rows] == [w[:len(r["token_ids"])].tolist() for r, w in zip(rows, want)]
+    assert all(r["finish_reason"] == "length" or r["token_ids"][-1] in (BYTE.eos_id, 7) for r in rows)
+
+
+@pytest.mark.parametrize("content,msg", [
+    ('{"prompt": "a"}\n{"prompt": \n', "p.jsonl line 2: not valid JSON"),
+    ('{"text": "a"}\n', 'p.jsonl line 1: expected an object with a string "prompt"'),
+    ('{"messages": [{"role": "bot", "content": "x"}]}\n', "p.jsonl line 1: message 0 has role 'bot'"),
+    ("\n", "no prompts"),
+])
+def test_cli_bad_prompts_file_is_one_clear_error(run_dir, tmp_path, content, msg):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(content)
+    with pytest.raises(ValueError, match=msg) as e:
+        sample_cli.main([f"--checkpoint={run_dir}", f"--prompts={prompts}"])
+    assert "\n" not in str(e.value)
+
+
+def test_cli_without_a_tokenizer_or_prompts_says_what_to_pass(tmp_path):
+    checkpoint.save_params(str(tmp_path / "bare"), 0, MODEL, CFG)
+    with pytest.raises(ValueError, match=r"no config.json naming its tokenizer; pass a tokenizer \(--tokenizer\)"):
+        sample_cli.main([f"--checkpoint={tmp_path / 'bare'}", "--prompt=hi"])
+    with pytest.raises(ValueError, match="--prompt=TEXT"):
+        sample_cli.main([f"--checkpoint={tmp_path / 'bare'}"])
+    assert os.path.isdir(tmp_path / "bare")
