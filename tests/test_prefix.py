@@ -124,3 +124,17 @@ def test_hugging_face_export_refuses_a_prefix(base, tmp_path):
     with pytest.raises(hf.HFFormatError, match="prompt- or prefix-tuned"):
         hf.save(model, model.cfg, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_the_sampler_decodes_with_the_prompt(base, kind):
+    """Greedy samples of the tuned model equal the base model's with TEXT really in front of the prompts."""
+    from model.sampling import generate
+
+    model = tuned(base, kind)
+    prompts = [[3, 17, 29], [8, 9, 10, 11, 12, 13, 14]]
+    ours = generate(model, prompts, max_new_tokens=6, temperature=0.0)
+    theirs = generate(base, [TEXT + p for p in prompts], max_new_tokens=6, temperature=0.0)
+    np.testing.assert_array_equal(ours.tokens, theirs.tokens)
+    np.testing.assert_allclose(ours.logprobs, theirs.logprobs, atol=5e-6)  # measured 4.8e-7
+    assert not np.array_equal(ours.tokens, generate(base, prompts, max_new_tokens=6, temperature=0.0).tokens)
