@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 from configs import base
 
 VARIANTS = {
-    "smoke": {"model.preset": "tiny", "data.seq_len": 256, "data.batch_size": 8, "data.synthetic.num_examples": 2000,
+    "smoke": {"model.preset": "tiny", "model.max_seq_len": 512, "data.seq_len": 512, "data.batch_size": 8, "data.synthetic.num_examples": 2000,
               "optim.lr": 1e-3, "optim.warmup_steps": 5, "train.steps": 20, "train.log_every": 5,
               "train.eval_every": 10, "train.eval_steps": 2, "checkpoint.every": 10},
     "gsm8k": {"data.seq_len": 1024},

@@ -27,7 +27,10 @@ CASES = [(os.path.relpath(p, ROOT), v) for p in FILES for v in variants(p)]
 def test_config_loads_and_validates(path, variant):
     config = load_config(os.path.join(ROOT, path) + (f":{variant}" if variant else ""))
     assert config.is_locked
-    if os.path.basename(path) != "base.py":
+    if os.path.basename(path) == "eval.py":  # kiln eval's config: kiln train points there
+        with pytest.raises(ValueError, match="is not trained: use `kiln eval"):
+            preflight.stage_kind(config)
+    elif os.path.basename(path) != "base.py":
         assert config.stage and config.run_dir
         # A runnable stage whose loss is registered for that stage's batches: no config presents
         # itself as runnable before the step that implements it lands.

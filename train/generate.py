@@ -3,6 +3,8 @@
 `Sampler(model, tokenizer, chat_template=...)` is what evaluation, rejection sampling and RL use:
 `generate` takes token ids and returns a `SampleBatch`; `complete` takes strings or chat messages
 and returns one dict per sample with the decoded text, its token ids and their log-probs.
+`load_sampler(path)` builds one for a Kiln run or Hugging Face directory, with the tokenizer and
+chat template the checkpoint names (`kiln sample`, `kiln eval`).
 
 Stop strings work at two levels: their token ids stop the decode loop early when the model spells
 them that way, and the decoded text is always cut at the first stop string (however it was

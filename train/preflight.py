@@ -22,6 +22,8 @@ from train import losses
 STAGES = ("pretrain", "context_extension", "anneal", "continue", "sft")
 PLANNED_STAGES = {"reward": "Step 5", "rejection_sampling": "Step 5", "dpo": "Step 5", "ppo": "Step 6",
                   "grpo": "Step 6", "rloo": "Step 6"}
+# Configs read by other commands than `kiln train`.
+OTHER_COMMANDS = {"eval": "kiln eval --checkpoint=RUN_OR_HF_DIR --config=configs/eval.py"}
 GIB = 2 ** 30
 
 
@@ -29,6 +31,8 @@ def stage_kind(config: Any) -> str:
     """The data kind `config.stage` trains on; ValueError for an unknown or not yet available stage,
     or a `loss.type` that cannot train on that stage's batches."""
     stage = config.stage
+    if stage in OTHER_COMMANDS:
+        raise ValueError(f"stage {stage!r} is not trained: use `{OTHER_COMMANDS[stage]}`")
     if stage in PLANNED_STAGES:
         raise ValueError(f"stage {stage!r} is not available yet (it arrives with {PLANNED_STAGES[stage]}); "
                          f"runnable stages: {', '.join(STAGES)}")
