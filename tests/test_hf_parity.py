@@ -112,8 +112,10 @@ def test_rope_frequencies_match_transformers(name):
     cfg = presets.get("tiny", head_dim=head_dim, rope_theta=theta, max_seq_len=max_len,
                       rope_scaling=RopeScaling.from_dict(rope))
     got, got_factor = inv_frequencies(cfg)
-    # Both compute in float32 with the same formulas: measured bit-identical for every case.
-    np.testing.assert_array_equal(got, want.numpy())
+    # Both compute in float32 with the same formulas: bit-identical up to torch 2.12, 1.4e-7 relative
+    # (one float32 rounding of the power) with torch 2.13 / transformers 5.24. A wrong band, ramp or factor
+    # moves frequencies by far more than 1e-6.
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=0)
     assert got_factor == pytest.approx(want_factor, rel=1e-12)
 
 
