@@ -66,20 +66,25 @@ class Attention(nnx.Module):
         v = checkpoint_name(constrain(v, ("batch", "act_seq", "act_kv_heads", None)), "value_proj")
         return q, k, v
 
-    def attend(self, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_BTS: jax.Array,
+    def attend(self, q_BTHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array, mask_BTS: jax.Array,
                key: jax.Array | None = None) -> jax.Array:
-        """Softmax attention of queries over keys; returns the output projection [B,T,E]."""
+        """Softmax attention of queries over keys; returns the output projection [B,T,E].
+
+        Keys and values come heads-first, the KV cache's layout: each (row, kv-head) pair is then one
+        contiguous matrix, so decoding multiplies the cache in place instead of transposing it every step.
+        """
         B, T, H, D = q_BTHD.shape
         q_BTKGD = q_BTHD.reshape(B, T, self.n_kv_heads, self.group, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q_BTKGD, k_BKSD, preferred_element_type=jnp.float32)
         scores = scores * self.scale
         if self.softcap is not None:
             scores = jnp.tanh(scores / self.softcap) * self.softcap
         scores = jnp.where(mask_BTS[:, None, None, :, :], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
+        out_BTKGD = jnp.einsum("bkgts,bksd->btkgd", probs, v_BKSD)
         out_BTHD = constrain(out_BTKGD.reshape(B, T, H, D), ("batch", "act_seq", "act_heads", None))
-        out = jnp.einsum("bthd,hde->bte", out_BTHD, self.o[...].astype(self.dtype))
+        # One contraction over h*d: contracting h and d separately makes XLA transpose the weight.
+        out = jnp.einsum("btf,fe->bte", out_BTHD.reshape(B, T, H * D), self.o[...].astype(self.dtype).reshape(H * D, -1))
         out = lora.apply(self, "o", out_BTHD, out, key)
         if self.o_bias_on:
             out = out + self.o_bias[...].astype(self.dtype)
@@ -98,19 +103,20 @@ class Attention(nnx.Module):
             k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(-N, 0, dtype=jnp.int32), (B, N)), k_pos], axis=1)
             k_seg = jnp.concatenate([jnp.full((B, N), -1, jnp.int32), k_seg], axis=1)
         mask = attention_mask(positions_BT, segments_BT, k_pos, k_seg, window)
-        return self.attend(q, k, v, mask, key)
+        return self.attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, key)
 
     def decode(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, positions_BT: jax.Array,
-               segments_BT: jax.Array, window: jax.Array | int, cache_k: jax.Array, cache_v: jax.Array,
+               segments_BT: jax.Array, window: jax.Array | int, cache_k_BKSD: jax.Array, cache_v_BKSD: jax.Array,
                cache_pos: jax.Array, cache_seg: jax.Array, index: jax.Array):
-        """Writes this step's keys/values into the cache at `index`, then attends over the whole cache.
+        """Writes this step's keys/values into the cache at slot `index`, then attends over the whole cache.
 
         `cache_pos` / `cache_seg` [B, S] must already hold this step's positions and segments.
         Returns (output [B,T,E], new cache_k, new cache_v).
         """
         q, k, v = self.project_qkv(x_BTE, cos, sin)
-        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
-        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+        cache_k_BKSD, cache_v_BKSD = (
+            jax.lax.dynamic_update_slice_in_dim(cache, new.transpose(0, 2, 1, 3).astype(cache.dtype), index, axis=2)
+            for cache, new in ((cache_k_BKSD, k), (cache_v_BKSD, v)))
         mask = attention_mask(positions_BT, segments_BT, cache_pos, cache_seg, window)
-        out = self.attend(q, cache_k.astype(self.dtype), cache_v.astype(self.dtype), mask)
-        return out, cache_k, cache_v
+        out = self.attend(q, cache_k_BKSD.astype(self.dtype), cache_v_BKSD.astype(self.dtype), mask)
+        return out, cache_k_BKSD, cache_v_BKSD

@@ -30,7 +30,7 @@ from model.transformer import KVCache
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: fewer compiled programs
 STOP, LENGTH = "stop", "length"  # finish reasons: a stop id or stop sequence ended the row / max_new_tokens
 _NO_TOKEN = -1  # pads the stop-id and stop-sequence tables; never equals a token
-_CACHE_KV = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
+_CACHE_KV = ("batch", "act_kv_heads", "cache_seq", "head_dim")  # one layer's buffer
 
 
 @dataclasses.dataclass
@@ -197,7 +197,8 @@ def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature: jax.Arra
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
-    return cache._replace(k=constrain(cache.k, _CACHE_KV), v=constrain(cache.v, _CACHE_KV),
+    return cache._replace(k=tuple(constrain(k, _CACHE_KV) for k in cache.k),
+                          v=tuple(constrain(v, _CACHE_KV) for v in cache.v),
                           pos=constrain(cache.pos, ("batch", "cache_seq")),
                           seg=constrain(cache.seg, ("batch", "cache_seq")))
 
@@ -219,7 +220,8 @@ def _sample(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, tokens_BP: ja
         tokens_BP = constrain(tokens_BP, ("batch", None))
         # The last sampled token is never fed back, so N - 1 slots follow the prompt.
         cache = _constrain_cache(model.init_cache(B, P + N - 1))
-        logits_BTV, cache = model.decode(tokens_BP, cache, pos_BP, seg_BP)
+        layers = model.decode_layers()  # sliced from the stacked weights once, not every step
+        logits_BTV, cache = model.decode(tokens_BP, cache, pos_BP, seg_BP, layers=layers)
         row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B, dtype=jnp.int32))
         stop_active_N = jnp.any(stop_seqs_NL != _NO_TOKEN, axis=-1)
 
@@ -262,7 +264,7 @@ def _sample(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, tokens_BP: ja
             step, tok_B, cache, rec = loop
             # The token sampled at step-1 is generated token number step-1: position len + step - 1.
             logits_BTV, cache = model.decode(tok_B[:, None], cache, (lens_B + step - 1)[:, None],
-                                             jnp.ones((B, 1), jnp.int32))
+                                             jnp.ones((B, 1), jnp.int32), layers=layers)
             tok_B, logp_B = choose(logits_BTV[:, 0], step)
             return step + 1, tok_B, _constrain_cache(cache), record(rec, tok_B, logp_B, step)
 

@@ -32,19 +32,23 @@ EMPTY_POSITION = np.iinfo(np.int32).max  # cache slots not yet written: after ev
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer for decoding. Slot s of row b holds a token at `pos[b, s]`."""
+    """Keys and values of every layer for decoding. Slot s of row b holds a token at `pos[b, s]`.
 
-    k: jax.Array  # [L, B, S, K, D]
-    v: jax.Array  # [L, B, S, K, D]
+    One buffer per layer, heads before slots: a decode step updates each in place and multiplies it
+    as it lies (a stacked [L, ...] buffer would be sliced, i.e. copied, every layer of every step).
+    """
+
+    k: tuple[jax.Array, ...]  # per layer [B, K, S, D]
+    v: tuple[jax.Array, ...]  # per layer [B, K, S, D]
     pos: jax.Array  # [B, S] int32, EMPTY_POSITION where unwritten
     seg: jax.Array  # [B, S] int32, 0 where unwritten or padding
     index: jax.Array  # [] int32, the next slot to write
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: DType | None = None) -> "KVCache":
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.dim_head)
-        dt = jnp.dtype(dtype or cfg.dtype)
-        return cls(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
+        shape, dt = (batch, cfg.n_kv_heads, max_len, cfg.dim_head), jnp.dtype(dtype or cfg.dtype)
+        return cls(k=tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)),
+                   v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)),
                    pos=jnp.full((batch, max_len), EMPTY_POSITION, jnp.int32),
                    seg=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
 
@@ -167,17 +171,9 @@ class Transformer(nnx.Module):
         pos, seg = prefixes.positions(N)[None], jnp.ones((1, N), jnp.int32)
         virtual = self.prefix.embeddings[...].astype(self.cfg.dtype)[None]
         x, cos, sin, pos, seg = self._inputs(None, pos, seg, x=virtual)
-        cache = KVCache.init(self.cfg, 1, N)
-        graphdef, state = nnx.split(self.layers)
-
-        def body(x, layer):
-            layer_state, window, k, v = layer
-            x, k, v = nnx.merge(graphdef, layer_state).decode(x, cos, sin, pos, seg, window, k, v, pos, seg, 0)
-            return x, (k[0], v[0])
-
-        windows = jnp.asarray(self.cfg.layer_windows(), jnp.int32)
-        _, kv = self._scan(body, x, (state, windows, cache.k, cache.v))
-        return kv
+        cache = KVCache.init(self.cfg, 1, N)._replace(pos=pos, seg=seg)
+        _, cache = self._decode_layers(x, cos, sin, pos, seg, cache, self.decode_layers())
+        return tuple(jnp.stack([kv[0].transpose(1, 0, 2) for kv in kvs]) for kvs in (cache.k, cache.v))
 
     def num_prefix(self) -> int:
         """Key/value slots before every sequence (prompt or prefix tuning's N; 0 without)."""
@@ -191,9 +187,9 @@ class Transformer(nnx.Module):
             return cache
         k, v = self.prefix_kv()
 
-        def put(slots: jax.Array, kv_LNKD: jax.Array) -> jax.Array:  # the same prefix in every row
-            rows = jnp.broadcast_to(kv_LNKD[:, None], (kv_LNKD.shape[0], batch, *kv_LNKD.shape[1:]))
-            return slots.at[:, :, :n].set(rows.astype(slots.dtype))
+        def put(slots: tuple[jax.Array, ...], kv_LNKD: jax.Array) -> tuple[jax.Array, ...]:  # the same in every row
+            return tuple(s.at[:, :, :n].set(jnp.broadcast_to(kv.transpose(1, 0, 2), (batch, *s.shape[1:2], n, s.shape[3]))
+                                           .astype(s.dtype)) for s, kv in zip(slots, kv_LNKD))
 
         return KVCache(k=put(cache.k, k), v=put(cache.v, v),
                        pos=cache.pos.at[:, :n].set(prefixes.positions(n)),
@@ -206,11 +202,19 @@ class Transformer(nnx.Module):
         return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key))
 
     # -- cached decoding ------------------------------------------------------------------------
+    def decode_layers(self) -> list[Block]:
+        """The layers one by one, views of the stacked weights. A decode loop makes them once, outside
+        the loop, and passes them to every `decode` call, so no step slices the stack again."""
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda w: w[i], state)) for i in range(self.cfg.n_layers)]
+
     def decode(self, tokens_BT: jax.Array, cache: KVCache, positions_BT: jax.Array | None = None,
-               segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+               segment_ids_BT: jax.Array | None = None, *, layers: list[Block] | None = None
+               ) -> tuple[jax.Array, KVCache]:
         """Runs T new tokens against the cache (prefill: T = prompt length; sampling: T = 1).
 
-        Positions default to continuing from `cache.index`. Returns (logits [B,T,V], updated cache).
+        Positions default to continuing from `cache.index`. `layers`: `decode_layers()`, made once per
+        decode loop (default: made now). Returns (logits [B,T,V], updated cache).
         """
         B, T = tokens_BT.shape
         if positions_BT is None:  # real tokens start at 0 after the prompt/prefix slots
@@ -221,20 +225,19 @@ class Transformer(nnx.Module):
         x, cos, sin, pos, seg = self._inputs(tokens_BT, positions_BT, segment_ids_BT)
         # Padding tokens are written as never-visible slots.
         slot_pos = jnp.where(seg > 0, pos, EMPTY_POSITION)
-        cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, slot_pos, cache.index, axis=1)
-        cache_seg = jax.lax.dynamic_update_slice_in_dim(cache.seg, seg, cache.index, axis=1)
-        graphdef, state = nnx.split(self.layers)
+        cache = cache._replace(pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, slot_pos, cache.index, axis=1),
+                               seg=jax.lax.dynamic_update_slice_in_dim(cache.seg, seg, cache.index, axis=1))
+        x, cache = self._decode_layers(x, cos, sin, pos, seg, cache, layers or self.decode_layers())
+        return self.logits(self.final_norm(x)), cache._replace(index=cache.index + T)
 
-        def body(x, layer):
-            layer_state, window, k, v = layer
-            x, k, v = nnx.merge(graphdef, layer_state).decode(
-                x, cos, sin, pos, seg, window, k, v, cache_pos, cache_seg, cache.index)
-            return x, (k, v)
-
-        windows = jnp.asarray(self.cfg.layer_windows(), jnp.int32)
-        x, (k, v) = self._scan(body, x, (state, windows, cache.k, cache.v))
-        logits = self.logits(self.final_norm(x))
-        return logits, KVCache(k=k, v=v, pos=cache_pos, seg=cache_seg, index=cache.index + T)
+    def _decode_layers(self, x, cos, sin, pos, seg, cache: KVCache, layers: list[Block]) -> tuple[jax.Array, KVCache]:
+        """The layers over x, unrolled (each reads and writes its own cache buffer); the index stays."""
+        ks, vs = [], []
+        for layer, window, k, v in zip(layers, self.cfg.layer_windows(), cache.k, cache.v, strict=True):
+            x, k, v = layer.decode(x, cos, sin, pos, seg, window, k, v, cache.pos, cache.seg, cache.index)
+            ks.append(k)
+            vs.append(v)
+        return x, cache._replace(k=tuple(ks), v=tuple(vs))
 
 
 def trainable(cfg: ModelConfig) -> type[nnx.Variable]:

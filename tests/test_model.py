@@ -304,8 +304,9 @@ def test_bf16_attention_scores_are_float32():
     H, K, D, E = 4, 2, 16, 64
     attn.o[...] = jnp.full((H, D, E), 1.0 / (H * D))  # out[e] = mean over heads and head_dim of probs @ v
     q = jnp.zeros((1, 1, H, D), jnp.bfloat16).at[..., 0].set(32).at[..., 1].set(2)
-    k = jnp.zeros((1, 2, K, D), jnp.bfloat16).at[..., 0].set(32).at[:, 1, :, 1].set(1)  # q.k = 1024, 1026
-    v = jnp.zeros((1, 2, K, D), jnp.bfloat16).at[:, 0].set(1)  # key 0's value is 1, key 1's is 0
+    # Keys and values heads-first [B, K, S, D], as attend takes them.
+    k = jnp.zeros((1, K, 2, D), jnp.bfloat16).at[..., 0].set(32).at[:, :, 1, 1].set(1)  # q.k = 1024, 1026
+    v = jnp.zeros((1, K, 2, D), jnp.bfloat16).at[:, :, 0].set(1)  # key 0's value is 1, key 1's is 0
     out = attn.attend(q, k, v, jnp.ones((1, 1, 2), bool))
     # Measured 0.376953 (bf16 rounding of the probability 0.377541); bf16 scores would give 0.5.
     np.testing.assert_allclose(np.asarray(out, np.float32), 0.377541, atol=3e-3)

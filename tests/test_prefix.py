@@ -38,8 +38,8 @@ def tuned(base, kind, hidden=0, scan=True):
     elif not hidden:
         cache = KVCache.init(base.cfg, 1, N)
         _, cache = base.decode(jnp.asarray([TEXT]), cache, positions_BT=prefix.positions(N)[None])
-        model.prefix.k.set_value(cache.k[:, 0])
-        model.prefix.v.set_value(cache.v[:, 0])
+        model.prefix.k.set_value(jnp.stack([k[0].transpose(1, 0, 2) for k in cache.k]))  # [L, N, K, D]
+        model.prefix.v.set_value(jnp.stack([v[0].transpose(1, 0, 2) for v in cache.v]))
     return model
 
 
