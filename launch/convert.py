@@ -22,8 +22,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="parameter dtype of the written weights (default: as stored)")
     p.add_argument("--adapter-only", action="store_true",
-                   help="with --from-kiln of a LoRA run: write only the adapters, as a Hugging Face PEFT adapter "
-                        "directory (adapter_config.json + adapter_model.safetensors); default: merged weights")
+                   help="with --from-kiln of a LoRA, prompt- or prefix-tuning run: write only what was tuned, as a "
+                        "Hugging Face PEFT adapter directory (adapter_config.json + adapter_model.safetensors); "
+                        "default: merged weights (LoRA only)")
     return p
 
 
@@ -44,9 +45,11 @@ def main(argv: list[str]) -> int:
             if args.dtype:
                 parser().error("--adapter-only writes float32 adapters; drop --dtype")
             hf_peft.save_adapter(model, args.to_hf, base_model_name_or_path=checkpoint.base_of(args.from_kiln))
-            adapters = sum(a.a.size + a.b.size for a in lora.adapters(model).values())
-            print(f"wrote PEFT adapter directory {args.to_hf}: rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}, "
-                  f"{adapters:,} parameters")
+            if cfg.prefix is not None:
+                what = f"{cfg.prefix.kind} tuning, {cfg.prefix.num_tokens} virtual tokens"
+            else:
+                what = f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}"
+            print(f"wrote PEFT adapter directory {args.to_hf}: {what}")
             return 0
         hf.save(model, cfg, args.to_hf, dtype=args.dtype)
         merged = " (LoRA adapters merged)" if lora.adapters(model) else ""

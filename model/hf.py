@@ -302,8 +302,8 @@ def save(model: Transformer, config: ModelConfig, path: str, dtype: DType | None
     adapters are merged into the weights they adapt."""
     dtype = dtype_name(dtype or config.param_dtype)
     if config.prefix is not None:
-        raise HFFormatError("a prompt- or prefix-tuned model has no Hugging Face weight layout; sample and evaluate "
-                            "its Kiln checkpoint directly")
+        raise HFFormatError("a prompt- or prefix-tuned model has no merged Hugging Face weight layout; export it as a "
+                            "PEFT adapter (kiln convert --adapter-only) or sample and evaluate its Kiln checkpoint")
     if lora.adapters(model):  # Hugging Face weights hold the adapters merged in, in the written dtype
         model = lora.merge(model, dtype)
         config = model.cfg

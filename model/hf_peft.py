@@ -1,9 +1,17 @@
-"""Hugging Face PEFT's LoRA adapter directories: `adapter_config.json` + `adapter_model.safetensors`.
+"""Hugging Face PEFT adapter directories: `adapter_config.json` + `adapter_model.safetensors`.
 
-`save_adapter` writes Kiln's adapters so that `peft.PeftModel.from_pretrained(base, path)` loads
-them onto the transformers base model; `load_adapter` reads such a directory into a Kiln model
-whose LoRA settings match it. PEFT stores per layer lora_A [r, in] and lora_B [out, r] over the
-flattened input / output features of the projection, the same flattening as the base weights.
+`save_adapter` writes Kiln's LoRA adapters, prompt-tuning virtual tokens or prefix-tuning prefixes
+so that `peft.PeftModel.from_pretrained(base, path)` loads them onto the transformers base model;
+`load_adapter` reads a LoRA directory into a Kiln model whose LoRA settings match it. PEFT stores
+per layer lora_A [r, in] and lora_B [out, r] over the flattened input / output features of the
+projection, the same flattening as the base weights.
+
+Prompt and prefix tuning are one tensor, `prompt_embeddings`: the virtual tokens' embeddings
+[N, d_model], or every layer's prefix keys and values [N, layers * 2 * kv_heads * head_dim]
+(key then value per layer). PEFT places a prefix in the cache and the real tokens after it, at
+positions N.., where Kiln puts them at 0..; prefix keys are stored rotated, so the exported keys
+are turned on by N positions to keep every query-key angle. Virtual tokens are ordinary inputs at
+positions 0..N-1 in PEFT and -N..-1 in Kiln: the same distances, nothing to convert.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from model import hf, lora
+from model import hf, lora, prefix as prefixes, rope
 from model.config import LoraConfig
 
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -37,26 +45,57 @@ def tensor_name(target: str, layer: int, which: str) -> str:
 
 
 def save_adapter(model: nnx.Module, path: str, base_model_name_or_path: str = "") -> None:
-    """Writes the model's LoRA adapters as a PEFT adapter directory at `path` (atomically)."""
-    found = lora.adapters(model)
-    if not found:
-        raise AdapterError("the model has no LoRA adapters to export (it was not trained with peft.method=lora)")
+    """Writes the model's LoRA adapters, or its prompt / prefix, as a PEFT adapter directory at `path`
+    (atomically)."""
+    if model.cfg.prefix is not None:
+        tensors, config = _prompt_learning(prefixes.fold(model))
+    elif lora.adapters(model):
+        tensors, config = _lora(model)
+    else:
+        raise AdapterError("the model has no adapters to export (it was not trained with peft.method=lora, "
+                           "prompt_tuning or prefix_tuning)")
+    config.update({"task_type": "CAUSAL_LM", "inference_mode": True, "modules_to_save": None,
+                   "base_model_name_or_path": base_model_name_or_path})
+    with hf.atomic_dir(path) as tmp:
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def _lora(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     cfg: LoraConfig = model.cfg.lora
     tensors: dict[str, np.ndarray] = {}
-    for target, adapter in found.items():
+    for target, adapter in lora.adapters(model).items():
         a, b = (np.asarray(jax.device_get(p[...]), np.float32) for p in (adapter.a, adapter.b))
         r = cfg.rank
         for i in range(a.shape[0]):
             tensors[tensor_name(target, i, "A")] = np.ascontiguousarray(a[i].reshape(-1, r).T)
             tensors[tensor_name(target, i, "B")] = np.ascontiguousarray(b[i].reshape(r, -1).T)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
-              "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "bias": "none", "fan_in_fan_out": False,
-              "target_modules": sorted(MODULES[t].split(".")[1] for t in cfg.targets), "inference_mode": True,
-              "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path}
-    with hf.atomic_dir(path) as tmp:
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+    return tensors, {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+                     "use_rslora": cfg.rslora, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+                     "target_modules": sorted(MODULES[t].split(".")[1] for t in cfg.targets)}
+
+
+def _prompt_learning(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """PEFT's PROMPT_TUNING / PREFIX_TUNING tensor and settings of a (folded) prompt- or prefix-tuned model."""
+    cfg = model.cfg
+    N, L = cfg.prefix.num_tokens, cfg.n_layers
+    config = {"num_virtual_tokens": N, "num_layers": L, "num_transformer_submodules": 1}
+    if cfg.prefix.kind == "prompt":
+        embeddings = np.asarray(jax.device_get(model.prefix.embeddings[...]), np.float32)
+        return {"prompt_embeddings": embeddings}, dict(config, peft_type="PROMPT_TUNING", token_dim=cfg.d_model,
+                                                        num_attention_heads=cfg.n_heads, prompt_tuning_init="RANDOM")
+    k_LNKD, v_LNKD = model.prefix()
+    inv_freq, _ = rope.inv_frequencies(cfg)  # a pure rotation by N positions (no attention factor)
+    angles = np.float32(N) * inv_freq
+    cos, sin = (jnp.asarray(np.concatenate([f(angles), f(angles)]))[None, None] for f in (np.cos, np.sin))
+    k_LNKD = rope.apply_rotary(k_LNKD.astype(jnp.float32), cos, sin)
+    kv_L2NKD = np.stack([np.asarray(jax.device_get(x), np.float32) for x in (k_LNKD, v_LNKD)], axis=1)
+    kv_NL2KD = kv_L2NKD.transpose(2, 0, 1, 3, 4)
+    token_dim = cfg.n_kv_heads * cfg.dim_head
+    return {"prompt_embeddings": np.ascontiguousarray(kv_NL2KD.reshape(N, -1))}, dict(
+        config, peft_type="PREFIX_TUNING", token_dim=token_dim, num_attention_heads=cfg.n_kv_heads,
+        encoder_hidden_size=token_dim, prefix_projection=False)
 
 
 def read_config(path: str) -> LoraConfig:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import hf, prefix
+from model import hf, hf_peft, prefix
 from model import presets
 from model.config import PrefixConfig
 from model.transformer import KVCache, Transformer, trainable
@@ -138,3 +138,34 @@ def test_the_sampler_decodes_with_the_prompt(base, kind):
     np.testing.assert_array_equal(ours.tokens, theirs.tokens)
     np.testing.assert_allclose(ours.logprobs, theirs.logprobs, atol=5e-6)  # measured 4.8e-7
     assert not np.array_equal(ours.tokens, generate(base, prompts, max_new_tokens=6, temperature=0.0).tokens)
+
+
+@pytest.mark.parametrize("kind, hidden", [("prompt", 0), ("prefix", 0), ("prefix", 8)])
+def test_peft_loads_our_prompt_and_prefix_onto_the_transformers_base(tmp_path, kind, hidden):
+    """kiln convert --adapter-only of a prompt- or prefix-tuned model: PEFT's PROMPT_TUNING / PREFIX_TUNING
+    directory, which peft.PeftModel puts on the transformers base with the same logits as Kiln's."""
+    import peft
+    import torch
+    import transformers
+
+    import hf_models
+
+    hf_models.build("llama_gqa4_yarn_headdim").save_pretrained(str(tmp_path / "base"))  # GQA, YaRN's attention factor
+    _, hf_base = hf.load(str(tmp_path / "base"))
+    cfg = hf_base.cfg.replace(prefix=PrefixConfig(kind=kind, num_tokens=N, hidden=hidden))
+    model = trainer._with_config(hf_base, cfg, 0)  # random prompt / prefix (an MLP's, folded on export)
+    tokens = np.asarray(X) % hf_base.cfg.vocab_size
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    hf_peft.save_adapter(model, str(tmp_path / "adapter"), base_model_name_or_path=str(tmp_path / "base"))
+    torch_base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), attn_implementation="eager")
+    with torch.no_grad():
+        plain = torch_base(torch.tensor(tokens)).logits.numpy()
+        tuned_model = peft.PeftModel.from_pretrained(torch_base, str(tmp_path / "adapter")).eval()
+        theirs = tuned_model(input_ids=torch.tensor(tokens), attention_mask=torch.ones(tokens.shape, dtype=torch.long))
+    theirs = theirs.logits.numpy()[:, -tokens.shape[1]:]  # prompt tuning's logits include the virtual tokens
+    scale = np.abs(theirs).max()
+    assert np.abs(theirs - plain).max() / scale > 1e-2  # PEFT really used the prompt
+    # Measured relative to the largest logit: 8.3e-7 (prompt, prefix), 1.4e-6 (folded MLP prefix). Keys
+    # exported unrotated (PEFT's real tokens sit N positions later) give 8.9e-2 and 1.2e-4; a wrong
+    # key/value or head order is O(1).
+    assert np.abs(ours - theirs).max() / scale < 5e-6
