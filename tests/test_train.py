@@ -170,6 +170,12 @@ def test_prompt_and_prefix_tuning_smoke(pretrained, tmp_path, method, extra):
     assert tuned_cfg.prefix.kind == method.split("_")[0]
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 16)))
     assert float(jnp.abs(tuned(tokens) - base(tokens)).max()) > 1e-3
+    # Exported as a PEFT directory (its logits against PEFT's: test_prefix), the base named in it.
+    done = subprocess.run([sys.executable, "-m", "launch.main", "convert", "--from-kiln", str(tmp_path), "--to-hf",
+                           str(tmp_path / "peft"), "--adapter-only"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert written["peft_type"] == method.upper() and written["base_model_name_or_path"] == os.path.abspath(source)
 
 
 def test_resume_is_bit_identical(pretrained, tmp_path, monkeypatch):
