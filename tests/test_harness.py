@@ -67,9 +67,13 @@ def test_loglikelihood_rolling_sums_every_token(lm):
 
 
 def test_generate_until_is_the_samplers_greedy_text(lm):
-    out = lm.generate_until([Request("Ava has", {"until": ["\n"], "max_gen_toks": 12})])
-    want = lm.sampler.complete(["Ava has"], stop=["\n"], max_new_tokens=12, temperature=0.0, chat=False)[0]["text"]
-    assert out == [want] and "\n" not in out[0]
+    """Requests are batched by their settings and answered in request order, each as if alone."""
+    asks = [("Ava has", ["\n"], 12), ("Ben buys 3", ["e"], 12), ("Cleo", ["\n"], 12), ("Dan", ["\n"], 7)] * 3
+    out = lm.generate_until([Request(text, {"until": until, "max_gen_toks": n}) for text, until, n in asks])
+    for (text, until, n), got in zip(asks, out):
+        want = lm.sampler.complete([text], stop=until, max_new_tokens=n, temperature=0.0, chat=False)[0]["text"]
+        assert got == want and until[0] not in got
+    assert len(set(out[:4])) > 1  # the prompts differ, and so do their continuations
 
 
 def test_harness_runs_a_local_gsm8k_task(lm, tmp_path, data_dir):

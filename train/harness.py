@@ -7,7 +7,7 @@
   `max_length` predicted tokens, each conditioned on the token before it (as the harness's own
   models do, so that every forward fits the context);
 - `generate_until`: greedy (or sampled, if the request asks) generation through Kiln's sampler,
-  cut at the request's stop strings.
+  cut at the request's stop strings, `batch_size` prompts per sampler call.
 Registered as the harness model "kiln": `lm_eval --model kiln --model_args checkpoint=RUN_DIR --tasks ...`.
 Scoring runs a jitted forward over batches of rows padded to a multiple of 64 tokens.
 """
@@ -85,23 +85,30 @@ class KilnLM(LM):
 
     # -- generation -----------------------------------------------------------------------------------------
     def generate_until(self, requests: list[Any]) -> list[str]:
-        outputs = []
-        for request in requests:
+        """Continuations in request order; requests with the same generation settings share batches of
+        `batch_size` prompts (one sampler call each)."""
+        outputs = [""] * len(requests)
+        groups: dict[tuple[tuple[str, ...], float, float, int], list[tuple[int, list[int]]]] = {}
+        for i, request in enumerate(requests):
             context, kwargs = request.args
             kwargs = dict(kwargs or {})
             until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            sample = kwargs.pop("do_sample", False)
-            temperature = float(kwargs.pop("temperature", 1.0)) if sample else 0.0
+            until = (until,) if isinstance(until, str) else tuple(u for u in until if u)
+            temperature = float(kwargs.pop("temperature", 1.0)) if kwargs.pop("do_sample", False) else 0.0
             max_new = int(kwargs.pop("max_gen_toks", 256))
             # The context loses tokens from its start when it and the generation would not fit.
             ids = self.tok.encode(context, add_bos=True)[-(self.sampler.model.cfg.max_seq_len - max_new):]
-            batch = self.sampler.generate([ids], max_new_tokens=max_new, temperature=temperature,
-                                          top_p=float(kwargs.pop("top_p", 1.0)),
-                                          stop_sequences=[self.tok.encode_text(u) for u in until if u])
-            text = self.tok.decode(batch.row(0)[0])
-            cuts = [i for i in (text.find(u) for u in until if u) if i >= 0]
-            outputs.append(text[:min(cuts)] if cuts else text)
+            groups.setdefault((until, temperature, float(kwargs.pop("top_p", 1.0)), max_new), []).append((i, ids))
+        for (until, temperature, top_p, max_new), items in groups.items():
+            stops = [self.tok.encode_text(u) for u in until]
+            for lo in range(0, len(items), self.batch_size):
+                chunk = items[lo:lo + self.batch_size]
+                batch = self.sampler.generate([ids for _, ids in chunk], max_new_tokens=max_new,
+                                              temperature=temperature, top_p=top_p, stop_sequences=stops)
+                for row, (i, _) in enumerate(chunk):
+                    text = self.tok.decode(batch.row(row)[0])
+                    cuts = [j for j in (text.find(u) for u in until) if j >= 0]
+                    outputs[i] = text[:min(cuts)] if cuts else text
         return outputs
 
 
