@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from model.config import ModelConfig
+from model.config import LoraConfig, ModelConfig, PrefixConfig
 from model.transformer import param_count
 from train import flops
 
@@ -49,6 +49,17 @@ def test_biases_count_as_parameters():
     # q/k/v biases: (H + 2K)·D = 96 per layer, 288 in all: 6 · 288 = 1728 more FLOPs per token.
     cfg = ModelConfig(**SHAPE, qkv_bias=True)
     assert flops.flops_per_token(cfg, 64) == 297024 + 1728
+
+
+def test_parameter_efficient_runs_by_hand():
+    # LoRA rank 2 on q and v: A E·r = 64 each, B r·H·D = 96 (q) and r·K·D = 48 (v): 272 per layer, 816 in
+    # all, 6 FLOPs each; the frozen N costs 4 per parameter (no weight gradients): 4N = 161152.
+    lora = ModelConfig(**SHAPE, lora=LoraConfig(rank=2, alpha=4.0, targets=("q", "v")))
+    assert param_count(lora) - UNTIED_PARAMS == 816
+    assert flops.flops_per_token(lora, 64) == 4 * N + 6 * 816 + ATTENTION == 221344
+    # Prompt tuning, 5 virtual tokens: every query also attends to 5 more keys, 12·L·H·D·5 = 8640.
+    prompt = ModelConfig(**SHAPE, prefix=PrefixConfig(kind="prompt", num_tokens=5))
+    assert flops.flops_per_token(prompt, 64) == 4 * N + ATTENTION + 8640 == 225088
 
 
 def gpu(kind):

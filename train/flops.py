@@ -7,6 +7,10 @@ FLOPs per trained token = 6 * N + 6 * L * H * D * T, where
 - the attention term is the QK^T and AV products: 2 * 2 * T * H * D per token per layer forward,
   times 3 for forward + backward, halved because causal masking skips the upper triangle
   (counted once, as in the PaLM appendix B convention with causality applied).
+Parameter-efficient runs differentiate only their adapters, so the frozen weights cost 4N (forward,
+and the backward pass to the activations, which every adapter below them needs) instead of 6N;
+LoRA's own matmuls count 6 per parameter, and prompt / prefix tuning's N_p slots add keys that
+every query sees: 12 * L * H * D * N_p.
 MFU = tokens/s * FLOPs per token / (peak FLOP/s per device * devices).
 """
 from __future__ import annotations
@@ -31,12 +35,17 @@ PEAK_FLOPS = (
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward) by the formula in the module docstring."""
-    n = param_count(cfg) - cfg.vocab_size * cfg.d_model  # drop the lookup table ...
+    """Training FLOPs per token (forward + backward) by the formulas in the module docstring."""
+    base = cfg.replace(lora=None, prefix=None)
+    n = param_count(base) - cfg.vocab_size * cfg.d_model  # drop the lookup table ...
     if cfg.tie_embeddings:
         n += cfg.vocab_size * cfg.d_model  # ... but a tied table is also the LM head matmul
     attention = 6 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len
-    return 6.0 * n + attention
+    if cfg.lora is None and cfg.prefix is None:
+        return 6.0 * n + attention
+    adapters = param_count(cfg) - param_count(base) if cfg.lora is not None else 0
+    prefix = 12 * cfg.n_layers * cfg.n_heads * cfg.dim_head * cfg.prefix.num_tokens if cfg.prefix is not None else 0
+    return 4.0 * n + 6.0 * adapters + attention + prefix
 
 
 @functools.lru_cache(maxsize=None)
