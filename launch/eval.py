@@ -54,21 +54,17 @@ def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat
     with jax.set_mesh(mesh), use_rules(config.mesh.rules):
         sampler, use_chat = generate.load_sampler(checkpoint_path, tokenizer=tokenizer, chat_template=chat_template,
                                                   chat=chat, mesh=mesh, rules=config.mesh.rules)
+        runs = _task_runs(config, sampler, use_chat)  # every prompt checked before anything is computed
         graphdef, params, rest = nnx.split(sampler.model, nnx.Param, ...)
         step = jax.jit(evaluate.make_eval_step(graphdef))
         text = evaluate.evaluate_sources(config, "pretrain", sampler.tokenizer,
                                          lambda batch: step(params, rest, loader.global_batch(batch, mesh)))
         rows = []
-        for name, task in config.eval.tasks.items():
-            evaluated = tasks.items(f"eval.tasks.{name}.eval", task.eval, config.data, config.eval.num_problems)
-            pool = tasks.items(f"eval.tasks.{name}.shots", task.shots, config.data)
-            for k in config.eval.shots:
-                shots = tasks.choose_shots(pool, k, evaluated, seed=config.eval.shot_seed)
-                for cot in config.eval.chain_of_thought:
-                    t0 = time.perf_counter()
-                    out = tasks.accuracy(sampler, evaluated, shots, cot=cot, chat=use_chat,
-                                         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
-                    rows.append(dict(task=name, shots=k, chain_of_thought=cot, seconds=time.perf_counter() - t0, **out))
+        for name, k, cot, evaluated, shots in runs:
+            t0 = time.perf_counter()
+            out = tasks.accuracy(sampler, evaluated, shots, cot=cot, chat=use_chat,
+                                 max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+            rows.append(dict(task=name, shots=k, chain_of_thought=cot, seconds=time.perf_counter() - t0, **out))
     results = {"checkpoint": os.path.abspath(checkpoint_path), "chat": use_chat, "metrics": text, "tasks": rows,
                "seconds": time.perf_counter() - started}
     if jax.process_index() == 0:
@@ -76,6 +72,26 @@ def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat
         _write(os.path.join(config.run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
         _write(os.path.join(config.run_dir, "results.md"), markdown(results) + "\n")
     return results
+
+
+def _task_runs(config: Any, sampler: generate.Sampler, chat: bool) -> list[tuple[str, int, bool, list, list]]:
+    """(task, shots, chain of thought, problems, examples) for every combination the config asks for;
+    ValueError when a prompt and `eval.max_new_tokens` would not fit the model's context."""
+    runs, max_len = [], sampler.model.cfg.max_seq_len
+    for name, task in config.eval.tasks.items():
+        evaluated = tasks.items(f"eval.tasks.{name}.eval", task.eval, config.data, config.eval.num_problems)
+        pool = tasks.items(f"eval.tasks.{name}.shots", task.shots, config.data)
+        for k in config.eval.shots:
+            shots = tasks.choose_shots(pool, k, evaluated, seed=config.eval.shot_seed)
+            for cot in config.eval.chain_of_thought:
+                longest = tasks.longest_prompt(sampler, evaluated, shots, cot=cot, chat=chat)
+                if longest + config.eval.max_new_tokens > max_len:
+                    raise ValueError(
+                        f"eval.tasks.{name}: the longest {k}-shot prompt {'with' if cot else 'without'} chain of thought "
+                        f"is {longest} tokens, and with eval.max_new_tokens={config.eval.max_new_tokens} it exceeds the "
+                        f"model's max_seq_len={max_len}; lower eval.max_new_tokens or eval.shots")
+                runs.append((name, k, cot, evaluated, shots))
+    return runs
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from flax import nnx
 
 from launch.config import load_config
@@ -36,3 +37,15 @@ def test_eval_cli_bad_checkpoint_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "launch.main", "eval", f"--checkpoint={tmp_path / 'nope'}",
                            "--config=configs/eval.py:smoke"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "no such directory" in done.stderr
+
+
+def test_eval_checks_every_prompt_fits_before_computing_anything(tmp_path):
+    cfg = presets.get("tiny", vocab_size=384, max_seq_len=512)
+    checkpoint.save_params(str(tmp_path / "ckpt"), 0, Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
+    # 0-shot prompts fit; 2-shot prompts of bytes with 200 new tokens do not: refused before any metric.
+    config = load_config(os.path.join(ROOT, "configs/eval.py:smoke"), [
+        f"--config.run_dir={tmp_path / 'eval'}", "--config.eval.shots=(0, 2)", "--config.eval.max_new_tokens=200"])
+    with pytest.raises(ValueError, match=r"eval.tasks.arithmetic: the longest 2-shot prompt with chain of thought is "
+                                         r"\d+ tokens, .*max_new_tokens=200.*max_seq_len=512; lower"):
+        kiln_eval.run(config, str(tmp_path / "ckpt"), tokenizer="byte", chat=False)
+    assert not (tmp_path / "eval").exists()

@@ -75,6 +75,11 @@ def score(completion: str, item: Item, *, cot: bool, chat: bool) -> bool:
     return synthetic.verify(completion if cot or chat else DIRECT + completion, item.answer)
 
 
+def longest_prompt(sampler: Any, evaluated: Sequence[Item], shots: Sequence[Item], *, cot: bool, chat: bool) -> int:
+    """Tokens in the longest prompt that `accuracy` gives the sampler for these problems and shots."""
+    return max((len(sampler.encode(prompt(it, shots, cot=cot, chat=chat), chat)) for it in evaluated), default=0)
+
+
 def accuracy(sampler: Any, evaluated: Sequence[Item], shots: Sequence[Item], *, cot: bool, chat: bool,
              max_new_tokens: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
     """Greedy exact-match accuracy of `sampler` (a `train.generate.Sampler`) on `evaluated`, and a few
