@@ -3,7 +3,8 @@
 All layers' parameters live in one `Block` with a leading `layers` axis. The forward pass splits
 that block into its graph and state and scans over the state, so the scanned and the unrolled
 (`scan_layers=False`) passes share one parameter layout and one checkpoint format. Per-layer
-differences (Gemma2's alternating sliding windows) travel through the scan as data.
+differences (Gemma2's alternating sliding windows) travel through the scan as data. Cached decoding
+runs the layers unrolled, over per-layer views of the same weights, each with its own cache buffer.
 """
 from __future__ import annotations
 
@@ -187,9 +188,13 @@ class Transformer(nnx.Module):
             return cache
         k, v = self.prefix_kv()
 
-        def put(slots: tuple[jax.Array, ...], kv_LNKD: jax.Array) -> tuple[jax.Array, ...]:  # the same in every row
-            return tuple(s.at[:, :, :n].set(jnp.broadcast_to(kv.transpose(1, 0, 2), (batch, *s.shape[1:2], n, s.shape[3]))
-                                           .astype(s.dtype)) for s, kv in zip(slots, kv_LNKD))
+        def put(slots: tuple[jax.Array, ...], kv_LNKD: jax.Array) -> tuple[jax.Array, ...]:
+            """Each layer's prefix [N, K, D] into slots [:n] of its [B, K, S, D] buffer, the same in every row."""
+            out = []
+            for buffer_BKSD, kv_NKD in zip(slots, kv_LNKD):
+                rows_BKND = jnp.broadcast_to(kv_NKD.transpose(1, 0, 2)[None], (batch, *kv_NKD.transpose(1, 0, 2).shape))
+                out.append(buffer_BKSD.at[:, :, :n].set(rows_BKND.astype(buffer_BKSD.dtype)))
+            return tuple(out)
 
         return KVCache(k=put(cache.k, k), v=put(cache.v, v),
                        pos=cache.pos.at[:, :n].set(prefixes.positions(n)),
