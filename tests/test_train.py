@@ -11,6 +11,7 @@ import pytest
 
 from data import pipeline
 from launch.config import load_config
+from model.transformer import param_count
 from train import checkpoint, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,10 +154,15 @@ def test_lora_run_exports_merged_weights_and_a_peft_adapter(lora_run, tmp_path):
     ("prompt_tuning", ["--config.optim.lr=1e-2", "--config.peft.prompt_init=vocab"]),
     ("prefix_tuning", ["--config.optim.lr=3e-2", "--config.peft.prefix_hidden=16"]),
 ])
-def test_prompt_and_prefix_tuning_smoke(pretrained, tmp_path, method, extra):
+def test_prompt_and_prefix_tuning_smoke(pretrained, tmp_path, method, extra, capsys):
     source, _ = pretrained
     cfg = config("sft", str(tmp_path), f"--config.model.init_from={source}", f"--config.peft.method={method}", *extra)
     trainer.train(cfg)
+    # Trained: 20 x 64 = 1,280 (prompt) or 1,280 + 64 x 16 + 16 + 16 x 128 + 128 = 4,496 (prefix through an MLP),
+    # beside the base's frozen weights.
+    trained = 1280 if method == "prompt_tuning" else 4496
+    total = param_count(checkpoint.read_model_config(source)) + trained
+    assert f"training {trained:,} of {total:,} parameters" in capsys.readouterr().out
     # The smoke base barely reads its context, so a prompt can only nudge it: measured eval loss
     # 4.9479 -> 4.9446 -> 4.9441 (prompt) and 4.9473 -> 4.9436 -> 4.9412 (prefix).
     evals = [r["eval/loss"] for r in rows(str(tmp_path)) if "eval/loss" in r]

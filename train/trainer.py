@@ -216,6 +216,9 @@ def _run(run: Run, kind: str, ckpt: checkpoint.Checkpointer) -> dict[str, Any]:
     logger = records.MetricsLogger(config.run_dir, config.train.steps, start, config.train.progress)
     if start:
         logger.message(f"resumed from step {start} in {ckpt.directory}")
+    trained = sum(x.size for x in jax.tree.leaves(run.state.params))
+    total = trained + sum(x.size for x in jax.tree.leaves(run.frozen))
+    logger.message(f"training {trained:,} of {total:,} parameters ({100 * trained / total:.3g}%)")
     peak = flops.total_peak_flops(run.model_cfg.dtype, list(run.mesh.devices.flat))
     last: dict[str, Any] = {}
     try:
