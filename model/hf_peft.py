@@ -86,10 +86,9 @@ def _prompt_learning(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str
         return {"prompt_embeddings": embeddings}, dict(config, peft_type="PROMPT_TUNING", token_dim=cfg.d_model,
                                                         num_attention_heads=cfg.n_heads, prompt_tuning_init="RANDOM")
     k_LNKD, v_LNKD = model.prefix()
-    inv_freq, _ = rope.inv_frequencies(cfg)  # a pure rotation by N positions (no attention factor)
-    angles = np.float32(N) * inv_freq
-    cos, sin = (jnp.asarray(np.concatenate([f(angles), f(angles)]))[None, None] for f in (np.cos, np.sin))
-    k_LNKD = rope.apply_rotary(k_LNKD.astype(jnp.float32), cos, sin)
+    cos, sin = rope.rotary_tables(jnp.full((1, 1), N), cfg)
+    factor = rope.inv_frequencies(cfg)[1]  # a pure rotation by N positions: YaRN's attention factor out
+    k_LNKD = rope.apply_rotary(k_LNKD.astype(jnp.float32), cos / factor, sin / factor)
     kv_L2NKD = np.stack([np.asarray(jax.device_get(x), np.float32) for x in (k_LNKD, v_LNKD)], axis=1)
     kv_NL2KD = kv_L2NKD.transpose(2, 0, 1, 3, 4)
     token_dim = cfg.n_kv_heads * cfg.dim_head

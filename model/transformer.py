@@ -192,7 +192,8 @@ class Transformer(nnx.Module):
             """Each layer's prefix [N, K, D] into slots [:n] of its [B, K, S, D] buffer, the same in every row."""
             out = []
             for buffer_BKSD, kv_NKD in zip(slots, kv_LNKD):
-                rows_BKND = jnp.broadcast_to(kv_NKD.transpose(1, 0, 2)[None], (batch, *kv_NKD.transpose(1, 0, 2).shape))
+                kv_KND = kv_NKD.transpose(1, 0, 2)
+                rows_BKND = jnp.broadcast_to(kv_KND[None], (batch, *kv_KND.shape))
                 out.append(buffer_BKSD.at[:, :, :n].set(rows_BKND.astype(buffer_BKSD.dtype)))
             return tuple(out)
 

@@ -36,14 +36,14 @@ PEAK_FLOPS = (
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) by the formulas in the module docstring."""
-    base = cfg.replace(lora=None, prefix=None)
-    n = param_count(base) - cfg.vocab_size * cfg.d_model  # drop the lookup table ...
+    base = param_count(cfg.replace(lora=None, prefix=None))
+    n = base - cfg.vocab_size * cfg.d_model  # drop the lookup table ...
     if cfg.tie_embeddings:
         n += cfg.vocab_size * cfg.d_model  # ... but a tied table is also the LM head matmul
     attention = 6 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len
     if cfg.lora is None and cfg.prefix is None:
         return 6.0 * n + attention
-    adapters = param_count(cfg) - param_count(base) if cfg.lora is not None else 0
+    adapters = param_count(cfg) - base if cfg.lora is not None else 0
     prefix = 12 * cfg.n_layers * cfg.n_heads * cfg.dim_head * cfg.prefix.num_tokens if cfg.prefix is not None else 0
     return 4.0 * n + 6.0 * adapters + attention + prefix
 
