@@ -15,8 +15,7 @@ VARIANTS = {
               "checkpoint.every": 10, "data.synthetic.num_examples": 2000},
     # After configs/pretrain.py:shakespeare: half Shakespeare, half GSM8K's worked solutions, from the LR
     # where pre-training's cosine ended (2e-4) down to zero; both domains are evaluated.
-    "shakespeare": {"run_dir": "runs/anneal_shakespeare", "model.init_from": "runs/pretrain_shakespeare",
-                    "data.tokenizer": "runs/pretrain_shakespeare/tokenizer.model", "data.batch_size": 4,
+    "shakespeare": {"run_dir": "runs/anneal_shakespeare", "model.init_from": "runs/pretrain_shakespeare", "data.batch_size": 4,
                     "train.steps": 60, "train.eval_every": 60, "train.eval_steps": 10, "optim.lr": 2e-4},
 }
 

@@ -13,8 +13,7 @@ VARIANTS = {
               "train.log_every": 5, "train.eval_every": 10, "train.eval_steps": 2, "checkpoint.every": 10,
               "optim.warmup_steps": 2, "data.synthetic.num_examples": 2000},
     # After configs/pretrain.py:shakespeare (trained at 256 tokens): 1024-token Shakespeare windows.
-    "shakespeare": {"run_dir": "runs/context_extension_shakespeare", "model.init_from": "runs/pretrain_shakespeare",
-                    "data.tokenizer": "runs/pretrain_shakespeare/tokenizer.model", "data.batch_size": 4,
+    "shakespeare": {"run_dir": "runs/context_extension_shakespeare", "model.init_from": "runs/pretrain_shakespeare", "data.batch_size": 4,
                     "train.steps": 24, "train.eval_every": 24, "train.eval_steps": 5, "checkpoint.every": 24,
                     "optim.warmup_steps": 4},
     "llama3": {"model.rope_scaling.type": "llama3", "model.rope_scaling.factor": 4.0,

@@ -12,7 +12,7 @@ REPLAY = 0.2
 
 VARIANTS = {
     # Built-in data only: "old" and "new" are disjoint halves of the synthetic corpus.
-    "smoke": {"model.init_from": "", "model.preset": "tiny", "data.tokenizer": "byte", "data.seq_len": 64,
+    "smoke": {"model.init_from": "", "model.preset": "tiny", "data.seq_len": 64,
               "data.batch_size": 8, "train.steps": 10, "train.log_every": 5, "train.eval_every": 10,
               "train.eval_steps": 2, "checkpoint.every": 10, "optim.warmup_steps": 2,
               "data.synthetic.num_examples": 2000},
@@ -25,7 +25,6 @@ def get_config(variant: str = ""):
     c.stage = "continue"
     c.run_dir = "runs/continue"
     c.model.init_from = "runs/pretrain_shakespeare"
-    c.data.tokenizer = "runs/pretrain_shakespeare/tokenizer.model"
     c.data.seq_len = 256
     c.data.batch_size = 4
     c.data.sources.train = base.source("$KILN_DATA_DIR/gsm8k/train.jsonl", "gsm8k", 1.0 - REPLAY)

@@ -3,8 +3,8 @@
 Formats: `synthetic` (built-in arithmetic task, no file), `text` (.txt: documents split by
 `data.text_separator`, "" = the whole file is one document), `jsonl` (.jsonl / .jsonl.gz, field
 names configurable per source), `array_record` (each record a UTF-8 JSON object, read lazily),
-`gsm8k` and `hh_rlhf`. A synthetic source may set its own `max_digits` / `max_ops` (default
-`data.synthetic.*`). Every source takes `start` / `end` fractions selecting a contiguous slice
+`gsm8k` and `hh_rlhf`. A synthetic source may set its own `max_digits` / `max_ops` /
+`problems_per_document` (default `data.synthetic.*`). Every source takes `start` / `end` fractions selecting a contiguous slice
 of its records (of its characters when it is a single text document).
 
 Records, by kind (chats are lists of {role, content}; a prompt/completion pair becomes a user
@@ -37,7 +37,7 @@ KINDS = ("pretrain", "sft", "preference", "prompts", "tokenizer")
 FORMATS = ("synthetic", "text", "jsonl", "array_record", "gsm8k", "hh_rlhf")
 FIELDS = dict(text_field="text", prompt_field="prompt", completion_field="completion", messages_field="messages",
               chosen_field="chosen", rejected_field="rejected", answer_field="answer")
-_OPTIONS = {"synthetic": ("max_digits", "max_ops"), "text": (), "jsonl": tuple(FIELDS), "array_record": tuple(FIELDS),
+_OPTIONS = {"synthetic": ("max_digits", "max_ops", "problems_per_document"), "text": (), "jsonl": tuple(FIELDS), "array_record": tuple(FIELDS),
             "gsm8k": ("calculator_annotations",), "hh_rlhf": ()}
 _COMMON = ("path", "format", "weight", "start", "end")
 _KINDS_OF = {"text": ("pretrain", "tokenizer"), "gsm8k": ("pretrain", "sft", "prompts", "tokenizer")}
@@ -149,18 +149,34 @@ def _synthetic(name: str, src: Any, data_cfg: Any, kind: str, start: float, end:
     if hi <= lo:
         raise DataError(f"source {name}: no synthetic examples in [start={start}, end={end}] of "
                         f"data.synthetic.num_examples={cfg.num_examples}")
-    make = _synthetic_view(kind)
     seed, digits, ops = int(cfg.seed), int(src.get("max_digits", cfg.max_digits)), int(src.get("max_ops", cfg.max_ops))
-    records = grain.MapDataset.range(lo, hi).map(
-        lambda i: make(synthetic.problem(i, seed=seed, max_digits=digits, max_ops=ops)))
+    per_doc = int(src.get("problems_per_document", cfg.problems_per_document))
+    if per_doc < 1:
+        raise DataError(f"source {name}: problems_per_document must be at least 1, got {per_doc}")
+
+    def get(i: int) -> synthetic.Problem:
+        return synthetic.problem(i, seed=seed, max_digits=digits, max_ops=ops)
+
+    if kind in ("pretrain", "tokenizer") and per_doc > 1:
+        # A worksheet: consecutive problems of the slice, each "question\nsolution", a blank line
+        # between them (the layout of a few-shot prompt); the last one may hold fewer.
+        records = grain.MapDataset.range(0, -(-(hi - lo) // per_doc)).map(
+            lambda d: {"text": "\n\n".join(_text(get(i)) for i in range(lo + d * per_doc, min(lo + (d + 1) * per_doc, hi)))})
+    else:
+        make = _synthetic_view(kind)
+        records = grain.MapDataset.range(lo, hi).map(lambda i: make(get(i)))
     return Source(name, float(src.weight), records, 0, "synthetic")
+
+
+def _text(p: synthetic.Problem) -> str:
+    return f"{p.question}\n{p.solution}"
 
 
 def _synthetic_view(kind: str) -> Callable[[synthetic.Problem], dict[str, Any]]:
     def view(p: synthetic.Problem) -> dict[str, Any]:
         user = [{"role": "user", "content": p.question}]
-        return {"pretrain": lambda: {"text": f"{p.question}\n{p.solution}"},
-                "tokenizer": lambda: {"text": f"{p.question}\n{p.solution}"},
+        return {"pretrain": lambda: {"text": _text(p)},
+                "tokenizer": lambda: {"text": _text(p)},
                 "sft": lambda: {"messages": user + [{"role": "assistant", "content": p.solution}]},
                 "preference": lambda: {"prompt": user, "chosen": p.solution, "rejected": p.wrong_solution},
                 "prompts": lambda: {"prompt": user, "answer": p.answer}}[kind]()

@@ -19,6 +19,7 @@ import numpy as np
 from data import pipeline, stats, tokenizer as tokenizers
 from data.tokenizer import Tokenizer
 from launch.config import ConfigError, load_config
+from train.trainer import tokenizer_name
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 SPECIAL_OPEN, SPECIAL_CLOSE = "⟪", "⟫"
@@ -50,6 +51,7 @@ def main(argv: list[str]) -> int:
     config = load_config(args.config, rest)
     kind = args.kind or pipeline.STAGE_KINDS.get(config.stage, "pretrain")
     data = config.data
+    data.tokenizer = tokenizer_name(config)
     with tempfile.TemporaryDirectory() as scratch:  # "train" tokenizers are trained here, deterministically
         tok = tokenizers.resolve(data, scratch)
         # Everything that can fail on bad data runs before anything is printed.

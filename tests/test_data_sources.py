@@ -83,6 +83,21 @@ def test_synthetic_source_slices_and_kinds():
     assert [h["answer"] for h in hard[:20]] != [t["answer"] for t in train[:20]]
 
 
+def test_synthetic_worksheets_hold_consecutive_problems_in_few_shot_layout():
+    cfg = data_cfg()
+    cfg.synthetic.num_examples = 100
+    docs, _ = records("", "synthetic", "pretrain", cfg, start=0.5, end=0.6, problems_per_document=4)
+    text = lambda i: f"{synthetic.problem(i).question}\n{synthetic.problem(i).solution}"
+    # Problems 50..59 in documents of 4, 4 and 2, each "question\nsolution" with a blank line between.
+    assert [d["text"] for d in docs] == ["\n\n".join(text(i) for i in range(lo, hi)) for lo, hi in ((50, 54), (54, 58), (58, 60))]
+    cfg.synthetic.problems_per_document = 3  # the default for every source
+    assert len(records("", "synthetic", "tokenizer", cfg)[0]) == 34
+    sft, _ = records("", "synthetic", "sft", cfg)  # other kinds stay one problem per record
+    assert len(sft) == 100 and sft[1]["messages"][0]["content"] == synthetic.problem(1).question
+    with pytest.raises(sources.DataError, match="problems_per_document must be at least 1, got 0"):
+        records("", "synthetic", "pretrain", cfg, problems_per_document=0)
+
+
 # -- files and bad data ------------------------------------------------------------------------------
 def test_text_documents_separator_and_character_slices(tmp_path):
     (tmp_path / "t.txt").write_text("one\n\ntwo\n\n\n\nthree\n\nfour")

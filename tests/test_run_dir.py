@@ -238,3 +238,33 @@ def test_cli_reports_faults_in_one_line(tmp_path, fault, message):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     [line] = p.stderr.strip().splitlines()
     assert re.match(message, line), line
+
+
+def test_auto_tokenizer_is_the_one_init_from_was_trained_with(tmp_path):
+    """Fine-tuning a model pre-trained with its own BPE must not silently switch to bytes (the model's
+    vocabulary is larger than the byte tokenizer's, so nothing else would notice)."""
+    def run(name, tokenizer):
+        os.makedirs(tmp_path / name / "checkpoints" / "20" / "params")
+        (tmp_path / name / "config.json").write_text(json.dumps({"data": {"tokenizer": tokenizer}}))
+        return str(tmp_path / name)
+
+    bpe, named = run("bpe", "train"), run("named", "$KILN_DATA_DIR/some.model")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text("{}")
+    bare = tmp_path / "bare" / "checkpoints"
+    bare.mkdir(parents=True)
+
+    def resolved(init_from, *extra):
+        return trainer.tokenizer_name(config(str(tmp_path / "new"), f"--config.model.init_from={init_from}", *extra,
+                                             stage="sft"))
+
+    assert config(str(tmp_path / "new"), stage="sft").data.tokenizer == "auto"
+    assert trainer.tokenizer_name(config(str(tmp_path / "new"), stage="sft")) == "byte"  # from scratch
+    assert resolved(bpe) == os.path.join(bpe, "tokenizer.model")
+    assert resolved(os.path.join(bpe, "checkpoints", "20")) == os.path.join(bpe, "tokenizer.model")
+    assert resolved(named) == "$KILN_DATA_DIR/some.model"
+    assert resolved(str(hf_dir)) == str(hf_dir)
+    assert resolved(bpe, "--config.data.tokenizer=byte") == "byte"  # an explicit choice stands
+    with pytest.raises(ValueError, match="does not say which tokenizer its model was trained with"):
+        resolved(str(bare.parent))

@@ -80,6 +80,8 @@ def test_sft_smoke_from_pretrained(pretrained, tmp_path):
     evals = [r["eval/loss"] for r in rows(str(tmp_path)) if "eval/loss" in r]
     assert evals[0] > evals[-1]  # step 0 (the pre-trained model) against the end
     assert checkpoint.base_of(str(tmp_path)) == ""  # a whole model: no base to point to
+    # data.tokenizer=auto took the pre-trained run's, and config.json names it for eval and sampling.
+    assert json.load(open(tmp_path / "config.json"))["data"]["tokenizer"] == "byte"
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ loads onto another.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -205,6 +206,36 @@ def base_of(path: str) -> str:
 def is_hf_dir(path: str) -> bool:
     """A Hugging Face directory (config.json, no Kiln checkpoints) rather than a Kiln run or checkpoint."""
     return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def run_config(path: str) -> dict[str, Any] | None:
+    """The training config.json of the Kiln run that checkpoint `path` belongs to, with its `run_dir`
+    (None for a bare checkpoint directory or a Hugging Face directory)."""
+    if is_hf_dir(path):
+        return None
+    directory = locate(path)[0]
+    run_dir = os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
+    config = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config) as f:
+            return dict(json.load(f), run_dir=run_dir)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config}: cannot read the run's config ({e})") from None
+
+
+def tokenizer_of(path: str) -> str | None:
+    """The tokenizer the model in `path` was trained with, as a `data.tokenizer` value: "byte" or a
+    path (a run's trained tokenizer.model, the Hugging Face directory itself); None when `path` does
+    not say (a bare checkpoint directory)."""
+    if is_hf_dir(path):
+        return path
+    config = run_config(path)
+    if config is None:
+        return None
+    name = config.get("data", {}).get("tokenizer", "byte")
+    return os.path.join(config["run_dir"], "tokenizer.model") if name == "train" else name
 
 
 def load_model(path: str, *, mesh: Mesh | None = None, rules: Rules | None = None,

@@ -12,7 +12,6 @@ tokenized), with the tokens and log-probs cut to the shortest prefix whose text 
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -146,8 +145,8 @@ def load_sampler(path: str, *, tokenizer: str | None = None, chat_template: str 
     path = expand_path(path, "checkpoint")
     if not os.path.exists(path):
         raise ValueError(f"checkpoint {path}: no such directory")
-    run_config = _run_config(path)
-    tok = _tokenizer(tokenizer, path, run_config)
+    run_config = checkpoint.run_config(path)
+    tok = _tokenizer(tokenizer, path)
     if chat_template is None and run_config is not None:
         chat_template = run_config.get("data", {}).get("chat_template")
     if chat_template is None:
@@ -163,30 +162,8 @@ def load_sampler(path: str, *, tokenizer: str | None = None, chat_template: str 
     return Sampler(model, tok, mesh=mesh, rules=rules, chat_template=chat_template), chat
 
 
-def _run_config(path: str) -> dict[str, Any] | None:
-    """The training config.json of the Kiln run that `path` belongs to (None for a bare checkpoint
-    directory or a Hugging Face directory), with its `run_dir`."""
-    if checkpoint.is_hf_dir(path):
-        return None
-    directory = checkpoint.locate(path)[0]
-    run_dir = os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
-    config = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config):
-        return None
-    try:
-        with open(config) as f:
-            return dict(json.load(f), run_dir=run_dir)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config}: cannot read the run's config ({e})") from None
-
-
-def _tokenizer(name: str | None, path: str, run_config: dict[str, Any] | None) -> Tokenizer:
-    if name is None and run_config is not None:
-        name = run_config.get("data", {}).get("tokenizer", "byte")
-        if name == "train":  # trained by the run, kept in its directory
-            return tokenizers.load(os.path.join(run_config["run_dir"], "tokenizer.model"))
-    if name is not None:
-        return tokenizers.load(name if name == "byte" else expand_path(name, "tokenizer"))
-    if checkpoint.is_hf_dir(path):
-        return tokenizers.load(path)
-    raise ValueError(f"{path} holds no config.json naming its tokenizer; pass a tokenizer (--tokenizer)")
+def _tokenizer(name: str | None, path: str) -> Tokenizer:
+    name = name or checkpoint.tokenizer_of(path)
+    if name is None:
+        raise ValueError(f"{path} holds no config.json naming its tokenizer; pass a tokenizer (--tokenizer)")
+    return tokenizers.load(name if name == "byte" else expand_path(name, "tokenizer"))

@@ -73,6 +73,21 @@ def init_source(config: ConfigDict) -> str:
     return path
 
 
+def tokenizer_name(config: ConfigDict) -> str:
+    """`data.tokenizer` with "auto" made concrete: the tokenizer `model.init_from` was trained with
+    (a run's own, a Hugging Face directory's), or "byte" when training from scratch."""
+    name = config.data.tokenizer
+    if name != "auto":
+        return name
+    if not config.model.init_from:
+        return "byte"
+    found = checkpoint.tokenizer_of(init_source(config))
+    if found is None:
+        raise ValueError(f"data.tokenizer=auto: model.init_from={config.model.init_from!r} does not say which "
+                         "tokenizer its model was trained with (no run config.json); set data.tokenizer")
+    return found
+
+
 def source_config(path: str) -> ModelConfig:
     if checkpoint.is_hf_dir(path):
         with open(os.path.join(path, "config.json")) as f:
@@ -163,6 +178,7 @@ class Run:
 def setup(config: ConfigDict, devices: list | None = None) -> Run:
     """Tokenizer, mesh, model, optimizer and the jitted step for `config` (no data, no checkpoint).
     The sequence length, batch and memory are checked against the model and mesh first."""
+    config.data.tokenizer = tokenizer_name(config)  # recorded concrete in config.json
     tok = tokenizers.resolve(config.data, config.run_dir)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
     with jax.set_mesh(mesh), use_rules(config.mesh.rules):
