@@ -155,6 +155,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # A scalar head (a reward model's): `Transformer.rewards` scores each sequence at its last token.
+    reward_head: bool = False
     # Parameter-efficient tuning inside the model (None: a plain decoder).
     lora: LoraConfig | None = None
     prefix: PrefixConfig | None = None

@@ -36,6 +36,11 @@ def test_flops_per_token_by_hand():
     assert flops.flops_per_token(ModelConfig(**SHAPE), 64) == FLOPS_PER_TOKEN == 297024
     # Tying the table saves parameters, not matmul work: the LM head still multiplies by it.
     assert flops.flops_per_token(ModelConfig(**SHAPE, tie_embeddings=True), 64) == 297024
+    # A reward model runs no LM head (tied or not) but a scalar head of E = 32 weights:
+    # 6 * (37056 + 32 + 32) + 55296 = 222720 + 55296.
+    assert param_count(ModelConfig(**SHAPE, reward_head=True)) == UNTIED_PARAMS + 32
+    for tied in (False, True):
+        assert flops.flops_per_token(ModelConfig(**SHAPE, tie_embeddings=tied, reward_head=True), 64) == 278016
 
 
 def test_attention_term_grows_with_sequence_length():

@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from ml_collections import ConfigDict
 
 from train.losses.dpo import orpo_loss, preference_loss, sequence_logps, simpo_loss
-from train.losses.reward import bradley_terry_loss, pair_metrics
+from train import losses
+from train.losses.reward import bradley_terry_loss, whole_sequences
 
 
 def softplus(x):  # -log sigmoid(-x)
@@ -88,11 +90,53 @@ def test_bradley_terry_by_hand():
         (softplus(-0.5) + softplus(0.5) + softplus(2.5)) / 3, rel=1e-6)
     # Centring adds c * mean((r_c + r_r)^2) = 0.01 * (9 + 0 + 0) / 3.
     assert float(bradley_terry_loss(chosen, rejected, center_coef=0.01)) == pytest.approx(plain + 0.03, rel=1e-6)
-    m = pair_metrics(chosen, rejected)
-    assert float(m["accuracy"]) == pytest.approx(1 / 3)  # strict: the tie does not count
-    assert float(m["margin"]) == pytest.approx(-1 / 3)
-    assert float(m["reward_mean"]) == pytest.approx(0.5)
-    assert float(m["reward_std"]) == pytest.approx(np.std([2, 0, -1, 1, 0, 1]), rel=1e-6)
+
+
+class Scores:
+    """Stands in for a reward model: fixed scores for the 2B rows (chosen first), and the sequences it got."""
+
+    def __init__(self, scores):
+        self.scores, self.seen = jnp.asarray(scores, jnp.float32), None
+
+    def rewards(self, tokens, positions, segments):
+        self.seen = (tokens, positions, segments)
+        return self.scores
+
+
+def pair_batch(lengths, T=6):
+    """Right-padded chosen/rejected rows of the given token counts; tokens 10.., targets 20.."""
+    batch = {}
+    for side, ns in zip(("chosen", "rejected"), lengths):
+        rows = {k: np.zeros((len(ns), T), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+        rows["loss_mask"] = np.zeros((len(ns), T), np.float32)
+        for b, n in enumerate(ns):
+            rows["tokens"][b, :n], rows["targets"][b, :n] = 10 + np.arange(n), 20 + np.arange(n)
+            rows["segment_ids"][b, :n], rows["positions"][b, :n], rows["loss_mask"][b, 1:n] = 1, np.arange(n), 1
+        batch.update({f"{side}_{k}": jnp.asarray(v) for k, v in rows.items()})
+    return batch
+
+
+def test_reward_loss_sums_over_real_pairs_with_trl_style_metrics():
+    c = ConfigDict(dict(margin=0.0, center_coef=0.01))
+    # Three slots: two pairs and an empty one (a padding slot of the last eval batch).
+    model = Scores([2.0, 0.0, 9.0, 1.0, 0.0, -9.0])
+    loss_sum, m = losses.get("reward", c)(model, pair_batch(([4, 3, 0], [5, 2, 0])), None)
+    assert float(m["weight"]) == 2
+    # Pairs (2, 1) and (0, 0): -log sigma(1) + ln 2, centring 0.01 * (9 + 0).
+    assert float(loss_sum) == pytest.approx(softplus(-1) + math.log(2) + 0.09, rel=1e-6)
+    assert float(m["accuracy"]) == 1 and float(m["margin"]) == pytest.approx(1.0)  # strict: the tie does not count
+    assert float(m["rewards/chosen"]) == pytest.approx(2.0) and float(m["rewards/rejected"]) == pytest.approx(1.0)
+    assert float(m["reward_std"]) / 2 == pytest.approx(np.std([2, 0, 1, 0]), rel=1e-6)  # real rows only
+
+
+def test_reward_model_reads_the_whole_sequence():
+    """Rows hold inputs (the sequence but its last token); the score must see that last token too."""
+    tokens, positions, segments = whole_sequences(pair_batch(([4, 6], [1, 2])), "chosen")
+    np.testing.assert_array_equal(tokens[0], [10, 11, 12, 13, 23, 0])  # target 3 appended at slot 4
+    np.testing.assert_array_equal(segments[0], [1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(positions[0], [0, 1, 2, 3, 4, 0])
+    np.testing.assert_array_equal(tokens[1], 10 + np.arange(6))  # a full row was cut: it keeps its inputs
+    np.testing.assert_array_equal(segments[1], np.ones(6))
 
 
 def test_sequence_logps_sum_each_replys_masked_targets():

@@ -1,4 +1,6 @@
-"""Held-out evaluation on each named `data.eval_sources` entry: loss, perplexity and bits per byte.
+"""Held-out evaluation on each named `data.eval_sources` entry: loss, perplexity and bits per byte
+for language-modelling kinds (pretrain, sft); for other kinds (preference pairs), the stage's own
+loss and metrics (a reward model's pair accuracy, ...), averaged over the source like training's.
 
 Bits per byte divide the summed negative log-likelihood (in bits) by the UTF-8 bytes of the
 evaluated targets, so runs with different tokenizers compare. The first eval source is also
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from data import pipeline
+from train import losses
 from train.losses.next_token import forward_nll
 
 EVAL_KINDS = ("pretrain", "sft")
@@ -41,12 +44,49 @@ def eval_metrics(nll_sum: float, tokens: float, nbytes: float) -> dict[str, floa
     return {"loss": loss, "perplexity": perplexity, "bits_per_byte": bits_per_byte, "tokens": tokens}
 
 
+def make_loss_eval_step(graphdef: nnx.GraphDef, loss_fn: losses.LossFn):
+    """`eval_step(params, frozen, batch) -> {loss, weight, metrics...}` sums (no dropout), ready for jit."""
+    def eval_step(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        loss_sum, metrics = loss_fn(nnx.merge(graphdef, params, frozen), batch, None)
+        return dict(metrics, loss=loss_sum)
+    return eval_step
+
+
 def evaluate(run: Any, kind: str) -> dict[str, float]:
-    """Eval metrics of a training run's current state on every eval source (`evaluate_sources`)."""
+    """Eval metrics of a training run's current state on every eval source (`evaluate_sources`, or
+    the stage's loss for kinds without a language-modelling loss)."""
     if getattr(run, "_eval_step", None) is None:
-        run._eval_step = jax.jit(make_eval_step(run.graphdef))
-    return evaluate_sources(run.config, kind, run.tokenizer,
-                            lambda batch: run._eval_step(run.state.params, run.frozen, run.global_batch(batch)))
+        run._eval_step = jax.jit(make_eval_step(run.graphdef) if kind in EVAL_KINDS else
+                                 make_loss_eval_step(run.graphdef, losses.get(run.config.loss.type, run.config.loss)))
+    step = lambda batch: run._eval_step(run.state.params, run.frozen, run.global_batch(batch))  # noqa: E731
+    if kind in EVAL_KINDS:
+        return evaluate_sources(run.config, kind, run.tokenizer, step)
+    return _loss_metrics(run.config, kind, run.tokenizer, step)
+
+
+def _loss_metrics(cfg: Any, kind: str, tokenizer: Any, eval_step: Callable[[dict[str, Any]], dict[str, jax.Array]]
+                  ) -> dict[str, float]:
+    """The stage loss's metrics, summed over each eval source and divided by its total weight."""
+    rows: dict[str, float] = {}
+    for i, name in enumerate(cfg.data.eval_sources.keys()):
+        batches = pipeline.eval_iterator(cfg.data, kind, tokenizer, name, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+        total = None
+        for n, batch in enumerate(batches):
+            if 0 < cfg.train.eval_steps <= n:
+                break
+            sums = eval_step(batch)
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        sums = {k: float(v) for k, v in jax.device_get(total or {}).items()}
+        weight = sums.pop("weight", 0.0)
+        if not weight:
+            raise ValueError(f"data.eval_sources.{name}: nothing to evaluate (no {kind} examples)")
+        metrics = {k: v / weight for k, v in sums.items()}
+        if name != "eval":
+            rows.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
+        if name == "eval" or (i == 0 and "eval" not in cfg.data.eval_sources):
+            rows.update({f"eval/{k}": v for k, v in metrics.items()})
+    return rows
 
 
 def evaluate_sources(cfg: Any, kind: str, tokenizer: Any, eval_step: Callable[[dict[str, Any]], jax.Array]

@@ -2,8 +2,8 @@
 
 FLOPs per trained token = 6 * N + 6 * L * H * D * T, where
 - N counts the parameters used in matrix multiplies: every weight except the embedding lookup
-  (the LM head is counted, also when it shares the embedding table), so 2N multiply-adds forward
-  and 4N backward;
+  (the LM head is counted, also when it shares the embedding table; a reward model has none, its
+  scalar head is counted), so 2N multiply-adds forward and 4N backward;
 - the attention term is the QK^T and AV products: 2 * 2 * T * H * D per token per layer forward,
   times 3 for forward + backward, halved because causal masking skips the upper triangle
   (counted once, as in the PaLM appendix B convention with causality applied).
@@ -38,7 +38,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) by the formulas in the module docstring."""
     base = param_count(cfg.replace(lora=None, prefix=None))
     n = base - cfg.vocab_size * cfg.d_model  # drop the lookup table ...
-    if cfg.tie_embeddings:
+    if cfg.reward_head and not cfg.tie_embeddings:
+        n -= cfg.vocab_size * cfg.d_model  # ... and an LM head that a reward model never runs
+    elif cfg.tie_embeddings and not cfg.reward_head:
         n += cfg.vocab_size * cfg.d_model  # ... but a tied table is also the LM head matmul
     attention = 6 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len
     if cfg.lora is None and cfg.prefix is None:

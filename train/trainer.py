@@ -44,7 +44,7 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
     if m.rope_scaling.type != "none":
         fields = {k: v for k, v in m.rope_scaling.to_dict().items() if v is not None}
         overrides["rope_scaling"] = RopeScaling.from_dict(dict(fields, rope_type=fields.pop("type")))
-    overrides.update(peft_configs(config))
+    overrides.update(peft_configs(config), reward_head=config.stage == "reward")
     if m.init_from:
         base = source_config(init_source(config))
         changed = [k for k in SHAPE_FIELDS if k in overrides and overrides[k] != getattr(base, k)]
@@ -142,15 +142,19 @@ def build_model(config: ConfigDict, cfg: ModelConfig, mesh: jax.sharding.Mesh, t
 
 def _with_config(model: Transformer, cfg: ModelConfig, seed: int) -> Transformer:
     """The loaded parameters under `cfg` (same shapes; new RoPE scaling, dtypes, remat ...). LoRA
-    adapters or a prompt/prefix that `cfg` asks for and `model` lacks are initialised from `seed`,
-    as a fresh model's would be."""
+    adapters, a prompt/prefix or a reward head that `cfg` asks for and `model` lacks are initialised
+    from `seed`, as a fresh model's would be."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     kind = trainable(cfg)
     if kind is not nnx.Param and not jax.tree.leaves(nnx.state(model, kind)):
         # Only the new parts leave the jitted init, so XLA never computes the discarded base weights.
         fresh = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)), kind)))
         nnx.replace_by_pure_dict(state, fresh())
+    if cfg.reward_head and not model.cfg.reward_head:  # a reward model started from a policy: a new head
+        nnx.replace_by_pure_dict(state, {"score": jax.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)).score[...])()})
     loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if not cfg.reward_head:
+        loaded.pop("score", None)  # a policy started from a reward model leaves its head behind
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x.astype(cfg.param_dtype), loaded))
     return nnx.merge(graphdef, state)
 

@@ -1,0 +1,44 @@
+"""Reward model (stage "reward"): a scalar head on the decoder, trained with the Bradley–Terry loss on
+preference pairs; evaluation reports held-out pair accuracy (`eval/accuracy`).
+
+Default: pairs from the built-in arithmetic task (a worked solution against the same steps with one
+slip carried through), the last 5% held out, starting from the SFT model (`runs/sft`, as InstructGPT
+starts its reward model from the SFT policy); the head is new, the rest is loaded.
+Variants:
+  smoke  synthetic pairs, a tiny model from scratch: seconds on a CPU.
+  hh     Anthropic HH-RLHF harmless-base from $KILN_DATA_DIR (the shared copy is its 2,312-pair test
+         split: the first 90% train, the last 10% are held out), a small model from scratch.
+"""
+from ml_collections import ConfigDict
+
+from configs import base
+
+HH = "$KILN_DATA_DIR/hh-rlhf/harmless-base-test.jsonl.gz"
+
+VARIANTS = {
+    "smoke": {"model.init_from": "", "model.preset": "tiny", "data.seq_len": 256, "data.batch_size": 8,
+              "data.synthetic.num_examples": 2000, "optim.lr": 1e-3, "optim.warmup_steps": 2, "train.steps": 20,
+              "train.log_every": 5, "train.eval_every": 10, "train.eval_steps": 2, "checkpoint.every": 10},
+    "hh": {"model.init_from": "", "model.preset": "small", "data.seq_len": 1024, "data.batch_size": 8,
+           "optim.lr": 3e-4, "optim.warmup_steps": 10, "train.steps": 200, "train.eval_every": 100,
+           "train.eval_steps": 0},
+}
+
+
+def get_config(variant: str = "") -> ConfigDict:
+    c = base.get_config()
+    c.stage = "reward"
+    c.loss.type = "reward"
+    c.run_dir = f"runs/reward{'_' + variant if variant else ''}"
+    c.model.init_from = "runs/sft"
+    c.data.seq_len = 512
+    c.data.batch_size = 8
+    c.optim.lr, c.optim.warmup_steps = 1e-4, 5
+    c.train.steps, c.train.eval_every, c.train.eval_steps, c.checkpoint.every = 100, 50, 0, 50
+    if variant == "hh":
+        c.data.sources.train = base.source(HH, "hh_rlhf", end=0.9)
+        c.data.eval_sources.heldout = base.source(HH, "hh_rlhf", start=0.9)
+    else:
+        c.data.sources.train = base.source(format="synthetic", end=0.95)
+        c.data.eval_sources.heldout = base.source(format="synthetic", start=0.95)
+    return base.with_variant(c, VARIANTS, variant)
