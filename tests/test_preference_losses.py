@@ -164,3 +164,27 @@ def test_sequence_logps_sum_each_replys_masked_targets():
             # Measured |error| up to 4.8e-5 on sums of -380..-640 (float32 accumulation).
             assert float(sums[b]) == pytest.approx(float((picked * mask).sum()), abs=2e-4)
     assert not np.allclose(chosen, rejected)  # the halves differ, so swapping them would fail
+
+
+def test_rewards_read_each_rows_last_real_token():
+    from model import presets
+    from model.transformer import Transformer
+
+    model = Transformer(presets.get("tiny", reward_head=True), rngs=nnx.Rngs(0))
+    rng = np.random.RandomState(0)
+    seq = rng.randint(0, 256, (7,)).astype(np.int32)
+    alone = float(model.rewards(jnp.asarray(seq[None]))[0])
+    # The same sequence right-padded with junk (segment 0), and one cut a token shorter.
+    padded = np.concatenate([seq, rng.randint(0, 256, (5,))]).astype(np.int32)[None]
+    segments = (np.arange(12) < 7).astype(np.int32)[None]
+    shorter = (np.arange(12) < 6).astype(np.int32)[None]
+    positions = np.minimum(np.arange(12), 6)[None].astype(np.int32)
+    got = model.rewards(jnp.asarray(np.concatenate([padded, padded])), jnp.asarray(np.concatenate([positions] * 2)),
+                        jnp.asarray(np.concatenate([segments, shorter])))
+    assert float(got[0]) == pytest.approx(alone, abs=1e-6)  # measured 1.5e-8 (of 0.08): padding is never read
+    assert abs(float(got[1]) - alone) > 1e-3  # a different last token: a different score
+    # By hand: the head times the final hidden state at the last real position.
+    h = model.hidden(jnp.asarray(seq[None]))[0, -1]
+    assert alone == pytest.approx(float(jnp.dot(h, model.score[...])), rel=1e-5)
+    with pytest.raises(ValueError, match="no reward head"):
+        Transformer(presets.get("tiny"), rngs=nnx.Rngs(0)).rewards(jnp.asarray(seq[None]))
