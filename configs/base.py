@@ -112,8 +112,12 @@ def get_config() -> ConfigDict:
     # the first num_problems problems (0: all); shot_seed draws the examples.
     c.eval = ConfigDict(dict(tasks=ConfigDict(), shots=(0, 4), chain_of_thought=(True, False), num_problems=100,
                              max_new_tokens=256, batch_size=32, shot_seed=0))
+    # Loss: type (the registry name) and each loss's hyperparameters. next_token / sft: z_loss.
+    # reward (Bradley-Terry): margin, center_coef. dpo: preference_type sigmoid | hinge | ipo |
+    # robust | simpo | orpo, beta (temperature; ORPO's lambda), label_smoothing (conservative /
+    # robust DPO, SimPO), nll_coef (chosen reply's per-token NLL; Llama 3: 0.2), simpo_gamma.
     c.loss = ConfigDict(dict(type="next_token", z_loss=0.0, beta=0.1, label_smoothing=0.0,
-                             margin=0.0, center_coef=0.0))
+                             margin=0.0, center_coef=0.0, preference_type="sigmoid", nll_coef=0.0, simpo_gamma=0.5))
     c.rollout = ConfigDict(dict(num_samples=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128,
                                 reward="verifier"))
     return c

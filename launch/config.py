@@ -26,6 +26,7 @@ CHOICES = {
     "peft.prompt_init": ("random", "vocab", "text"),
     "optim.schedule": ("constant", "cosine", "wsd", "linear"),
     "checkpoint.resume": ("auto", "none"),
+    "loss.preference_type": ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"),
 }
 
 
@@ -104,8 +105,6 @@ def parse_value(raw: str, current: Any) -> Any:
 # Keys that nothing reads yet, and the step that connects them: setting one is an error, so that
 # nobody sweeps a knob that does nothing.
 UNCONNECTED = {
-    "loss.beta": "Step 5 (DPO)", "loss.label_smoothing": "Step 5 (DPO)",
-    "loss.margin": "Step 5 (reward model)", "loss.center_coef": "Step 5 (reward model)",
     "rollout.": "Steps 5-6 (sampling, RL)",
     "mesh.dcn_data": "Step 8 (multi-slice meshes)", "mesh.dcn_fsdp": "Step 8 (multi-slice meshes)",
 }
@@ -136,6 +135,22 @@ PEFT_KEYS = {"lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
              "prefix_tuning": ("num_virtual_tokens", "prefix_hidden")}
 
 
+# The loss.* keys each loss.type reads; setting one that the chosen loss ignores is an error.
+LOSS_KEYS = {"next_token": ("z_loss",), "sft": ("z_loss",), "reward": ("margin", "center_coef"),
+             "dpo": ("beta", "label_smoothing", "preference_type", "nll_coef", "simpo_gamma")}
+
+
+def check_loss(config: ConfigDict) -> None:
+    """ConfigError for a loss.* key that the chosen loss.type does not read."""
+    loss, defaults = config.loss, base.get_config().loss
+    used = LOSS_KEYS.get(loss.type, ())
+    for key in sorted({k for keys in LOSS_KEYS.values() for k in keys} - set(used)):
+        if loss[key] != defaults[key]:
+            readers = [t for t, keys in LOSS_KEYS.items() if key in keys]
+            raise ConfigError(f"config key 'loss.{key}' is set but loss.type is {loss.type!r}; it is read by "
+                              f"loss.type={' or '.join(readers)}")
+
+
 def check_peft(config: ConfigDict) -> None:
     """ConfigError for a peft.* key that the chosen peft.method does not read."""
     peft, defaults = config.peft, base.get_config().peft
@@ -152,6 +167,7 @@ def check_peft(config: ConfigDict) -> None:
 def validate(config: ConfigDict) -> None:
     """Checks choices, ranges and unconnected keys; raises ConfigError naming the key."""
     check_connected(config)
+    check_loss(config)
     check_peft(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key)

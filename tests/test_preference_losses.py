@@ -188,3 +188,45 @@ def test_rewards_read_each_rows_last_real_token():
     assert alone == pytest.approx(float(jnp.dot(h, model.score[...])), rel=1e-5)
     with pytest.raises(ValueError, match="no reward head"):
         Transformer(presets.get("tiny"), rngs=nnx.Rngs(0)).rewards(jnp.asarray(seq[None]))
+
+
+class UniformLM:
+    """Stands in for a policy: uniform logits over V tokens, so every target has log-prob -ln V."""
+
+    V = 32  # above every token id of pair_batch
+
+    def __call__(self, tokens, positions, segments, dropout_key=None):
+        return jnp.zeros((*tokens.shape, self.V), jnp.float32)
+
+
+def dpo(batch, **loss):
+    c = ConfigDict(dict(preference_type="sigmoid", beta=0.1, label_smoothing=0.0, nll_coef=0.0, simpo_gamma=0.5))
+    c.update(loss)
+    return losses.get("dpo", c)(UniformLM(), batch, None)
+
+
+def test_dpo_stage_loss_by_hand():
+    # Pairs with 3 / 1 and 2 / 4 trained tokens (loss_mask is 1 on tokens 1..n-1), and a padding slot.
+    batch = pair_batch(([4, 3, 0], [2, 5, 0]))
+    lnV = math.log(UniformLM.V)
+    pc, pr = np.array([-3, -2, 0]) * lnV, np.array([-1, -4, 0]) * lnV
+    batch.update(ref_chosen_logps=jnp.array([-3.0, -5.0, 0.0]), ref_rejected_logps=jnp.array([-2.0, -3.0, 0.0]))
+    delta = (pc - [-3, -5, 0]) - (pr - [-2, -3, 0])
+    total, m = dpo(batch)
+    assert float(m["weight"]) == 2
+    assert float(total) == pytest.approx(sum(softplus(-0.1 * d) for d in delta[:2]), rel=1e-6)
+    rc, rr = 0.1 * (pc - [-3, -5, 0]), 0.1 * (pr - [-2, -3, 0])
+    assert float(m["rewards/chosen"]) == pytest.approx(rc[:2].sum(), rel=1e-6)
+    assert float(m["rewards/margins"]) == pytest.approx((rc - rr)[:2].sum(), rel=1e-6)
+    assert float(m["rewards/accuracies"]) == float(((rc > rr)[:2]).sum())
+    assert float(m["logps/chosen"]) == pytest.approx(pc[:2].sum(), rel=1e-6)
+    # IPO on per-token log-probs: policy -ln V per token; references divided by the token counts.
+    total, _ = dpo(batch, preference_type="ipo", beta=0.5)
+    ipo = [((-lnV + lnV) - (-3 / 3 - -2 / 1) - 1.0) ** 2, ((-lnV + lnV) - (-5 / 2 - -3 / 4) - 1.0) ** 2]
+    assert float(total) == pytest.approx(sum(ipo), rel=1e-5)
+    # The chosen NLL term, per token: ln V for both pairs, times 0.2.
+    with_nll, m = dpo(batch, nll_coef=0.2)
+    assert float(with_nll) - float(dpo(batch)[0]) == pytest.approx(2 * 0.2 * lnV, rel=1e-5)
+    # Reference-free SimPO: equal per-token log-probs, so -log sigma(-gamma) for both pairs.
+    total, _ = dpo({k: v for k, v in batch.items() if not k.startswith("ref_")}, preference_type="simpo", beta=2.0)
+    assert float(total) == pytest.approx(2 * softplus(0.5), rel=1e-6)

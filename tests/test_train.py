@@ -14,6 +14,7 @@ from data import pipeline
 from launch.config import load_config
 from model.transformer import param_count
 from train import checkpoint, trainer
+from train.losses.dpo import sequence_logps as dpo_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,6 +178,47 @@ def test_reward_smoke_learns_pairs_and_reports_held_out_accuracy(tmp_path):
     assert {"margin", "rewards/chosen", "rewards/rejected", "reward_std"} <= set(train_rows[-1])
     assert {"eval/heldout/accuracy", "eval/accuracy", "eval/loss"} <= set(last)
     assert last["eval/accuracy"] in (0.0, 1.0)  # problems [19, 20): one held-out pair
+
+
+def test_dpo_smoke_starts_at_ln2_and_learns_its_pairs(tmp_path):
+    cfg = config("dpo", str(tmp_path), "--config.data.synthetic.num_examples=20", "--config.optim.lr=3e-3",
+                 "--config.train.steps=30", "--config.train.eval_every=30", "--config.train.log_every=1")
+    last = trainer.train(cfg)
+    train_rows = [r for r in rows(str(tmp_path)) if "loss" in r]
+    # Step 1: the policy is its reference, so every reward is 0 and the loss is ln 2.
+    assert train_rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    # (Measured 3.8e-7: the reference's pass and the policy's differentiated one round differently.)
+    assert abs(train_rows[0]["rewards/chosen"]) < 1e-5 and abs(train_rows[0]["rewards/margins"]) < 1e-5
+    names = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}
+    assert names <= set(train_rows[-1]) and {f"eval/{n}" for n in names} <= set(last)
+    assert np.mean([r["loss"] for r in train_rows[-5:]]) < 0.5
+    assert np.mean([r["rewards/accuracies"] for r in train_rows[-5:]]) > 0.8
+
+
+def test_dpo_reference_is_the_start_after_training_and_on_resume(pretrained, tmp_path):
+    """LoRA: the reference is the frozen base with adapters off; full DPO: a copy of the starting
+    weights, also when a resumed run restores trained ones."""
+    source, _ = pretrained
+    base = checkpoint.load_model(source)[1]
+    for name, extra in (("lora", ["--config.peft.method=lora", "--config.optim.lr=1e-2"]), ("full", [])):
+        run_dir = str(tmp_path / name)
+        cfg = config("dpo", run_dir, f"--config.model.init_from={source}", "--config.train.steps=6",
+                     "--config.checkpoint.every=6", "--config.train.eval_every=0", *extra)
+        trainer.train(cfg)
+        resumed = trainer.setup(config("dpo", run_dir, f"--config.model.init_from={source}",
+                                       "--config.train.steps=12", *extra))
+        restored = checkpoint.Checkpointer(run_dir, async_save=False).restore_latest(resumed.state, warn=print)
+        resumed.state = restored[1]
+        batch = next(pipeline.train_iterator(resumed.config.data, "preference", resumed.tokenizer, seed=1))
+        with jax.set_mesh(resumed.mesh):
+            got = resumed.global_batch(batch)
+        want = dpo_logps(base, {k: jnp.asarray(v) for k, v in batch.items()})
+        np.testing.assert_allclose(got["ref_chosen_logps"], want[0], rtol=1e-5)
+        np.testing.assert_allclose(got["ref_rejected_logps"], want[1], rtol=1e-5)
+        # ... while the trained policy has moved away from it.
+        policy = dpo_logps(nnx.merge(resumed.graphdef, resumed.state.params, resumed.frozen),
+                           {k: jnp.asarray(v) for k, v in batch.items()})
+        assert np.max(np.abs(np.asarray(policy[0]) - np.asarray(want[0]))) > 1e-2
 
 
 @pytest.mark.parametrize("method, extra", [

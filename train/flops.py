@@ -10,7 +10,8 @@ FLOPs per trained token = 6 * N + 6 * L * H * D * T, where
 Parameter-efficient runs differentiate only their adapters, so the frozen weights cost 4N (forward,
 and the backward pass to the activations, which every adapter below them needs) instead of 6N;
 LoRA's own matmuls count 6 per parameter, and prompt / prefix tuning's N_p slots add keys that
-every query sees: 12 * L * H * D * N_p.
+every query sees: 12 * L * H * D * N_p. A frozen reference model (DPO) adds its forward pass,
+2N + 2 * L * H * D * T per token.
 MFU = tokens/s * FLOPs per token / (peak FLOP/s per device * devices).
 """
 from __future__ import annotations
@@ -36,18 +37,27 @@ PEAK_FLOPS = (
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) by the formulas in the module docstring."""
-    base = param_count(cfg.replace(lora=None, prefix=None))
-    n = base - cfg.vocab_size * cfg.d_model  # drop the lookup table ...
+    n, attention = _matmul_params(cfg), 6 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len
+    if cfg.lora is None and cfg.prefix is None:
+        return 6.0 * n + attention
+    adapters = param_count(cfg) - param_count(cfg.replace(lora=None, prefix=None)) if cfg.lora is not None else 0
+    prefix = 12 * cfg.n_layers * cfg.n_heads * cfg.dim_head * cfg.prefix.num_tokens if cfg.prefix is not None else 0
+    return 4.0 * n + 6.0 * adapters + attention + prefix
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """FLOPs per token of a forward pass alone (a frozen reference model's): 2N + 2·L·H·D·T."""
+    return 2.0 * _matmul_params(cfg) + 2 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len
+
+
+def _matmul_params(cfg: ModelConfig) -> int:
+    """N: the base model's parameters that take part in matrix multiplies."""
+    n = param_count(cfg.replace(lora=None, prefix=None)) - cfg.vocab_size * cfg.d_model  # drop the lookup table ...
     if cfg.reward_head and not cfg.tie_embeddings:
         n -= cfg.vocab_size * cfg.d_model  # ... and an LM head that a reward model never runs
     elif cfg.tie_embeddings and not cfg.reward_head:
         n += cfg.vocab_size * cfg.d_model  # ... but a tied table is also the LM head matmul
-    attention = 6 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len
-    if cfg.lora is None and cfg.prefix is None:
-        return 6.0 * n + attention
-    adapters = param_count(cfg) - base if cfg.lora is not None else 0
-    prefix = 12 * cfg.n_layers * cfg.n_heads * cfg.dim_head * cfg.prefix.num_tokens if cfg.prefix is not None else 0
-    return 4.0 * n + 6.0 * adapters + attention + prefix
+    return n
 
 
 @functools.lru_cache(maxsize=None)

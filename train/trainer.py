@@ -24,8 +24,9 @@ from model import hf, hf_peft, lora, prefix as prefixes, presets
 from model.config import LoraConfig, ModelConfig, PrefixConfig, RopeScaling
 from model.sharding import make_mesh, shard_module, use_rules
 from model.transformer import Transformer, trainable
-from train import checkpoint, flops, losses, optim, preflight, records, rundir
+from train import checkpoint, flops, losses, optim, preflight, records, reference, rundir
 from train.evaluate import evaluate
+from train.losses.dpo import needs_reference
 from train.step import TrainState, init_state, make_train_step
 
 SHAPE_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
@@ -173,10 +174,13 @@ class Run:
     step_fn: Any
     flops_per_token: float
     base: str = ""  # the frozen base's directory when only adapters train
+    reference: reference.Reference | None = None  # a preference stage's frozen reference policy
     _eval_step: Any = None  # jitted lazily by train.evaluate
 
     def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return loader.global_batch(batch, self.mesh)
+        """This process's rows as global device arrays (with the reference's log-probs if the stage has one)."""
+        out = loader.global_batch(batch, self.mesh)
+        return out if self.reference is None else self.reference(out)
 
 
 def setup(config: ConfigDict, devices: list | None = None) -> Run:
@@ -189,6 +193,9 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
         cfg = model_config(config, tok.vocab_size)
         preflight.check_shapes(config, cfg, mesh)
         model, base = build_model(config, cfg, mesh, tok)
+        ref = None
+        if config.stage == "dpo" and needs_reference(config.loss.preference_type):
+            ref = reference.Reference(cfg, model, peft=cfg.lora is not None or cfg.prefix is not None)
         graphdef, params, frozen = nnx.split(model, trainable(cfg), ...)
         tx = optim.optimizer(config.optim, config.train.steps, params)
         state = init_state(params, tx, config.seed)
@@ -196,8 +203,10 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
         loss_fn = losses.get(config.loss.type, config.loss)
         step_fn = jax.jit(make_train_step(graphdef, loss_fn, tx, config.optim.grad_accum),
                           out_shardings=(shardings, None), donate_argnums=(0,))
-    return Run(config, cfg, mesh, tok, graphdef, frozen, state, step_fn,
-               flops.flops_per_token(cfg, config.data.seq_len), base)
+    per_token = flops.flops_per_token(cfg, config.data.seq_len)
+    if ref is not None:
+        per_token += flops.forward_flops_per_token(cfg.replace(lora=None, prefix=None), config.data.seq_len)
+    return Run(config, cfg, mesh, tok, graphdef, frozen, state, step_fn, per_token, base, ref)
 
 
 def train(config: ConfigDict, devices: list | None = None) -> dict[str, Any]:
@@ -319,7 +328,8 @@ def _say(text: str) -> None:
 def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointer, logger: records.MetricsLogger,
           start: int, peak: float) -> dict[str, Any]:
     config = run.config
-    tokens_per_step = config.data.batch_size * config.data.seq_len
+    # Token slots per step (padding included): a preference row holds two sequences.
+    tokens_per_step = config.data.batch_size * config.data.seq_len * (2 if kind == "preference" else 1)
     pending = None  # the previous step's metrics: read one step late so the device never idles
     interval_start, interval_steps, last = time.perf_counter(), 0, {}
     for step in range(start, config.train.steps):

@@ -7,16 +7,27 @@ log-ratios of chosen over rejected (sequence log-probs summed over completion to
   hinge    max(0, 1 − βΔ)                           SLiC-style hinge (Zhao et al., 2023)
   ipo      (Δ − 1/(2β))²                            IPO (Azar et al., 2023), on length-normalised log-probs
   robust   [−(1−ε) log σ(βΔ) + ε log σ(−βΔ)] / (1−2ε)  unbiased under label noise ε (Chowdhury et al., 2024)
+
+The `dpo` stage loss (`loss.type=dpo`) picks one by `loss.preference_type` — one of the above, or
+`simpo` / `orpo`, which need no reference — and adds `loss.nll_coef` times the chosen reply's
+per-token NLL (Llama 3 uses 0.2; ORPO's own loss is that NLL plus its odds-ratio term, so 1).
+Reference log-probs come in the batch (`ref_chosen_logps`, `ref_rejected_logps`: see
+train/reference.py). Metrics carry TRL's names; rewards are β times the policy-reference log-ratio
+(reference-free losses: β times the length-normalised log-prob).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from train.losses import register
 from train.losses.next_token import token_nll
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 def preference_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, ref_chosen_logps: jax.Array,
@@ -76,3 +87,45 @@ def sequence_logps(model: nnx.Module, batch: dict[str, jax.Array], dropout_key: 
     sums, counts = -jnp.sum(nll * mask, axis=-1), jnp.sum(mask, axis=-1)
     B = batch["chosen_tokens"].shape[0]
     return sums[:B], sums[B:], counts[:B], counts[B:]
+
+
+def needs_reference(preference_type: str) -> bool:
+    """Whether `loss.preference_type` compares against a reference model."""
+    if preference_type not in LOSS_TYPES + REFERENCE_FREE:
+        raise ValueError(f"unknown loss.preference_type {preference_type!r}; expected one of "
+                         f"{', '.join(LOSS_TYPES + REFERENCE_FREE)}")
+    return preference_type not in REFERENCE_FREE
+
+
+@register("dpo", kinds=("preference",))
+def make_dpo(cfg: Any):
+    kind, beta, eps = str(cfg.preference_type), float(cfg.beta), float(cfg.label_smoothing)
+    nll_coef, gamma = float(cfg.nll_coef), float(cfg.simpo_gamma)
+    with_reference = needs_reference(kind)
+
+    def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], rngs: nnx.Rngs):
+        pc, pr, nc, nr = sequence_logps(model, batch, None if rngs is None else rngs.dropout())
+        valid = ((nc > 0) & (nr > 0)).astype(jnp.float32)  # batch padding slots hold no pair
+        nc, nr = jnp.maximum(nc, 1.0), jnp.maximum(nr, 1.0)
+        if with_reference:
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            if kind == "ipo":  # IPO's margin is defined on length-normalised log-probs
+                losses = preference_loss(pc / nc, pr / nr, rc / nc, rr / nr, beta=beta, loss_type=kind)
+            else:
+                losses = preference_loss(pc, pr, rc, rr, beta=beta, loss_type=kind, label_smoothing=eps)
+            reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
+        else:
+            losses = (simpo_loss(pc / nc, pr / nr, beta=beta, gamma=gamma, label_smoothing=eps) if kind == "simpo"
+                      else orpo_loss(pc / nc, pr / nr, lam=beta))
+            reward_c, reward_r = beta * pc / nc, beta * pr / nr
+        metrics = {"weight": jnp.sum(valid), "rewards/chosen": jnp.sum(reward_c * valid),
+                   "rewards/rejected": jnp.sum(reward_r * valid),
+                   "rewards/accuracies": jnp.sum((reward_c > reward_r) * valid),
+                   "rewards/margins": jnp.sum((reward_c - reward_r) * valid),
+                   "logps/chosen": jnp.sum(pc * valid), "logps/rejected": jnp.sum(pr * valid)}
+        if nll_coef:
+            metrics["nll_loss"] = jnp.sum(-pc / nc * valid)
+            losses = losses + nll_coef * (-pc / nc)
+        return jnp.sum(losses * valid), metrics
+
+    return loss_fn
