@@ -118,8 +118,12 @@ def get_config() -> ConfigDict:
     # robust DPO, SimPO), nll_coef (chosen reply's per-token NLL; Llama 3: 0.2), simpo_gamma.
     c.loss = ConfigDict(dict(type="next_token", z_loss=0.0, beta=0.1, label_smoothing=0.0,
                              margin=0.0, center_coef=0.0, preference_type="sigmoid", nll_coef=0.0, simpo_gamma=0.5))
+    # Rollouts (rejection sampling): num_samples replies per prompt for the first num_prompts prompts
+    # of data.sources (0: all), sampled with temperature / top_p / top_k (0: off) up to max_new_tokens;
+    # reward "verifier" (the task's answer check: 1 or 0) or a Kiln reward-model run directory;
+    # min_reward: a prompt's best reply is kept for SFT only if it scores at least this (None: always).
     c.rollout = ConfigDict(dict(num_samples=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128,
-                                reward="verifier"))
+                                reward="verifier", num_prompts=0, min_reward=placeholder(float)))
     return c
 
 

@@ -105,14 +105,25 @@ def parse_value(raw: str, current: Any) -> Any:
 # Keys that nothing reads yet, and the step that connects them: setting one is an error, so that
 # nobody sweeps a knob that does nothing.
 UNCONNECTED = {
-    "rollout.": "Steps 5-6 (sampling, RL)",
     "mesh.dcn_data": "Step 8 (multi-slice meshes)", "mesh.dcn_fsdp": "Step 8 (multi-slice meshes)",
 }
 
 
+# Key groups that only some stages read; setting one in another stage is an error.
+STAGE_KEYS = {"rollout.": ("rejection_sampling",)}
+
+
 def check_connected(config: ConfigDict) -> None:
-    """ConfigError for a key of UNCONNECTED set away from its default in configs/base.py."""
+    """ConfigError for a key of UNCONNECTED set away from its default in configs/base.py, or one of
+    STAGE_KEYS set in a stage that does not read it."""
     defaults = base.get_config()
+    for prefix, stages in STAGE_KEYS.items():
+        if config.stage in stages:
+            continue
+        for key in (f"{prefix}{k}" for k in _get(defaults, prefix[:-1]).keys()):
+            if _get(config, key) != _get(defaults, key):
+                raise ConfigError(f"config key {key!r} is set but stage {config.stage!r} does not read it; it is read "
+                                  f"by stage {' or '.join(stages)}")
     for prefix, step in UNCONNECTED.items():
         keys = ([f"{prefix}{k}" for k in _get(defaults, prefix[:-1]).keys()] if prefix.endswith(".") else [prefix])
         for key in keys:

@@ -23,7 +23,7 @@ from flax import nnx
 from data import loader
 from launch.config import load_config
 from model.sharding import make_mesh, use_rules
-from train import evaluate, generate, tasks
+from train import evaluate, generate, records, tasks
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,8 +69,8 @@ def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat
                "seconds": time.perf_counter() - started}
     if jax.process_index() == 0:
         os.makedirs(config.run_dir, exist_ok=True)
-        _write(os.path.join(config.run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
-        _write(os.path.join(config.run_dir, "results.md"), markdown(results) + "\n")
+        records.write_text_atomic(os.path.join(config.run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+        records.write_text_atomic(os.path.join(config.run_dir, "results.md"), markdown(results) + "\n")
     return results
 
 
@@ -106,10 +106,3 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"| {r['task']} | {r['shots']} | {'yes' if r['chain_of_thought'] else 'no'} | {r['accuracy']:.3f} | "
                   f"{r['correct']} / {r['n']} | {r['seconds']:.1f} |" for r in results["tasks"]]
     return "\n".join(lines)
-
-
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -16,6 +16,7 @@ COMMANDS = {
     "convert": ("launch.convert", "convert between Hugging Face directories and Kiln checkpoints"),
     "sample": ("launch.sample", "sample from a checkpoint (kiln sample --checkpoint=... --prompt=...)"),
     "eval": ("launch.eval", "evaluate a checkpoint (kiln eval --checkpoint=... --config=configs/eval.py)"),
+    "generate": ("launch.generate", "rejection sampling (kiln generate --config=configs/rejection_sampling.py)"),
 }
 PLANNED = {
     "pipeline": "run several stages in order",

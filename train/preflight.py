@@ -20,10 +20,11 @@ from train import losses
 
 # The stages this version trains; the data kind of each is `pipeline.STAGE_KINDS` (default pretrain).
 STAGES = ("pretrain", "context_extension", "anneal", "continue", "sft", "reward", "dpo")
-PLANNED_STAGES = {"rejection_sampling": "Step 5", "ppo": "Step 6",
+PLANNED_STAGES = { "ppo": "Step 6",
                   "grpo": "Step 6", "rloo": "Step 6"}
 # Configs read by other commands than `kiln train`.
-OTHER_COMMANDS = {"eval": "kiln eval --checkpoint=RUN_OR_HF_DIR --config=configs/eval.py"}
+OTHER_COMMANDS = {"eval": "kiln eval --checkpoint=RUN_OR_HF_DIR --config=configs/eval.py",
+                  "rejection_sampling": "kiln generate --config=configs/rejection_sampling.py"}
 GIB = 2 ** 30
 
 

@@ -28,6 +28,14 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes text through a temporary file and a rename, so a kill never leaves half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def git_revision() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:

@@ -1,0 +1,78 @@
+"""Rejection sampling: selection and metrics by hand, and a run end to end with a reward model."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data import sources
+from launch.config import load_config
+from train import checkpoint, rejection, trainer
+from test_train import config as stage_config, pretrained  # noqa: F401  (a fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [{"prompt": [{"role": "user", "content": f"q{i}"}], "answer": str(i)} for i in range(3)]
+SCORES = np.array([[0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], np.float32)
+REPLIES = [[f"r{i}{j}" for j in range(4)] for i in range(3)]
+
+
+def test_best_kept_above_threshold_and_best_against_worst_pairs():
+    sft, pairs = rejection._select(PROMPTS, REPLIES, SCORES, 1.0, "pol")
+    assert [r["messages"][-1]["content"] for r in sft] == ["r01", "r20"]  # ties: the earlier sample
+    assert sft[0]["messages"][:-1] == PROMPTS[0]["prompt"] and sft[0]["provenance"] == {
+        "policy": "pol", "prompt_index": 0, "sample_index": 1}
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("r01", "r00")]  # equal scores make no pair
+    assert len(rejection._select(PROMPTS, REPLIES, SCORES, None, "pol")[0]) == 3  # no threshold: every prompt
+    m = rejection._metrics(SCORES, kept=2, verifier=True)
+    assert m == {"reward_mean": 0.5, "best_of_k": pytest.approx(2 / 3), "kept_fraction": pytest.approx(2 / 3),
+                 "pass@1": 0.5, "pass@4": pytest.approx(2 / 3)}
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("reward"))
+    trainer.train(stage_config("reward", run_dir, "--config.train.steps=2", "--config.train.eval_every=0"))
+    return run_dir
+
+
+def test_rejection_sampling_with_a_reward_model(pretrained, reward_run, tmp_path):
+    policy, _ = pretrained
+    run_dir = str(tmp_path / "rs")
+    cfg = load_config(os.path.join(ROOT, "configs/rejection_sampling.py:smoke"),
+                      [f"--config.run_dir={run_dir}", f"--config.model.init_from={policy}",
+                       f"--config.rollout.reward={reward_run}", "--config.rollout.min_reward=-1e9"])
+    results = rejection.run(cfg)
+    assert results["prompts"] == 6 and results["sft_examples"] == 6 and "pass@4" not in results
+    sft = [json.loads(line) for line in open(os.path.join(run_dir, "sft.jsonl"))]
+    pairs = [json.loads(line) for line in open(os.path.join(run_dir, "pairs.jsonl"))]
+    assert len(pairs) == results["pairs"] > 0 and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    assert np.mean([r["score"] for r in sft]) == pytest.approx(results["best_of_k"], rel=1e-5)
+    assert results["best_of_k"] > results["reward_mean"]
+    # The scores are the reward model's: recompute one kept reply's score on its own.
+    model = checkpoint.load_model(reward_run)[1]
+    scorer = rejection._scorer(reward_run)
+    again = scorer([sft[0]["messages"][:-1]], [sft[0]["messages"][-1]["content"]], [""])
+    assert float(again[0]) == pytest.approx(sft[0]["score"], abs=1e-4)
+    assert model.cfg.reward_head
+    # configs/sft.py reads the file as it is, and the pairs as preference records.
+    data = stage_config("sft", str(tmp_path / "x")).data
+    src = sources.load("rs", sources_entry(run_dir, "sft.jsonl"), data, "sft")
+    assert len(src.records) == 6 and src.records[0]["messages"][-1]["role"] == "assistant"
+    assert len(sources.load("rs", sources_entry(run_dir, "pairs.jsonl"), data, "preference").records) == len(pairs)
+    # Finished: a rerun neither samples nor rewrites.
+    stamp = os.stat(os.path.join(run_dir, "sft.jsonl")).st_mtime_ns
+    assert rejection.run(cfg) == json.load(open(os.path.join(run_dir, "results.json")))
+    assert os.stat(os.path.join(run_dir, "sft.jsonl")).st_mtime_ns == stamp
+
+
+def sources_entry(run_dir, name):
+    from configs import base
+    return base.source(os.path.join(run_dir, name), "jsonl")
+
+
+def test_kiln_generate_refuses_other_stages_and_kiln_train_points_to_it(tmp_path, capsys):
+    from launch import main
+    assert main.main(["generate", "--config=configs/sft.py:smoke", f"--config.run_dir={tmp_path}"]) == 1
+    assert "kiln generate runs stage rejection_sampling, not 'sft'" in capsys.readouterr().err
+    assert main.main(["train", "--config=configs/rejection_sampling.py:smoke", f"--config.run_dir={tmp_path}"]) == 1
+    assert "use `kiln generate --config=configs/rejection_sampling.py`" in capsys.readouterr().err

@@ -1,0 +1,149 @@
+"""Rejection sampling (Llama 2 / 3 post-training): K samples per prompt from the current policy, each
+scored by a verifier or a reward model; the best of each prompt becomes an SFT example.
+
+`run(config)` reads the prompts of `data.sources` (kind "prompts": a chat and a reference answer),
+samples `rollout.num_samples` replies per prompt from `model.init_from` with the rollout's
+temperature / top-k / top-p, scores them (`rollout.reward`: "verifier" checks the final `#### N`
+answer against the reference, 1 or 0; a Kiln reward-model run scores prompt and reply together),
+and writes into `run_dir`, each file whole or not at all:
+  sft.jsonl      the best reply of every prompt whose best score reaches `rollout.min_reward`, as
+                 {"messages": [..., {"role": "assistant", ...}], "score", "provenance"}: what
+                 configs/sft.py trains on (a jsonl source);
+  pairs.jsonl    best against worst reply where their scores differ: {"prompt", "chosen", "rejected",
+                 "chosen_score", "rejected_score", "provenance"}, preference pairs for DPO;
+  results.json   mean and best-of-K reward, the fraction of prompts kept, with a verifier pass@1
+                 (the chance one sample is right) and pass@K (a prompt has a right sample), and the
+                 settings that produced them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data import sources, synthetic, tokenizer as tokenizers
+from data.chat import render
+from train import checkpoint, generate, records
+from train.trainer import init_source
+
+OUTPUTS = ("sft.jsonl", "pairs.jsonl", "results.json")
+
+Scorer = Callable[[Sequence[list[dict[str, str]]], Sequence[str], Sequence[str]], np.ndarray]
+
+
+def run(config: Any) -> dict[str, Any]:
+    """Samples, scores and writes as the module docstring says; returns the results. A run directory
+    that already holds all the outputs is left as it is (its results are returned)."""
+    done = os.path.join(config.run_dir, "results.json")
+    if all(os.path.isfile(os.path.join(config.run_dir, name)) for name in OUTPUTS):
+        with open(done) as f:
+            return json.load(f)
+    ro = config.rollout
+    if not config.model.init_from:
+        raise ValueError("rejection sampling needs a policy to sample from: set model.init_from (a run or HF directory)")
+    policy = init_source(config)
+    prompts = _prompts(config)
+    sampler, _ = generate.load_sampler(policy, chat=True)
+    score = _scorer(ro.reward)
+    started = time.perf_counter()
+    scores = np.zeros((len(prompts), ro.num_samples), np.float32)
+    replies: list[list[str]] = []
+    step = max(1, config.data.batch_size)
+    for lo in range(0, len(prompts), step):
+        chunk = prompts[lo:lo + step]
+        outs = sampler.complete([p["prompt"] for p in chunk], max_new_tokens=ro.max_new_tokens,
+                                temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p,
+                                seed=jax.random.fold_in(jax.random.key(config.seed), lo), num_samples=ro.num_samples)
+        texts = [o["text"] for o in outs]
+        chats = [chunk[o["prompt_index"]]["prompt"] for o in outs]
+        answers = [chunk[o["prompt_index"]]["answer"] for o in outs]
+        scores[lo:lo + len(chunk)] = score(chats, texts, answers).reshape(len(chunk), ro.num_samples)
+        replies += [texts[i * ro.num_samples:(i + 1) * ro.num_samples] for i in range(len(chunk))]
+    sft, pairs = _select(prompts, replies, scores, ro.min_reward, policy)
+    results = dict(_metrics(scores, len(sft), ro.reward == "verifier"), policy=policy, prompts=len(prompts),
+                   num_samples=int(ro.num_samples), reward=ro.reward, temperature=float(ro.temperature),
+                   seconds=time.perf_counter() - started, sft_examples=len(sft), pairs=len(pairs))
+    os.makedirs(config.run_dir, exist_ok=True)
+    for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
+        records.write_text_atomic(os.path.join(config.run_dir, name), "".join(json.dumps(r) + "\n" for r in rows))
+    records.write_json_atomic(done, results)  # last: its presence says the run finished
+    return results
+
+
+def _prompts(config: Any) -> list[dict[str, Any]]:
+    """The first `rollout.num_prompts` (0: all) prompt records of the training sources, in order."""
+    out = []
+    for name, src in config.data.sources.items():
+        if not src.weight:
+            continue
+        recs = sources.load(f"data.sources.{name}", src, config.data, "prompts").records
+        out += [recs[i] for i in range(len(recs)) if recs[i] is not None]
+    limit = config.rollout.num_prompts
+    out = out[:limit] if limit else out
+    if not out:
+        raise ValueError("data.sources: no prompts to sample from")
+    return out
+
+
+def _scorer(reward: str) -> Scorer:
+    """A function (chats, replies, reference answers) -> scores [N]."""
+    if reward == "verifier":
+        return lambda chats, replies, answers: np.array([float(synthetic.verify(r, a)) for r, a in zip(replies, answers)],
+                                                        np.float32)
+    path = sources.expand_path(reward, "rollout.reward")
+    config = checkpoint.run_config(path)
+    if config is None or config.get("stage") != "reward":
+        raise ValueError(f"rollout.reward={reward!r} is neither 'verifier' nor a Kiln reward-model run")
+    model = checkpoint.load_model(path)[1]
+    tok = tokenizers.load(sources.expand_path(checkpoint.tokenizer_of(path), "the reward model's tokenizer"))
+    template = config["data"]["chat_template"]
+
+    @jax.jit
+    def rewards(tokens, segments):
+        positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+        return model.rewards(tokens, positions, segments)
+
+    def score(chats, replies, answers):
+        seqs = [render(list(c) + [{"role": "assistant", "content": r}], tok, template)[0] for c, r in zip(chats, replies)]
+        width = -(-max(map(len, seqs)) // 64) * 64  # a few widths: a few compiled programs
+        if width > model.cfg.max_seq_len:
+            raise ValueError(f"a prompt and reply of {max(map(len, seqs))} tokens exceed the reward model's "
+                             f"max_seq_len={model.cfg.max_seq_len}; lower rollout.max_new_tokens")
+        tokens = np.full((len(seqs), width), tok.pad_id, np.int32)
+        segments = np.zeros((len(seqs), width), np.int32)
+        for i, s in enumerate(seqs):
+            tokens[i, :len(s)], segments[i, :len(s)] = s, 1
+        return np.asarray(rewards(tokens, segments), np.float32)
+
+    return score  # replies are re-tokenized: the reward model's tokenizer may differ from the policy's
+
+
+def _select(prompts: list[dict[str, Any]], replies: list[list[str]], scores: np.ndarray, min_reward: float | None,
+            policy: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(SFT records of the kept best replies, best-vs-worst preference pairs). Ties go to the earlier sample."""
+    sft, pairs = [], []
+    for i, (p, texts, s) in enumerate(zip(prompts, replies, scores)):
+        best, worst = int(np.argmax(s)), int(np.argmin(s))
+        where = {"policy": policy, "prompt_index": i}
+        if min_reward is None or s[best] >= min_reward:
+            sft.append({"messages": list(p["prompt"]) + [{"role": "assistant", "content": texts[best]}],
+                        "score": float(s[best]), "provenance": dict(where, sample_index=best)})
+        if s[best] > s[worst]:
+            pairs.append({"prompt": list(p["prompt"]), "chosen": texts[best], "rejected": texts[worst],
+                          "chosen_score": float(s[best]), "rejected_score": float(s[worst]),
+                          "provenance": dict(where, chosen_sample=best, rejected_sample=worst)})
+    return sft, pairs
+
+
+def _metrics(scores: np.ndarray, kept: int, verifier: bool) -> dict[str, float]:
+    """Mean and best-of-K score, the fraction kept; with a verifier (scores 0 / 1) also pass@1 and pass@K."""
+    out = {"reward_mean": float(scores.mean()), "best_of_k": float(scores.max(axis=1).mean()),
+           "kept_fraction": kept / len(scores)}
+    if verifier:
+        out.update({"pass@1": out["reward_mean"], f"pass@{scores.shape[1]}": float((scores.max(axis=1) >= 1).mean())})
+    return out
