@@ -17,9 +17,9 @@ COMMANDS = {
     "sample": ("launch.sample", "sample from a checkpoint (kiln sample --checkpoint=... --prompt=...)"),
     "eval": ("launch.eval", "evaluate a checkpoint (kiln eval --checkpoint=... --config=configs/eval.py)"),
     "generate": ("launch.generate", "rejection sampling (kiln generate --config=configs/rejection_sampling.py)"),
+    "pipeline": ("launch.pipeline", "run a recipe of stages in order (kiln pipeline --config=configs/recipes/...)"),
 }
 PLANNED = {
-    "pipeline": "run several stages in order",
     "sweep": "run a grid of configs",
     "bench": "throughput and MFU benchmarks",
 }

@@ -1,0 +1,78 @@
+"""`kiln pipeline`: the Llama 3.1-style recipe's smoke run end to end, skipping finished stages and
+resuming an interrupted one, and recipes that name stages wrongly."""
+import json
+import os
+import shutil
+
+import pytest
+
+from launch import pipeline
+from launch.config import ConfigError
+from train import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "configs/recipes/llama31_posttrain.py")
+NAMES = ["pretrain", "sft", "eval_sft", "reward_1", "rejection_sampling_1", "sft_1", "dpo_1", "eval_1"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("pipeline"))
+    recipe, stages = pipeline.load_recipe(f"{RECIPE}:smoke", [f"--config.run_dir={root}"])
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # stage configs are named relative to the repository
+    try:
+        results = pipeline.run(recipe, stages)
+    finally:
+        os.chdir(cwd)
+    return root, recipe, stages, results
+
+
+def test_recipe_runs_every_stage_on_the_previous_ones_outputs(smoke):
+    root, _, _, results = smoke
+    assert [r["stage"] for r in results["stages"]] == NAMES
+    assert json.load(open(os.path.join(root, "results.json"))) == results
+    assert "| dpo_1 | train |" in open(os.path.join(root, "results.md")).read()
+    by = {r["stage"]: r for r in results["stages"]}
+    assert set(by["eval_1"]["metrics"]) >= {"accuracy", "arithmetic/0shot_cot/accuracy"}
+    assert "eval/accuracy" in by["reward_1"]["metrics"] and "eval/rewards/accuracies" in by["dpo_1"]["metrics"]
+    # Each stage started from the one the recipe named.
+    config = lambda name: json.load(open(os.path.join(root, name, "config.json")))  # noqa: E731
+    assert config("dpo_1")["model"]["init_from"] == os.path.join(root, "sft_1")
+    assert config("sft_1")["data"]["sources"]["train"]["path"] == os.path.join(root, "rejection_sampling_1", "sft.jsonl")
+    rs = json.load(open(os.path.join(root, "rejection_sampling_1", "results.json")))
+    assert rs["policy"] == os.path.join(root, "sft") and rs["reward"] == os.path.join(root, "reward_1")
+
+
+def test_rerun_skips_finished_stages_and_resumes_the_interrupted_one(smoke, capsys):
+    root, recipe, stages, _ = smoke
+    # dpo_1 "killed" after its step-2 checkpoint: its last checkpoint and the later stage are gone.
+    shutil.rmtree(os.path.join(root, "dpo_1", "checkpoints", "4"))
+    shutil.rmtree(os.path.join(root, "eval_1"))
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        pipeline.run(recipe, stages)
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr()
+    skipped = [n for n in NAMES if f"{n}: kiln" in out.out and "skipped" in out.out.split(f"{n}: kiln")[1].split("\n")[0]]
+    assert skipped == NAMES[:6]
+    assert "resumed from step 2" in out.out + out.err
+    assert checkpoint.latest_step(os.path.join(root, "dpo_1")) == 4
+    assert os.path.isfile(os.path.join(root, "eval_1", "results.json"))
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"name": "a", "command": "train", "config": "c", "overrides": ["model.init_from=@b"]}], "@b names no earlier stage"),
+    ([{"name": "a", "command": "fit", "config": "c"}], "command must be one of train, generate, eval"),
+    ([{"name": "a", "command": "eval", "config": "c"}], "an eval stage names its `checkpoint`"),
+    ([{"name": "a", "command": "train", "config": "c"}] * 2, "every stage needs a name of its own"),
+])
+def test_bad_recipes_are_named(tmp_path, stages, message):
+    path = tmp_path / "recipe.py"
+    path.write_text("from ml_collections import ConfigDict\n"
+                    "def get_config(variant=''):\n    return ConfigDict(dict(run_dir='x'))\n"
+                    f"def stages(c):\n    return {stages!r}\n")
+    with pytest.raises(ConfigError, match=message):
+        pipeline.load_recipe(str(path), [])
