@@ -115,9 +115,12 @@ def get_config() -> ConfigDict:
     # Loss: type (the registry name) and each loss's hyperparameters. next_token / sft: z_loss.
     # reward (Bradley-Terry): margin, center_coef. dpo: preference_type sigmoid | hinge | ipo |
     # robust | simpo | orpo, beta (temperature; ORPO's lambda), label_smoothing (conservative /
-    # robust DPO, SimPO), nll_coef (chosen reply's per-token NLL; Llama 3: 0.2), simpo_gamma.
+    # robust DPO, SimPO), nll_coef (chosen reply's per-token NLL; Llama 3: 0.2), simpo_gamma,
+    # reference: model (a frozen reference beside the policy) | data (log-probs precomputed into the
+    # pairs by `kiln data reference`: no reference model in memory).
     c.loss = ConfigDict(dict(type="next_token", z_loss=0.0, beta=0.1, label_smoothing=0.0,
-                             margin=0.0, center_coef=0.0, preference_type="sigmoid", nll_coef=0.0, simpo_gamma=0.5))
+                             margin=0.0, center_coef=0.0, preference_type="sigmoid", nll_coef=0.0, simpo_gamma=0.5,
+                             reference="model"))
     # Rollouts (rejection sampling): num_samples replies per prompt for the first num_prompts prompts
     # of data.sources (0: all), sampled with temperature / top_p / top_k (0: off) up to max_new_tokens;
     # reward "verifier" (the task's answer check: 1 or 0) or a Kiln reward-model run directory;

@@ -15,7 +15,7 @@ from configs import base
 
 VARIANTS = {
     "smoke": {"rollout.num_prompts": 6, "rollout.num_samples": 4, "rollout.max_new_tokens": 24,
-              "rollout.min_reward": 0.0, "data.batch_size": 4, "data.synthetic.num_examples": 2000},
+              "rollout.min_reward": 0.0, "data.batch_size": 8, "data.synthetic.num_examples": 2000},
     "gsm8k": {"rollout.max_new_tokens": 320, "rollout.num_prompts": 512},
 }
 

@@ -27,6 +27,7 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine", "wsd", "linear"),
     "checkpoint.resume": ("auto", "none"),
     "loss.preference_type": ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"),
+    "loss.reference": ("model", "data"),
 }
 
 
@@ -148,7 +149,7 @@ PEFT_KEYS = {"lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
 
 # The loss.* keys each loss.type reads; setting one that the chosen loss ignores is an error.
 LOSS_KEYS = {"next_token": ("z_loss",), "sft": ("z_loss",), "reward": ("margin", "center_coef"),
-             "dpo": ("beta", "label_smoothing", "preference_type", "nll_coef", "simpo_gamma")}
+             "dpo": ("beta", "label_smoothing", "preference_type", "nll_coef", "simpo_gamma", "reference")}
 
 
 def check_loss(config: ConfigDict) -> None:

@@ -31,7 +31,7 @@ _MIN_STAT_BATCHES = 4
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["preview"])
+    p.add_argument("action", choices=["preview", "reference"], help="reference: see `kiln data reference --help`")
     p.add_argument("--config", required=True, help="configs/STAGE.py[:variant]")
     p.add_argument("--num_examples", type=int, default=3, help="rows to print (default 3)")
     p.add_argument("--kind", choices=pipeline.KINDS, default=None,
@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["reference"]:
+        from launch import reference_cli
+        return reference_cli.main(argv[1:])
     args, rest = parser().parse_known_args(argv)
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:

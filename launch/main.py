@@ -12,7 +12,7 @@ import sys
 COMMANDS = {
     "train": ("launch.train", "train one stage from a config"),
     "tokenizer": ("launch.tokenizer_cli", "train a sentencepiece tokenizer"),
-    "data": ("launch.data_cli", "preview a data pipeline (kiln data preview --config=...)"),
+    "data": ("launch.data_cli", "preview a data pipeline (kiln data preview --config=...), precompute DPO reference log-probs (kiln data reference)"),
     "convert": ("launch.convert", "convert between Hugging Face directories and Kiln checkpoints"),
     "sample": ("launch.sample", "sample from a checkpoint (kiln sample --checkpoint=... --prompt=...)"),
     "eval": ("launch.eval", "evaluate a checkpoint (kiln eval --checkpoint=... --config=configs/eval.py)"),

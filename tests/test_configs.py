@@ -10,7 +10,8 @@ from train import preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
-               if not p.endswith("__init__.py"))
+               if not p.endswith("__init__.py") and "recipes" not in p)  # recipes: kiln pipeline's (below)
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "recipes", "*.py")))
 
 
 def variants(path):
@@ -27,8 +28,9 @@ CASES = [(os.path.relpath(p, ROOT), v) for p in FILES for v in variants(p)]
 def test_config_loads_and_validates(path, variant):
     config = load_config(os.path.join(ROOT, path) + (f":{variant}" if variant else ""))
     assert config.is_locked
-    if os.path.basename(path) == "eval.py":  # kiln eval's config: kiln train points there
-        with pytest.raises(ValueError, match="is not trained: use `kiln eval"):
+    other = {"eval.py": "kiln eval", "rejection_sampling.py": "kiln generate"}.get(os.path.basename(path))
+    if other:  # a config of another command: kiln train points there
+        with pytest.raises(ValueError, match=f"is not trained: use `{other}"):
             preflight.stage_kind(config)
     elif os.path.basename(path) != "base.py":
         assert config.stage and config.run_dir
@@ -37,6 +39,17 @@ def test_config_loads_and_validates(path, variant):
         preflight.stage_kind(config)
     if variant == "smoke":
         assert config.data.batch_size % 8 == 0, "smoke batches must also run on 8 devices"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_recipes_load_with_every_variant(path):
+    from launch import pipeline
+    for variant in variants(path):
+        recipe, stages = pipeline.load_recipe(path + (f":{variant}" if variant else ""), [])
+        assert recipe.run_dir and stages
+        for stage in stages:  # every stage config loads with the recipe's overrides (references stand in)
+            load_config(os.path.join(ROOT, stage["config"]),
+                        [f"--config.{o.replace('@', '/tmp/')}" for o in stage.get("overrides", ())])
 
 
 def test_every_stage_has_a_smoke_variant():

@@ -61,7 +61,7 @@ def finished(tmp_path_factory):
 # -- checked before anything is written --------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["--config.stage=bogus"], "unknown stage 'bogus' .*runnable stages: pretrain"),
-    (["--config.stage=dpo"], "stage 'dpo' is not available yet .*Step 5"),
+    (["--config.stage=ppo"], "stage 'ppo' is not available yet .*Step 6"),
     (["--config.data.seq_len=4096"], "data.seq_len=4096 is longer than the model's max_seq_len=256"),
     (["--config.data.seq_len=65536", "--config.model.max_seq_len=65536"],  # 512 GiB of attention scores
      r"data.batch_size=8 x data.seq_len=65536 needs at least 5\d\d.\d GiB .* but this host has"),

@@ -221,6 +221,31 @@ def test_dpo_reference_is_the_start_after_training_and_on_resume(pretrained, tmp
         assert np.max(np.abs(np.asarray(policy[0]) - np.asarray(want[0]))) > 1e-2
 
 
+def test_dpo_on_precomputed_reference_logps_matches_the_in_step_reference(pretrained, tmp_path):
+    from launch import main
+    source, _ = pretrained
+    pairs = str(tmp_path / "pairs.jsonl")
+    common = [f"--config.model.init_from={source}", "--config.data.synthetic.num_examples=80"]
+    assert main.main(["data", "reference", "--config=configs/dpo.py:smoke", f"--out={pairs}", *common]) == 0
+    rows_written = [json.loads(line) for line in open(pairs)]
+    assert len(rows_written) == 76 and all(r["ref_chosen_logps"] < 0 for r in rows_written)  # problems [0, 76)
+    on_file = [f"--config.model.init_from={source}", f"--config.data.sources.train.path={pairs}",
+               "--config.data.sources.train.format=jsonl", "--config.train.steps=4", "--config.train.eval_every=0",
+               "--config.train.log_every=1"]
+    trainer.train(config("dpo", str(tmp_path / "model"), *on_file))
+    trainer.train(config("dpo", str(tmp_path / "data"), *on_file, "--config.loss.reference=data"))
+    with_model, with_data = rows(str(tmp_path / "model")), rows(str(tmp_path / "data"))
+    assert with_data[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    for a, b in zip(with_model, with_data):
+        # The two reference passes batch the pairs differently: float32 rounding only.
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+    # Data mode keeps no reference model; without the fields it says what is missing.
+    assert trainer.setup(config("dpo", str(tmp_path / "x"), *on_file, "--config.loss.reference=data")).reference is None
+    with pytest.raises(ValueError, match="needs reference log-probs and the batch has none"):
+        trainer.train(config("dpo", str(tmp_path / "y"), *common, "--config.loss.reference=data"))
+
+
 @pytest.mark.parametrize("method, extra", [
     ("prompt_tuning", ["--config.optim.lr=1e-2", "--config.peft.prompt_init=vocab"]),
     ("prefix_tuning", ["--config.optim.lr=3e-2", "--config.peft.prefix_hidden=16"]),

@@ -3,8 +3,8 @@
 DPO measures the policy against the model it started from. The reference is computed beside the
 step: before each step (and each evaluation batch) one jitted forward pass of the reference adds
 `ref_chosen_logps` / `ref_rejected_logps` [B] (log-probs summed over each reply's trained tokens)
-to the batch, so the loss reads them from the batch whether they were computed here or
-precomputed into the data. The reference is:
+to the batch, so the loss reads them from the batch as it reads the ones precomputed into the data
+(`kiln data reference`, `loss.reference=data`: then no reference model is built). The reference is:
 - with LoRA or prompt / prefix tuning: the frozen base itself with the adapters off (no copy);
 - otherwise a copy of the starting weights (those of `model.init_from`, or the fresh
   initialisation), taken before any checkpoint is restored, so a resumed run keeps the same one.
@@ -20,8 +20,6 @@ from flax import nnx
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train.losses.dpo import sequence_logps
-
-FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 class Reference:
@@ -45,8 +43,6 @@ class Reference:
         self._logps = jax.jit(logps)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        if all(name in batch for name in FIELDS):  # precomputed into the data
-            return batch
         chosen, rejected = self._logps(self.state, {k: v for k, v in batch.items() if k.startswith(("chosen_", "rejected_"))})
         return dict(batch, ref_chosen_logps=chosen, ref_rejected_logps=rejected)
 

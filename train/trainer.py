@@ -194,7 +194,7 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
         preflight.check_shapes(config, cfg, mesh)
         model, base = build_model(config, cfg, mesh, tok)
         ref = None
-        if config.stage == "dpo" and needs_reference(config.loss.preference_type):
+        if config.stage == "dpo" and needs_reference(config.loss.preference_type) and config.loss.reference == "model":
             ref = reference.Reference(cfg, model, peft=cfg.lora is not None or cfg.prefix is not None)
         graphdef, params, frozen = nnx.split(model, trainable(cfg), ...)
         tx = optim.optimizer(config.optim, config.train.steps, params)

@@ -108,6 +108,9 @@ def make_dpo(cfg: Any):
         valid = ((nc > 0) & (nr > 0)).astype(jnp.float32)  # batch padding slots hold no pair
         nc, nr = jnp.maximum(nc, 1.0), jnp.maximum(nr, 1.0)
         if with_reference:
+            if "ref_chosen_logps" not in batch:
+                raise ValueError(f"loss.preference_type={kind} needs reference log-probs and the batch has none: with "
+                                 "loss.reference=data every pair must carry them (kiln data reference)")
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
             if kind == "ipo":  # IPO's margin is defined on length-normalised log-probs
                 losses = preference_loss(pc / nc, pr / nr, rc / nc, rr / nr, beta=beta, loss_type=kind)
