@@ -86,8 +86,8 @@ class Encoder:
                 return None, status
             pair.update({f"{side}_{k}": v for k, v in example.items()})
             statuses.append(status)
-        # Precomputed reference log-probs ride along (they were computed on these same encodings).
-        pair.update({k: np.float32(record[k]) for k in ("ref_chosen_logps", "ref_rejected_logps") if k in record})
+        # Precomputed reference log-probs (computed on these same encodings) and margins ride along.
+        pair.update({k: np.float32(record[k]) for k in ("ref_chosen_logps", "ref_rejected_logps", "margin") if k in record})
         return pair, TRUNCATED if TRUNCATED in statuses else OK
 
     def prompt(self, record: dict[str, Any]) -> tuple[Example | None, str]:

@@ -19,7 +19,8 @@ How a training batch is made:
 Batches are dicts of numpy arrays with a leading per-process batch dimension, per kind:
   pretrain, sft: tokens, targets, segment_ids, positions (int32), loss_mask (float32) and
                  target_bytes (int32, UTF-8 bytes of each trained target), each [B, seq_len]
-  preference:    the same six keys prefixed chosen_ and rejected_, one pair per row
+  preference:    the same six keys prefixed chosen_ and rejected_, one pair per row, and [B] float32
+                 ref_chosen_logps / ref_rejected_logps / margin when the pairs carry them
   prompts:       prompt_tokens, prompt_positions, prompt_segment_ids (left-padded), answer (object [B])
 """
 from __future__ import annotations
@@ -211,7 +212,7 @@ def _padded_row(length: int, pad: int, prefix: str, example: examples.Example) -
 
 def _pair_row(length: int, pad: int, pair: examples.Example) -> dict[str, np.ndarray]:
     row = {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in _padded_row(length, pad, f"{side}_", pair).items()}
-    return dict(row, **{k: pair[k] for k in sources.REFERENCE_FIELDS if k in pair})
+    return dict(row, **{k: pair[k] for k in sources.PAIR_FIELDS if k in pair})
 
 
 def _prompt_row(length: int, pad: int, example: examples.Example) -> dict[str, Any]:
@@ -234,26 +235,26 @@ def _empty_row(kind: str, length: int, pad: int) -> dict[str, Any]:
     return _padded_row(length, pad, "", empty)
 
 
-def _with_reference_fields(rows: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pair rows all with precomputed reference log-probs or all without: empty (padding) rows get
-    zeros; a real pair without them among pairs with them is an error."""
-    if not any(sources.REFERENCE_FIELDS[0] in r for r in rows):
-        return list(rows)
-    out = []
-    for r in rows:
-        if sources.REFERENCE_FIELDS[0] not in r:
-            if r["chosen_loss_mask"].any():
-                raise sources.DataError("a batch mixes pairs with precomputed reference log-probs and pairs without; "
-                                        "give every preference source ref_chosen_logps / ref_rejected_logps, or none")
-            r = dict(r, **{k: np.float32(0.0) for k in sources.REFERENCE_FIELDS})
-        out.append(r)
+def _with_pair_fields(rows: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pair rows each with the same optional numbers (precomputed reference log-probs, margins) or
+    without: empty (padding) rows get zeros; a real pair lacking one that others carry is an error."""
+    out = list(rows)
+    for field in sources.PAIR_FIELDS:
+        if not any(field in r for r in out):
+            continue
+        for i, r in enumerate(out):
+            if field not in r:
+                if r["chosen_loss_mask"].any():
+                    raise sources.DataError(f"a batch mixes pairs with {field!r} and pairs without; give it to every "
+                                            "pair of every preference source, or to none")
+                out[i] = dict(r, **{field: np.float32(0.0)})
     return out
 
 
 def _assemble(kind: str, token_bytes: np.ndarray, rows: tuple[dict[str, Any], ...] | list[dict[str, Any]]
               ) -> dict[str, np.ndarray]:
     """Rows -> a batch; adds target_bytes (the bytes-per-token of trained targets, for bits-per-byte)."""
-    rows = _with_reference_fields(rows) if kind == "preference" else rows
+    rows = _with_pair_fields(rows) if kind == "preference" else rows
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "answer"}
     if kind == "prompts":
         batch["answer"] = np.array([r["answer"] for r in rows], dtype=object)

@@ -12,7 +12,8 @@ and an assistant turn):
   pretrain    {"text": str}
   sft         {"messages": chat}
   preference  {"prompt": chat, "chosen": str, "rejected": str} (JSON Lines may add the reference model's
-              summed log-probs of each reply, "ref_chosen_logps" and "ref_rejected_logps": `kiln data reference`)
+              summed log-probs of each reply, "ref_chosen_logps" and "ref_rejected_logps" (`kiln data
+              reference`), and a reward-model "margin" by which chosen should win (Llama 2))
   prompts     {"prompt": chat, "answer": str}        (the reference answer for verifiers)
   tokenizer   {"text": str}                          (all of a record's text, to train tokenizers on)
 
@@ -37,6 +38,7 @@ from data import chat, synthetic
 KINDS = ("pretrain", "sft", "preference", "prompts", "tokenizer")
 FORMATS = ("synthetic", "text", "jsonl", "array_record", "gsm8k", "hh_rlhf")
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")  # precomputed for DPO (train/reference.py)
+PAIR_FIELDS = REFERENCE_FIELDS + ("margin",)  # optional numbers a JSON Lines pair may carry
 FIELDS = dict(text_field="text", prompt_field="prompt", completion_field="completion", messages_field="messages",
               chosen_field="chosen", rejected_field="rejected", answer_field="answer")
 _OPTIONS = {"synthetic": ("max_digits", "max_ops", "problems_per_document"), "text": (), "jsonl": tuple(FIELDS), "array_record": tuple(FIELDS),
@@ -309,7 +311,7 @@ def _jsonl_view(src: Any, kind: str) -> Callable[[dict], dict]:
             if given and len(given) < len(REFERENCE_FIELDS):
                 raise RecordError(f"field {given[0]!r} without {[k for k in REFERENCE_FIELDS if k not in r][0]!r}: "
                                   "precomputed reference log-probs come in pairs")
-            return dict(pair, **{k: float(_field(r, k, (int, float))) for k in given})
+            return dict(pair, **{k: float(_field(r, k, (int, float))) for k in PAIR_FIELDS if k in r})
         return {"prompt": prompt, "answer": _field(r, f["answer_field"]) if f["answer_field"] else ""}
     return view
 

@@ -1,5 +1,6 @@
 """Reward-model and preference losses against values computed by hand from the papers' formulas,
 and the sequence log-probs they are fed, against a row-by-row forward pass."""
+import json
 import math
 
 import jax.numpy as jnp
@@ -230,3 +231,29 @@ def test_dpo_stage_loss_by_hand():
     # Reference-free SimPO: equal per-token log-probs, so -log sigma(-gamma) for both pairs.
     total, _ = dpo({k: v for k, v in batch.items() if not k.startswith("ref_")}, preference_type="simpo", beta=2.0)
     assert float(total) == pytest.approx(2 * softplus(0.5), rel=1e-6)
+
+
+def test_reward_loss_takes_each_pairs_margin_from_the_data():
+    batch = dict(pair_batch(([4, 3, 0], [5, 2, 0])), margin=jnp.array([0.5, 2.0, 7.0]))
+    loss_sum, _ = losses.get("reward", ConfigDict(dict(margin=0.0, center_coef=0.0)))(
+        Scores([2.0, 0.0, 9.0, 1.0, 0.0, -9.0]), batch, None)
+    assert float(loss_sum) == pytest.approx(softplus(-(1 - 0.5)) + softplus(2.0), rel=1e-6)  # r_c - r_r - m
+    with pytest.raises(ValueError, match="leave loss.margin at 0"):
+        losses.get("reward", ConfigDict(dict(margin=1.0, center_coef=0.0)))(Scores(np.zeros(6)), batch, None)
+
+
+def test_pairs_carry_their_optional_numbers_through_the_pipeline(tmp_path):
+    from configs import base
+    from data import pipeline, sources, tokenizer
+
+    rows = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no", "margin": i / 2} for i in range(3)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = base.get_config().data
+    data.seq_len, data.batch_size = 64, 4
+    data.eval_sources.pairs = base.source(str(tmp_path / "p.jsonl"), "jsonl")
+    batch = next(iter(pipeline.eval_iterator(data, "preference", tokenizer.load("byte"), "pairs")))
+    np.testing.assert_array_equal(batch["margin"], [0.0, 0.5, 1.0, 0.0])  # the 4th slot is padding
+    rows[1].pop("margin")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(sources.DataError, match="mixes pairs with 'margin' and pairs without"):
+        next(iter(pipeline.eval_iterator(data, "preference", tokenizer.load("byte"), "pairs")))

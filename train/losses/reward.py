@@ -68,12 +68,16 @@ def pair_rewards(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Ar
 
 @register("reward", kinds=("preference",))
 def make_reward(cfg: Any):
-    """Bradley–Terry with `loss.margin` (a constant) and `loss.center_coef`; metrics summed over
-    pairs (accuracy, margin, chosen / rejected rewards; reward_std is the batch's, times its pairs)."""
-    margin, center = float(cfg.get("margin", 0.0)) or None, float(cfg.get("center_coef", 0.0))
+    """Bradley–Terry with each pair's `margin` from the data if the pairs carry one, else the constant
+    `loss.margin`, and `loss.center_coef`; metrics summed over pairs (accuracy, margin, chosen /
+    rejected rewards; reward_std is the batch's, times its pairs)."""
+    constant, center = float(cfg.get("margin", 0.0)), float(cfg.get("center_coef", 0.0))
 
     def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], rngs: nnx.Rngs):
         del rngs  # no dropout in a reward model's forward pass
+        if "margin" in batch and constant:
+            raise ValueError("the pairs carry their own margins; leave loss.margin at 0")
+        margin = batch["margin"] if "margin" in batch else (constant or None)
         chosen, rejected = pair_rewards(model, batch)
         valid = (jnp.sum(batch["chosen_loss_mask"], axis=1) > 0).astype(jnp.float32)  # padding slots hold no pair
         n = jnp.sum(valid)
