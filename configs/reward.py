@@ -7,7 +7,7 @@ starts its reward model from the SFT policy); the head is new, the rest is loade
 Variants:
   smoke  synthetic pairs, a tiny model from scratch: seconds on a CPU.
   hh     Anthropic HH-RLHF harmless-base from $KILN_DATA_DIR (the shared copy is its 2,312-pair test
-         split: the first 90% train, the last 10% are held out), a small model from scratch.
+         split: the first 90% train, the last 10% are held out), a small byte-level model from scratch.
 """
 from ml_collections import ConfigDict
 
@@ -19,9 +19,12 @@ VARIANTS = {
     "smoke": {"model.init_from": "", "model.preset": "tiny", "data.seq_len": 256, "data.batch_size": 8,
               "data.synthetic.num_examples": 2000, "optim.lr": 1e-3, "optim.warmup_steps": 2, "train.steps": 20,
               "train.log_every": 5, "train.eval_every": 10, "train.eval_steps": 2, "checkpoint.every": 10},
-    "hh": {"model.init_from": "", "model.preset": "small", "data.seq_len": 1024, "data.batch_size": 8,
-           "optim.lr": 3e-4, "optim.warmup_steps": 10, "train.steps": 200, "train.eval_every": 100,
-           "train.eval_steps": 0},
+    # A 4-layer, d_model 256 byte-level model from scratch (the shared data has no English pre-training
+    # corpus beyond Shakespeare): 1024 bytes hold 81% of the dialogues whole. ~10 minutes on 2 cores.
+    "hh": {"model.init_from": "", "model.preset": "small", "model.d_model": 256, "model.n_layers": 4,
+           "model.n_heads": 4, "model.n_kv_heads": 4, "model.d_ff": 704, "data.seq_len": 1024, "data.batch_size": 8,
+           "optim.lr": 1e-3, "optim.warmup_steps": 10, "train.steps": 150, "train.eval_every": 75,
+           "train.eval_steps": 0, "checkpoint.every": 75},
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 from data import sources
 from launch.config import load_config
 from train import checkpoint, rejection, trainer
-from test_train import config as stage_config, pretrained  # noqa: F401  (a fixture)
+from test_train import config as stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [{"prompt": [{"role": "user", "content": f"q{i}"}], "answer": str(i)} for i in range(3)]
@@ -29,14 +29,21 @@ def test_best_kept_above_threshold_and_best_against_worst_pairs():
 
 
 @pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A tiny policy to sample from (what it says does not matter here: the reward model scores it)."""
+    run_dir = str(tmp_path_factory.mktemp("policy"))
+    trainer.train(stage_config("pretrain", run_dir, "--config.train.steps=2", "--config.train.eval_every=0"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
 def reward_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("reward"))
     trainer.train(stage_config("reward", run_dir, "--config.train.steps=2", "--config.train.eval_every=0"))
     return run_dir
 
 
-def test_rejection_sampling_with_a_reward_model(pretrained, reward_run, tmp_path):
-    policy, _ = pretrained
+def test_rejection_sampling_with_a_reward_model(policy, reward_run, tmp_path):
     run_dir = str(tmp_path / "rs")
     cfg = load_config(os.path.join(ROOT, "configs/rejection_sampling.py:smoke"),
                       [f"--config.run_dir={run_dir}", f"--config.model.init_from={policy}",
