@@ -43,6 +43,13 @@ def test_flops_per_token_by_hand():
         assert flops.flops_per_token(ModelConfig(**SHAPE, tie_embeddings=tied, reward_head=True), 64) == 278016
 
 
+def test_reference_forward_by_hand():
+    # A frozen reference's forward pass: 2N + 2·L·H·D·T = 80576 + 18432; a 20-slot prefix adds 4·L·H·D·20.
+    assert flops.forward_flops_per_token(ModelConfig(**SHAPE), 64) == 99008
+    prefix = ModelConfig(**SHAPE, prefix=PrefixConfig(kind="prefix", num_tokens=20))
+    assert flops.forward_flops_per_token(prefix, 64) == 99008 + 11520
+
+
 def test_attention_term_grows_with_sequence_length():
     cfg = ModelConfig(**SHAPE)
     # Only 6·L·H·D·T depends on T: 64 more tokens of context add 6·3·4·12·64 = 55296 per token.

@@ -46,8 +46,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """FLOPs per token of a forward pass alone (a frozen reference model's): 2N + 2·L·H·D·T."""
-    return 2.0 * _matmul_params(cfg) + 2 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len
+    """FLOPs per token of a forward pass alone (a frozen reference model's): 2N + 2·L·H·D·T, plus
+    LoRA's adapters (2 per parameter) and prompt / prefix slots (4·L·H·D·N_p)."""
+    adapters = param_count(cfg) - param_count(cfg.replace(lora=None, prefix=None)) if cfg.lora is not None else 0
+    prefix = 4 * cfg.n_layers * cfg.n_heads * cfg.dim_head * cfg.prefix.num_tokens if cfg.prefix is not None else 0
+    return 2.0 * (_matmul_params(cfg) + adapters) + 2 * cfg.n_layers * cfg.n_heads * cfg.dim_head * seq_len + prefix
 
 
 def _matmul_params(cfg: ModelConfig) -> int:

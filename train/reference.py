@@ -4,10 +4,14 @@ DPO measures the policy against the model it started from. The reference is comp
 step: before each step (and each evaluation batch) one jitted forward pass of the reference adds
 `ref_chosen_logps` / `ref_rejected_logps` [B] (log-probs summed over each reply's trained tokens)
 to the batch, so the loss reads them from the batch as it reads the ones precomputed into the data
-(`kiln data reference`, `loss.reference=data`: then no reference model is built). The reference is:
-- with LoRA or prompt / prefix tuning: the frozen base itself with the adapters off (no copy);
-- otherwise a copy of the starting weights (those of `model.init_from`, or the fresh
-  initialisation), taken before any checkpoint is restored, so a resumed run keeps the same one.
+(`kiln data reference`, `loss.reference=data`: then no reference model is built).
+
+The reference is the starting policy exactly: the frozen part of the model (shared with the policy,
+never copied) and a copy of the trainable part as it was before the first step and before any
+checkpoint is restored, so a resumed run keeps the same reference. Full fine-tuning thus copies
+every weight; LoRA copies only its adapters, which start at B = 0, so the reference is the base
+with the adapters off (and an SFT model's adapters when DPO continues them); prompt and prefix
+tuning copy their starting prompt or prefix.
 """
 from __future__ import annotations
 
@@ -17,36 +21,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.config import ModelConfig
-from model.transformer import Transformer
 from train.losses.dpo import sequence_logps
 
 
 class Reference:
-    """Adds the reference's sequence log-probs to device batches that lack them."""
+    """Adds the starting policy's sequence log-probs to device batches."""
 
-    def __init__(self, cfg: ModelConfig, model: Transformer, *, peft: bool):
-        base_cfg = cfg.replace(lora=None, prefix=None)
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(base_cfg, rngs=nnx.Rngs(0))))
-        # The base's weights without adapters or prompt/prefix. With PEFT they are the policy's frozen
-        # arrays, shared; otherwise copied, because every step donates the policy's arrays.
-        weights = _only(nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(abstract))
-        if not peft:
-            weights = jax.tree.map(jnp.copy, weights)
-        nnx.replace_by_pure_dict(abstract, weights)
-        self.state = abstract
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State):
+        # A copy: every train step donates (and replaces) the policy's trainable arrays.
+        self.params, self.frozen = jax.tree.map(jnp.copy, params), frozen
 
-        def logps(state: nnx.State, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-            chosen, rejected, _, _ = sequence_logps(nnx.merge(graphdef, state), batch)
-            return jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
+        def logps(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            chosen, rejected, _, _ = sequence_logps(nnx.merge(graphdef, params, frozen), batch)
+            return chosen, rejected
 
         self._logps = jax.jit(logps)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        chosen, rejected = self._logps(self.state, {k: v for k, v in batch.items() if k.startswith(("chosen_", "rejected_"))})
+        pairs = {k: v for k, v in batch.items() if k.startswith(("chosen_", "rejected_"))}
+        chosen, rejected = self._logps(self.params, self.frozen, pairs)
         return dict(batch, ref_chosen_logps=chosen, ref_rejected_logps=rejected)
-
-
-def _only(weights: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
-    """`weights` restricted to the keys of `like`, recursively (LoRA adapters nest inside layers)."""
-    return {k: _only(weights[k], v) if isinstance(v, dict) else weights[k] for k, v in like.items()}

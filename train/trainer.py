@@ -193,10 +193,10 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
         cfg = model_config(config, tok.vocab_size)
         preflight.check_shapes(config, cfg, mesh)
         model, base = build_model(config, cfg, mesh, tok)
+        graphdef, params, frozen = nnx.split(model, trainable(cfg), ...)
         ref = None
         if config.stage == "dpo" and needs_reference(config.loss.preference_type) and config.loss.reference == "model":
-            ref = reference.Reference(cfg, model, peft=cfg.lora is not None or cfg.prefix is not None)
-        graphdef, params, frozen = nnx.split(model, trainable(cfg), ...)
+            ref = reference.Reference(graphdef, params, frozen)
         tx = optim.optimizer(config.optim, config.train.steps, params)
         state = init_state(params, tx, config.seed)
         shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -205,7 +205,7 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
                           out_shardings=(shardings, None), donate_argnums=(0,))
     per_token = flops.flops_per_token(cfg, config.data.seq_len)
     if ref is not None:
-        per_token += flops.forward_flops_per_token(cfg.replace(lora=None, prefix=None), config.data.seq_len)
+        per_token += flops.forward_flops_per_token(cfg, config.data.seq_len)
     return Run(config, cfg, mesh, tok, graphdef, frozen, state, step_fn, per_token, base, ref)
 
 
