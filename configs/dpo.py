@@ -1,5 +1,6 @@
 """Direct preference optimisation and its variants (stage "dpo"): the policy learns from preference
-pairs against a frozen reference (its own starting weights; with LoRA, the base with adapters off).
+pairs against a frozen reference, its own starting weights (with fresh LoRA adapters: the base with
+the adapters off), or against log-probs precomputed into the pairs (`kiln data reference`).
 
 `loss.preference_type`: sigmoid (DPO; with loss.label_smoothing, conservative DPO) | hinge | ipo |
 robust | simpo | orpo (no reference model); `loss.beta`; `loss.nll_coef` adds the chosen reply's NLL

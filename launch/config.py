@@ -161,6 +161,16 @@ def check_loss(config: ConfigDict) -> None:
             readers = [t for t, keys in LOSS_KEYS.items() if key in keys]
             raise ConfigError(f"config key 'loss.{key}' is set but loss.type is {loss.type!r}; it is read by "
                               f"loss.type={' or '.join(readers)}")
+    if loss.type != "dpo":
+        return
+    kind = loss.preference_type
+    if loss.label_smoothing and kind not in ("sigmoid", "robust", "simpo"):
+        raise ConfigError(f"loss.label_smoothing applies to preference_type sigmoid, robust or simpo, not {kind!r}")
+    if loss.simpo_gamma != defaults.simpo_gamma and kind != "simpo":
+        raise ConfigError(f"loss.simpo_gamma is read by preference_type simpo, not {kind!r}")
+    if kind == "orpo" and not loss.nll_coef:
+        raise ConfigError("ORPO's loss is the chosen reply's NLL plus its odds-ratio term: set loss.nll_coef "
+                          "(1.0 in the paper; loss.beta is its lambda)")
 
 
 def check_peft(config: ConfigDict) -> None:

@@ -115,8 +115,10 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _finished(command: str, config: Any) -> bool:
     if command == "train":
-        return os.path.isdir(os.path.join(config.run_dir, "checkpoints")) and \
-            checkpoint.latest_step(config.run_dir) >= config.train.steps
+        try:  # a stage stopped before its first checkpoint has an empty checkpoints/ directory
+            return checkpoint.latest_step(config.run_dir) >= config.train.steps
+        except (checkpoint.CheckpointError, FileNotFoundError):
+            return False
     return os.path.isfile(os.path.join(config.run_dir, "results.json"))
 
 

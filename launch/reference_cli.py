@@ -1,18 +1,21 @@
-"""`kiln data reference --config=configs/dpo.py[:variant] --out=FILE.jsonl [--config.KEY=VALUE ...]`
+"""`kiln data reference --config=configs/dpo.py[:variant] --out=DIR [--config.KEY=VALUE ...]`
 
 Precomputes DPO's reference log-probs once, so that training keeps no reference model in memory:
-every preference pair of the config's training sources, encoded exactly as training encodes it
-(the config's tokenizer, chat template and seq_len), is scored by the reference (`model.init_from`),
-and written out (JSON Lines, atomically) as {"prompt", "chosen", "rejected", "ref_chosen_logps",
-"ref_rejected_logps"}: the summed log-probs of each reply's trained tokens. Train on the file with
-`--config.data.sources.train.path=FILE.jsonl --config.data.sources.train.format=jsonl
---config.loss.reference=data`. Pairs that training would drop are left out (and counted).
+every preference pair of the config's training and evaluation sources, encoded as training encodes
+it (the config's tokenizer, chat template and seq_len), is scored by the starting policy (the model
+`kiln train` would build: `model.init_from`, `peft.*`, dtypes), and written (JSON Lines, atomically)
+to DIR/train.NAME.jsonl and DIR/eval.NAME.jsonl as {"prompt", "chosen", "rejected", [margin],
+"ref_chosen_logps", "ref_rejected_logps"}: the summed log-probs of each reply's trained tokens.
+Prints the overrides that train on them (`loss.reference=data` and each source's path and format);
+train with the same data settings. Pairs that training would drop are left out (and counted).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +24,17 @@ import numpy as np
 from data import pipeline, sources, tokenizer as tokenizers
 from data.examples import Encoder
 from launch.config import ConfigError, load_config
-from train import checkpoint, records
+from model.sharding import make_mesh, use_rules
+from train import records
 from train.losses.dpo import sequence_logps
-from train.trainer import init_source, tokenizer_name
+from train.trainer import build_model, model_config, tokenizer_name
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln data reference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a DPO config, configs/dpo.py[:variant]")
-    p.add_argument("--out", required=True, help="the JSON Lines file to write")
+    p.add_argument("--out", required=True, help="the directory to write one JSON Lines file per source into")
     args, rest = p.parse_known_args(argv)
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
@@ -41,34 +45,51 @@ def main(argv: list[str]) -> int:
     config.data.tokenizer = tokenizer_name(config)
     with tempfile.TemporaryDirectory() as scratch:
         tok = tokenizers.resolve(config.data, scratch)
-    model = checkpoint.load_model(init_source(config))[1]
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    with jax.set_mesh(mesh), use_rules(config.mesh.rules):
+        cfg = model_config(config, tok.vocab_size)
+        model = build_model(config, cfg, mesh, tok)[0]
     score = jax.jit(lambda batch: sequence_logps(model, batch)[:2])
-    enc, width, rows = Encoder.from_config(config.data, tok), config.data.batch_size, []
-    out, dropped = [], 0
+    enc, width = Encoder.from_config(config.data, tok), config.data.batch_size
+    os.makedirs(args.out, exist_ok=True)
+    overrides = ["--config.loss.reference=data"]
+    for group, key in (("sources", "train"), ("eval_sources", "eval")):
+        for name, src in config.data[group].items():
+            path = os.path.join(args.out, f"{key}.{name}.jsonl")
+            kept, dropped = _score_source(f"data.{group}.{name}", src, config, enc, score, width, tok.pad_id)
+            records.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+            print(f"{path}: {len(kept)} pairs" + (f" ({dropped} that training would drop left out)" if dropped else ""))
+            overrides += [f"--config.data.{group}.{name}.path={path}", f"--config.data.{group}.{name}.format=jsonl"]
+            # The file holds exactly the pairs the slice selected: it is read whole.
+            overrides += [f"--config.data.{group}.{name}.{k}={v}" for k, v in (("start", 0.0), ("end", 1.0)) if k in src]
+    print("train on them with: " + " ".join(overrides))
+    return 0
+
+
+def _score_source(where: str, src: Any, config: Any, enc: Encoder, score: Any, width: int, pad: int
+                  ) -> tuple[list[dict[str, Any]], int]:
+    """(the source's pairs with their reference log-probs, how many were dropped)."""
+    recs = sources.load(where, src, config.data, "preference").records
+    out, rows, dropped = [], [], 0
 
     def flush() -> None:
-        if not rows:
-            return
-        pairs = [pipeline._pair_row(config.data.seq_len, tok.pad_id, example) for _, example in rows]
-        pairs += [pipeline._empty_row("preference", config.data.seq_len, tok.pad_id)] * (width - len(pairs))
-        chosen, rejected = score({k: jnp.asarray(np.stack([r[k] for r in pairs])) for k in pairs[0]})
+        pairs = [pipeline._pair_row(config.data.seq_len, pad, example) for _, example in rows]
+        pairs += [pipeline._empty_row("preference", config.data.seq_len, pad)] * (width - len(pairs))
+        keys = [k for k in pairs[0] if k.startswith(("chosen_", "rejected_"))]
+        chosen, rejected = score({k: jnp.asarray(np.stack([r[k] for r in pairs])) for k in keys})
         for (record, _), c, r in zip(rows, np.asarray(chosen), np.asarray(rejected)):
             out.append(dict(record, ref_chosen_logps=float(c), ref_rejected_logps=float(r)))
         rows.clear()
 
-    for name, src in config.data.sources.items():
-        recs = sources.load(f"data.sources.{name}", src, config.data, "preference").records
-        for i in range(len(recs)):
-            record = recs[i]
-            example, _ = enc("preference", record)
-            if example is None:
-                dropped += 1
-                continue
-            rows.append(({k: record[k] for k in ("prompt", "chosen", "rejected")}, example))
-            if len(rows) == width:
-                flush()
-    flush()
-    records.write_text_atomic(args.out, "".join(json.dumps(r) + "\n" for r in out))
-    print(f"kiln data reference: {len(out)} pairs scored by {init_source(config)} into {args.out}"
-          + (f"; {dropped} that training would drop left out" if dropped else ""))
-    return 0
+    for i in range(len(recs)):
+        record = recs[i]
+        example, _ = enc("preference", record) if record is not None else (None, "")
+        if example is None:
+            dropped += 1
+            continue
+        rows.append(({k: v for k, v in record.items() if k not in sources.REFERENCE_FIELDS}, example))
+        if len(rows) == width:
+            flush()
+    if rows:
+        flush()
+    return out, dropped

@@ -261,12 +261,14 @@ class Transformer(nnx.Module):
         return x, cache._replace(k=tuple(ks), v=tuple(vs))
 
 
-def trainable(cfg: ModelConfig) -> type[nnx.Variable]:
-    """The variables a stage trains for this model: its LoRA adapters or its prompt/prefix if it has
-    them (the base stays frozen), else every parameter."""
-    if cfg.lora is not None:
-        return nnx.LoRAParam
-    return prefixes.PrefixParam if cfg.prefix is not None else nnx.Param
+def trainable(cfg: ModelConfig) -> nnx.filterlib.Filter:
+    """The variables a stage trains for this model (an nnx filter): its LoRA adapters or its
+    prompt/prefix if it has them (the base stays frozen; a reward model's new head trains too, as
+    PEFT's modules_to_save), else every parameter."""
+    if cfg.lora is None and cfg.prefix is None:
+        return nnx.Param
+    tuned = nnx.LoRAParam if cfg.lora is not None else prefixes.PrefixParam
+    return nnx.Any(tuned, nnx.PathContains("score")) if cfg.reward_head else tuned
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -76,3 +76,11 @@ def test_bad_recipes_are_named(tmp_path, stages, message):
                     f"def stages(c):\n    return {stages!r}\n")
     with pytest.raises(ConfigError, match=message):
         pipeline.load_recipe(str(path), [])
+
+
+def test_a_stage_stopped_before_its_first_checkpoint_is_not_finished(tmp_path):
+    from launch.config import load_config
+    (tmp_path / "checkpoints").mkdir()  # what a run killed during set-up leaves
+    config = load_config(os.path.join(ROOT, "configs/sft.py:smoke"), [f"--config.run_dir={tmp_path}"])
+    assert not pipeline._finished("train", config)
+    assert not pipeline._finished("eval", config)

@@ -257,3 +257,24 @@ def test_pairs_carry_their_optional_numbers_through_the_pipeline(tmp_path):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(sources.DataError, match="mixes pairs with 'margin' and pairs without"):
         next(iter(pipeline.eval_iterator(data, "preference", tokenizer.load("byte"), "pairs")))
+
+
+def test_reference_in_pieces_equals_one_pass():
+    """With gradient accumulation the reference runs the batch in pieces; the log-probs must not change."""
+    from configs import base
+    from data import pipeline, tokenizer
+    from model import presets
+    from model.transformer import Transformer
+    from train.reference import Reference
+
+    data = base.get_config().data
+    data.seq_len, data.batch_size, data.synthetic.num_examples = 256, 4, 100
+    batch = {k: jnp.asarray(v) for k, v in next(pipeline.train_iterator(data, "preference", tokenizer.load("byte"),
+                                                                      seed=0)).items()}
+    graphdef, params, frozen = nnx.split(Transformer(presets.get("tiny", vocab_size=384), rngs=nnx.Rngs(0)), nnx.Param, ...)
+    whole, pieces = Reference(graphdef, params, frozen)(batch), Reference(graphdef, params, frozen, chunks=2)(batch)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert whole[key].shape == (4,)
+        np.testing.assert_allclose(pieces[key], whole[key], rtol=1e-6)
+        np.testing.assert_allclose(whole[key], sequence_logps(nnx.merge(graphdef, params, frozen), batch)[
+            0 if "chosen" in key else 1], rtol=1e-6)

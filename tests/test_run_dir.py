@@ -270,3 +270,19 @@ def test_auto_tokenizer_is_the_one_init_from_was_trained_with(tmp_path):
     assert resolved(bpe, "--config.data.tokenizer=byte") == "byte"  # an explicit choice stands
     with pytest.raises(ValueError, match="does not say which tokenizer its model was trained with"):
         resolved(str(bare.parent))
+
+
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("dpo", ["--config.loss.preference_type=ipo", "--config.loss.label_smoothing=0.1"],
+     "label_smoothing applies to preference_type sigmoid, robust or simpo, not 'ipo'"),
+    ("dpo", ["--config.loss.simpo_gamma=1.0"], "simpo_gamma is read by preference_type simpo, not 'sigmoid'"),
+    ("dpo", ["--config.loss.preference_type=orpo"], "ORPO's loss is the chosen reply's NLL plus"),
+])
+def test_preference_settings_a_loss_ignores_are_refused(tmp_path, stage, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config(str(tmp_path), *overrides, stage=stage)
+
+
+def test_a_stage_built_for_one_loss_refuses_another(tmp_path):
+    with pytest.raises(ValueError, match="stage 'reward' trains with loss.type='reward', not 'dpo'"):
+        trainer.train(config(str(tmp_path / "run"), "--config.loss.type=dpo", stage="reward"))

@@ -164,6 +164,13 @@ def test_reward_model_from_pretrained_gets_a_new_head_and_the_rest_loaded(pretra
     np.testing.assert_array_equal(params["layers"]["mlp"]["up"], loaded.layers.mlp.up[...])
     head = np.asarray(params["score"])
     assert head.shape == (run.model_cfg.d_model,) and 0.01 < head.std() < 0.03  # normal(init_std=0.02)
+    # With LoRA the new head trains beside the adapters (the base stays frozen), and is saved.
+    lora_dir = str(tmp_path / "lora")
+    trainer.train(config("reward", lora_dir, f"--config.model.init_from={source}", "--config.peft.method=lora",
+                         "--config.train.steps=3", "--config.train.eval_every=0", "--config.optim.lr=1e-2"))
+    saved = nnx.to_pure_dict(nnx.state(checkpoint.load_model(lora_dir)[1], nnx.Param))
+    assert np.abs(np.asarray(saved["score"]) - head).max() > 1e-3
+    np.testing.assert_array_equal(saved["layers"]["mlp"]["up"], loaded.layers.mlp.up[...])
 
 
 def test_reward_smoke_learns_pairs_and_reports_held_out_accuracy(tmp_path):
@@ -221,27 +228,30 @@ def test_dpo_reference_is_the_start_after_training_and_on_resume(pretrained, tmp
         assert np.max(np.abs(np.asarray(policy[0]) - np.asarray(want[0]))) > 1e-2
 
 
-def test_dpo_on_precomputed_reference_logps_matches_the_in_step_reference(pretrained, tmp_path):
+def test_dpo_on_precomputed_reference_logps_matches_the_in_step_reference(pretrained, tmp_path, capsys):
     from launch import main
     source, _ = pretrained
-    pairs = str(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ref"
     common = [f"--config.model.init_from={source}", "--config.data.synthetic.num_examples=80"]
-    assert main.main(["data", "reference", "--config=configs/dpo.py:smoke", f"--out={pairs}", *common]) == 0
-    rows_written = [json.loads(line) for line in open(pairs)]
-    assert len(rows_written) == 76 and all(r["ref_chosen_logps"] < 0 for r in rows_written)  # problems [0, 76)
-    on_file = [f"--config.model.init_from={source}", f"--config.data.sources.train.path={pairs}",
-               "--config.data.sources.train.format=jsonl", "--config.train.steps=4", "--config.train.eval_every=0",
-               "--config.train.log_every=1"]
-    trainer.train(config("dpo", str(tmp_path / "model"), *on_file))
-    trainer.train(config("dpo", str(tmp_path / "data"), *on_file, "--config.loss.reference=data"))
+    assert main.main(["data", "reference", "--config=configs/dpo.py:smoke", f"--out={out}", *common]) == 0
+    train_pairs = [json.loads(line) for line in open(out / "train.train.jsonl")]
+    assert len(train_pairs) == 76 and all(r["ref_chosen_logps"] < 0 for r in train_pairs)  # problems [0, 76)
+    assert len(open(out / "eval.heldout.jsonl").readlines()) == 4
+    printed = capsys.readouterr().out.split("train on them with: ")[1].split()
+    on_files = [*common, *printed, "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=4"]
+    in_step = [o for o in on_files if o != "--config.loss.reference=data"]
+    trainer.train(config("dpo", str(tmp_path / "model"), *in_step))
+    last = trainer.train(config("dpo", str(tmp_path / "data"), *on_files))
     with_model, with_data = rows(str(tmp_path / "model")), rows(str(tmp_path / "data"))
-    assert with_data[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    assert with_data[1]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # row 0: the step-0 evaluation
+    assert len(with_model) == len(with_data) == 6  # eval at 0, steps 1-4, eval at 4
     for a, b in zip(with_model, with_data):
-        # The two reference passes batch the pairs differently: float32 rounding only.
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+        for key in ("loss", "rewards/margins", "eval/loss", "eval/rewards/margins"):
+            if key in a:  # the two reference passes batch the pairs differently: float32 rounding only
+                assert a[key] == pytest.approx(b[key], abs=1e-5)
+    assert "eval/rewards/accuracies" in last
     # Data mode keeps no reference model; without the fields it says what is missing.
-    assert trainer.setup(config("dpo", str(tmp_path / "x"), *on_file, "--config.loss.reference=data")).reference is None
+    assert trainer.setup(config("dpo", str(tmp_path / "x"), *on_files)).reference is None
     with pytest.raises(ValueError, match="needs reference log-probs and the batch has none"):
         trainer.train(config("dpo", str(tmp_path / "y"), *common, "--config.loss.reference=data"))
 

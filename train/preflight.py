@@ -25,6 +25,8 @@ PLANNED_STAGES = { "ppo": "Step 6",
 # Configs read by other commands than `kiln train`.
 OTHER_COMMANDS = {"eval": "kiln eval --checkpoint=RUN_OR_HF_DIR --config=configs/eval.py",
                   "rejection_sampling": "kiln generate --config=configs/rejection_sampling.py"}
+# Stages whose model is built for one loss (a reward head; a frozen reference policy).
+STAGE_LOSSES = {"reward": "reward", "dpo": "dpo"}
 GIB = 2 ** 30
 
 
@@ -42,6 +44,8 @@ def stage_kind(config: Any) -> str:
     kind = pipeline.STAGE_KINDS.get(stage, "pretrain")
     if kind not in losses.batch_kinds(config.loss.type):
         raise ValueError(f"loss.type {config.loss.type!r} does not train on the {kind!r} batches of stage {stage!r}")
+    if stage in STAGE_LOSSES and config.loss.type != STAGE_LOSSES[stage]:
+        raise ValueError(f"stage {stage!r} trains with loss.type={STAGE_LOSSES[stage]!r}, not {config.loss.type!r}")
     return kind
 
 

@@ -27,13 +27,19 @@ from train.losses.dpo import sequence_logps
 class Reference:
     """Adds the starting policy's sequence log-probs to device batches."""
 
-    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State):
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, chunks: int = 1):
+        """`chunks`: the step's gradient-accumulation count; the reference runs that many pieces of
+        the batch one after another, so its logits take no more memory than the step's own."""
         # A copy: every train step donates (and replaces) the policy's trainable arrays.
         self.params, self.frozen = jax.tree.map(jnp.copy, params), frozen
 
         def logps(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-            chosen, rejected, _, _ = sequence_logps(nnx.merge(graphdef, params, frozen), batch)
-            return chosen, rejected
+            model = nnx.merge(graphdef, params, frozen)
+            if chunks == 1:
+                return sequence_logps(model, batch)[:2]
+            pieces = {k: v.reshape(chunks, v.shape[0] // chunks, *v.shape[1:]) for k, v in batch.items()}
+            chosen, rejected = jax.lax.map(lambda piece: sequence_logps(model, piece)[:2], pieces)
+            return chosen.reshape(-1), rejected.reshape(-1)
 
         self._logps = jax.jit(logps)
 

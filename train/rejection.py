@@ -110,10 +110,11 @@ def _scorer(reward: str) -> Scorer:
 
     def score(chats, replies, answers):
         seqs = [render(list(c) + [{"role": "assistant", "content": r}], tok, template)[0] for c, r in zip(chats, replies)]
-        width = -(-max(map(len, seqs)) // 64) * 64  # a few widths: a few compiled programs
-        if width > model.cfg.max_seq_len:
-            raise ValueError(f"a prompt and reply of {max(map(len, seqs))} tokens exceed the reward model's "
+        longest = max(map(len, seqs))
+        if longest > model.cfg.max_seq_len:
+            raise ValueError(f"a prompt and reply of {longest} tokens exceed the reward model's "
                              f"max_seq_len={model.cfg.max_seq_len}; lower rollout.max_new_tokens")
+        width = min(-(-longest // 64) * 64, model.cfg.max_seq_len)  # a few widths: a few compiled programs
         tokens = np.full((len(seqs), width), tok.pad_id, np.int32)
         segments = np.zeros((len(seqs), width), np.int32)
         for i, s in enumerate(seqs):

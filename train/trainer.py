@@ -196,7 +196,7 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
         graphdef, params, frozen = nnx.split(model, trainable(cfg), ...)
         ref = None
         if config.stage == "dpo" and needs_reference(config.loss.preference_type) and config.loss.reference == "model":
-            ref = reference.Reference(graphdef, params, frozen)
+            ref = reference.Reference(graphdef, params, frozen, chunks=config.optim.grad_accum)
         tx = optim.optimizer(config.optim, config.train.steps, params)
         state = init_state(params, tx, config.seed)
         shardings = jax.tree.map(lambda x: x.sharding, state)

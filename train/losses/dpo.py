@@ -13,7 +13,8 @@ The `dpo` stage loss (`loss.type=dpo`) picks one by `loss.preference_type` — o
 per-token NLL (Llama 3 uses 0.2; ORPO's own loss is that NLL plus its odds-ratio term, so 1).
 Reference log-probs come in the batch (`ref_chosen_logps`, `ref_rejected_logps`: see
 train/reference.py). Metrics carry TRL's names; rewards are β times the policy-reference log-ratio
-(reference-free losses: β times the length-normalised log-prob).
+of the summed log-probs (also for IPO, whose loss uses per-token ones; reference-free losses: β
+times the length-normalised log-prob).
 """
 from __future__ import annotations
 
