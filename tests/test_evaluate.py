@@ -130,10 +130,10 @@ def test_evaluate_every_batch_when_eval_steps_is_zero(monkeypatch):
 
 def test_evaluate_refuses_unknown_kinds_and_empty_sources(monkeypatch):
     run, _ = fake_run(monkeypatch, ["eval"], eval_steps=0)
-    with pytest.raises(ValueError, match="not supported"):
-        ev.evaluate(run, "dpo")
+    with pytest.raises(ValueError, match="not supported"):  # bits per byte of preference pairs
+        ev.evaluate_sources(run.config, "preference", run.tokenizer, lambda batch: None)
     run.config.data.eval_sources = {}
-    assert ev.evaluate(run, "dpo") == {}  # nothing to evaluate: no rows, no error
+    assert ev.evaluate(run, "preference") == {}  # nothing to evaluate: no rows, no error
     run, _ = fake_run(monkeypatch, ["eval"], eval_steps=0)
     monkeypatch.setattr(ev.pipeline, "eval_iterator", lambda *a, **k: iter([batch([0, 0, 0], [1, 1, 1])]))
     with pytest.raises(ValueError, match="no loss tokens"):

@@ -55,6 +55,8 @@ def make_loss_eval_step(graphdef: nnx.GraphDef, loss_fn: losses.LossFn):
 def evaluate(run: Any, kind: str) -> dict[str, float]:
     """Eval metrics of a training run's current state on every eval source (`evaluate_sources`, or
     the stage's loss for kinds without a language-modelling loss)."""
+    if not run.config.data.eval_sources:
+        return {}
     if getattr(run, "_eval_step", None) is None:
         run._eval_step = jax.jit(make_eval_step(run.graphdef) if kind in EVAL_KINDS else
                                  make_loss_eval_step(run.graphdef, losses.get(run.config.loss.type, run.config.loss)))
