@@ -31,16 +31,24 @@ CHOICES = {
 }
 
 
+def load_module(path: str, what: str, needs: tuple[str, ...]) -> Any:
+    """The Python file `path` (a config, a recipe) as a module; ConfigError if it is missing or lacks
+    one of the functions `needs`."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(f"kiln_{what}_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    missing = [name for name in needs if not hasattr(module, name)]
+    if missing:
+        raise ConfigError(f"{path}: a {what} defines {' and '.join(f'{n}(...)' for n in needs)}; {missing[0]} is missing")
+    return module
+
+
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigDict:
     """Loads `path/to/file.py[:variant]`, applies `--config.a.b=value` strings, validates, locks."""
     path, _, variant = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found")
-    module_spec = importlib.util.spec_from_file_location(f"kiln_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path}: defines no get_config(variant)")
+    module = load_module(path, "config", ("get_config",))
     try:
         config = module.get_config(variant) if variant else module.get_config()
     except (KeyError, ValueError) as e:
@@ -152,15 +160,21 @@ LOSS_KEYS = {"next_token": ("z_loss",), "sft": ("z_loss",), "reward": ("margin",
              "dpo": ("beta", "label_smoothing", "preference_type", "nll_coef", "simpo_gamma", "reference")}
 
 
+def _check_readers(config: ConfigDict, group: str, choice: str, readers_of: dict[str, tuple[str, ...]]) -> None:
+    """ConfigError for a `group.*` key set away from its default that the chosen `group.choice` does not read."""
+    values, defaults = config[group], base.get_config()[group]
+    chosen, used = values[choice], readers_of.get(values[choice], ())
+    for key in sorted({k for keys in readers_of.values() for k in keys} - set(used)):
+        if values[key] != defaults[key]:
+            readers = [name for name, keys in readers_of.items() if key in keys]
+            raise ConfigError(f"config key '{group}.{key}' is set but {group}.{choice} is {chosen!r}; it is read by "
+                              f"{group}.{choice}={' or '.join(readers)}")
+
+
 def check_loss(config: ConfigDict) -> None:
-    """ConfigError for a loss.* key that the chosen loss.type does not read."""
+    """ConfigError for a loss.* key that the chosen loss.type (or DPO's preference_type) does not read."""
+    _check_readers(config, "loss", "type", LOSS_KEYS)
     loss, defaults = config.loss, base.get_config().loss
-    used = LOSS_KEYS.get(loss.type, ())
-    for key in sorted({k for keys in LOSS_KEYS.values() for k in keys} - set(used)):
-        if loss[key] != defaults[key]:
-            readers = [t for t, keys in LOSS_KEYS.items() if key in keys]
-            raise ConfigError(f"config key 'loss.{key}' is set but loss.type is {loss.type!r}; it is read by "
-                              f"loss.type={' or '.join(readers)}")
     if loss.type != "dpo":
         return
     kind = loss.preference_type
@@ -175,13 +189,8 @@ def check_loss(config: ConfigDict) -> None:
 
 def check_peft(config: ConfigDict) -> None:
     """ConfigError for a peft.* key that the chosen peft.method does not read."""
-    peft, defaults = config.peft, base.get_config().peft
-    used = PEFT_KEYS.get(peft.method, ())
-    for key in sorted({k for keys in PEFT_KEYS.values() for k in keys} - set(used)):
-        if peft[key] != defaults[key]:
-            readers = [m for m, keys in PEFT_KEYS.items() if key in keys]
-            raise ConfigError(f"config key 'peft.{key}' is set but peft.method is {peft.method!r}; it is read by "
-                              f"peft.method={' or '.join(readers)}")
+    _check_readers(config, "peft", "method", PEFT_KEYS)
+    peft = config.peft
     if peft.method == "prompt_tuning" and (peft.prompt_init == "text") != bool(peft.prompt_init_text):
         raise ConfigError("peft.prompt_init=text and peft.prompt_init_text go together: set both or neither")
 

@@ -17,7 +17,6 @@ Writes `results.json` and `results.md` (one row per stage: its final metrics and
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -26,7 +25,7 @@ import time
 from typing import Any
 
 from launch import eval as eval_cli
-from launch.config import ConfigError, apply_override, load_config
+from launch.config import ConfigError, apply_override, load_config, load_module
 from launch.train import split_args
 from train import checkpoint, records, rejection, rundir, trainer
 
@@ -47,13 +46,7 @@ def main(argv: list[str]) -> int:
 def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, Any]]]:
     """(the recipe's settings with overrides applied, its checked list of stages)."""
     path, _, variant = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"recipe file {path!r} not found")
-    module_spec = importlib.util.spec_from_file_location(f"kiln_recipe_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config") or not hasattr(module, "stages"):
-        raise ConfigError(f"{path}: a recipe defines get_config(variant) and stages(config)")
+    module = load_module(path, "recipe", ("get_config", "stages"))
     config = module.get_config(variant) if variant else module.get_config()
     for item in overrides:
         apply_override(config, item)
