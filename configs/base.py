@@ -19,6 +19,17 @@ def source(path: str = "", format: str = "synthetic", weight: float = 1.0, **fie
     return ConfigDict(dict(path=path, format=format, weight=weight, **fields))
 
 
+HH_RLHF = "$KILN_DATA_DIR/hh-rlhf/harmless-base-test.jsonl.gz"  # the shared copy: harmless-base's test split
+
+
+def preference_pairs(hh: bool) -> tuple[ConfigDict, ConfigDict]:
+    """(training, held-out) preference sources: HH-RLHF harmless-base (first 90% / last 10%), or the
+    synthetic task's pairs (a worked solution against one with a slip; 95% / 5%)."""
+    if hh:
+        return source(HH_RLHF, "hh_rlhf", end=0.9), source(HH_RLHF, "hh_rlhf", start=0.9)
+    return source(format="synthetic", end=0.95), source(format="synthetic", start=0.95)
+
+
 def task(eval_source: ConfigDict, shots_source: ConfigDict) -> ConfigDict:
     """A verifiable task for `kiln eval`: the evaluated problems and the split its few-shot examples come from."""
     return ConfigDict(dict(eval=eval_source, shots=shots_source))

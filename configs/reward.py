@@ -13,8 +13,6 @@ from ml_collections import ConfigDict
 
 from configs import base
 
-HH = "$KILN_DATA_DIR/hh-rlhf/harmless-base-test.jsonl.gz"
-
 VARIANTS = {
     "smoke": {"model.init_from": "", "model.preset": "tiny", "data.seq_len": 256, "data.batch_size": 8,
               "data.synthetic.num_examples": 2000, "optim.lr": 1e-3, "optim.warmup_steps": 2, "train.steps": 20,
@@ -38,10 +36,5 @@ def get_config(variant: str = "") -> ConfigDict:
     c.data.batch_size = 8
     c.optim.lr, c.optim.warmup_steps = 1e-4, 5
     c.train.steps, c.train.eval_every, c.train.eval_steps, c.checkpoint.every = 100, 50, 0, 50
-    if variant == "hh":
-        c.data.sources.train = base.source(HH, "hh_rlhf", end=0.9)
-        c.data.eval_sources.heldout = base.source(HH, "hh_rlhf", start=0.9)
-    else:
-        c.data.sources.train = base.source(format="synthetic", end=0.95)
-        c.data.eval_sources.heldout = base.source(format="synthetic", start=0.95)
+    c.data.sources.train, c.data.eval_sources.heldout = base.preference_pairs(hh=variant == "hh")
     return base.with_variant(c, VARIANTS, variant)
