@@ -16,7 +16,7 @@ from train import rejection, rundir
 
 
 def main(argv: list[str]) -> int:
-    spec, overrides, other = split_args(argv, "kiln generate")
+    spec, overrides, other = split_args(argv, "kiln generate", __doc__)
     if other:
         raise ConfigError(f"unknown argument {other[0]!r}; config values are set with --config.KEY=VALUE")
     config = load_config(spec, overrides)

@@ -34,7 +34,7 @@ _REF = re.compile(r"@([A-Za-z0-9_\-]+)")
 
 
 def main(argv: list[str]) -> int:
-    spec, overrides, other = split_args(argv, "kiln pipeline")
+    spec, overrides, other = split_args(argv, "kiln pipeline", __doc__)
     if other:
         raise ConfigError(f"unknown argument {other[0]!r}; recipe values are set with --config.KEY=VALUE")
     recipe, stages = load_recipe(spec, overrides)

@@ -10,8 +10,9 @@ from train.rundir import RunDirError
 from train.trainer import TrainingError, train
 
 
-def split_args(argv: list[str], prog: str) -> tuple[str, list[str], list[str]]:
-    """(config spec, --config.* overrides, other --name=value args) from the command line."""
+def split_args(argv: list[str], prog: str, doc: str | None = None) -> tuple[str, list[str], list[str]]:
+    """(config spec, --config.* overrides, other --name=value args) from the command line; -h
+    prints `doc` (default: kiln train's)."""
     spec, overrides, other = None, [], []
     args = list(argv)
     while args:
@@ -23,7 +24,7 @@ def split_args(argv: list[str], prog: str) -> tuple[str, list[str], list[str]]:
         elif arg.startswith("--config."):
             overrides.append(arg)
         elif arg in ("-h", "--help"):
-            print(f"usage: {prog} --config=FILE.py[:variant] [--config.KEY=VALUE ...] [--debug]\n\n{__doc__}")
+            print(f"usage: {prog} --config=FILE.py[:variant] [--config.KEY=VALUE ...] [--debug]\n\n{doc or __doc__}")
             sys.exit(0)
         else:
             other.append(arg)

@@ -84,3 +84,11 @@ def test_a_stage_stopped_before_its_first_checkpoint_is_not_finished(tmp_path):
     config = load_config(os.path.join(ROOT, "configs/sft.py:smoke"), [f"--config.run_dir={tmp_path}"])
     assert not pipeline._finished("train", config)
     assert not pipeline._finished("eval", config)
+
+
+@pytest.mark.parametrize("command, words", [("pipeline", "Runs a recipe"), ("generate", "Rejection sampling, a stage")])
+def test_help_describes_the_command_itself(command, words, capsys):
+    from launch import main
+    with pytest.raises(SystemExit) as stop:
+        main.main([command, "--help"])
+    assert stop.value.code == 0 and words in capsys.readouterr().out
