@@ -69,6 +69,20 @@ def evaluate(run: Any, kind: str) -> dict[str, float]:
 def _loss_metrics(cfg: Any, kind: str, tokenizer: Any, eval_step: Callable[[dict[str, Any]], dict[str, jax.Array]]
                   ) -> dict[str, float]:
     """The stage loss's metrics, summed over each eval source and divided by its total weight."""
+    def summarize(name: str, total: dict[str, Any] | None) -> dict[str, float]:
+        sums = {k: float(v) for k, v in (total or {}).items()}
+        weight = sums.pop("weight", 0.0)
+        if not weight:
+            raise ValueError(f"data.eval_sources.{name}: nothing to evaluate (no {kind} examples)")
+        return {k: v / weight for k, v in sums.items()}
+    return _each_source(cfg, kind, tokenizer, eval_step, summarize)
+
+
+def _each_source(cfg: Any, kind: str, tokenizer: Any, eval_step: Callable[[dict[str, Any]], Any],
+                 summarize: Callable[[str, Any], dict[str, float]]) -> dict[str, float]:
+    """`summarize(name, summed eval_step outputs or None)` for each eval source (at most
+    `train.eval_steps` batches each), as `eval/NAME/...` rows; the first source (or the one named
+    `eval`) also under plain `eval/...`."""
     rows: dict[str, float] = {}
     for i, name in enumerate(cfg.data.eval_sources.keys()):
         batches = pipeline.eval_iterator(cfg.data, kind, tokenizer, name, process_index=jax.process_index(),
@@ -77,13 +91,9 @@ def _loss_metrics(cfg: Any, kind: str, tokenizer: Any, eval_step: Callable[[dict
         for n, batch in enumerate(batches):
             if 0 < cfg.train.eval_steps <= n:
                 break
-            sums = eval_step(batch)
-            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        sums = {k: float(v) for k, v in jax.device_get(total or {}).items()}
-        weight = sums.pop("weight", 0.0)
-        if not weight:
-            raise ValueError(f"data.eval_sources.{name}: nothing to evaluate (no {kind} examples)")
-        metrics = {k: v / weight for k, v in sums.items()}
+            out = eval_step(batch)
+            total = out if total is None else jax.tree.map(jnp.add, total, out)
+        metrics = summarize(name, None if total is None else jax.device_get(total))
         if name != "eval":
             rows.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
         if name == "eval" or (i == 0 and "eval" not in cfg.data.eval_sources):
@@ -100,21 +110,9 @@ def evaluate_sources(cfg: Any, kind: str, tokenizer: Any, eval_step: Callable[[d
     if kind not in EVAL_KINDS:
         raise ValueError(f"data.eval_sources: evaluation of {kind!r} data is not supported; "
                          f"supported kinds: {', '.join(EVAL_KINDS)}")
-    rows: dict[str, float] = {}
-    for i, name in enumerate(cfg.data.eval_sources.keys()):
-        batches = pipeline.eval_iterator(cfg.data, kind, tokenizer, name, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
-        total = jnp.zeros(3, jnp.float32)
-        for n, batch in enumerate(batches):
-            if 0 < cfg.train.eval_steps <= n:
-                break
-            total = total + eval_step(batch)
-        nll, tokens, nbytes = (float(x) for x in jax.device_get(total))
+    def summarize(name: str, total: Any) -> dict[str, float]:
+        nll, tokens, nbytes = (0.0, 0.0, 0.0) if total is None else (float(x) for x in total)
         if tokens == 0:
             raise ValueError(f"data.eval_sources.{name}: no loss tokens to evaluate")
-        metrics = eval_metrics(nll, tokens, nbytes)
-        if name != "eval":
-            rows.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
-        if name == "eval" or (i == 0 and "eval" not in cfg.data.eval_sources):
-            rows.update({f"eval/{k}": v for k, v in metrics.items()})
-    return rows
+        return eval_metrics(nll, tokens, nbytes)
+    return _each_source(cfg, kind, tokenizer, eval_step, summarize)
