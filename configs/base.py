@@ -129,15 +129,30 @@ def get_config() -> ConfigDict:
     # robust DPO, SimPO), nll_coef (chosen reply's per-token NLL; Llama 3: 0.2), simpo_gamma,
     # reference: model (a frozen reference beside the policy) | data (log-probs precomputed into the
     # pairs by `kiln data reference`: no reference model in memory).
+    # grpo / ppo (train/losses/rl.py): beta (KL coefficient: GRPO's in the loss, PPO's in the reward;
+    # 0: no reference model), kl_estimator k1 | k3, clip_eps_low / clip_eps_high (the ratio's clip
+    # range, DAPO's clip-higher when high > low), aggregation grpo | dapo | dr_grpo; ppo also
+    # value_coef and value_clip (0: unclipped).
     c.loss = ConfigDict(dict(type="next_token", z_loss=0.0, beta=0.1, label_smoothing=0.0,
                              margin=0.0, center_coef=0.0, preference_type="sigmoid", nll_coef=0.0, simpo_gamma=0.5,
-                             reference="model"))
+                             reference="model", kl_estimator="k3", clip_eps_low=0.2, clip_eps_high=0.2,
+                             aggregation="grpo", value_coef=0.1, value_clip=0.2))
     # Rollouts (rejection sampling): num_samples replies per prompt for the first num_prompts prompts
     # of data.sources (0: all), sampled with temperature / top_p / top_k (0: off) up to max_new_tokens;
     # reward "verifier" (the task's answer check: 1 or 0) or a Kiln reward-model run directory;
     # min_reward: a prompt's best reply is kept for SFT only if it scores at least this (None: always).
+    # reward may also be MODULE:FUNCTION (or file.py:FUNCTION), fn(prompts, replies, answers) -> scores.
+    # RL (grpo, ppo; train/rollout.py): batch_prompts prompts per rollout, num_samples replies each
+    # (GRPO's group size G), epochs (mu: passes over each rollout batch, in mini-batches of
+    # data.batch_size rows), format_penalty (subtracted from a reply cut off at max_new_tokens),
+    # mask_truncated (such replies leave the loss); grpo: advantage grpo | dr_grpo | rloo; ppo: gamma
+    # and lam (GAE), kl_target (> 0: adaptive KL coefficient, Ziegler et al.) over kl_horizon samples,
+    # value_from (the value model's start: a reward-model run; "": the policy, with a new head).
     c.rollout = ConfigDict(dict(num_samples=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128,
-                                reward="verifier", num_prompts=0, min_reward=placeholder(float)))
+                                reward="verifier", num_prompts=0, min_reward=placeholder(float),
+                                batch_prompts=8, epochs=1, format_penalty=0.0, mask_truncated=False,
+                                advantage="grpo", gamma=1.0, lam=0.95, kl_target=0.0, kl_horizon=10000,
+                                value_from=""))
     return c
 
 

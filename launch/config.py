@@ -28,6 +28,9 @@ CHOICES = {
     "checkpoint.resume": ("auto", "none"),
     "loss.preference_type": ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"),
     "loss.reference": ("model", "data"),
+    "loss.kl_estimator": ("k1", "k3"),
+    "loss.aggregation": ("grpo", "dapo", "dr_grpo"),
+    "rollout.advantage": ("grpo", "dr_grpo", "rloo"),
 }
 
 
@@ -118,21 +121,18 @@ UNCONNECTED = {
 }
 
 
-# Key groups that only some stages read; setting one in another stage is an error.
-STAGE_KEYS = {"rollout.": ("rejection_sampling",)}
+# The rollout.* keys each stage reads; setting one in another stage is an error.
+_SAMPLING = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "reward")
+_RL = (*_SAMPLING, "batch_prompts", "epochs", "format_penalty", "mask_truncated")
+ROLLOUT_KEYS = {"rejection_sampling": (*_SAMPLING, "num_prompts", "min_reward"), "grpo": (*_RL, "advantage"),
+                "ppo": (*_RL, "gamma", "lam", "kl_target", "kl_horizon", "value_from")}
 
 
 def check_connected(config: ConfigDict) -> None:
-    """ConfigError for a key of UNCONNECTED set away from its default in configs/base.py, or one of
-    STAGE_KEYS set in a stage that does not read it."""
+    """ConfigError for a key of UNCONNECTED set away from its default in configs/base.py, or a
+    rollout.* key set in a stage that does not read it."""
     defaults = base.get_config()
-    for prefix, stages in STAGE_KEYS.items():
-        if config.stage in stages:
-            continue
-        for key in (f"{prefix}{k}" for k in _get(defaults, prefix[:-1]).keys()):
-            if _get(config, key) != _get(defaults, key):
-                raise ConfigError(f"config key {key!r} is set but stage {config.stage!r} does not read it; it is read "
-                                  f"by stage {' or '.join(stages)}")
+    _check_readers(config, "rollout", "stage", ROLLOUT_KEYS)
     for prefix, step in UNCONNECTED.items():
         keys = ([f"{prefix}{k}" for k in _get(defaults, prefix[:-1]).keys()] if prefix.endswith(".") else [prefix])
         for key in keys:
@@ -156,19 +156,24 @@ PEFT_KEYS = {"lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
 
 
 # The loss.* keys each loss.type reads; setting one that the chosen loss ignores is an error.
+_RL_LOSS = ("beta", "kl_estimator", "clip_eps_low", "clip_eps_high", "aggregation")
 LOSS_KEYS = {"next_token": ("z_loss",), "sft": ("z_loss",), "reward": ("margin", "center_coef"),
-             "dpo": ("beta", "label_smoothing", "preference_type", "nll_coef", "simpo_gamma", "reference")}
+             "dpo": ("beta", "label_smoothing", "preference_type", "nll_coef", "simpo_gamma", "reference"),
+             "grpo": _RL_LOSS, "ppo": (*_RL_LOSS, "value_coef", "value_clip")}
 
 
 def _check_readers(config: ConfigDict, group: str, choice: str, readers_of: dict[str, tuple[str, ...]]) -> None:
-    """ConfigError for a `group.*` key set away from its default that the chosen `group.choice` does not read."""
+    """ConfigError for a `group.*` key set away from its default that the chosen `choice` (a key of
+    the group, or a top-level key such as `stage`) does not read."""
     values, defaults = config[group], base.get_config()[group]
-    chosen, used = values[choice], readers_of.get(values[choice], ())
+    name = choice if choice in config and choice not in values else f"{group}.{choice}"
+    chosen = _get(config, name)
+    used = readers_of.get(chosen, ())
     for key in sorted({k for keys in readers_of.values() for k in keys} - set(used)):
         if values[key] != defaults[key]:
-            readers = [name for name, keys in readers_of.items() if key in keys]
-            raise ConfigError(f"config key '{group}.{key}' is set but {group}.{choice} is {chosen!r}; it is read by "
-                              f"{group}.{choice}={' or '.join(readers)}")
+            readers = [r for r, keys in readers_of.items() if key in keys]
+            raise ConfigError(f"config key '{group}.{key}' is set but {name} is {chosen!r}; it is read by "
+                              f"{name}={' or '.join(readers)}")
 
 
 def check_loss(config: ConfigDict) -> None:

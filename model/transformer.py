@@ -209,18 +209,23 @@ class Transformer(nnx.Module):
         `dropout_key` switches on the dropout of LoRA adapters (training); without it the pass is deterministic."""
         return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key))
 
+    def values(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+               segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """The scalar head at every position [B, T] (float32): a value model's estimate after each token."""
+        if not self.cfg.reward_head:
+            raise ValueError("this model has no scalar head (ModelConfig.reward_head)")
+        h_BTE = self.hidden(tokens_BT, positions_BT, segment_ids_BT)
+        return jnp.einsum("bte,e->bt", h_BTE.astype(jnp.float32), self.score[...].astype(jnp.float32))
+
     def rewards(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
-        """Scalar scores [B] (float32) of a reward model: the head applied to the final hidden state of
-        each row's last non-padding token (segment > 0), which has read the whole sequence."""
-        if not self.cfg.reward_head:
-            raise ValueError("this model has no reward head (ModelConfig.reward_head)")
-        h_BTE = self.hidden(tokens_BT, positions_BT, segment_ids_BT)
+        """Scalar scores [B] (float32) of a reward model: the head at each row's last non-padding token
+        (segment > 0), which has read the whole sequence."""
+        values_BT = self.values(tokens_BT, positions_BT, segment_ids_BT)
         T = tokens_BT.shape[1]
         real_BT = jnp.ones(tokens_BT.shape, bool) if segment_ids_BT is None else segment_ids_BT > 0
         last_B = T - 1 - jnp.argmax(jnp.flip(real_BT, axis=1), axis=1)
-        h_BE = jnp.take_along_axis(h_BTE, last_B[:, None, None], axis=1)[:, 0]
-        return jnp.einsum("be,e->b", h_BE.astype(jnp.float32), self.score[...].astype(jnp.float32))
+        return jnp.take_along_axis(values_BT, last_B[:, None], axis=1)[:, 0]
 
     # -- cached decoding ------------------------------------------------------------------------
     def decode_layers(self) -> list[Block]:

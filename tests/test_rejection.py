@@ -7,7 +7,7 @@ import pytest
 
 from data import sources
 from launch.config import load_config
-from train import checkpoint, rejection, trainer
+from train import checkpoint, rejection, rewards, trainer
 from test_train import config as stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,7 @@ def test_rejection_sampling_with_a_reward_model(policy, reward_run, tmp_path):
     assert results["best_of_k"] > results["reward_mean"]
     # The scores are the reward model's: recompute one kept reply's score on its own.
     model = checkpoint.load_model(reward_run)[1]
-    scorer = rejection._scorer(reward_run)
+    scorer = rewards.scorer(reward_run)
     again = scorer([sft[0]["messages"][:-1]], [sft[0]["messages"][-1]["content"]], [""])
     assert float(again[0]) == pytest.approx(sft[0]["score"], abs=1e-4)
     assert model.cfg.reward_head

@@ -279,6 +279,18 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _split_value(params: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint items of trainable parameters: `params`, and `value` for a PPO state (policy
+    and value model), whose policy is thus saved where every loader reads a model."""
+    if set(params) == {"policy", "value"}:
+        return {"params": params["policy"], "value": params["value"]}
+    return {"params": params}
+
+
+def _join_value(items: dict[str, Any]) -> dict[str, Any]:
+    return {"policy": items["params"], "value": items["value"]} if "value" in items else items["params"]
+
+
 def _rest(state: Any) -> dict[str, Any]:
     """The train state other than the parameters."""
     return {"opt_state": state.opt_state, "step": state.step, "rng": state.rng,
@@ -288,7 +300,8 @@ def _rest(state: Any) -> dict[str, Any]:
 class Checkpointer:
     """Saves and restores (train state, data-iterator state) under `run_dir/checkpoints`.
 
-    Items per step: `params` (trainable parameters, pure dict), `train_state` (optimizer, step, RNG,
+    Items per step: `params` (trainable parameters, pure dict; a PPO run's value model in `value`,
+    so `params` is always a policy), `train_state` (optimizer, step, RNG,
     counters), `data` (iterator state, JSON), `model_config` (JSON) and `fingerprint` (JSON
     checksums). Orbax writes each step into a temporary directory and renames it when complete, so
     a crash mid-save leaves nothing that `latest_step` would pick up.
@@ -310,9 +323,9 @@ class Checkpointer:
         """Starts writing `state` (asynchronously unless disabled); a failed write raises CheckpointError."""
         step = int(state.step)
         ensure_writable(self.directory)
-        params, rest = nnx.to_pure_dict(state.params), _flat(_rest(state))
-        checksums = fingerprint({"params": params, "train_state": rest})
-        items = dict(params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(rest),
+        params, rest = _split_value(nnx.to_pure_dict(state.params)), _flat(_rest(state))
+        checksums = fingerprint(dict(params, train_state=rest))
+        items = dict({k: ocp.args.StandardSave(v) for k, v in params.items()}, train_state=ocp.args.StandardSave(rest),
                      data=ocp.args.JsonSave(data_state), model_config=ocp.args.JsonSave(model_config.to_dict()),
                      fingerprint=ocp.args.JsonSave(checksums))
         if self.base:
@@ -325,8 +338,8 @@ class Checkpointer:
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
         """(state shaped and sharded like `like`, data-iterator state) at `step`, checked against its
         checksums; CheckpointError if it cannot be read or does not match."""
-        rest = _rest(like)
-        items = dict(params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(like.params))),
+        rest, like_params = _rest(like), _split_value(nnx.to_pure_dict(like.params))
+        items = dict({k: ocp.args.StandardRestore(_abstract(v)) for k, v in like_params.items()},
                      train_state=ocp.args.StandardRestore(_abstract(_flat(rest))), data=ocp.args.JsonRestore())
         if _has_item(self.directory, step, "fingerprint"):
             items["fingerprint"] = ocp.args.JsonRestore()
@@ -335,9 +348,9 @@ class Checkpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
             raise CheckpointError(f"{where} cannot be read: {_one_line(e)}") from None
-        verify({"params": out["params"], "train_state": out["train_state"]}, out.get("fingerprint"), where)
+        verify({k: out[k] for k in (*like_params, "train_state")}, out.get("fingerprint"), where)
         params = jax.tree.map(lambda x: x, like.params)
-        nnx.replace_by_pure_dict(params, out["params"])
+        nnx.replace_by_pure_dict(params, _join_value({k: out[k] for k in like_params}))
         return type(like)(params=params, **_unflat(rest, out["train_state"])), out["data"]
 
     def restore_latest(self, like: Any, warn: Callable[[str], None]) -> tuple[int, Any, dict[str, Any]] | None:

@@ -19,14 +19,14 @@ from model.transformer import param_count
 from train import losses
 
 # The stages this version trains; the data kind of each is `pipeline.STAGE_KINDS` (default pretrain).
-STAGES = ("pretrain", "context_extension", "anneal", "continue", "sft", "reward", "dpo")
-PLANNED_STAGES = { "ppo": "Step 6",
-                  "grpo": "Step 6", "rloo": "Step 6"}
+STAGES = ("pretrain", "context_extension", "anneal", "continue", "sft", "reward", "dpo", "grpo", "ppo")
+ALIASES = {"rloo": "stage grpo with rollout.advantage=rloo", "dr_grpo": "stage grpo with rollout.advantage=dr_grpo "
+           "and loss.aggregation=dr_grpo", "dapo": "stage grpo with loss.aggregation=dapo and loss.clip_eps_high=0.28"}
 # Configs read by other commands than `kiln train`.
 OTHER_COMMANDS = {"eval": "kiln eval --checkpoint=RUN_OR_HF_DIR --config=configs/eval.py",
                   "rejection_sampling": "kiln generate --config=configs/rejection_sampling.py"}
 # Stages whose model is built for one loss (a reward head; a frozen reference policy).
-STAGE_LOSSES = {"reward": "reward", "dpo": "dpo"}
+STAGE_LOSSES = {"reward": "reward", "dpo": "dpo", "grpo": "grpo", "ppo": "ppo"}
 GIB = 2 ** 30
 
 
@@ -36,9 +36,8 @@ def stage_kind(config: Any) -> str:
     stage = config.stage
     if stage in OTHER_COMMANDS:
         raise ValueError(f"stage {stage!r} is not trained: use `{OTHER_COMMANDS[stage]}`")
-    if stage in PLANNED_STAGES:
-        raise ValueError(f"stage {stage!r} is not available yet (it arrives with {PLANNED_STAGES[stage]}); "
-                         f"runnable stages: {', '.join(STAGES)}")
+    if stage in ALIASES:
+        raise ValueError(f"stage {stage!r}: use {ALIASES[stage]}")
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (config key 'stage'); runnable stages: {', '.join(STAGES)}")
     kind = pipeline.STAGE_KINDS.get(stage, "pretrain")
@@ -46,7 +45,32 @@ def stage_kind(config: Any) -> str:
         raise ValueError(f"loss.type {config.loss.type!r} does not train on the {kind!r} batches of stage {stage!r}")
     if stage in STAGE_LOSSES and config.loss.type != STAGE_LOSSES[stage]:
         raise ValueError(f"stage {stage!r} trains with loss.type={STAGE_LOSSES[stage]!r}, not {config.loss.type!r}")
+    if stage in ("grpo", "ppo"):
+        check_rollout(config)
     return kind
+
+
+def check_rollout(config: Any) -> None:
+    """An RL run's rollout batch against its mini-batches, steps and checkpoints (a checkpoint must
+    fall between rollouts for a resumed run to continue exactly)."""
+    ro, rows = config.rollout, config.rollout.batch_prompts * config.rollout.num_samples
+    if ro.batch_prompts <= 0 or ro.num_samples <= 0 or ro.epochs <= 0:
+        raise ValueError("rollout.batch_prompts, rollout.num_samples and rollout.epochs must be positive")
+    if config.stage == "grpo" and ro.num_samples < 2:
+        raise ValueError(f"GRPO compares the replies to one prompt: rollout.num_samples={ro.num_samples} must be >= 2")
+    if rows % config.data.batch_size:
+        raise ValueError(f"a rollout of rollout.batch_prompts x rollout.num_samples = {rows} replies does not split "
+                         f"into mini-batches of data.batch_size={config.data.batch_size}")
+    per_rollout = rows // config.data.batch_size * ro.epochs
+    for key, value in (("train.steps", config.train.steps), ("checkpoint.every", config.checkpoint.every)):
+        if value % per_rollout:
+            raise ValueError(f"{key}={value} is not a multiple of the {per_rollout} train steps per rollout "
+                             "(mini-batches x rollout.epochs): checkpoints must fall between rollouts")
+    if config.data.eval_sources:
+        raise ValueError("RL stages are evaluated by `kiln eval` (held-out accuracy) on their run directory; "
+                         "leave data.eval_sources empty")
+    if jax.process_count() > 1:
+        raise ValueError("RL stages run on one process (multi-process rollouts arrive with Step 8)")
 
 
 def check_shapes(config: Any, cfg: ModelConfig, mesh: Mesh) -> None:

@@ -1,4 +1,4 @@
-"""The frozen reference policy of a preference stage (DPO and its variants).
+"""The frozen reference policy of a preference stage (DPO and its variants) and of RL.
 
 DPO measures the policy against the model it started from. The reference is computed beside the
 step: before each step (and each evaluation batch) one jitted forward pass of the reference adds
@@ -15,7 +15,7 @@ tuning copy their starting prompt or prefix.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,26 +24,37 @@ from flax import nnx
 from train.losses.dpo import sequence_logps
 
 
-class Reference:
-    """Adds the starting policy's sequence log-probs to device batches."""
+Fields = Callable[[nnx.Module, dict[str, jax.Array]], dict[str, jax.Array]]
 
-    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, chunks: int = 1):
+
+def preference_fields(model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """A preference batch's `ref_chosen_logps` / `ref_rejected_logps` [B] under `model`."""
+    pairs = {k: v for k, v in batch.items() if k.startswith(("chosen_", "rejected_"))}
+    chosen, rejected = sequence_logps(model, pairs)[:2]
+    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+
+class Reference:
+    """Adds what `fields` computes with the starting policy to device batches (default: the
+    preference log-probs of DPO; RL rollouts add per-token `ref_logps`)."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, chunks: int = 1,
+                 fields: Fields = preference_fields):
         """`chunks`: the step's gradient-accumulation count; the reference runs that many pieces of
         the batch one after another, so its logits take no more memory than the step's own."""
         # A copy: every train step donates (and replaces) the policy's trainable arrays.
         self.params, self.frozen = jax.tree.map(jnp.copy, params), frozen
 
-        def logps(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        def compute(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
             model = nnx.merge(graphdef, params, frozen)
             if chunks == 1:
-                return sequence_logps(model, batch)[:2]
+                return fields(model, batch)
             pieces = {k: v.reshape(chunks, v.shape[0] // chunks, *v.shape[1:]) for k, v in batch.items()}
-            chosen, rejected = jax.lax.map(lambda piece: sequence_logps(model, piece)[:2], pieces)
-            return chosen.reshape(-1), rejected.reshape(-1)
+            out = jax.lax.map(lambda piece: fields(model, piece), pieces)
+            return {k: v.reshape(-1, *v.shape[2:]) for k, v in out.items()}
 
-        self._logps = jax.jit(logps)
+        self._compute = jax.jit(compute)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        pairs = {k: v for k, v in batch.items() if k.startswith(("chosen_", "rejected_"))}
-        chosen, rejected = self._logps(self.params, self.frozen, pairs)
-        return dict(batch, ref_chosen_logps=chosen, ref_rejected_logps=rejected)
+        arrays = {k: v for k, v in batch.items() if isinstance(v, jax.Array)}
+        return dict(batch, **self._compute(self.params, self.frozen, arrays))

@@ -20,20 +20,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from data import sources, synthetic, tokenizer as tokenizers
-from data.chat import render
-from train import checkpoint, generate, records
+from train import generate, records, rewards
 from train.trainer import init_source
 
 OUTPUTS = ("sft.jsonl", "pairs.jsonl", "results.json")
-
-Scorer = Callable[[Sequence[list[dict[str, str]]], Sequence[str], Sequence[str]], np.ndarray]
 
 
 def run(config: Any) -> dict[str, Any]:
@@ -47,9 +42,9 @@ def run(config: Any) -> dict[str, Any]:
     if not config.model.init_from:
         raise ValueError("rejection sampling needs a policy to sample from: set model.init_from (a run or HF directory)")
     policy = init_source(config)
-    prompts = _prompts(config)
+    prompts = rewards.prompts(config, config.rollout.num_prompts)
     sampler, _ = generate.load_sampler(policy, chat=True)
-    score = _scorer(ro.reward)
+    score = rewards.scorer(ro.reward)
     started = time.perf_counter()
     scores = np.zeros((len(prompts), ro.num_samples), np.float32)
     replies: list[list[str]] = []
@@ -73,55 +68,6 @@ def run(config: Any) -> dict[str, Any]:
         records.write_text_atomic(os.path.join(config.run_dir, name), "".join(json.dumps(r) + "\n" for r in rows))
     records.write_json_atomic(done, results)  # last: its presence says the run finished
     return results
-
-
-def _prompts(config: Any) -> list[dict[str, Any]]:
-    """The first `rollout.num_prompts` (0: all) prompt records of the training sources, in order."""
-    out = []
-    for name, src in config.data.sources.items():
-        if not src.weight:
-            continue
-        recs = sources.load(f"data.sources.{name}", src, config.data, "prompts").records
-        out += [recs[i] for i in range(len(recs)) if recs[i] is not None]
-    limit = config.rollout.num_prompts
-    out = out[:limit] if limit else out
-    if not out:
-        raise ValueError("data.sources: no prompts to sample from")
-    return out
-
-
-def _scorer(reward: str) -> Scorer:
-    """A function (chats, replies, reference answers) -> scores [N]."""
-    if reward == "verifier":
-        return lambda chats, replies, answers: np.array([float(synthetic.verify(r, a)) for r, a in zip(replies, answers)],
-                                                        np.float32)
-    path = sources.expand_path(reward, "rollout.reward")
-    config = checkpoint.run_config(path)
-    if config is None or config.get("stage") != "reward":
-        raise ValueError(f"rollout.reward={reward!r} is neither 'verifier' nor a Kiln reward-model run")
-    model = checkpoint.load_model(path)[1]
-    tok = tokenizers.load(sources.expand_path(checkpoint.tokenizer_of(path), "the reward model's tokenizer"))
-    template = config["data"]["chat_template"]
-
-    @jax.jit
-    def rewards(tokens, segments):
-        positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
-        return model.rewards(tokens, positions, segments)
-
-    def score(chats, replies, answers):
-        seqs = [render(list(c) + [{"role": "assistant", "content": r}], tok, template)[0] for c, r in zip(chats, replies)]
-        longest = max(map(len, seqs))
-        if longest > model.cfg.max_seq_len:
-            raise ValueError(f"a prompt and reply of {longest} tokens exceed the reward model's "
-                             f"max_seq_len={model.cfg.max_seq_len}; lower rollout.max_new_tokens")
-        width = min(-(-longest // 64) * 64, model.cfg.max_seq_len)  # a few widths: a few compiled programs
-        tokens = np.full((len(seqs), width), tok.pad_id, np.int32)
-        segments = np.zeros((len(seqs), width), np.int32)
-        for i, s in enumerate(seqs):
-            tokens[i, :len(s)], segments[i, :len(s)] = s, 1
-        return np.asarray(rewards(tokens, segments), np.float32)
-
-    return score  # replies are re-tokenized: the reward model's tokenizer may differ from the policy's
 
 
 def _select(prompts: list[dict[str, Any]], replies: list[list[str]], scores: np.ndarray, min_reward: float | None,

@@ -24,7 +24,8 @@ from model import hf, hf_peft, lora, prefix as prefixes, presets
 from model.config import LoraConfig, ModelConfig, PrefixConfig, RopeScaling
 from model.sharding import make_mesh, shard_module, use_rules
 from model.transformer import Transformer, trainable
-from train import checkpoint, flops, losses, optim, preflight, records, reference, rundir
+from model.actor_critic import ActorCritic
+from train import checkpoint, flops, losses, optim, preflight, records, reference, rollout, rundir
 from train.evaluate import evaluate
 from train.losses.dpo import needs_reference
 from train.step import TrainState, init_state, make_train_step
@@ -36,8 +37,9 @@ class TrainingError(RuntimeError):
     """The run cannot go on (diverged, bad batch); the last good checkpoint is left intact."""
 
 
-def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
-    """The ModelConfig: `init_from`'s (or the preset's), with the run's `model.*` overrides applied."""
+def model_config(config: ConfigDict, vocab_size: int, reward_head: bool | None = None) -> ModelConfig:
+    """The ModelConfig: `init_from`'s (or the preset's), with the run's `model.*` overrides applied;
+    with a scalar head for a reward model (or when `reward_head` says so: a PPO value model)."""
     m = config.model
     overrides: dict[str, Any] = {k: m[k] for k in (*SHAPE_FIELDS, "max_seq_len", "rope_theta", "sliding_window")
                                  if m[k] is not None}
@@ -45,7 +47,7 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
     if m.rope_scaling.type != "none":
         fields = {k: v for k, v in m.rope_scaling.to_dict().items() if v is not None}
         overrides["rope_scaling"] = RopeScaling.from_dict(dict(fields, rope_type=fields.pop("type")))
-    overrides.update(peft_configs(config), reward_head=config.stage == "reward")
+    overrides.update(peft_configs(config), reward_head=config.stage == "reward" if reward_head is None else reward_head)
     if m.init_from:
         base = source_config(init_source(config))
         changed = [k for k in SHAPE_FIELDS if k in overrides and overrides[k] != getattr(base, k)]
@@ -175,6 +177,7 @@ class Run:
     flops_per_token: float
     base: str = ""  # the frozen base's directory when only adapters train
     reference: reference.Reference | None = None  # a preference stage's frozen reference policy
+    rollout_reference: reference.Reference | None = None  # an RL stage's (applied once per rollout)
     _eval_step: Any = None  # jitted lazily by train.evaluate
 
     def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -194,19 +197,42 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
         preflight.check_shapes(config, cfg, mesh)
         model, base = build_model(config, cfg, mesh, tok)
         graphdef, params, frozen = nnx.split(model, trainable(cfg), ...)
-        ref = None
+        ref = rl_ref = None
         if config.stage == "dpo" and needs_reference(config.loss.preference_type) and config.loss.reference == "model":
             ref = reference.Reference(graphdef, params, frozen, chunks=config.optim.grad_accum)
+        if config.stage in rollout.RL_STAGES:
+            rl_ref = rollout.reference(config, graphdef, params, frozen)
+            if config.stage == "ppo":  # the value model joins the policy in one train state
+                model = ActorCritic(model, build_value_model(config, mesh, tok))
+                graphdef, params, frozen = nnx.split(model, trainable(cfg), ...)
         tx = optim.optimizer(config.optim, config.train.steps, params)
         state = init_state(params, tx, config.seed)
         shardings = jax.tree.map(lambda x: x.sharding, state)
-        loss_fn = losses.get(config.loss.type, config.loss)
+        loss_fn = losses.get(config.loss.type, rollout.loss_config(config) if config.stage in rollout.RL_STAGES
+                             else config.loss)
         step_fn = jax.jit(make_train_step(graphdef, loss_fn, tx, config.optim.grad_accum),
                           out_shardings=(shardings, None), donate_argnums=(0,))
     per_token = flops.flops_per_token(cfg, config.data.seq_len)
     if ref is not None:
         per_token += flops.forward_flops_per_token(cfg, config.data.seq_len)
-    return Run(config, cfg, mesh, tok, graphdef, frozen, state, step_fn, per_token, base, ref)
+    if config.stage == "ppo":  # the value model's forward and backward pass
+        per_token *= 2
+    return Run(config, cfg, mesh, tok, graphdef, frozen, state, step_fn, per_token, base, ref, rl_ref)
+
+
+def build_value_model(config: ConfigDict, mesh: jax.sharding.Mesh, tokenizer: Any) -> Transformer:
+    """PPO's value model: the reward model `rollout.value_from` names (its head included), or the
+    policy's starting weights ("") with a new scalar head; with the policy's PEFT settings."""
+    value_config = config.copy_and_resolve_references()
+    if config.rollout.value_from:
+        value_config.model.init_from = config.rollout.value_from
+        source = init_source(value_config)
+        if checkpoint.tokenizer_of(source) != config.data.tokenizer:
+            raise ValueError(f"rollout.value_from={config.rollout.value_from!r} was trained with tokenizer "
+                             f"{checkpoint.tokenizer_of(source)!r}, the policy with {config.data.tokenizer!r}; the value "
+                             "model reads the policy's tokens, so they must match")
+    cfg = model_config(value_config, tokenizer.vocab_size, reward_head=True)
+    return build_model(value_config, cfg, mesh, tokenizer)[0]
 
 
 def train(config: ConfigDict, devices: list | None = None) -> dict[str, Any]:
@@ -237,8 +263,11 @@ def train(config: ConfigDict, devices: list | None = None) -> dict[str, Any]:
 
 def _run(run: Run, kind: str, ckpt: checkpoint.Checkpointer) -> dict[str, Any]:
     config = run.config
-    data_iter = pipeline.train_iterator(config.data, kind, run.tokenizer, seed=config.seed,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
+    if config.stage in rollout.RL_STAGES:
+        data_iter = rollout.RolloutSource(run)
+    else:
+        data_iter = pipeline.train_iterator(config.data, kind, run.tokenizer, seed=config.seed,
+                                            process_index=jax.process_index(), process_count=jax.process_count())
     start = _resume(run, ckpt, data_iter)
     if jax.process_index() == 0:
         _start_records(config, start)
@@ -345,6 +374,7 @@ def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointe
             elapsed = time.perf_counter() - interval_start
             tps = tokens_per_step * interval_steps / elapsed
             pending[1].update(tokens_per_s=tps, mfu=tps * run.flops_per_token / peak, step_time_s=elapsed / interval_steps)
+            pending[1].update(getattr(data_iter, "metrics", {}))  # an RL rollout's reward, lengths, ...
             last = _finish(run, pending, logger)
             pending = None
             interval_start, interval_steps = time.perf_counter(), 0

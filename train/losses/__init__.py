@@ -40,4 +40,4 @@ def get(name: str, loss_config: Any) -> LossFn:
     return _REGISTRY[name](loss_config)
 
 
-from train.losses import dpo, next_token, reward, sft  # noqa: E402,F401  (register their losses)
+from train.losses import dpo, next_token, reward, rl, sft  # noqa: E402,F401  (register their losses)

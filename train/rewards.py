@@ -1,0 +1,106 @@
+"""What rejection sampling and RL score replies with, and the prompts they sample for.
+
+`rollout.reward` names the scorer:
+  verifier             the task's answer check: 1 if the reply's final `#### N` matches the
+                       reference answer, else 0 (the built-in arithmetic task, GSM8K);
+  a run directory      a Kiln reward model (configs/reward.py) scores prompt and reply together;
+  MODULE:FUNCTION      a Python function (a dotted module, or a path to a .py file) called as
+                       `fn(prompts, replies, answers) -> scores`, one score per reply.
+A scorer takes (chat prompts, reply texts, reference answers) and returns float32 scores [N].
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data import sources, synthetic, tokenizer as tokenizers
+from data.chat import render
+from train import checkpoint
+
+Scorer = Callable[[Sequence[list[dict[str, str]]], Sequence[str], Sequence[str]], np.ndarray]
+
+
+def prompts(config: Any, limit: int = 0) -> list[dict[str, Any]]:
+    """The prompt records ({"prompt": chat, "answer": str}) of the training sources, in order (the
+    first `limit`; 0: all)."""
+    out = []
+    for name, src in config.data.sources.items():
+        if not src.weight:
+            continue
+        recs = sources.load(f"data.sources.{name}", src, config.data, "prompts").records
+        out += [recs[i] for i in range(len(recs)) if recs[i] is not None]
+    out = out[:limit] if limit else out
+    if not out:
+        raise ValueError("data.sources: no prompts to sample from")
+    return out
+
+
+def scorer(reward: str) -> Scorer:
+    """The scorer `rollout.reward` names (see the module docstring)."""
+    if reward == "verifier":
+        return lambda chats, replies, answers: np.array([float(synthetic.verify(r, a)) for r, a in zip(replies, answers)],
+                                                        np.float32)
+    if ":" in reward and not os.path.isdir(sources.expand_path(reward, "rollout.reward")):
+        return _python_scorer(reward)
+    return _reward_model(reward)
+
+
+def _python_scorer(reward: str) -> Scorer:
+    where, _, name = reward.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            spec = importlib.util.spec_from_file_location("_kiln_reward", sources.expand_path(where, "rollout.reward"))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+        fn = getattr(module, name)
+    except (ImportError, AttributeError, FileNotFoundError) as e:
+        raise ValueError(f"rollout.reward={reward!r}: cannot load reward function {name!r} from {where!r} ({e}); "
+                         "name MODULE:FUNCTION or path/to/file.py:FUNCTION") from None
+
+    def score(chats, replies, answers):
+        out = np.asarray(fn(list(chats), list(replies), list(answers)), np.float32)
+        if out.shape != (len(replies),):
+            raise ValueError(f"rollout.reward={reward!r} returned scores of shape {out.shape} for {len(replies)} "
+                             "replies; it must return one number per reply")
+        return out
+
+    return score
+
+
+def _reward_model(reward: str) -> Scorer:
+    path = sources.expand_path(reward, "rollout.reward")
+    config = checkpoint.run_config(path)
+    if config is None or config.get("stage") != "reward":
+        raise ValueError(f"rollout.reward={reward!r} is neither 'verifier', a Kiln reward-model run nor "
+                         "MODULE:FUNCTION")
+    model = checkpoint.load_model(path)[1]
+    tok = tokenizers.load(sources.expand_path(checkpoint.tokenizer_of(path), "the reward model's tokenizer"))
+    template = config["data"]["chat_template"]
+
+    @jax.jit
+    def rewards(tokens, segments):
+        positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+        return model.rewards(tokens, positions, segments)
+
+    def score(chats, replies, answers):
+        seqs = [render(list(c) + [{"role": "assistant", "content": r}], tok, template)[0] for c, r in zip(chats, replies)]
+        longest = max(map(len, seqs))
+        if longest > model.cfg.max_seq_len:
+            raise ValueError(f"a prompt and reply of {longest} tokens exceed the reward model's "
+                             f"max_seq_len={model.cfg.max_seq_len}; lower rollout.max_new_tokens")
+        width = min(-(-longest // 64) * 64, model.cfg.max_seq_len)  # a few widths: a few compiled programs
+        tokens = np.full((len(seqs), width), tok.pad_id, np.int32)
+        segments = np.zeros((len(seqs), width), np.int32)
+        for i, s in enumerate(seqs):
+            tokens[i, :len(s)], segments[i, :len(s)] = s, 1
+        return np.asarray(rewards(tokens, segments), np.float32)
+
+    return score  # replies are re-tokenized: the reward model's tokenizer may differ from the policy's
