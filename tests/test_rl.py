@@ -12,7 +12,8 @@ from ml_collections import ConfigDict
 
 from model import presets
 from model.transformer import Transformer
-from train import checkpoint, rewards, trainer
+from launch.config import ConfigError
+from train import checkpoint, preflight, rewards, trainer
 from train.losses import rl
 from train.rollout import token_rows
 from test_train import config as stage_config, rows
@@ -194,3 +195,29 @@ def test_ppo_smoke_logs_metrics_and_saves_a_loadable_policy(ppo_run):
     assert not np.array_equal(state.params["value"]["score"][...], run.state.params["value"]["score"][...])
 
 
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["--config.rollout.num_samples=3"], "does not split into mini-batches of data.batch_size=8"),
+    (["--config.rollout.batch_prompts=4", "--config.train.steps=3"], "train.steps=3 is not a multiple of the 2 train"),
+    (["--config.rollout.epochs=2", "--config.checkpoint.every=3"], "checkpoint.every=3 is not a multiple of the 2"),
+    (["--config.rollout.num_samples=1", "--config.data.batch_size=2"], "must be >= 2"),
+])
+def test_rl_preflight_names_the_problem(overrides, msg):
+    with pytest.raises(ValueError, match=msg):
+        preflight.stage_kind(stage_config("grpo", "/nonexistent", *overrides))
+    config = stage_config("grpo", "/nonexistent")
+    config.stage = "rloo"
+    with pytest.raises(ValueError, match="use stage grpo with rollout.advantage=rloo"):
+        preflight.stage_kind(config)
+
+
+@pytest.mark.parametrize("stage, key, msg", [
+    ("grpo", "--config.rollout.gamma=0.9", "'rollout.gamma' is set but stage is 'grpo'; it is read by stage=ppo"),
+    ("ppo", "--config.rollout.advantage=rloo", "'rollout.advantage' is set but stage is 'ppo'"),
+    ("grpo", "--config.loss.value_coef=1", "'loss.value_coef' is set but loss.type is 'grpo'"),
+    ("sft", "--config.rollout.epochs=2", "'rollout.epochs' is set but stage is 'sft'"),
+])
+def test_rl_keys_are_read_only_where_they_apply(stage, key, msg):
+    with pytest.raises(ConfigError, match=msg):
+        stage_config(stage, "/nonexistent", key)

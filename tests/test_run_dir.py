@@ -61,7 +61,7 @@ def finished(tmp_path_factory):
 # -- checked before anything is written --------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["--config.stage=bogus"], "unknown stage 'bogus' .*runnable stages: pretrain"),
-    (["--config.stage=ppo"], "stage 'ppo' is not available yet .*Step 6"),
+    (["--config.stage=ppo"], "loss.type 'next_token' does not train on the 'prompts' batches of stage 'ppo'"),
     (["--config.data.seq_len=4096"], "data.seq_len=4096 is longer than the model's max_seq_len=256"),
     (["--config.data.seq_len=65536", "--config.model.max_seq_len=65536"],  # 512 GiB of attention scores
      r"data.batch_size=8 x data.seq_len=65536 needs at least 5\d\d.\d GiB .* but this host has"),
@@ -84,8 +84,8 @@ def test_bad_stage_or_shape_stops_before_writing(tmp_path, overrides, message):
     ("--config.loss.label_smoothing=0.1", "'loss.label_smoothing' is set but loss.type is 'next_token'; it is "
                                           "read by loss.type=dpo"),
     ("--config.loss.margin=1.0", "'loss.margin' is set but loss.type is 'next_token'; it is read by loss.type=reward"),
-    ("--config.rollout.top_k=5", "'rollout.top_k' is set but stage 'pretrain' does not read it; it is read by stage "
-                                 "rejection_sampling"),
+    ("--config.rollout.top_k=5", "'rollout.top_k' is set but stage is 'pretrain'; it is read by "
+                                 "stage=rejection_sampling or grpo or ppo"),
     ("--config.mesh.dcn_data=2", "'mesh.dcn_data' = 2 is not connected"),
     ("--config.model.rope_scaling.factor=4.0", "'model.rope_scaling.factor' is set but model.rope_scaling.type is 'none'"),
 ])

@@ -4,7 +4,8 @@ DPO measures the policy against the model it started from. The reference is comp
 step: before each step (and each evaluation batch) one jitted forward pass of the reference adds
 `ref_chosen_logps` / `ref_rejected_logps` [B] (log-probs summed over each reply's trained tokens)
 to the batch, so the loss reads them from the batch as it reads the ones precomputed into the data
-(`kiln data reference`, `loss.reference=data`: then no reference model is built).
+(`kiln data reference`, `loss.reference=data`: then no reference model is built). RL stages
+(train/rollout.py) call it once per rollout batch for per-token `ref_logps` instead.
 
 The reference is the starting policy exactly: the frozen part of the model (shared with the policy,
 never copied) and a copy of the trainable part as it was before the first step and before any

@@ -155,11 +155,8 @@ class RolloutSource:
     def _prompts(self, k: int) -> list[dict[str, Any]]:
         """Rollout k's prompts: positions k·P ... of the concatenated per-pass permutations."""
         n, P, seed = len(self.records), self.config.rollout.batch_prompts, self.config.seed
-        out = []
-        for j in range(k * P, (k + 1) * P):
-            order = np.random.default_rng([seed, j // n]).permutation(n)
-            out.append(self.records[order[j % n]])
-        return out
+        orders = {p: np.random.default_rng([seed, p]).permutation(n) for p in {j // n for j in range(k * P, (k + 1) * P)}}
+        return [self.records[orders[j // n][j % n]] for j in range(k * P, (k + 1) * P)]
 
     def _rollout(self) -> list[dict[str, np.ndarray]]:
         config, ro, run = self.config, self.config.rollout, self.run
