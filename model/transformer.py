@@ -213,7 +213,8 @@ class Transformer(nnx.Module):
                segment_ids_BT: jax.Array | None = None) -> jax.Array:
         """The scalar head at every position [B, T] (float32): a value model's estimate after each token."""
         if not self.cfg.reward_head:
-            raise ValueError("this model has no reward head (ModelConfig.reward_head), the scalar head of reward and value models")
+            raise ValueError("this model has no reward head (ModelConfig.reward_head), the scalar head of reward "
+                             "and value models")
         h_BTE = self.hidden(tokens_BT, positions_BT, segment_ids_BT)
         return jnp.einsum("bte,e->bt", h_BTE.astype(jnp.float32), self.score[...].astype(jnp.float32))
 

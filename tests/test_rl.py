@@ -1,6 +1,5 @@
 """RL losses by hand (GAE, group advantages, clipping, KL estimators, aggregation), GRPO's zero loss
 with a non-zero gradient, and the grpo / ppo smoke runs: metrics logged, resume exact."""
-import json
 import os
 
 import jax
@@ -93,6 +92,13 @@ def test_value_loss_kl_estimators_and_aggregation():
     assert [float(x) for x in rl.aggregate(per_token, mask, "grpo", 4)] == [2 + 4, 2]
     assert [float(x) for x in rl.aggregate(per_token, mask, "dapo", 4)] == [10, 4]
     assert [float(x) for x in rl.aggregate(per_token, mask, "dr_grpo", 4)] == [10, 8]
+
+
+def test_adaptive_kl_coefficient():
+    # KL 50% above target: the error clips at +20%, scaled by samples / horizon.
+    assert rl.adaptive_kl_coef(0.1, 9.0, 6.0, 512, 10000) == pytest.approx(0.1 * (1 + 0.2 * 512 / 10000))
+    assert rl.adaptive_kl_coef(0.1, 5.4, 6.0, 100, 1000) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    assert rl.adaptive_kl_coef(0.1, 0.0, 6.0, 1000, 1000) == pytest.approx(0.08)
 
 
 def tiny_batch(advantages):

@@ -210,9 +210,9 @@ class RolloutSource:
         kl_per_reply = float(kl.sum(axis=1)[has].mean()) if has.any() else 0.0
         self.metrics.update({"kl_coef": self.state["kl_coef"], "objective/kl": kl_per_reply,
                              "explained_variance": float(1 - residual.var() / max(out["returns"][valid].var(), 1e-8))})
-        if ro.kl_target > 0:  # proportional controller, error clipped to ±20%
-            error = np.clip(kl_per_reply / ro.kl_target - 1.0, -0.2, 0.2)
-            self.state["kl_coef"] *= float(1.0 + error * len(scores) / ro.kl_horizon)
+        if ro.kl_target > 0:
+            self.state["kl_coef"] = rl.adaptive_kl_coef(self.state["kl_coef"], kl_per_reply, ro.kl_target, len(scores),
+                                                        ro.kl_horizon)
         return out
 
     def _minibatches(self, batch: dict[str, np.ndarray], k: int) -> list[dict[str, np.ndarray]]:

@@ -95,6 +95,13 @@ def kl_penalty(logps: jax.Array, ref_logps: jax.Array, estimator: str = "k3") ->
     return -log_ratio if estimator == "k1" else jnp.exp(log_ratio) - log_ratio - 1.0
 
 
+def adaptive_kl_coef(coef: float, kl: float, target: float, samples: int, horizon: int) -> float:
+    """The KL coefficient after a rollout of `samples` replies whose mean KL per reply was `kl`
+    (Ziegler et al., 2019): proportional control towards `target`, the error clipped to ±20%."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * samples / horizon)
+
+
 def clipped_policy_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array, *, clip_low: float,
                         clip_high: float) -> tuple[jax.Array, jax.Array]:
     """(per-token clipped surrogate loss, whether the clipped branch was taken) — PPO's objective,
