@@ -83,7 +83,7 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
             config = load_config(stage["config"], [f"--config.{resolve(o)}" for o in stage.get("overrides", ())]
                                  + [f"--config.run_dir={where}"])
             label = f"[{i + 1}/{len(stages)}] {name}: kiln {command} {stage['config']}"
-            if _finished(command, config):
+            if finished(command, config):
                 print(f"{label}: finished earlier, skipped", flush=True)
                 seconds = done[name]["seconds"] if name in done else 0.0
             else:
@@ -106,7 +106,9 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
         lock.release()
 
 
-def _finished(command: str, config: Any) -> bool:
+def finished(command: str, config: Any) -> bool:
+    """Whether a stage's run is done: a train run's checkpoint reached train.steps, a generate or eval
+    run wrote its results.json."""
     if command == "train":
         try:  # a stage stopped before its first checkpoint has an empty checkpoints/ directory
             return checkpoint.latest_step(config.run_dir) >= config.train.steps
@@ -120,12 +122,7 @@ def _metrics(command: str, run_dir: str) -> dict[str, float]:
     and last train row (its keys under train/) of metrics.jsonl; a generate stage's results; an eval
     stage's text metrics and each setting's accuracy, with `accuracy` the best setting's."""
     if command == "train":
-        out: dict[str, float] = {}
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            for row in map(json.loads, f):
-                out.update({k if k.startswith("eval/") else f"train/{k}": float(v) for k, v in row.items()
-                            if isinstance(v, (int, float)) and k != "step"})
-        return out
+        return train_metrics(run_dir)
     with open(os.path.join(run_dir, "results.json")) as f:
         results = json.load(f)
     if command == "generate":
@@ -137,6 +134,17 @@ def _metrics(command: str, run_dir: str) -> dict[str, float]:
     if results["tasks"]:
         metrics["accuracy"] = max(float(row["accuracy"]) for row in results["tasks"])
     return metrics
+
+
+def train_metrics(run_dir: str) -> dict[str, float]:
+    """A finished train run's last value of every metric in metrics.jsonl: eval/... keys as they are,
+    training's under train/."""
+    out: dict[str, float] = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for row in map(json.loads, f):
+            out.update({k if k.startswith("eval/") else f"train/{k}": float(v) for k, v in row.items()
+                        if isinstance(v, (int, float)) and k != "step"})
+    return out
 
 
 def _read_results(root: str) -> list[dict[str, Any]]:

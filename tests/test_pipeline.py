@@ -82,8 +82,8 @@ def test_a_stage_stopped_before_its_first_checkpoint_is_not_finished(tmp_path):
     from launch.config import load_config
     (tmp_path / "checkpoints").mkdir()  # what a run killed during set-up leaves
     config = load_config(os.path.join(ROOT, "configs/sft.py:smoke"), [f"--config.run_dir={tmp_path}"])
-    assert not pipeline._finished("train", config)
-    assert not pipeline._finished("eval", config)
+    assert not pipeline.finished("train", config)
+    assert not pipeline.finished("eval", config)
 
 
 @pytest.mark.parametrize("command, words", [("pipeline", "Runs a recipe"), ("generate", "Rejection sampling, a stage")])

@@ -1,0 +1,27 @@
+"""Ablation: DPO's beta against its loss type (sigmoid DPO, IPO, robust DPO with 10% assumed label
+noise), as in the IPO and robust-DPO papers' comparisons (`kiln sweep --config=configs/sweeps/dpo_beta.py`).
+
+Each point trains configs/dpo.py from the SFT model (`runs/sft`) on the built-in task's preference
+pairs for 30 steps; held-out pair accuracy and reward margin, 2 seeds (the seed orders the data).
+Variants:
+  smoke  two points, one seed, the tiny DPO smoke model: seconds on a CPU.
+"""
+from ml_collections import ConfigDict
+
+BETAS, TYPES = (0.05, 0.1, 0.5), ("sigmoid", "ipo", "robust")
+
+
+def get_config(variant: str = "") -> ConfigDict:
+    smoke = variant == "smoke"
+    if variant not in ("", "smoke"):
+        raise ValueError(f"unknown variant {variant!r}; expected smoke")
+    betas, types = ((0.1,), ("sigmoid", "ipo")) if smoke else (BETAS, TYPES)
+    points = tuple({"loss.beta": b, "loss.preference_type": t, **({"loss.label_smoothing": 0.1} if t == "robust" else {})}
+                   for t in types for b in betas)
+    steps = ("train.steps=4", "train.eval_every=4", "checkpoint.every=4") if smoke else (
+        "train.steps=30", "train.eval_every=30", "checkpoint.every=30", "train.eval_steps=10", "optim.lr=5e-5")
+    return ConfigDict(dict(
+        run_dir=f"runs/sweeps/dpo_beta{'_smoke' if smoke else ''}", base=f"configs/dpo.py{':smoke' if smoke else ''}",
+        overrides=("train.progress=false", *steps), points=points, seeds=(0,) if smoke else (0, 1),
+        metrics=("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss"),
+        plot=dict(x="loss.beta", series="loss.preference_type", y=("eval/rewards/accuracies", "eval/rewards/margins"))))
