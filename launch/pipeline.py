@@ -4,8 +4,17 @@ Runs a recipe: named stages in order, each one Kiln command on a stage config wi
 A recipe module defines `get_config(variant)` (its own settings: `run_dir` and whatever its stages
 are built from, overridable with --config.KEY=VALUE) and `stages(config)`, the ordered list of
 
-    {"name": ..., "command": "train" | "generate" | "eval", "config": "configs/STAGE.py[:variant]",
+    {"name": ..., "command": "tokenizer" | "train" | "generate" | "eval", "config": "configs/STAGE.py[:variant]",
      "overrides": ["KEY=VALUE", ...], "checkpoint": ...}    (checkpoint: eval only, the model evaluated)
+
+and optionally
+    "evaluate": {"config": "configs/eval.py[:variant]", "overrides": [...]}   the stage's model is
+                 evaluated into NAME/eval when it is done; the results join the stage's metrics
+    "part_of":  NAME   a helper of a later stage: its metrics join that stage's row, prefixed "NAME/"
+    "minutes":  the stage's expected wall time, for the pipeline's ETA
+
+`tokenizer` trains the sentencepiece tokenizer its config's data settings describe into
+NAME/tokenizer.model (what `data.tokenizer=train` would train inside a run).
 
 In overrides and `checkpoint`, `@NAME` stands for the run directory of the earlier stage NAME and
 `@NAME/FILE` for a file in it, so a stage takes an earlier one's model (`model.init_from=@sft`) or
@@ -25,11 +34,14 @@ import time
 from typing import Any
 
 from launch import eval as eval_cli
+from ml_collections import ConfigDict
+
+from data import tokenizer as tokenizers
 from launch.config import ConfigError, apply_override, load_config, load_module
 from launch.train import split_args
 from train import checkpoint, records, rejection, rundir, trainer
 
-COMMANDS = ("train", "generate", "eval")
+COMMANDS = ("tokenizer", "train", "generate", "eval")
 _REF = re.compile(r"@([A-Za-z0-9_\-]+)")
 
 
@@ -60,7 +72,13 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
             raise ConfigError(f"{where}: every stage needs a name of its own")
         if (stage["command"] == "eval") != ("checkpoint" in stage):
             raise ConfigError(f"{where}: an eval stage names its `checkpoint`, and only an eval stage does")
-        for ref in _REF.findall(" ".join(stage.get("overrides", ())) + " " + stage.get("checkpoint", "")):
+        evaluate = stage.get("evaluate", {})
+        if evaluate and stage["command"] != "train":
+            raise ConfigError(f"{where}: only a train stage has a model to `evaluate`")
+        if stage.get("part_of") and stage.get("part_of") not in {s.get("name") for s in stages[i + 1:]}:
+            raise ConfigError(f"{where}: part_of={stage['part_of']!r} names no later stage")
+        refs = " ".join([*stage.get("overrides", ()), *evaluate.get("overrides", ()), stage.get("checkpoint", "")])
+        for ref in _REF.findall(refs):
             if ref not in names:
                 raise ConfigError(f"{where}: @{ref} names no earlier stage")
         names.add(stage["name"])
@@ -83,32 +101,82 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
             config = load_config(stage["config"], [f"--config.{resolve(o)}" for o in stage.get("overrides", ())]
                                  + [f"--config.run_dir={where}"])
             label = f"[{i + 1}/{len(stages)}] {name}: kiln {command} {stage['config']}"
-            if finished(command, config):
+            evaluation = _evaluation(stage, where, resolve)
+            if finished(command, config) and (evaluation is None or finished("eval", evaluation)):
                 print(f"{label}: finished earlier, skipped", flush=True)
                 seconds = done[name]["seconds"] if name in done else 0.0
             else:
-                print(f"{label} (pipeline {(time.perf_counter() - started) / 60:.1f} min so far)", flush=True)
+                print(f"{label} ({_progress(stages, i, time.perf_counter() - started)})", flush=True)
                 t0 = time.perf_counter()
-                if command == "train":
-                    trainer.train(config)
-                elif command == "generate":
-                    rejection.run(config)
-                else:
-                    eval_cli.run(config, resolve(stage["checkpoint"]))
+                _run_stage(command, config, stage, resolve)
+                if evaluation is not None:
+                    eval_cli.run(evaluation, where)
                 seconds = time.perf_counter() - t0
+            metrics = _metrics(command, where)
+            if evaluation is not None:
+                metrics.update(_metrics("eval", evaluation.run_dir))
+            if config.stage == "reward" and "eval/accuracy" in metrics:
+                metrics["pair_accuracy"] = metrics["eval/accuracy"]  # a reward model's held-out pair accuracy
             done[name] = {"stage": name, "command": command, "config": stage["config"], "run_dir": where,
-                          "seconds": seconds, "metrics": _metrics(command, where)}
-            results = {"recipe": recipe.to_dict(), "stages": [done[s["name"]] for s in stages if s["name"] in done]}
+                          "seconds": seconds, "metrics": metrics}
+            results = {"recipe": recipe.to_dict(), "stages": _rows(stages, done)}
             records.write_json_atomic(os.path.join(root, "results.json"), results)
             records.write_text_atomic(os.path.join(root, "results.md"), markdown(results) + "\n")
+        plot(results, os.path.join(root, "results.png"))
         return results
     finally:
         lock.release()
 
 
+def _run_stage(command: str, config: Any, stage: dict[str, Any], resolve: Any) -> None:
+    if command == "tokenizer":
+        os.makedirs(config.run_dir, exist_ok=True)
+        tokenizers.resolve(ConfigDict(dict(config.data.to_dict(), tokenizer="train")), config.run_dir)
+    elif command == "train":
+        trainer.train(config)
+    elif command == "generate":
+        rejection.run(config)
+    else:
+        eval_cli.run(config, resolve(stage["checkpoint"]))
+
+
+def _evaluation(stage: dict[str, Any], where: str, resolve: Any) -> Any:
+    """The eval config of a stage's `evaluate` (None without one), writing into NAME/eval."""
+    if "evaluate" not in stage:
+        return None
+    spec = stage["evaluate"]
+    return load_config(spec["config"], [f"--config.{resolve(o)}" for o in spec.get("overrides", ())]
+                       + [f"--config.run_dir={os.path.join(where, 'eval')}"])
+
+
+def _progress(stages: list[dict[str, Any]], i: int, elapsed: float) -> str:
+    """'pipeline 3.2 min so far, about 9 min left' (the left part from the stages' expected minutes)."""
+    text = f"pipeline {elapsed / 60:.1f} min so far"
+    left = sum(float(s.get("minutes", 0)) for s in stages[i:])
+    return text + (f", about {left:.0f} min left" if left else "")
+
+
+def _rows(stages: list[dict[str, Any]], done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished stages' rows in order; a helper's metrics (and time) join the stage it is part of."""
+    rows = {}
+    for s in stages:
+        if s["name"] in done and not s.get("part_of"):
+            rows[s["name"]] = dict(done[s["name"]], metrics=dict(done[s["name"]]["metrics"]), parts=[])
+    for s in stages:
+        owner = s.get("part_of")
+        if owner in rows and s["name"] in done:
+            helper = done[s["name"]]
+            rows[owner]["metrics"].update({f"{s['name']}/{k}": v for k, v in helper["metrics"].items()})
+            rows[owner]["seconds"] += helper["seconds"]
+            rows[owner]["parts"].append(s["name"])
+    return list(rows.values())
+
+
 def finished(command: str, config: Any) -> bool:
     """Whether a stage's run is done: a train run's checkpoint reached train.steps, a generate or eval
     run wrote its results.json."""
+    if command == "tokenizer":
+        return os.path.isfile(os.path.join(config.run_dir, "tokenizer.model"))
     if command == "train":
         try:  # a stage stopped before its first checkpoint has an empty checkpoints/ directory
             return checkpoint.latest_step(config.run_dir) >= config.train.steps
@@ -123,6 +191,8 @@ def _metrics(command: str, run_dir: str) -> dict[str, float]:
     stage's text metrics and each setting's accuracy, with `accuracy` the best setting's."""
     if command == "train":
         return train_metrics(run_dir)
+    if command == "tokenizer":
+        return {"vocab_size": float(tokenizers.load(os.path.join(run_dir, "tokenizer.model")).vocab_size)}
     with open(os.path.join(run_dir, "results.json")) as f:
         results = json.load(f)
     if command == "generate":
@@ -155,13 +225,41 @@ def _read_results(root: str) -> list[dict[str, Any]]:
         return json.load(f)["stages"]
 
 
+def plot(results: dict[str, Any], path: str) -> None:
+    """A bar chart of held-out accuracy by stage (stages without an accuracy are left out), written
+    atomically; nothing when no stage has one."""
+    rows = [r for r in results["stages"] if "accuracy" in r["metrics"]]
+    if not rows:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 4))
+    values = [100 * r["metrics"]["accuracy"] for r in rows]
+    ax.bar([r["stage"] for r in rows], values, color="tab:blue")
+    for x, v in enumerate(values):
+        ax.text(x, v, f"{v:.1f}", ha="center", va="bottom")
+    ax.set_ylabel("held-out accuracy, best setting (%)")
+    ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def markdown(results: dict[str, Any]) -> str:
     """One row per stage: its command, wall time and headline metrics."""
-    keys = ("accuracy", "eval/loss", "eval/accuracy", "eval/rewards/accuracies", "pass@1", "best_of_k", "kept_fraction",
-            "train/loss")
+    keys = ("accuracy", "pair_accuracy", "eval/loss", "eval/rewards/accuracies", "train/reward/mean", "pass@1",
+            "best_of_k", "kept_fraction", "train/loss")
     lines = ["| stage | command | minutes | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
     for r in results["stages"]:
-        cells = [f"{r['metrics'][k]:.3f}" if k in r["metrics"] else "" for k in keys]
+        # A helper's figures (rs_generate/pass@1, ...) fill its stage's empty columns.
+        m = r["metrics"]
+        found = {k: m[k] if k in m else next((m[f"{p}/{k}"] for p in r.get("parts", ()) if f"{p}/{k}" in m), None)
+                 for k in keys}
+        cells = ["" if found[k] is None else f"{found[k]:.3f}" for k in keys]
         lines.append(f"| {r['stage']} | {r['command']} | {r['seconds'] / 60:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

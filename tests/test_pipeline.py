@@ -1,5 +1,6 @@
-"""`kiln pipeline`: the Llama 3.1-style recipe's smoke run end to end, skipping finished stages and
-resuming an interrupted one, and recipes that name stages wrongly."""
+"""`kiln pipeline`: the lifecycle recipe's smoke run (every stage, results table and plot), skipping
+finished stages and resuming an interrupted one; the Llama 3.1-style recipe's rounds (slow); recipes
+that name stages wrongly."""
 import json
 import os
 import shutil
@@ -15,6 +16,71 @@ RECIPE = os.path.join(ROOT, "configs/recipes/llama31_posttrain.py")
 NAMES = ["pretrain", "sft", "eval_sft", "reward_1", "rejection_sampling_1", "sft_1", "dpo_1", "eval_1"]
 
 
+LIFECYCLE = os.path.join(ROOT, "configs/recipes/lifecycle.py")
+STAGES = ["tokenizer", "pretrain", "context_extension", "anneal", "sft", "reward", "rejection_sampling", "dpo", "grpo"]
+
+
+def run_in_root(recipe, stages):
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # stage configs are named relative to the repository
+    try:
+        return pipeline.run(recipe, stages)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def lifecycle(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("lifecycle"))
+    recipe, stages = pipeline.load_recipe(f"{LIFECYCLE}:smoke", [f"--config.run_dir={root}"])
+    return root, recipe, stages, run_in_root(recipe, stages)
+
+
+def test_lifecycle_runs_every_stage_and_writes_the_results_table(lifecycle):
+    root, _, _, results = lifecycle
+    assert [r["stage"] for r in results["stages"]] == STAGES
+    assert json.load(open(os.path.join(root, "results.json")))["stages"] == results["stages"]
+    by = {r["stage"]: r for r in results["stages"]}
+    for name in STAGES[1:5] + STAGES[6:]:
+        m = by[name]["metrics"]
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["accuracy"] == max(v for k, v in m.items() if k.endswith("/accuracy")
+                                                                       and k.startswith("arithmetic/"))
+        assert by[name]["seconds"] > 0
+    assert 0.0 <= by["reward"]["metrics"]["pair_accuracy"] <= 1.0 and "accuracy" not in by["reward"]["metrics"]
+    assert by["tokenizer"]["metrics"]["vocab_size"] == 384
+    # The rejection-sampling row holds its generation's figures; its model trained on those samples.
+    assert {"rs_generate/kept_fraction", "rs_generate/best_of_k"} <= set(by["rejection_sampling"]["metrics"])
+    config = lambda name: json.load(open(os.path.join(root, name, "config.json")))  # noqa: E731
+    assert config("rejection_sampling")["data"]["sources"]["train"]["path"] == os.path.join(root, "rs_generate",
+                                                                                           "sft.jsonl")
+    assert config("grpo")["model"]["init_from"] == os.path.join(root, "dpo")
+    assert config("pretrain")["data"]["tokenizer"] == os.path.join(root, "tokenizer", "tokenizer.model")
+    # Every policy is evaluated on the same held-out problems.
+    evals = [json.load(open(os.path.join(root, n, "eval", "results.json"))) for n in ("pretrain", "grpo")]
+    assert [t["n"] for t in evals[0]["tasks"]] == [t["n"] for t in evals[1]["tasks"]] == [4, 4]
+    table = open(os.path.join(root, "results.md")).read()
+    assert all(f"| {name} |" in table for name in STAGES)
+    with open(os.path.join(root, "results.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lifecycle_rerun_skips_finished_stages_and_resumes_the_interrupted_one(lifecycle, capsys):
+    root, recipe, stages, _ = lifecycle
+    # dpo "killed" after its first checkpoint (step 2 of 4): its last checkpoint and the later stage are gone.
+    shutil.rmtree(os.path.join(root, "dpo", "checkpoints", "4"))
+    shutil.rmtree(os.path.join(root, "dpo", "eval"))
+    shutil.rmtree(os.path.join(root, "grpo"))
+    capsys.readouterr()
+    results = run_in_root(recipe, stages)
+    out = capsys.readouterr()
+    ran = [s["name"] for s in stages if f"{s['name']}: kiln" in out.out
+           and "skipped" not in out.out.split(f"{s['name']}: kiln")[1].split("\n")[0]]
+    assert ran == ["dpo", "grpo"]
+    assert "resumed from step 2" in out.out + out.err
+    assert checkpoint.latest_step(os.path.join(root, "dpo")) == 4
+    assert [r["stage"] for r in results["stages"]] == STAGES
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("pipeline"))
@@ -28,6 +94,7 @@ def smoke(tmp_path_factory):
     return root, recipe, stages, results
 
 
+@pytest.mark.slow
 def test_recipe_runs_every_stage_on_the_previous_ones_outputs(smoke):
     root, _, _, results = smoke
     assert [r["stage"] for r in results["stages"]] == NAMES
@@ -44,6 +111,7 @@ def test_recipe_runs_every_stage_on_the_previous_ones_outputs(smoke):
     assert rs["policy"] == os.path.join(root, "sft") and rs["reward"] == os.path.join(root, "reward_1")
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages_and_resumes_the_interrupted_one(smoke, capsys):
     root, recipe, stages, _ = smoke
     # dpo_1 "killed" after its step-2 checkpoint: its last checkpoint and the later stage are gone.
@@ -65,7 +133,9 @@ def test_rerun_skips_finished_stages_and_resumes_the_interrupted_one(smoke, caps
 
 @pytest.mark.parametrize("stages, message", [
     ([{"name": "a", "command": "train", "config": "c", "overrides": ["model.init_from=@b"]}], "@b names no earlier stage"),
-    ([{"name": "a", "command": "fit", "config": "c"}], "command must be one of train, generate, eval"),
+    ([{"name": "a", "command": "fit", "config": "c"}], "command must be one of tokenizer, train, generate, eval"),
+    ([{"name": "a", "command": "generate", "config": "c", "part_of": "b"}], "part_of='b' names no later stage"),
+    ([{"name": "a", "command": "generate", "config": "c", "evaluate": {"config": "e"}}], "only a train stage"),
     ([{"name": "a", "command": "eval", "config": "c"}], "an eval stage names its `checkpoint`"),
     ([{"name": "a", "command": "train", "config": "c"}] * 2, "every stage needs a name of its own"),
 ])
