@@ -156,6 +156,18 @@ def get_config() -> ConfigDict:
     return c
 
 
+# The smoke variant of the RL stages: a tiny model from scratch, two prompts' rollouts of 16 tokens.
+RL_SMOKE = {"model.init_from": "", "model.preset": "tiny", "data.seq_len": 192, "data.batch_size": 8,
+            "data.synthetic.num_examples": 200, "rollout.batch_prompts": 2, "rollout.num_samples": 4,
+            "rollout.max_new_tokens": 16, "optim.lr": 1e-3, "optim.warmup_steps": 1, "train.steps": 4,
+            "train.log_every": 1, "checkpoint.every": 2}
+
+
+def stage_file(stage: str, variant: str = "") -> str:
+    """A recipe's name for a stage config: "configs/STAGE.py", with ":variant" if one is given."""
+    return f"configs/{stage}.py" + (f":{variant}" if variant else "")
+
+
 def with_variant(config: ConfigDict, variants: dict[str, dict[str, Any]], variant: str) -> ConfigDict:
     """Applies the dotted-key overrides of `variants[variant]` ('' = none) to `config`."""
     if variant and variant not in variants:

@@ -22,10 +22,7 @@ from ml_collections import ConfigDict
 from configs import base
 
 VARIANTS = {
-    "smoke": {"model.init_from": "", "model.preset": "tiny", "data.seq_len": 192, "data.batch_size": 8,
-              "data.synthetic.num_examples": 200, "rollout.batch_prompts": 2, "rollout.num_samples": 4,
-              "rollout.max_new_tokens": 16, "optim.lr": 1e-3, "optim.warmup_steps": 1, "train.steps": 4,
-              "train.log_every": 1, "checkpoint.every": 2},
+    "smoke": base.RL_SMOKE,
     "rloo": {"rollout.advantage": "rloo", "loss.beta": 0.0},
     "dr_grpo": {"rollout.advantage": "dr_grpo", "loss.aggregation": "dr_grpo"},
     "gsm8k": {"rollout.max_new_tokens": 320, "data.seq_len": 512},

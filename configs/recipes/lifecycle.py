@@ -17,6 +17,8 @@ Variants:
 """
 from ml_collections import ConfigDict
 
+from configs import base
+
 VARIANTS = {
     # A tiny model's replies are all wrong: the reward model scores them (so pairs differ), all kept.
     "smoke": dict(run_dir="runs/lifecycle_smoke", variant="smoke", scorer="reward_model", min_reward=-1e9,
@@ -38,16 +40,12 @@ def get_config(variant: str = "") -> ConfigDict:
         pretrain_steps=300, extension_steps=20, anneal_steps=40, sft_steps=60, reward_steps=40,
         rs_prompts=128, num_samples=8, rs_steps=30, dpo_steps=30, grpo_steps=40, grpo_prompts=8,
         eval_problems=500, shots=(0, 4), max_new_tokens=96))
-    if variant:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-        c.update(VARIANTS[variant])
-    return c
+    return base.with_variant(c, VARIANTS, variant)
 
 
 def stages(c: ConfigDict) -> list[dict]:
     def cfg(stage: str) -> str:
-        return f"configs/{stage}.py" + (f":{c.variant}" if c.variant else "")
+        return base.stage_file(stage, c.variant)
 
     task = [f"data.synthetic.max_digits={c.max_digits}", f"data.synthetic.max_ops={c.max_ops}",
             f"data.synthetic.num_examples={c.num_examples}"]

@@ -14,6 +14,8 @@ Variants:
 """
 from ml_collections import ConfigDict
 
+from configs import base
+
 VARIANTS = {
     "smoke": dict(run_dir="runs/llama31_smoke", base="", rounds=1, scorer="reward_model", variant="smoke", steps=4,
                   min_reward=-1e9),
@@ -23,24 +25,20 @@ VARIANTS = {
 def get_config(variant: str = "") -> ConfigDict:
     c = ConfigDict(dict(run_dir="runs/llama31", base="runs/pretrain", rounds=2, scorer="verifier", variant="",
                         steps=0, min_reward=1.0))  # steps 0: each stage config's own train.steps
-    if variant:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-        c.update(VARIANTS[variant])
-    return c
+    return base.with_variant(c, VARIANTS, variant)
 
 
 def stages(c: ConfigDict) -> list[dict]:
     def cfg(stage: str) -> str:
-        return f"configs/{stage}.py" + (f":{c.variant}" if c.variant else "")
+        return base.stage_file(stage, c.variant)
 
     steps = ([f"train.steps={c.steps}", f"checkpoint.every={max(c.steps // 2, 1)}", f"train.eval_every={c.steps}"]
              if c.steps else [])
-    out, base = [], c.base
-    if not base:
+    out, start = [], c.base
+    if not start:
         out.append(dict(name="pretrain", command="train", config=cfg("pretrain"), overrides=steps))
-        base = "@pretrain"
-    out += [dict(name="sft", command="train", config=cfg("sft"), overrides=[f"model.init_from={base}", *steps]),
+        start = "@pretrain"
+    out += [dict(name="sft", command="train", config=cfg("sft"), overrides=[f"model.init_from={start}", *steps]),
             dict(name="eval_sft", command="eval", config=cfg("eval"), checkpoint="@sft")]
     policy = "@sft"
     for r in range(1, c.rounds + 1):
