@@ -47,7 +47,7 @@ def measure(data_cfg: ConfigDict, kind: str, tok: tokenizers.Tokenizer, batches:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.data_throughput", description=__doc__)
+    p = argparse.ArgumentParser(prog="kiln bench data", description=__doc__)
     p.add_argument("--batches", type=int, default=40, help="batches timed per row (default 40)")
     args = p.parse_args(argv)
     root = os.environ.get("KILN_DATA_DIR")

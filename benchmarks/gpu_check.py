@@ -1,12 +1,13 @@
 """GPU path check: bf16 vs fp32 logits, a sharded forward, and train-step MFU on the real chip.
 
-  python -m benchmarks.gpu_check
+  kiln bench gpu_check      (or python -m benchmarks.gpu_check)
 
 Prints one row per check and, as the last line, one JSON object with the figures.
 """
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -36,7 +37,10 @@ def precision_check() -> dict:
             "bf16_decode_vs_forward_rel_err": float(np.abs(np.asarray(logits) - out[:, :200]).max() / scale)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    if argv:
+        print(__doc__)
+        return 0 if argv[0] in ("-h", "--help") else 2
     print(f"devices: {jax.devices()} jax {jax.__version__}")
     figures = precision_check()
     print(f"bf16 logits vs fp32: rel err {figures['bf16_rel_err']:.2e}; "
@@ -55,7 +59,8 @@ def main() -> None:
                   f"{row['tflops_per_s']:.1f} TFLOP/s, MFU {100 * row['mfu']:.1f}%, compile {row['compile_s']:.0f}s")
         figures["train_step"].append(row)
     print(json.dumps(figures))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import os
 import tempfile
 import time
@@ -74,15 +75,17 @@ def measure(preset: str, batch: int, prompt_len: int, new_tokens: int, dtype: st
                 greedy_agreement=float(np.mean(kiln_tokens == hf_tokens)))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kiln bench sampling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before transformers' tokenizers start threads
     row = measure(a.preset, a.batch, a.prompt_len, a.new_tokens, a.dtype, a.repeats)
     shape = f"{row['preset']} ({row['params'] / 1e6:.1f}M params) batch {a.batch}, {a.prompt_len}-token prompts, " \
             f"{a.new_tokens} new tokens, greedy, {a.dtype}"
@@ -92,8 +95,8 @@ def main() -> None:
           f"{row['torch_threads']} threads)")
     print(f"kiln / hf: {row['ratio']:.2f}x; greedy tokens agreeing: {100 * row['greedy_agreement']:.1f}%")
     print(json.dumps(row))
+    return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    sys.exit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import types
 
@@ -65,8 +66,9 @@ def measure(preset: str, batch: int, seq: int, dtype: str, steps: int, remat: st
                 peak_tflops=peak / 1e12, mfu=tps * fpt / peak, loss=float(m["loss"]))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kiln bench train_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
@@ -75,14 +77,15 @@ def main() -> None:
     p.add_argument("--remat", default="none")
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--untied", action="store_true", help="untie embeddings (the 34M DESIGN.md reference shape)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     row = measure(a.preset, a.batch, a.seq, a.dtype, a.steps, a.remat, a.untied, a.grad_accum)
     print(f"{row['preset']} ({row['params'] / 1e6:.1f}M params) batch {a.batch}x{a.seq} {a.dtype} on "
           f"{row['devices']}x {row['device']}: {row['tokens_per_s']:,.0f} tokens/s, {row['step_s'] * 1e3:.1f} ms/step, "
           f"{row['tflops_per_s']:.2f} TFLOP/s, MFU {100 * row['mfu']:.1f}% (peak {row['peak_tflops']:.2f} TFLOP/s), "
           f"compile {row['compile_s']:.1f}s")
     print(json.dumps(row))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

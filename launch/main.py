@@ -19,9 +19,7 @@ COMMANDS = {
     "generate": ("launch.generate", "rejection sampling (kiln generate --config=configs/rejection_sampling.py)"),
     "pipeline": ("launch.pipeline", "run a recipe of stages in order (kiln pipeline --config=configs/recipes/...)"),
     "sweep": ("launch.sweep", "run an ablation grid over seeds, tabulated and plotted (kiln sweep --config=configs/sweeps/...)"),
-}
-PLANNED = {
-    "bench": "throughput and MFU benchmarks",
+    "bench": ("launch.bench", "throughput and MFU benchmarks (kiln bench train_step | sampling | data | gpu_check)"),
 }
 
 
@@ -32,7 +30,6 @@ class UsageError(Exception):
 def usage() -> str:
     lines = ["usage: kiln SUBCOMMAND [ARGS ...]", "", "subcommands:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
-    lines += [f"  {name:<10} {text} (not yet available)" for name, text in PLANNED.items()]
     return "\n".join(lines)
 
 
@@ -44,9 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
-    if name in PLANNED:
-        print(f"kiln {name}: not yet available in this version of Kiln", file=sys.stderr)
-        return 2
     if name not in COMMANDS:
         print(f"kiln: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
