@@ -1,6 +1,8 @@
 """RL losses by hand (GAE, group advantages, clipping, KL estimators, aggregation), GRPO's zero loss
 with a non-zero gradient, and the grpo / ppo smoke runs: metrics logged, resume exact."""
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -227,3 +229,25 @@ def test_rl_preflight_names_the_problem(overrides, msg):
 def test_rl_keys_are_read_only_where_they_apply(stage, key, msg):
     with pytest.raises(ConfigError, match=msg):
         stage_config(stage, "/nonexistent", key)
+
+
+def test_ppo_value_model_starts_from_a_reward_model(tmp_path):
+    reward_dir = str(tmp_path / "reward")
+    trainer.train(stage_config("reward", reward_dir, "--config.train.steps=3", "--config.optim.warmup_steps=1",
+                               "--config.train.eval_every=0"))
+    reward_model = checkpoint.load_model(reward_dir)[1]
+    run = trainer.setup(stage_config("ppo", str(tmp_path / "ppo"), REWARD, f"--config.rollout.value_from={reward_dir}"))
+    value = run.state.params["value"]
+    np.testing.assert_array_equal(value["score"][...], reward_model.score[...])  # the trained head, not a new one
+    np.testing.assert_array_equal(value["embed"]["table"][...], reward_model.embed.table[...])
+    assert not np.array_equal(run.state.params["policy"]["embed"]["table"][...], reward_model.embed.table[...])
+    # A value model must read the policy's tokens.
+    other = str(tmp_path / "other")
+    shutil.copytree(reward_dir, other)
+    with open(os.path.join(other, "config.json")) as f:
+        config = json.load(f)
+    config["data"]["tokenizer"] = "/elsewhere/tokenizer.model"
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="was trained with tokenizer '/elsewhere/tokenizer.model', the policy with"):
+        trainer.setup(stage_config("ppo", str(tmp_path / "ppo2"), REWARD, f"--config.rollout.value_from={other}"))
