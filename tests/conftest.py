@@ -1,8 +1,19 @@
-"""Test set-up: 8 fake CPU devices (so mesh tests run in-process) and the shared data directory."""
+"""Test set-up: 8 fake CPU devices (so mesh tests run in-process), a compilation cache for this
+session, and the shared data directory."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same programs (a smoke run, stopped and resumed, ...): XLA's persistent cache
+# compiles each once per session. Empty at the start, so the suite's time is that of a cold machine.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="kiln-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 

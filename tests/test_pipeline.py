@@ -57,7 +57,7 @@ def test_lifecycle_runs_every_stage_and_writes_the_results_table(lifecycle):
     assert config("pretrain")["data"]["tokenizer"] == os.path.join(root, "tokenizer", "tokenizer.model")
     # Every policy is evaluated on the same held-out problems.
     evals = [json.load(open(os.path.join(root, n, "eval", "results.json"))) for n in ("pretrain", "grpo")]
-    assert [t["n"] for t in evals[0]["tasks"]] == [t["n"] for t in evals[1]["tasks"]] == [4, 4]
+    assert [(t["shots"], t["n"]) for t in evals[0]["tasks"]] == [(t["shots"], t["n"]) for t in evals[1]["tasks"]] == [(0, 4)]
     table = open(os.path.join(root, "results.md")).read()
     assert all(f"| {name} |" in table for name in STAGES)
     with open(os.path.join(root, "results.png"), "rb") as f:

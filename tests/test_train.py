@@ -283,9 +283,8 @@ def test_prompt_and_prefix_tuning_smoke(pretrained, tmp_path, method, extra, cap
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 16)))
     assert float(jnp.abs(tuned(tokens) - base(tokens)).max()) > 1e-3
     # Exported as a PEFT directory (its logits against PEFT's: test_prefix), the base named in it.
-    done = subprocess.run([sys.executable, "-m", "launch.main", "convert", "--from-kiln", str(tmp_path), "--to-hf",
-                           str(tmp_path / "peft"), "--adapter-only"], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
+    from launch import main
+    assert main.main(["convert", "--from-kiln", str(tmp_path), "--to-hf", str(tmp_path / "peft"), "--adapter-only"]) == 0
     written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert written["peft_type"] == method.upper() and written["base_model_name_or_path"] == os.path.abspath(source)
 

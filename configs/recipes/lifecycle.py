@@ -25,7 +25,8 @@ VARIANTS = {
                   time_scale=0.15, num_examples=2000, vocab_size=384, d_model=64,
                   n_layers=2, n_heads=2, d_ff=128, seq_len=128, long_seq_len=256, pretrain_steps=4, extension_steps=2,
                   anneal_steps=2, sft_steps=4, reward_steps=2, rs_prompts=4, num_samples=4, rs_steps=2, dpo_steps=4,
-                  grpo_steps=2, grpo_prompts=2, eval_problems=4, shots=(0,), max_new_tokens=24),
+                  grpo_steps=2, grpo_prompts=2, eval_problems=4, shots=(0,), chain_of_thought=(True,),
+                  max_new_tokens=24),
 }
 
 
@@ -39,7 +40,7 @@ def get_config(variant: str = "") -> ConfigDict:
         vocab_size=512, d_model=256, n_layers=4, n_heads=4, d_ff=704, seq_len=256, long_seq_len=512,
         pretrain_steps=300, extension_steps=20, anneal_steps=40, sft_steps=60, reward_steps=40,
         rs_prompts=128, num_samples=8, rs_steps=30, dpo_steps=30, grpo_steps=40, grpo_prompts=8,
-        eval_problems=500, shots=(0, 4), max_new_tokens=96))
+        eval_problems=500, shots=(0, 4), chain_of_thought=(True, False), max_new_tokens=96))
     return base.with_variant(c, VARIANTS, variant)
 
 
@@ -56,7 +57,8 @@ def stages(c: ConfigDict) -> list[dict]:
 
     evaluate = {"config": cfg("eval"), "overrides": [
         *task[:3], f"eval.num_problems={c.eval_problems}", f"eval.shots={tuple(c.shots)}",
-        f"eval.max_new_tokens={c.max_new_tokens}", f"data.seq_len={c.long_seq_len}"]}
+        f"eval.chain_of_thought={tuple(c.chain_of_thought)}", f"eval.max_new_tokens={c.max_new_tokens}",
+        f"data.seq_len={c.long_seq_len}"]}
     model = ["model.preset=small", f"model.d_model={c.d_model}", f"model.n_layers={c.n_layers}",
              f"model.n_heads={c.n_heads}", f"model.n_kv_heads={c.n_heads}", f"model.d_ff={c.d_ff}",
              f"model.max_seq_len={c.long_seq_len}", "model.init_from="]  # evaluated on long prompts from the start
