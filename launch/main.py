@@ -18,7 +18,8 @@ COMMANDS = {
     "eval": ("launch.eval", "evaluate a checkpoint (kiln eval --checkpoint=... --config=configs/eval.py)"),
     "generate": ("launch.generate", "rejection sampling (kiln generate --config=configs/rejection_sampling.py)"),
     "pipeline": ("launch.pipeline", "run a recipe of stages in order (kiln pipeline --config=configs/recipes/...)"),
-    "sweep": ("launch.sweep", "run an ablation grid over seeds, tabulated and plotted (kiln sweep --config=configs/sweeps/...)"),
+    "sweep": ("launch.sweep", "run an ablation grid over seeds, tabulated and plotted "
+                              "(kiln sweep --config=configs/sweeps/...)"),
     "bench": ("launch.bench", "throughput and MFU benchmarks (kiln bench train_step | sampling | data | gpu_check)"),
 }
 

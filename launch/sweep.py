@@ -126,7 +126,8 @@ def summarise(sweep: Any, runs: list[tuple[str, int, list[str]]], done: dict[str
     """Per point: its runs' metrics and their mean and (sample) std over seeds, for the runs done."""
     out = []
     for name, point in points(sweep):
-        rows = [{"seed": seed, "run_dir": run_dir, "metrics": {m: done[run_dir].get(m, math.nan) for m in sweep.metrics}}
+        rows = [{"seed": seed, "run_dir": run_dir,
+                 "metrics": {m: done[run_dir].get(m, math.nan) for m in sweep.metrics}}
                 for n, seed, args in runs if n == name
                 for run_dir in [args[-1].split("=", 1)[1]] if run_dir in done]
         if not rows:

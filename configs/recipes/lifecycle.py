@@ -93,6 +93,7 @@ def stages(c: ConfigDict) -> list[dict]:
              overrides=[*task, "model.init_from=@rejection_sampling", *short, "data.sources.train.format=jsonl",
                         "data.sources.train.path=@rs_generate/pairs.jsonl", *steps(c.dpo_steps)]),
         dict(name="grpo", command="train", config=cfg("grpo"), evaluate=evaluate, minutes=2 * c.time_scale,
-             overrides=[*task, "model.init_from=@dpo", f"data.seq_len={c.long_seq_len}", f"rollout.batch_prompts={c.grpo_prompts}",
+             overrides=[*task, "model.init_from=@dpo", f"data.seq_len={c.long_seq_len}",
+                        f"rollout.batch_prompts={c.grpo_prompts}",
                         f"rollout.max_new_tokens={c.max_new_tokens}", *steps(c.grpo_steps)]),
     ]

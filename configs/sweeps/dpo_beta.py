@@ -16,7 +16,8 @@ def get_config(variant: str = "") -> ConfigDict:
     if variant not in ("", "smoke"):
         raise ValueError(f"unknown variant {variant!r}; expected smoke")
     betas, types = ((0.1,), ("sigmoid", "ipo")) if smoke else (BETAS, TYPES)
-    points = tuple({"loss.beta": b, "loss.preference_type": t, **({"loss.label_smoothing": 0.1} if t == "robust" else {})}
+    robust = {"loss.label_smoothing": 0.1}  # the assumed label-noise rate robust DPO corrects for
+    points = tuple({"loss.beta": b, "loss.preference_type": t, **(robust if t == "robust" else {})}
                    for t in types for b in betas)
     steps = ("train.steps=4", "train.eval_every=4", "checkpoint.every=4") if smoke else (
         "train.steps=30", "train.eval_every=30", "checkpoint.every=30", "train.eval_steps=10", "optim.lr=5e-5")

@@ -21,7 +21,8 @@ def get_config(variant: str = "") -> ConfigDict:
                    for r in ((0.0, 0.5) if smoke else FRACTIONS))
     steps = ("train.steps=4", "train.eval_every=4", "checkpoint.every=4") if smoke else ()
     return ConfigDict(dict(
-        run_dir=f"runs/sweeps/replay{'_smoke' if smoke else ''}", base=f"configs/continue.py{':smoke' if smoke else ''}",
+        run_dir=f"runs/sweeps/replay{'_smoke' if smoke else ''}",
+        base=f"configs/continue.py{':smoke' if smoke else ''}",
         overrides=("train.progress=false", *steps), points=points,
         labels=tuple(f"replay_{p['data.sources.replay.weight']}" for p in points), seeds=(0,) if smoke else (0, 1),
         metrics=("eval/old/bits_per_byte", "eval/new/bits_per_byte"),
