@@ -6,6 +6,7 @@ import pytest
 from launch import main as kiln
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_prints_its_figures_as_json(capsys):
     assert kiln.main(["bench", "train_step", "--preset=tiny", "--batch=8", "--seq=32", "--steps=2"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

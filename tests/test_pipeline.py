@@ -36,6 +36,7 @@ def lifecycle(tmp_path_factory):
     return root, recipe, stages, run_in_root(recipe, stages)
 
 
+@pytest.mark.slow  # ~2 min: over the default suite's budget until the smoke stages get cheaper
 def test_lifecycle_runs_every_stage_and_writes_the_results_table(lifecycle):
     root, _, _, results = lifecycle
     assert [r["stage"] for r in results["stages"]] == STAGES
@@ -64,6 +65,7 @@ def test_lifecycle_runs_every_stage_and_writes_the_results_table(lifecycle):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_lifecycle_rerun_skips_finished_stages_and_resumes_the_interrupted_one(lifecycle, capsys):
     root, recipe, stages, _ = lifecycle
     # dpo "killed" after its first checkpoint (step 2 of 4): its last checkpoint and the later stage are gone.

@@ -231,6 +231,7 @@ def test_rl_keys_are_read_only_where_they_apply(stage, key, msg):
         stage_config(stage, "/nonexistent", key)
 
 
+@pytest.mark.slow
 def test_ppo_value_model_starts_from_a_reward_model(tmp_path):
     reward_dir = str(tmp_path / "reward")
     trainer.train(stage_config("reward", reward_dir, "--config.train.steps=3", "--config.optim.warmup_steps=1",

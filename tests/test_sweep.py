@@ -15,6 +15,7 @@ def in_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # stage configs are named relative to the repository, as the README runs them
 
 
+@pytest.mark.slow
 def test_two_point_sweep_tabulates_plots_and_skips_finished_points(in_root, tmp_path, capsys):
     out_dir = str(tmp_path / "sweep")
     args = ["sweep", "--config=configs/sweeps/lora_rank.py:smoke", f"--config.run_dir={out_dir}",
