@@ -163,6 +163,23 @@ RL_SMOKE = {"model.init_from": "", "model.preset": "tiny", "data.seq_len": 192, 
             "train.log_every": 1, "checkpoint.every": 2}
 
 
+def rl_config(stage: str, variant: str) -> ConfigDict:
+    """What the RL stages (grpo, ppo) share: from the SFT model (`runs/sft`) on the built-in task's
+    training prompts (GSM8K's for variant gsm8k), verifier reward, 128-token replies in 256-token
+    rows, mini-batches of 16, constant lr 1e-5, 120 steps."""
+    c = get_config()
+    c.stage, c.loss.type = stage, stage
+    c.run_dir = f"runs/{stage}{'_' + variant if variant else ''}"
+    c.model.init_from = "runs/sft"
+    c.rollout.max_new_tokens, c.rollout.reward = 128, "verifier"
+    c.data.seq_len, c.data.batch_size = 256, 16
+    c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay, c.optim.schedule = 1e-5, 4, 0.0, "constant"
+    c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 120, 4, 0, 40
+    c.data.sources.train = (source("$KILN_DATA_DIR/gsm8k/train.jsonl", "gsm8k") if variant == "gsm8k"
+                            else source(format="synthetic", end=0.95))
+    return c
+
+
 def stage_file(stage: str, variant: str = "") -> str:
     """A recipe's name for a stage config: "configs/STAGE.py", with ":variant" if one is given."""
     return f"configs/{stage}.py" + (f":{variant}" if variant else "")

@@ -30,19 +30,7 @@ VARIANTS = {
 
 
 def get_config(variant: str = "") -> ConfigDict:
-    c = base.get_config()
-    c.stage = "grpo"
-    c.loss.type = "grpo"
-    c.run_dir = f"runs/grpo{'_' + variant if variant else ''}"
-    c.model.init_from = "runs/sft"
+    c = base.rl_config("grpo", variant)
     c.loss.beta, c.loss.kl_estimator, c.loss.aggregation = 0.04, "k3", "grpo"
     c.rollout.batch_prompts, c.rollout.num_samples, c.rollout.temperature = 8, 8, 1.0
-    c.rollout.max_new_tokens, c.rollout.reward = 128, "verifier"
-    c.data.seq_len, c.data.batch_size = 256, 16
-    c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay, c.optim.schedule = 1e-5, 4, 0.0, "constant"
-    c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 120, 4, 0, 40
-    if variant == "gsm8k":
-        c.data.sources.train = base.source("$KILN_DATA_DIR/gsm8k/train.jsonl", "gsm8k")
-    else:
-        c.data.sources.train = base.source(format="synthetic", end=0.95)
     return base.with_variant(c, VARIANTS, variant)

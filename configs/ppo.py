@@ -26,20 +26,9 @@ VARIANTS = {
 
 
 def get_config(variant: str = "") -> ConfigDict:
-    c = base.get_config()
-    c.stage = "ppo"
-    c.loss.type = "ppo"
-    c.run_dir = f"runs/ppo{'_' + variant if variant else ''}"
-    c.model.init_from = "runs/sft"
+    c = base.rl_config("ppo", variant)
     c.loss.beta, c.loss.kl_estimator, c.loss.aggregation = 0.05, "k1", "dapo"
     c.loss.value_coef, c.loss.value_clip = 0.1, 0.2
     c.rollout.batch_prompts, c.rollout.num_samples, c.rollout.epochs = 8, 4, 2
-    c.rollout.max_new_tokens, c.rollout.reward, c.rollout.gamma, c.rollout.lam = 128, "verifier", 1.0, 0.95
-    c.data.seq_len, c.data.batch_size = 256, 16
-    c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay, c.optim.schedule = 1e-5, 4, 0.0, "constant"
-    c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 120, 4, 0, 40
-    if variant == "gsm8k":
-        c.data.sources.train = base.source("$KILN_DATA_DIR/gsm8k/train.jsonl", "gsm8k")
-    else:
-        c.data.sources.train = base.source(format="synthetic", end=0.95)
+    c.rollout.gamma, c.rollout.lam = 1.0, 0.95
     return base.with_variant(c, VARIANTS, variant)
