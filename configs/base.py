@@ -82,8 +82,10 @@ def get_config() -> ConfigDict:
         eval_sources=ConfigDict(),
         # "auto" (model.init_from's own tokenizer when starting from a model, else "byte") | "byte" |
         # "train" (sentencepiece on the training sources, kept in run_dir) | a .model, a
-        # tokenizer.json or a directory holding one.
-        tokenizer="auto", tokenizer_vocab_size=2048, tokenizer_model_type="bpe",
+        # tokenizer.json or a directory holding one. tokenizer_split_digits: a trained tokenizer keeps
+        # every digit its own piece (Llama's choice); false lets " 7" be one piece, which a small model
+        # copies from its prompt far sooner than the two pieces " " and "7".
+        tokenizer="auto", tokenizer_vocab_size=2048, tokenizer_model_type="bpe", tokenizer_split_digits=True,
         # batch_size is global. packing: several documents per row (segment ids, no attention
         # across them) by pack_method first_fit (grain first-fit over packing_bins rows) or concat
         # (concatenate-and-split: no padding, documents cut at row ends); false: one per row.
@@ -98,10 +100,11 @@ def get_config() -> ConfigDict:
         # skip_bad_records: skip (and count) malformed records instead of stopping at the first.
         # num_workers: grain worker processes making batches (0: the calling thread).
         skip_bad_records=False, num_workers=0,
-        # synthetic: the built-in task's problem count, difficulty and family seed;
+        # synthetic: the built-in task's problem count, difficulty (operands up to max_digits digits,
+        # min_ops..max_ops steps) and family seed;
         # problems_per_document > 1 makes each pre-training document a worksheet of that many problems
         # (blank line between them, as in a few-shot prompt); other kinds stay one problem per record.
-        synthetic=ConfigDict(dict(num_examples=20000, max_digits=2, max_ops=2, seed=0, problems_per_document=1)),
+        synthetic=ConfigDict(dict(num_examples=20000, max_digits=2, min_ops=1, max_ops=2, seed=0, problems_per_document=1)),
     ))
 
     c.optim = ConfigDict(dict(lr=3e-4, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1,

@@ -4,6 +4,12 @@ The model learned Tiny Shakespeare (configs/pretrain.py:shakespeare); it now tra
 replaying `data.sources.replay.weight` of Shakespeare (weights are normalised, so 0.2 means 20% of
 the tokens). A fresh optimizer warms the LR up again. Both domains are evaluated, before the first
 step and at the end, so forgetting (eval/old) and adaptation (eval/new) are visible side by side.
+Variants:
+  smoke      built-in data only, a tiny model: "old" and "new" are disjoint halves of the synthetic corpus.
+  synthetic  built-in data only: the old domain is one-step problems on one-digit numbers (what the main
+             job's pre-training read; start from runs/lifecycle/anneal), the new one two- and three-step
+             problems on two-digit numbers, in worksheets of 4.
+  no_replay  replay weight 0.
 """
 from configs import base
 
@@ -16,6 +22,7 @@ VARIANTS = {
               "data.batch_size": 8, "train.steps": 10, "train.log_every": 5, "train.eval_every": 10,
               "train.eval_steps": 2, "checkpoint.every": 10, "optim.warmup_steps": 2,
               "data.synthetic.num_examples": 2000},
+    "synthetic": {},  # its sources are set in get_config
     "no_replay": {"data.sources.replay.weight": 0.0},
 }
 
@@ -37,6 +44,14 @@ def get_config(variant: str = ""):
     c.train.eval_every = 100
     c.train.eval_steps = 10
     c.checkpoint.every = 100
+    if variant == "synthetic":
+        c.model.init_from = "runs/lifecycle/anneal"
+        c.data.synthetic.problems_per_document = 4
+        new, old = dict(max_digits=2, min_ops=2, max_ops=3), dict(max_digits=1, min_ops=1, max_ops=1)
+        c.data.sources.train = base.source(format="synthetic", weight=1.0 - REPLAY, end=0.95, **new)
+        c.data.sources.replay = base.source(format="synthetic", weight=REPLAY, end=0.95, **old)
+        c.data.eval_sources.new = base.source(format="synthetic", start=0.95, **new)
+        c.data.eval_sources.old = base.source(format="synthetic", start=0.95, **old)
     if variant == "smoke":
         c.data.sources.train = base.source(format="synthetic", weight=1.0 - REPLAY, start=0.5, end=0.95)
         c.data.sources.replay = base.source(format="synthetic", weight=REPLAY, start=0.0, end=0.5)

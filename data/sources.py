@@ -3,7 +3,7 @@
 Formats: `synthetic` (built-in arithmetic task, no file), `text` (.txt: documents split by
 `data.text_separator`, "" = the whole file is one document), `jsonl` (.jsonl / .jsonl.gz, field
 names configurable per source), `array_record` (each record a UTF-8 JSON object, read lazily),
-`gsm8k` and `hh_rlhf`. A synthetic source may set its own `max_digits` / `max_ops` /
+`gsm8k` and `hh_rlhf`. A synthetic source may set its own `max_digits` / `min_ops` / `max_ops` /
 `problems_per_document` (default `data.synthetic.*`). Every source takes `start` / `end` fractions selecting a contiguous slice
 of its records (of its characters when it is a single text document).
 
@@ -41,7 +41,7 @@ REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")  # precomputed for
 PAIR_FIELDS = REFERENCE_FIELDS + ("margin",)  # optional numbers a JSON Lines pair may carry
 FIELDS = dict(text_field="text", prompt_field="prompt", completion_field="completion", messages_field="messages",
               chosen_field="chosen", rejected_field="rejected", answer_field="answer")
-_OPTIONS = {"synthetic": ("max_digits", "max_ops", "problems_per_document"), "text": (), "jsonl": tuple(FIELDS), "array_record": tuple(FIELDS),
+_OPTIONS = {"synthetic": ("max_digits", "min_ops", "max_ops", "problems_per_document"), "text": (), "jsonl": tuple(FIELDS), "array_record": tuple(FIELDS),
             "gsm8k": ("calculator_annotations",), "hh_rlhf": ()}
 _COMMON = ("path", "format", "weight", "start", "end")
 _KINDS_OF = {"text": ("pretrain", "tokenizer"), "gsm8k": ("pretrain", "sft", "prompts", "tokenizer")}
@@ -153,13 +153,16 @@ def _synthetic(name: str, src: Any, data_cfg: Any, kind: str, start: float, end:
     if hi <= lo:
         raise DataError(f"source {name}: no synthetic examples in [start={start}, end={end}] of "
                         f"data.synthetic.num_examples={cfg.num_examples}")
-    seed, digits, ops = int(cfg.seed), int(src.get("max_digits", cfg.max_digits)), int(src.get("max_ops", cfg.max_ops))
+    seed, digits = int(cfg.seed), int(src.get("max_digits", cfg.max_digits))
+    min_ops, max_ops = int(src.get("min_ops", cfg.min_ops)), int(src.get("max_ops", cfg.max_ops))
+    if not 1 <= min_ops <= max_ops:
+        raise DataError(f"source {name}: the synthetic task needs 1 <= min_ops <= max_ops, got {min_ops} and {max_ops}")
     per_doc = int(src.get("problems_per_document", cfg.problems_per_document))
     if per_doc < 1:
         raise DataError(f"source {name}: problems_per_document must be at least 1, got {per_doc}")
 
     def get(i: int) -> synthetic.Problem:
-        return synthetic.problem(i, seed=seed, max_digits=digits, max_ops=ops)
+        return synthetic.problem(i, seed=seed, max_digits=digits, max_ops=max_ops, min_ops=min_ops)
 
     if kind in ("pretrain", "tokenizer") and per_doc > 1:
         # A worksheet: consecutive problems of the slice, each "question\nsolution", a blank line

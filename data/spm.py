@@ -83,9 +83,11 @@ class SentencePieceTokenizer(Tokenizer):
         return out
 
 
-def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: str = "bpe", seed: int = 0) -> int:
+def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: str = "bpe", seed: int = 0,
+          split_digits: bool = True) -> int:
     """Trains a sentencepiece model on `texts` and writes it to `out_path`; deterministic given
-    the same texts. Ids: 0 pad, 1 bos, 2 eos, 3 unk, 4-7 chat control tokens, then bytes and pieces.
+    the same texts. `split_digits`: every digit its own piece (Llama's choice), else numbers may
+    merge with the space before them into one piece. Ids: 0 pad, 1 bos, 2 eos, 3 unk, 4-7 chat control tokens, then bytes and pieces.
     Returns how many lines were over the trainer's 64 KB sentence limit and were cut into pieces."""
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"tokenizer model_type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
@@ -103,7 +105,7 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: s
     try:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            byte_fallback=True, split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+            byte_fallback=True, split_digits=split_digits, add_dummy_prefix=False, remove_extra_whitespaces=False,
             normalization_rule_name="identity", allow_whitespace_only_pieces=True, character_coverage=0.9995,
             pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece=PAD, bos_piece=BOS, eos_piece=EOS, unk_piece=UNK,
             control_symbols=list(CONTROL_TOKENS), max_sentence_length=_MAX_SENTENCE_BYTES,

@@ -1,7 +1,7 @@
 """A built-in task that needs no files: arithmetic word problems with worked solutions and a verifier.
 
 `problem(index, seed=...)` is a pure function of (seed, index): the same problem on every machine
-and every run. Difficulty knobs: `max_digits` (operand size) and `max_ops` (number of steps).
+and every run. Difficulty knobs: `max_digits` (operand size) and `min_ops` .. `max_ops` (number of steps).
 Solutions end GSM8K-style in a `#### N` line, so `extract_answer` and `verify` serve GSM8K too.
 Each problem also carries a wrong solution (one arithmetic slip, carried through) for preference pairs.
 """
@@ -32,17 +32,18 @@ class _Op:
     other: str    # the friend in a "sub" step
 
 
-def problem(index: int, *, seed: int = 0, max_digits: int = 2, max_ops: int = 2) -> Problem:
-    """Problem number `index` of the family `seed`: a start value and 1..max_ops operations."""
-    if max_digits < 1 or max_ops < 1:
-        raise ValueError(f"synthetic task needs max_digits >= 1 and max_ops >= 1, got {max_digits}, {max_ops}")
+def problem(index: int, *, seed: int = 0, max_digits: int = 2, max_ops: int = 2, min_ops: int = 1) -> Problem:
+    """Problem number `index` of the family `seed`: a start value and min_ops..max_ops operations."""
+    if max_digits < 1 or not 1 <= min_ops <= max_ops:
+        raise ValueError(f"synthetic task needs max_digits >= 1 and 1 <= min_ops <= max_ops, got max_digits={max_digits}, "
+                         f"min_ops={min_ops}, max_ops={max_ops}")
     # A string seed goes through SHA-512: stable across Python versions and platforms.
     rng = random.Random(f"kiln-arithmetic:{seed}:{index}")
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     hi = 10 ** max_digits - 1
     start = rng.randint(2, hi)
     ops, value = [], start
-    for _ in range(rng.randint(1, max_ops)):
+    for _ in range(rng.randint(min_ops, max_ops)):
         divisors = [d for d in range(2, 10) if value % d == 0]
         kinds = ["add", "mul"] + (["sub"] if value > 1 else []) + (["div"] if divisors else [])
         kind = rng.choice(kinds)

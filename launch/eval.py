@@ -2,7 +2,8 @@
 
 Evaluates one checkpoint (a Kiln run, checkpoints or step directory, or a Hugging Face directory):
 bits per byte and perplexity on `data.eval_sources`, and exact-match accuracy on every task of
-`eval.tasks` for each number of shots and with and without a chain of thought. Writes
+`eval.tasks` for each number of shots and with and without a chain of thought (with chat prompts the
+two 0-shot settings are the same prompt, the question alone: computed once, reported under both). Writes
 `results.json` and `results.md` into the config's `run_dir` (each through a temporary file) and
 prints the table.
 
@@ -59,12 +60,16 @@ def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat
         step = jax.jit(evaluate.make_eval_step(graphdef))
         text = evaluate.evaluate_sources(config, "pretrain", sampler.tokenizer,
                                          lambda batch: step(params, rest, loader.global_batch(batch, mesh)))
-        rows = []
+        rows, done = [], {}
         for name, k, cot, evaluated, shots in runs:
+            # A 0-shot chat prompt is the question alone, with or without a chain of thought: the two
+            # settings are one computation, run once and reported under both.
+            key = (name, k, cot or (use_chat and k == 0))
             t0 = time.perf_counter()
-            out = tasks.accuracy(sampler, evaluated, shots, cot=cot, chat=use_chat,
-                                 max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
-            rows.append(dict(task=name, shots=k, chain_of_thought=cot, seconds=time.perf_counter() - t0, **out))
+            if key not in done:
+                done[key] = tasks.accuracy(sampler, evaluated, shots, cot=cot, chat=use_chat,
+                                           max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+            rows.append(dict(task=name, shots=k, chain_of_thought=cot, seconds=time.perf_counter() - t0, **done[key]))
     results = {"checkpoint": os.path.abspath(checkpoint_path), "chat": use_chat, "metrics": text, "tasks": rows,
                "seconds": time.perf_counter() - started}
     if jax.process_index() == 0:

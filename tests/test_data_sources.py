@@ -58,6 +58,13 @@ def test_synthetic_problems_are_deterministic_and_verifiable():
     one_step = [synthetic.problem(i, max_digits=1, max_ops=1) for i in range(50)]
     assert all(q.solution.count("\n") == 2 for q in one_step)  # start, one step, answer
     assert all(int(n) < 10 for q in one_step for n in re.findall(r"\d+", q.question))  # every operand
+    # min_ops: exactly that many steps when it equals max_ops; min_ops=1 is the default family.
+    assert all(synthetic.problem(i, max_digits=1, min_ops=2, max_ops=2).solution.count("\n") == 3 for i in range(50))
+    counts = {synthetic.problem(i, min_ops=2, max_ops=3).solution.count("\n") - 1 for i in range(50)}
+    assert counts == {2, 3}
+    assert synthetic.problem(5, max_ops=3, min_ops=1) == synthetic.problem(5, max_ops=3)
+    with pytest.raises(ValueError, match="min_ops <= max_ops"):
+        synthetic.problem(0, min_ops=3, max_ops=2)
 
 
 def test_extract_answer_and_verify():
@@ -81,6 +88,10 @@ def test_synthetic_source_slices_and_kinds():
     hard, _ = records("", "synthetic", "prompts", cfg, max_digits=3, max_ops=3)  # per-source difficulty
     assert [h["answer"] for h in hard[:20]] == [synthetic.problem(i, max_digits=3, max_ops=3).answer for i in range(20)]
     assert [h["answer"] for h in hard[:20]] != [t["answer"] for t in train[:20]]
+    two, _ = records("", "synthetic", "prompts", cfg, min_ops=2)
+    assert [t["answer"] for t in two[:20]] == [synthetic.problem(i, min_ops=2, max_ops=2).answer for i in range(20)]
+    with pytest.raises(sources.DataError, match="min_ops <= max_ops"):
+        records("", "synthetic", "prompts", cfg, min_ops=3)
 
 
 def test_synthetic_worksheets_hold_consecutive_problems_in_few_shot_layout():

@@ -33,6 +33,24 @@ def test_eval_writes_every_combination(tmp_path):
     assert "| arithmetic | 2 | no | 0.000 | 0 / 3 |" in table
 
 
+def test_eval_computes_identical_chat_settings_once(tmp_path, monkeypatch):
+    cfg = presets.get("tiny", vocab_size=384, max_seq_len=2048)
+    checkpoint.save_params(str(tmp_path / "ckpt"), 0, Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
+    calls = []
+    accuracy = kiln_eval.tasks.accuracy
+    monkeypatch.setattr(kiln_eval.tasks, "accuracy", lambda *a, **kw: calls.append((len(a[2]), kw["cot"])) or accuracy(*a, **kw))
+    config = load_config(os.path.join(ROOT, "configs/eval.py:smoke"), [
+        f"--config.run_dir={tmp_path / 'eval'}", "--config.eval.shots=(0, 1)", "--config.eval.max_new_tokens=4",
+        "--config.eval.num_problems=2"])
+    results = kiln_eval.run(config, str(tmp_path / "ckpt"), tokenizer="byte", chat_template="kiln", chat=True)
+    # 0-shot chat: one computation for both settings; 1-shot: the examples' replies differ, so two.
+    assert calls == [(0, True), (1, True), (1, False)]
+    rows = {(r["shots"], r["chain_of_thought"]): r for r in results["tasks"]}
+    assert len(rows) == 4 and rows[0, True]["examples"] == rows[0, False]["examples"]
+    plain = kiln_eval.run(config, str(tmp_path / "ckpt"), tokenizer="byte", chat=False)  # plain text: "#### " differs
+    assert len(calls) == 7 and len(plain["tasks"]) == 4
+
+
 def test_eval_cli_bad_checkpoint_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "launch.main", "eval", f"--checkpoint={tmp_path / 'nope'}",
                            "--config=configs/eval.py:smoke"], capture_output=True, text=True, cwd=ROOT)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from launch import main as kiln, sweep
+from launch.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,8 +60,17 @@ def test_malformed_sweeps_are_one_clear_error(in_root, override, message, capsys
     assert message in capsys.readouterr().err
 
 
-def test_every_sweep_and_its_smoke_variant_plans(in_root):
+def test_every_sweep_and_its_variants_plan(in_root):
     for name in ("dpo_beta", "replay", "lora_rank"):
-        for variant in ("", ":smoke"):
+        for variant in ("", ":smoke", ":small"):
             runs = sweep.plan(sweep.load_sweep(f"configs/sweeps/{name}.py{variant}", []))
             assert len({args[-1] for _, _, args in runs}) == len(runs) >= 2
+    # The small variants start from the main job's models, on its two-step task.
+    for name, stage in (("dpo_beta", "sft"), ("lora_rank", "anneal"), ("replay", "anneal")):
+        small = sweep.load_sweep(f"configs/sweeps/{name}.py:small", [])
+        config = load_config(small.base, sweep.plan(small)[0][2])
+        assert config.model.init_from == f"runs/lifecycle/{stage}"
+        if name != "replay":
+            assert (config.data.synthetic.max_digits, config.data.synthetic.min_ops, config.data.synthetic.max_ops) == (1, 2, 2)
+    replay = load_config("configs/continue.py:synthetic", [])
+    assert (replay.data.sources.train.max_digits, replay.data.eval_sources.old.max_ops) == (2, 1)

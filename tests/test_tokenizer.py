@@ -94,6 +94,15 @@ def test_sentencepiece_training_is_deterministic_and_exact(sp_path, tmp_path):
     assert not set(ids) & {tok.special_id(t) for t in tk.CONTROL_TOKENS}
 
 
+def test_sentencepiece_split_digits_off_merges_numbers(sp_path, tmp_path):
+    path = str(tmp_path / "numbers.model")
+    spm.train(CORPUS, path, vocab_size=400, model_type="bpe", split_digits=False)
+    split, merged = tk.load(sp_path), tk.load(path)
+    assert [split.piece(i) for i in split.encode(" has 7 apples")][1:3] == ["\u2581", "7"]
+    assert "\u25817" in [merged.piece(i) for i in merged.encode(" has 7 apples")]  # one piece: " 7"
+    assert merged.decode(merged.encode(TEXT)) == TEXT
+
+
 def test_unigram_training(unigram_path):
     tok = tk.load(unigram_path)
     assert tok.decode(tok.encode(TEXT)) == TEXT and tok.vocab_size == 400
