@@ -16,7 +16,7 @@ samples; GRPO continues from DPO with the verifier as reward.
 
 Settings (override with --config.KEY=VALUE): the task (max_digits, min_ops, max_ops, pretrain_ops,
 num_examples), the model (d_model, n_layers, n_heads, d_ff, vocab_size, split_digits), each stage's
-steps and learning rate, eval_problems, shots, scorer. The default is sized for about 14 minutes on
+steps and learning rate, eval_problems, shots, scorer. The default took 15.5 minutes on
 a 2-core CPU (README: the table it produced).
 Variants:
   smoke  tiny sizes and a few steps per stage, every stage run: about two minutes on a CPU.
