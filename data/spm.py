@@ -87,7 +87,8 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: s
           split_digits: bool = True) -> int:
     """Trains a sentencepiece model on `texts` and writes it to `out_path`; deterministic given
     the same texts. `split_digits`: every digit its own piece (Llama's choice), else numbers may
-    merge with the space before them into one piece. Ids: 0 pad, 1 bos, 2 eos, 3 unk, 4-7 chat control tokens, then bytes and pieces.
+    merge with the space before them into one piece. Ids: 0 pad, 1 bos, 2 eos, 3 unk, 4-7 chat
+    control tokens, then bytes and pieces.
     Returns how many lines were over the trainer's 64 KB sentence limit and were cut into pieces."""
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"tokenizer model_type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")

@@ -31,8 +31,8 @@ VARIANTS = {
                   time_scale=0.15, num_examples=2000, min_ops=1, max_ops=1, vocab_size=384, split_digits=True,
                   d_model=64, n_layers=2, n_heads=2, d_ff=128, seq_len=128, long_seq_len=256, pretrain_steps=4,
                   extension_steps=2, anneal_steps=2, sft_steps=4, reward_steps=2, rs_prompts=4, num_samples=4,
-                  pretrain_batch=8, rs_steps=2, dpo_steps=4, dpo_lr=1e-3, grpo_steps=2, grpo_batch=8, grpo_prompts=2, eval_problems=4, shots=(0,),
-                  chain_of_thought=(True,), max_new_tokens=24),
+                  pretrain_batch=8, rs_steps=2, dpo_steps=4, dpo_lr=1e-3, grpo_steps=2, grpo_batch=8, grpo_prompts=2,
+                  eval_problems=4, shots=(0,), chain_of_thought=(True,), max_new_tokens=24),
 }
 
 
@@ -62,15 +62,11 @@ def stages(c: ConfigDict) -> list[dict]:
     def cfg(stage: str) -> str:
         return base.stage_file(stage, c.variant)
 
-    def task(ops: tuple[int, int]) -> list[str]:
-        return [f"data.synthetic.max_digits={c.max_digits}", f"data.synthetic.min_ops={ops[0]}",
-                f"data.synthetic.max_ops={ops[1]}", f"data.synthetic.num_examples={c.num_examples}"]
-
     def steps(n: int, batch: int, lr: float = 0.0) -> list[str]:
         return [f"train.steps={n}", f"checkpoint.every={max(n // 2, 1)}", f"train.eval_every={n}",
                 f"data.batch_size={batch}", *((f"optim.lr={lr}",) if lr else ())]
 
-    downstream, early = task((c.min_ops, c.max_ops)), task((1, c.pretrain_ops))
+    downstream, early = task(c, (c.min_ops, c.max_ops)), task(c, (1, c.pretrain_ops))
     evaluate = {"config": cfg("eval"), "overrides": [
         *downstream, f"eval.num_problems={c.eval_problems}", f"eval.shots={tuple(c.shots)}",
         f"eval.chain_of_thought={tuple(c.chain_of_thought)}", f"eval.max_new_tokens={c.max_new_tokens}",
@@ -130,6 +126,10 @@ def start_from(stage: str, run_dir: str = "runs/lifecycle") -> tuple[str, ...]:
     """Overrides that start a stage config from the model of `stage` in a finished run of this recipe's
     default (`run_dir`), on its two-step task: the small-scale variants of the sweeps."""
     c = get_config()
-    return (f"model.init_from={run_dir}/{stage}", f"data.synthetic.max_digits={c.max_digits}",
-            f"data.synthetic.min_ops={c.min_ops}", f"data.synthetic.max_ops={c.max_ops}",
-            f"data.synthetic.num_examples={c.num_examples}")
+    return (f"model.init_from={run_dir}/{stage}", *task(c, (c.min_ops, c.max_ops)))
+
+
+def task(c: ConfigDict, ops: tuple[int, int]) -> list[str]:
+    """The overrides that set a stage's synthetic task: the recipe's numbers, `ops` = (min, max) steps."""
+    return [f"data.synthetic.max_digits={c.max_digits}", f"data.synthetic.min_ops={ops[0]}",
+            f"data.synthetic.max_ops={ops[1]}", f"data.synthetic.num_examples={c.num_examples}"]
