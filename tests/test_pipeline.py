@@ -164,3 +164,30 @@ def test_help_describes_the_command_itself(command, words, capsys):
     with pytest.raises(SystemExit) as stop:
         main.main([command, "--help"])
     assert stop.value.code == 0 and words in capsys.readouterr().out
+
+
+def test_llama31_lifecycle_variant_runs_rounds_like_the_main_job(monkeypatch):
+    """Two rounds from the lifecycle's SFT model: no SFT from a base, and each round's stage configs
+    resolve to the lifecycle's task, sizes and evaluation (what its table compares against)."""
+    from launch.config import load_config
+    monkeypatch.chdir(ROOT)
+    recipe, stages = pipeline.load_recipe(f"{RECIPE}:lifecycle", [])
+    assert [s["name"] for s in stages] == ["eval_sft", *(f"{k}_{r}" for r in (1, 2)
+                                                         for k in ("rejection_sampling", "sft", "dpo", "eval"))]
+    assert stages[0]["checkpoint"] == "runs/lifecycle/sft"
+    by_name = {s["name"]: s for s in stages}
+
+    def config(name):
+        s = by_name[name]
+        return load_config(s["config"], [f"--config.{o}" for o in s["overrides"]])
+
+    rs, sft, dpo, ev = config("rejection_sampling_2"), config("sft_2"), config("dpo_1"), config("eval_2")
+    for c in (rs, sft, dpo, ev):
+        task = c.data.synthetic
+        assert (task.max_digits, task.min_ops, task.max_ops, task.num_examples) == (1, 2, 2, 20000)
+    assert (rs.model.init_from, rs.rollout.num_prompts, rs.rollout.num_samples, rs.seed) == ("@dpo_1", 512, 4, 2)
+    assert (sft.model.init_from, sft.train.steps, sft.optim.lr) == ("@dpo_1", 40, 5e-4)
+    assert sft.data.sources.train.path == "@rejection_sampling_2/sft.jsonl"
+    assert (dpo.model.init_from, dpo.train.steps, dpo.optim.lr, dpo.data.seq_len) == ("@sft_1", 20, 3e-5, 128)
+    assert (ev.eval.num_problems, tuple(ev.eval.shots), ev.data.seq_len) == (500, (0, 1), 512)
+    assert by_name["eval_2"]["checkpoint"] == "@dpo_2"

@@ -12,11 +12,11 @@ first `eval_problems`), 0-shot and `shots`-shot, with and without a chain of tho
 `rejection_sampling` is the SFT model fine-tuned on its own best samples (of `num_samples` per prompt
 for `rs_prompts` training prompts, scored by `scorer`: the verifier, or the reward stage's model); its
 sampling statistics join its row as `rs_generate/...`. DPO trains on the best-vs-worst pairs of those
-samples; GRPO continues from DPO with the verifier as reward.
+samples; GRPO continues from DPO with the verifier as reward (rollouts at temperature 0.7).
 
 Settings (override with --config.KEY=VALUE): the task (max_digits, min_ops, max_ops, pretrain_ops,
 num_examples), the model (d_model, n_layers, n_heads, d_ff, vocab_size, split_digits), each stage's
-steps and learning rate, eval_problems, shots, scorer. The default took 15.5 minutes on
+steps and learning rate, eval_problems, shots, scorer. The default took 12.7 minutes on
 a 2-core CPU (README: the table it produced).
 Variants:
   smoke  tiny sizes and a few steps per stage, every stage run: about two minutes on a CPU.
@@ -50,8 +50,8 @@ def get_config(variant: str = "") -> ConfigDict:
         long_seq_len=512,
         # Steps per stage (rows of seq_len tokens: pretrain_batch in pre-training, batch_size after).
         pretrain_batch=4, batch_size=8, pretrain_steps=400, extension_steps=12, anneal_steps=24,
-        sft_steps=200, sft_lr=1e-3, reward_steps=30, rs_prompts=512, num_samples=4, rs_steps=40, dpo_steps=20,
-        dpo_lr=3e-5, grpo_steps=40, grpo_prompts=8, grpo_batch=16, grpo_lr=3e-5,
+        sft_steps=240, sft_lr=1e-3, reward_steps=30, rs_prompts=512, num_samples=4, rs_steps=40, dpo_steps=20,
+        dpo_lr=3e-5, grpo_steps=24, grpo_prompts=8, grpo_batch=16, grpo_lr=2e-5, grpo_temperature=0.7,
         # Evaluation: 0-shot and 1-shot (a 2-shot prompt of this task is ~200 tokens, twice the prefill).
         eval_problems=500, shots=(0, 1), chain_of_thought=(True, False), max_new_tokens=48,
         pair_len=128, pair_eval_batches=16))  # preference rows (prompt + one reply) and held-out pair batches
@@ -84,7 +84,7 @@ def stages(c: ConfigDict) -> list[dict]:
         dict(name="tokenizer", command="tokenizer", config=cfg("pretrain"), minutes=minutes(0.1),
              overrides=[*early, *worksheets, f"data.tokenizer_vocab_size={c.vocab_size}",
                         f"data.tokenizer_split_digits={c.split_digits}"]),
-        dict(name="pretrain", command="train", config=cfg("pretrain"), evaluate=evaluate, minutes=minutes(3.8),
+        dict(name="pretrain", command="train", config=cfg("pretrain"), evaluate=evaluate, minutes=minutes(3.1),
              overrides=[*early, *model, *short, *worksheets, "data.tokenizer=@tokenizer/tokenizer.model",
                         *steps(c.pretrain_steps, c.pretrain_batch)]),
         dict(name="context_extension", command="train", config=cfg("context_extension"), evaluate=evaluate,
@@ -94,13 +94,13 @@ def stages(c: ConfigDict) -> list[dict]:
                                               f"model.rope_scaling.factor={c.long_seq_len / c.seq_len}",
                                               *steps(c.extension_steps, c.pretrain_batch)]),
         # The learning rate to zero on the pre-training mix (configs/anneal.py's harder source is left out).
-        dict(name="anneal", command="train", config=cfg("anneal"), evaluate=evaluate, minutes=minutes(0.9),
+        dict(name="anneal", command="train", config=cfg("anneal"), evaluate=evaluate, minutes=minutes(0.8),
              overrides=[*early, "model.init_from=@context_extension", *short, "data.sources.quality.weight=0",
                         *worksheets, *steps(c.anneal_steps, c.pretrain_batch)]),
         dict(name="sft", command="train", config=cfg("sft"), evaluate=evaluate, minutes=minutes(3.4),
              overrides=[*downstream, "model.init_from=@anneal", *short, "optim.warmup_steps=10",
                         *steps(c.sft_steps, c.batch_size, c.sft_lr)]),
-        dict(name="reward", command="train", config=cfg("reward"), minutes=minutes(0.6),
+        dict(name="reward", command="train", config=cfg("reward"), minutes=minutes(0.4),
              overrides=[*downstream, "model.init_from=@sft", *pairs, *steps(c.reward_steps, c.batch_size)]),
         dict(name="rs_generate", command="generate", config=cfg("rejection_sampling"), part_of="rejection_sampling",
              minutes=minutes(0.5), overrides=[*downstream, "model.init_from=@sft", f"rollout.reward={scorer}",
@@ -115,10 +115,10 @@ def stages(c: ConfigDict) -> list[dict]:
         dict(name="dpo", command="train", config=cfg("dpo"), evaluate=evaluate, minutes=minutes(1.0),
              overrides=[*downstream, "model.init_from=@rejection_sampling", *pairs, "data.sources.train.format=jsonl",
                         "data.sources.train.path=@rs_generate/pairs.jsonl", *steps(c.dpo_steps, c.batch_size, c.dpo_lr)]),
-        dict(name="grpo", command="train", config=cfg("grpo"), evaluate=evaluate, minutes=minutes(1.8),
+        dict(name="grpo", command="train", config=cfg("grpo"), evaluate=evaluate, minutes=minutes(1.5),
              overrides=[*downstream, "model.init_from=@dpo", *short, f"rollout.batch_prompts={c.grpo_prompts}",
                         f"rollout.max_new_tokens={c.max_new_tokens}",
-                        *steps(c.grpo_steps, c.grpo_batch, c.grpo_lr)]),
+                        f"rollout.temperature={c.grpo_temperature}", *steps(c.grpo_steps, c.grpo_batch, c.grpo_lr)]),
     ]
 
 

@@ -8,23 +8,51 @@ each round starts from the previous round's DPO model. Every stage is a stage co
 with the overrides below; `results.md` gets a row per stage.
 
 Settings (override with --config.KEY=VALUE): base (the pre-trained model; "" pre-trains one with
-configs/pretrain.py:smoke), rounds, scorer (reward_model | verifier), variant (of every stage config).
+configs/pretrain.py:smoke), sft (false: base is already the SFT policy, round 1 samples from it),
+rounds, scorer (reward_model | verifier), variant (of every stage config), and extra overrides:
+`overrides` for every stage, `<kind>_overrides` for the stages of one kind (sft: every SFT, the rounds'
+included; reward, rejection_sampling, dpo, eval).
 Variants:
-  smoke  a tiny model pre-trained in the recipe, one round, a few steps per stage: a few minutes on a CPU.
+  smoke      a tiny model pre-trained in the recipe, one round, a few steps per stage: a few minutes on a CPU.
+  lifecycle  two rounds from the main job's SFT model (runs/lifecycle/sft, configs/recipes/lifecycle.py)
+             with its task, stage sizes and evaluation: about 5 minutes on 2 CPU cores.
 """
 from ml_collections import ConfigDict
 
 from configs import base
+from configs.recipes import lifecycle
+
+
+def _lifecycle() -> dict:
+    """Settings that run the rounds like configs/recipes/lifecycle.py runs its rejection sampling, its SFT
+    on the kept samples, DPO and evaluation, on its task, from its SFT model."""
+    recipe = {s["name"]: s for s in lifecycle.stages(lifecycle.get_config())}
+    task = lifecycle.start_from("sft")[1:]  # the task's overrides (after model.init_from)
+    # What the rounds set themselves, or the task sets for every stage, is left out of the per-kind lists.
+    set_here = ("model.init_from", "data.sources.train.", "rollout.reward", "rollout.min_reward",
+                *(t.split("=")[0] for t in task))
+
+    def own(overrides: list[str]) -> tuple[str, ...]:
+        return tuple(o for o in overrides if not o.startswith(set_here))
+
+    return dict(run_dir="runs/llama31_lifecycle", base="runs/lifecycle/sft", sft=False, overrides=task,
+                sft_overrides=own(recipe["rejection_sampling"]["overrides"]),
+                rejection_sampling_overrides=own(recipe["rs_generate"]["overrides"]),
+                dpo_overrides=own(recipe["dpo"]["overrides"]), eval_overrides=own(recipe["sft"]["evaluate"]["overrides"]))
+
 
 VARIANTS = {
     "smoke": dict(run_dir="runs/llama31_smoke", base="", rounds=1, scorer="reward_model", variant="smoke", steps=4,
                   min_reward=-1e9),
+    "lifecycle": _lifecycle(),
 }
 
 
 def get_config(variant: str = "") -> ConfigDict:
-    c = ConfigDict(dict(run_dir="runs/llama31", base="runs/pretrain", rounds=2, scorer="verifier", variant="",
-                        steps=0, min_reward=1.0))  # steps 0: each stage config's own train.steps
+    c = ConfigDict(dict(run_dir="runs/llama31", base="runs/pretrain", sft=True, rounds=2, scorer="verifier",
+                        variant="", steps=0, min_reward=1.0,  # steps 0: each stage config's own train.steps
+                        overrides=(), sft_overrides=(), reward_overrides=(), rejection_sampling_overrides=(),
+                        dpo_overrides=(), eval_overrides=()))
     return base.with_variant(c, VARIANTS, variant)
 
 
@@ -34,29 +62,33 @@ def stages(c: ConfigDict) -> list[dict]:
 
     steps = ([f"train.steps={c.steps}", f"checkpoint.every={max(c.steps // 2, 1)}", f"train.eval_every={c.steps}"]
              if c.steps else [])
+
+    def stage(name: str, command: str, kind: str, overrides: list[str], **more) -> dict:
+        extra = [*c.overrides, *c.get(f"{kind}_overrides", ())]
+        return dict(name=name, command=command, config=cfg(kind), overrides=[*extra, *overrides], **more)
+
     out, start = [], c.base
     if not start:
         out.append(dict(name="pretrain", command="train", config=cfg("pretrain"), overrides=steps))
         start = "@pretrain"
-    out += [dict(name="sft", command="train", config=cfg("sft"), overrides=[f"model.init_from={start}", *steps]),
-            dict(name="eval_sft", command="eval", config=cfg("eval"), checkpoint="@sft")]
-    policy = "@sft"
+    policy = start
+    if c.sft:
+        out.append(stage("sft", "train", "sft", [f"model.init_from={start}", *steps]))
+        policy = "@sft"
+    out.append(stage("eval_sft", "eval", "eval", [], checkpoint=policy))
     for r in range(1, c.rounds + 1):
         scorer = f"@reward_{r}" if c.scorer == "reward_model" else "verifier"
         if c.scorer == "reward_model":
-            out.append(dict(name=f"reward_{r}", command="train", config=cfg("reward"),
-                            overrides=[f"model.init_from={policy}", *steps]))
+            out.append(stage(f"reward_{r}", "train", "reward", [f"model.init_from={policy}", *steps]))
         out += [
-            dict(name=f"rejection_sampling_{r}", command="generate", config=cfg("rejection_sampling"),
-                 overrides=[f"model.init_from={policy}", f"rollout.reward={scorer}", f"rollout.min_reward={c.min_reward}",
-                            f"seed={r}"]),
-            dict(name=f"sft_{r}", command="train", config=cfg("sft"),
-                 overrides=[f"model.init_from={policy}", "data.sources.train.format=jsonl",
-                            f"data.sources.train.path=@rejection_sampling_{r}/sft.jsonl", *steps]),
-            dict(name=f"dpo_{r}", command="train", config=cfg("dpo"),
-                 overrides=[f"model.init_from=@sft_{r}", "data.sources.train.format=jsonl",
-                            f"data.sources.train.path=@rejection_sampling_{r}/pairs.jsonl", *steps]),
-            dict(name=f"eval_{r}", command="eval", config=cfg("eval"), checkpoint=f"@dpo_{r}"),
+            stage(f"rejection_sampling_{r}", "generate", "rejection_sampling",
+                  [f"model.init_from={policy}", f"rollout.reward={scorer}", f"rollout.min_reward={c.min_reward}",
+                   f"seed={r}"]),
+            stage(f"sft_{r}", "train", "sft", [f"model.init_from={policy}", "data.sources.train.format=jsonl",
+                                               f"data.sources.train.path=@rejection_sampling_{r}/sft.jsonl", *steps]),
+            stage(f"dpo_{r}", "train", "dpo", [f"model.init_from=@sft_{r}", "data.sources.train.format=jsonl",
+                                               f"data.sources.train.path=@rejection_sampling_{r}/pairs.jsonl", *steps]),
+            stage(f"eval_{r}", "eval", "eval", [], checkpoint=f"@dpo_{r}"),
         ]
         policy = f"@dpo_{r}"
     return out
