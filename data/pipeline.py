@@ -263,3 +263,27 @@ def _assemble(kind: str, token_bytes: np.ndarray, rows: tuple[dict[str, Any], ..
         trained = batch[f"{prefix}loss_mask"] > 0
         batch[f"{prefix}target_bytes"] = np.where(trained, token_bytes[batch[f"{prefix}targets"]], 0).astype(np.int32)
     return batch
+
+
+def combine_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One JSON object for the iterator states of every process of a run (process order); a single
+    process's state is kept as it is."""
+    return states[0] if len(states) == 1 else {"processes": states}
+
+
+def process_state(saved: dict[str, Any], process_index: int, process_count: int) -> dict[str, Any]:
+    """This process's iterator state from `combine_states`' object, also when the run that saved it had
+    a different number of processes: each process reads batch slots (its rows of every global batch),
+    so the slots of all processes, in order, are re-divided (in-thread iterators only; with
+    data.num_workers the counts must match)."""
+    states = saved.get("processes", [saved])
+    if len(states) == process_count:
+        return states[process_index]
+    if not all(set(s) == {"parents"} for s in states):
+        raise ValueError(f"the checkpoint's data state was saved by {len(states)} processes and this run has "
+                         f"{process_count}; with data.num_workers > 0 resume with {len(states)} processes")
+    slots = [slot for s in states for slot in s["parents"]]
+    if len(slots) % process_count:
+        raise ValueError(f"the checkpoint's {len(slots)} batch slots do not split over {process_count} processes")
+    local = len(slots) // process_count
+    return {"parents": slots[process_index * local:(process_index + 1) * local]}

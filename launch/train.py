@@ -5,6 +5,7 @@ import os
 import sys
 
 from launch.config import ConfigError, load_config
+from train import distributed
 from train.checkpoint import CheckpointError
 from train.rundir import RunDirError
 from train.trainer import TrainingError, train
@@ -37,7 +38,9 @@ def main(argv: list[str]) -> int:
     spec, overrides, other = split_args(argv, "kiln train")
     if other:
         raise ConfigError(f"unknown argument {other[0]!r}; config values are set with --config.KEY=VALUE")
+    distributed.initialize()  # a no-op unless the environment describes a multi-process run
     config = load_config(spec, overrides)
+    distributed.check_same("config", config.to_json(sort_keys=True))
     try:
         last = train(config)
     except (TrainingError, RunDirError) as e:
@@ -49,6 +52,10 @@ def main(argv: list[str]) -> int:
         # come; the error is reported and the last good checkpoint is intact, so leave now.
         sys.stdout.flush()
         os._exit(1)
+    if "preempted_at" in last:
+        print(f"stopped {config.stage} at step {last['preempted_at']} of {config.train.steps} (pre-empted) in "
+              f"{config.run_dir}; run the same command to resume")
+        return 0
     summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k in ("loss", "tokens_per_s", "mfu")
                         or k.startswith("eval/") and k.count("/") == 1)
     print(f"finished {config.stage}: {config.train.steps} steps in {config.run_dir}: {summary}")

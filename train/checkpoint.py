@@ -23,11 +23,13 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from data import pipeline
 from data.sources import expand_path
 from model import hf, lora
 from model.config import DType, ModelConfig
 from model.sharding import Rules, var_sharding
 from model.transformer import Transformer, trainable
+from train import distributed
 
 CORRUPT_DIR = "checkpoints.corrupt"  # beside checkpoints/: unreadable steps are moved here, never deleted
 
@@ -325,6 +327,8 @@ class Checkpointer:
         ensure_writable(self.directory)
         params, rest = _split_value(nnx.to_pure_dict(state.params)), _flat(_rest(state))
         checksums = fingerprint(dict(params, train_state=rest))
+        # Every process's iterator position (orbax writes a JSON item from process 0 only).
+        data_state = pipeline.combine_states(distributed.gather_json(data_state))
         items = dict({k: ocp.args.StandardSave(v) for k, v in params.items()}, train_state=ocp.args.StandardSave(rest),
                      data=ocp.args.JsonSave(data_state), model_config=ocp.args.JsonSave(model_config.to_dict()),
                      fingerprint=ocp.args.JsonSave(checksums))
@@ -351,7 +355,11 @@ class Checkpointer:
         verify({k: out[k] for k in (*like_params, "train_state")}, out.get("fingerprint"), where)
         params = jax.tree.map(lambda x: x, like.params)
         nnx.replace_by_pure_dict(params, _join_value({k: out[k] for k in like_params}))
-        return type(like)(params=params, **_unflat(rest, out["train_state"])), out["data"]
+        try:
+            data_state = pipeline.process_state(out["data"], jax.process_index(), jax.process_count())
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        return type(like)(params=params, **_unflat(rest, out["train_state"])), data_state
 
     def restore_latest(self, like: Any, warn: Callable[[str], None]) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, data state) of the latest step that restores and verifies; None if there is

@@ -143,6 +143,11 @@ class RolloutSource:
             self.queue = self._rollout()
         return self.queue.pop(0)
 
+    @property
+    def at_boundary(self) -> bool:
+        """Between rollouts: the only place a checkpoint may fall (its mini-batches are not saved)."""
+        return not self.queue
+
     def get_state(self) -> dict[str, Any]:
         if self.queue:
             raise RuntimeError("an RL checkpoint must fall between rollouts (train.steps and checkpoint.every are "

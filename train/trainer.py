@@ -25,7 +25,7 @@ from model.config import LoraConfig, ModelConfig, PrefixConfig, RopeScaling
 from model.sharding import make_mesh, shard_module, use_rules
 from model.transformer import Transformer, trainable
 from model.actor_critic import ActorCritic
-from train import checkpoint, flops, losses, optim, preflight, records, reference, rollout, rundir
+from train import checkpoint, distributed, flops, losses, optim, preflight, records, reference, rollout, rundir
 from train.evaluate import evaluate
 from train.losses.dpo import needs_reference
 from train.step import TrainState, init_state, make_train_step
@@ -283,7 +283,11 @@ def _run(run: Run, kind: str, ckpt: checkpoint.Checkpointer) -> dict[str, Any]:
         with jax.set_mesh(run.mesh), use_rules(config.mesh.rules):
             if start == 0 and config.model.init_from and config.train.eval_every > 0:
                 last.update(_eval(run, kind, 0, logger))
-            last.update(_loop(run, kind, data_iter, ckpt, logger, start, peak))
+            with distributed.Preemption() as preemption:
+                last.update(_loop(run, kind, data_iter, ckpt, logger, start, peak, preemption))
+            if "preempted_at" in last:
+                ckpt.wait()
+                return last
             if config.train.eval_every > 0 and config.data.eval_sources and start < config.train.steps:
                 last.update(_eval(run, kind, config.train.steps, logger))
         if ckpt.latest_step() != int(run.state.step):
@@ -355,11 +359,12 @@ def _say(text: str) -> None:
 
 
 def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointer, logger: records.MetricsLogger,
-          start: int, peak: float) -> dict[str, Any]:
+          start: int, peak: float, preemption: distributed.Preemption) -> dict[str, Any]:
     config = run.config
     # Token slots per step (padding included): a preference row holds two sequences.
     tokens_per_step = config.data.batch_size * config.data.seq_len * (2 if kind == "preference" else 1)
     pending = None  # the previous step's metrics: read one step late so the device never idles
+    preempted_at = 0
     interval_start, interval_steps, last = time.perf_counter(), 0, {}
     for step in range(start, config.train.steps):
         batch = next(data_iter)
@@ -384,9 +389,15 @@ def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointe
             interval_start = time.perf_counter()
         if config.checkpoint.every > 0 and (step + 1) % config.checkpoint.every == 0:
             ckpt.save(run.state, data_iter.get_state(), run.model_cfg)
+        if preemption.reached(step + 1) and getattr(data_iter, "at_boundary", True):
+            if ckpt.latest_step() != step + 1:
+                ckpt.save(run.state, data_iter.get_state(), run.model_cfg)
+            _say(f"pre-empted: saved step {step + 1} in {config.run_dir}; the same command resumes from it")
+            preempted_at = step + 1
+            break
     if pending is not None:
         last = _finish(run, pending, logger)
-    return last
+    return {**last, "preempted_at": preempted_at} if preempted_at else last
 
 
 def _finish(run: Run, pending: tuple[int, dict], logger: records.MetricsLogger) -> dict[str, Any]:

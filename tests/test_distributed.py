@@ -1,0 +1,165 @@
+"""Multi-process runs on one machine (`launch.local`): the same losses as one process, checkpoints that
+any process count resumes with each process's data position, pre-emption (SIGTERM) saved and resumed,
+and the environment's mistakes named in one line."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from data import pipeline
+from train import distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["kiln", "train", "--config=configs/pretrain.py:smoke"]
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def local(n, *command, options=()):
+    return subprocess.Popen([sys.executable, "-m", "launch.local", f"--num_processes={n}", *options, "--", *command],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc):
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-2000:]
+    return out
+
+
+def wait_for_step(run_dir, proc, timeout=300):
+    """Returns once the run has logged a train step (so a signal arrives mid-run)."""
+    path, deadline = os.path.join(run_dir, "metrics.jsonl"), time.time() + timeout
+    while not (os.path.exists(path) and losses(run_dir)):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or never started"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"},
+     dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3)),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, dict(cluster_detection_method="slurm")),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),  # a one-task job is one process
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, {}),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+])
+def test_the_environment_says_how_to_join(env, want):
+    assert distributed.describe(env) == want
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID not"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"not in \[0, JAX_NUM_PROC"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "must be integers"),
+])
+def test_a_half_described_run_is_named(env, message):
+    with pytest.raises(distributed.DistributedError, match=message):
+        distributed.describe(env)
+
+
+def test_dry_run_prints_one_command_per_process(tmp_path):
+    out = finish(local(3, *SMOKE, options=("--dry-run", "--port=2345", f"--log_dir={tmp_path}")))
+    lines = out.strip().splitlines()
+    assert len(lines) == 3
+    for i, line in enumerate(lines):
+        assert line.startswith(f"JAX_COORDINATOR_ADDRESS=127.0.0.1:2345 JAX_NUM_PROCESSES=3 JAX_PROCESS_ID={i} ")
+        assert "kiln train --config=configs/pretrain.py:smoke" in line
+        assert (f"> {tmp_path}/process_{i}.log" in line) == (i > 0)  # process 0 writes to the terminal
+
+
+def test_an_unreachable_coordinator_is_one_line(tmp_path):
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{distributed_free_port()}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID="1", KILN_DISTRIBUTED_TIMEOUT_S="2")
+    out = subprocess.run([*SMOKE, f"--config.run_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"kiln train: error: process 1 of 2 found no coordinator at {env['JAX_COORDINATOR_ADDRESS']} within 2s "
+        "(Connection refused): start process 0 with the same JAX_COORDINATOR_ADDRESS, and check that its host and "
+        "port are reachable"]
+
+
+def distributed_free_port():
+    from launch.local import free_port
+    return free_port()
+
+
+def test_data_positions_are_redivided_over_a_new_process_count():
+    # Each process holds its batch slots' states in order; 2 processes x 4 slots -> 1 x 8 or 4 x 2.
+    two = [{"parents": [{"slot": i} for i in range(p * 4, p * 4 + 4)]} for p in range(2)]
+    saved = pipeline.combine_states(two)
+    assert pipeline.process_state(saved, 1, 2) == two[1]
+    assert pipeline.process_state(saved, 0, 1) == {"parents": [{"slot": i} for i in range(8)]}
+    assert pipeline.process_state(saved, 3, 4) == {"parents": [{"slot": 6}, {"slot": 7}]}
+    assert pipeline.combine_states([two[0]]) == two[0]  # a single process's checkpoint is as before
+    with pytest.raises(ValueError, match="saved by 2 processes and this run has 3"):
+        pipeline.process_state({"processes": [{"workers": 1}, {"workers": 2}]}, 0, 3)
+
+
+@pytest.mark.slow  # ~30 s: two runs
+def test_sigterm_saves_the_step_and_the_same_command_resumes(tmp_path):
+    run_dir = str(tmp_path / "run")
+    command = [*SMOKE, f"--config.run_dir={run_dir}", "--config.train.steps=2000", "--config.checkpoint.every=5000",
+               "--config.train.eval_every=0", "--config.train.log_every=1"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run_dir, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-2000:]
+    from train import checkpoint
+    stopped = checkpoint.latest_step(run_dir)
+    assert 0 < stopped < 2000 and f"stopped pretrain at step {stopped} of 2000 (pre-empted)" in out
+    resumed = subprocess.run([*command, "--config.train.steps=" + str(stopped + 3)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert f"resumed from step {stopped}" in resumed.stdout + resumed.stderr
+    assert max(losses(run_dir)) == stopped + 3
+
+
+@pytest.mark.slow  # ~1 min: three multi-process runs
+def test_two_processes_match_one_and_either_count_resumes(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    finish(subprocess.Popen([*SMOKE, f"--config.run_dir={one}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True))
+    finish(local(2, *SMOKE, f"--config.run_dir={two}", options=(f"--log_dir={tmp_path}",)))
+    reference, got = losses(one), losses(two)
+    assert list(got) == list(reference)
+    for step in reference:  # measured: 1.7e-7 relative at most (the sum over two processes' rows)
+        assert got[step] == pytest.approx(reference[step], rel=1e-5)
+    # Resume from the 2-process step-10 checkpoint, with 1 and with 2 processes: each process must
+    # continue its own rows of the stream, so both finish like the uninterrupted run.
+    for n in (1, 2):
+        resumed = str(tmp_path / f"resumed_{n}")
+        shutil.copytree(two, resumed)
+        shutil.rmtree(os.path.join(resumed, "checkpoints", "20"))
+        finish(local(n, *SMOKE, f"--config.run_dir={resumed}", options=(f"--log_dir={tmp_path}",)))
+        after = losses(resumed)
+        for step in (15, 20):
+            assert after[step] == pytest.approx(reference[step], rel=1e-5), (n, step)
+
+
+@pytest.mark.slow  # ~1 min
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+    run_dir = str(tmp_path / "run")
+    command = [*SMOKE, f"--config.run_dir={run_dir}", "--config.train.steps=3000", "--config.checkpoint.every=5000",
+               "--config.train.eval_every=0", "--config.train.log_every=1"]
+    proc = local(2, *command, options=(f"--log_dir={tmp_path}",))
+    wait_for_step(run_dir, proc)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(children[-1]), signal.SIGTERM)  # process 1 only
+    out = finish(proc)
+    from train import checkpoint
+    stopped = checkpoint.latest_step(run_dir)
+    assert 0 < stopped < 3000 and f"stopped pretrain at step {stopped} of 3000 (pre-empted)" in out
+    other = open(tmp_path / "process_1.log").read()
+    assert f"stopped pretrain at step {stopped} of 3000 (pre-empted)" in other  # the same step on both
+    finish(local(2, *command[:-4], "--config.train.steps=" + str(stopped + 2), "--config.checkpoint.every=5000",
+                 "--config.train.eval_every=0", "--config.train.log_every=1", options=(f"--log_dir={tmp_path}",)))
+    assert max(losses(run_dir)) == stopped + 2
