@@ -118,6 +118,9 @@ def get_config() -> ConfigDict:
     # count, evaluation and mesh may always change; model shape, stage and loss never.
     c.checkpoint = ConfigDict({"every": 500, "keep": 3, "keep_every": 0, "async": True, "resume": "auto",
                                "allow_changes": False})
+    # Mesh: data x fsdp x tensor devices (one may be -1: the rest) per slice or node; dcn_data / dcn_fsdp:
+    # how many slices (or processes, i.e. hosts) the data / fsdp axis also spans across the data-centre
+    # network. rules: logical axis -> mesh axes (model/sharding.py).
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1,
                              rules=tuple((name, target) for name, target in DEFAULT_RULES)))
     # Evaluation (`kiln eval`): bits per byte and perplexity on data.eval_sources, and exact-match

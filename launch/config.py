@@ -114,13 +114,6 @@ def parse_value(raw: str, current: Any) -> Any:
         return raw
 
 
-# Keys that nothing reads yet, and the step that connects them: setting one is an error, so that
-# nobody sweeps a knob that does nothing.
-UNCONNECTED = {
-    "mesh.dcn_data": "Step 8 (multi-slice meshes)", "mesh.dcn_fsdp": "Step 8 (multi-slice meshes)",
-}
-
-
 # The rollout.* keys each stage reads; setting one in another stage is an error.
 _SAMPLING = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "reward")
 _RL = (*_SAMPLING, "batch_prompts", "epochs", "format_penalty", "mask_truncated")
@@ -129,17 +122,10 @@ ROLLOUT_KEYS = {"rejection_sampling": (*_SAMPLING, "num_prompts", "min_reward"),
 
 
 def check_connected(config: ConfigDict) -> None:
-    """ConfigError for a key of UNCONNECTED set away from its default in configs/base.py, or a
-    rollout.* key set in a stage that does not read it."""
+    """ConfigError for a rollout.* key set in a stage that does not read it, or a rope_scaling key set
+    while scaling is off."""
     defaults = base.get_config()
     _check_readers(config, "rollout", "stage", ROLLOUT_KEYS)
-    for prefix, step in UNCONNECTED.items():
-        keys = ([f"{prefix}{k}" for k in _get(defaults, prefix[:-1]).keys()] if prefix.endswith(".") else [prefix])
-        for key in keys:
-            value, default = _get(config, key), _get(defaults, key)
-            if value != default:
-                raise ConfigError(f"config key {key!r} = {value!r} is not connected to anything yet (it arrives "
-                                  f"with {step}); leave it at its default {default!r}")
     scaling = config.model.rope_scaling
     if scaling.type == "none":
         for key, value in scaling.items():

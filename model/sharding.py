@@ -96,22 +96,58 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axes; one size may be -1 (the remaining devices)."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None, *,
+              dcn_data: int = 1, dcn_fsdp: int = 1) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes; one of the three may be -1 (the remaining devices).
+
+    With `dcn_data` x `dcn_fsdp` > 1 the devices form that many granules (TPU slices, or processes,
+    i.e. hosts or nodes, joined by the slower data-centre network) and `data`/`fsdp`/`tensor` describe
+    one granule: the mesh's data axis is dcn_data * data long, granules outermost, so that only the
+    data (or fsdp) axis crosses the network and tensor parallelism stays inside a granule. One process
+    without slices splits its devices into equal groups in order (a stand-in to test with).
+    """
     devices = list(devices if devices is not None else jax.devices())
+    granules = _granules(devices, dcn_data * dcn_fsdp)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
-    known = math.prod(s for s in sizes if s != -1)
+    per, known = len(granules[0]), math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by data*fsdp*tensor={known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh: data*fsdp*tensor={math.prod(sizes)} does not match the {len(devices)} devices; "
-                         "set one of mesh.data/fsdp/tensor to -1")
-    grid = np.asarray(devices).reshape(sizes)
+        if per % known:
+            raise ValueError(f"mesh: {per} devices{' per granule' if len(granules) > 1 else ''} are not divisible "
+                             f"by data*fsdp*tensor={known}")
+        sizes[sizes.index(-1)] = per // known
+    if math.prod(sizes) != per:
+        raise ValueError(f"mesh: data*fsdp*tensor={math.prod(sizes)} does not match the {per} devices"
+                         f"{' per granule' if len(granules) > 1 else ''}; set one of mesh.data/fsdp/tensor to -1")
+    # [dcn_data, dcn_fsdp, data, fsdp, tensor] -> data axis (dcn_data, data), fsdp axis (dcn_fsdp, fsdp).
+    grid = np.asarray([d for g in granules for d in g]).reshape(dcn_data, dcn_fsdp, *sizes)
+    grid = grid.transpose(0, 2, 1, 3, 4).reshape(dcn_data * sizes[0], dcn_fsdp * sizes[1], sizes[2])
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _granules(devices: list[Any], count: int) -> list[list[Any]]:
+    """`devices` as `count` equal groups: by TPU slice, else by process, else in order (one process)."""
+    if count < 1:
+        raise ValueError(f"mesh: dcn_data * dcn_fsdp must be at least 1, got {count}")
+    if count == 1:
+        return [devices]
+    for key in ("slice_index", "process_index"):
+        ids = sorted({getattr(d, key, 0) for d in devices})
+        if len(ids) > 1:
+            if len(ids) != count:
+                raise ValueError(f"mesh: the devices span {len(ids)} {key.split('_')[0]}es but mesh.dcn_data * "
+                                 f"mesh.dcn_fsdp = {count}; make the product the number of slices or processes")
+            groups = [[d for d in devices if getattr(d, key, 0) == i] for i in ids]
+            break
+    else:
+        if len(devices) % count:
+            raise ValueError(f"mesh: {len(devices)} devices do not split into dcn_data * dcn_fsdp = {count} groups")
+        n = len(devices) // count
+        groups = [devices[i * n:(i + 1) * n] for i in range(count)]
+    if len({len(g) for g in groups}) > 1:
+        raise ValueError(f"mesh: the {count} granules hold different numbers of devices ({[len(g) for g in groups]})")
+    return groups
 
 
 def var_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules | None = None) -> NamedSharding:

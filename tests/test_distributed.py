@@ -139,7 +139,9 @@ def test_two_processes_match_one_and_either_count_resumes(tmp_path):
         resumed = str(tmp_path / f"resumed_{n}")
         shutil.copytree(two, resumed)
         shutil.rmtree(os.path.join(resumed, "checkpoints", "20"))
-        finish(local(n, *SMOKE, f"--config.run_dir={resumed}", options=(f"--log_dir={tmp_path}",)))
+        # Two processes resume on a hybrid mesh: each process a granule, the data axis across them.
+        mesh = ("--config.mesh.dcn_data=2",) if n == 2 else ()
+        finish(local(n, *SMOKE, f"--config.run_dir={resumed}", *mesh, options=(f"--log_dir={tmp_path}",)))
         after = losses(resumed)
         for step in (15, 20):
             assert after[step] == pytest.approx(reference[step], rel=1e-5), (n, step)
@@ -163,3 +165,24 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     finish(local(2, *command[:-4], "--config.train.steps=" + str(stopped + 2), "--config.checkpoint.every=5000",
                  "--config.train.eval_every=0", "--config.train.log_every=1", options=(f"--log_dir={tmp_path}",)))
     assert max(losses(run_dir)) == stopped + 2
+
+
+@pytest.mark.slow  # ~2 min: six stages compiled for a sharded mesh
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "dpo", "grpo", "ppo"])
+def test_every_stage_trains_on_eight_devices_with_fsdp_and_tensor_sharding(stage, tmp_path):
+    import math
+
+    import jax
+
+    from launch.config import load_config
+    from train import trainer
+    overrides = [f"--config.run_dir={tmp_path}", "--config.train.progress=false", "--config.mesh.data=1",
+                 "--config.mesh.fsdp=4", "--config.mesh.tensor=2"]
+    config = load_config(os.path.join(ROOT, f"configs/{stage}.py:smoke"), overrides)
+    last = trainer.train(config)
+    assert math.isfinite(last["loss"])
+    run = trainer.setup(config)
+    assert dict(run.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    axes = {a for x in jax.tree.leaves(run.state.params) for spec in [x.sharding.spec] for part in spec
+            for a in ((part,) if isinstance(part, str) else part or ())}
+    assert {"fsdp", "tensor"} <= axes  # the weights really are split both ways

@@ -338,3 +338,21 @@ def test_bad_config_is_named():
         presets.get("tiny", n_heads=6, n_kv_heads=4)
     with pytest.raises(ValueError, match="unknown model preset 'llama9'"):
         presets.get("llama9")
+
+
+def test_hybrid_mesh_puts_granules_outermost_on_the_network_axes():
+    devices = jax.devices()[:8]
+    # Two slices of four (one process: devices split in order): the data axis crosses slices.
+    mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=2, devices=devices, dcn_data=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    assert set(ids[0].ravel()) == {d.id for d in devices[:4]} and set(ids[1].ravel()) == {d.id for d in devices[4:]}
+    # FSDP across two slices, data parallel inside each: the fsdp axis is (slice, fsdp within it).
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=1, devices=devices, dcn_fsdp=2)
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert set(ids[:, :2].ravel()) == {d.id for d in devices[:4]}  # the first slice: fsdp 0-1 of both data rows
+    with pytest.raises(ValueError, match="do not split into dcn_data \\* dcn_fsdp = 3 groups"):
+        sharding.make_mesh(devices=devices, dcn_data=3)
+    with pytest.raises(ValueError, match="data\\*fsdp\\*tensor=8 does not match the 4 devices per granule"):
+        sharding.make_mesh(data=8, fsdp=1, devices=devices, dcn_data=2)

@@ -86,7 +86,6 @@ def test_bad_stage_or_shape_stops_before_writing(tmp_path, overrides, message):
     ("--config.loss.margin=1.0", "'loss.margin' is set but loss.type is 'next_token'; it is read by loss.type=reward"),
     ("--config.rollout.top_k=5", "'rollout.top_k' is set but stage is 'pretrain'; it is read by "
                                  "stage=rejection_sampling or grpo or ppo"),
-    ("--config.mesh.dcn_data=2", "'mesh.dcn_data' = 2 is not connected"),
     ("--config.model.rope_scaling.factor=4.0", "'model.rope_scaling.factor' is set but model.rope_scaling.type is 'none'"),
 ])
 def test_unconnected_keys_are_refused(tmp_path, override, message):

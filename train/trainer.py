@@ -191,7 +191,8 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
     The sequence length, batch and memory are checked against the model and mesh first."""
     config.data.tokenizer = tokenizer_name(config)  # recorded concrete in config.json
     tok = tokenizers.resolve(config.data, config.run_dir)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices,
+                     dcn_data=config.mesh.dcn_data, dcn_fsdp=config.mesh.dcn_fsdp)
     with jax.set_mesh(mesh), use_rules(config.mesh.rules):
         cfg = model_config(config, tok.vocab_size)
         preflight.check_shapes(config, cfg, mesh)
