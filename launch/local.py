@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import signal
 import socket
-import subprocess
 import sys
-import time
+
+from launch import launcher
 
 
 def free_port() -> int:
@@ -54,34 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give a command after --, and --num_processes and --devices_per_process of at least 1")
     envs = environments(a.num_processes, a.port or free_port(), a.devices_per_process)
     log_dir = a.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"kiln_local_{os.getpid()}")
+    logs = [None, *(os.path.join(log_dir, f"process_{i}.log") for i in range(1, a.num_processes))]
     if a.dry_run:
-        for i, env in enumerate(envs):
-            out = "" if i == 0 else f" > {shlex.quote(os.path.join(log_dir, f'process_{i}.log'))} 2>&1"
-            print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(command) + out)
+        for env, log in zip(envs, logs):
+            print(launcher.env_line(env, command, log))
         return 0
     os.makedirs(log_dir, exist_ok=True)
-    procs = []
-    for i, env in enumerate(envs):
-        out = None if i == 0 else open(os.path.join(log_dir, f"process_{i}.log"), "w")
-        procs.append(subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT if out else None))
-
-    def forward(signum, _frame):
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, forward)
-    status = 0
-    while any(proc.poll() is None for proc in procs):
-        failed = [proc.returncode for proc in procs if proc.returncode not in (None, 0)]
-        if failed and not status:
-            status = failed[0]
-            forward(signal.SIGTERM, None)  # the others would wait for it at their next collective
-        time.sleep(0.2)
-    failed = [proc.returncode for proc in procs if proc.returncode != 0]
-    if failed and not status:
-        status = failed[0]
+    status = launcher.supervise(command, envs, logs)
     if status:
         print(f"launch.local: a process exited with status {status}; the others' logs are in {log_dir}",
               file=sys.stderr)

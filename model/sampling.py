@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from model.sharding import DEFAULT_RULES, Rules, constrain, use_rules
+from model.sharding import DEFAULT_RULES, Rules, constrain, replicated, to_host, use_rules
 from model.transformer import KVCache
 
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: fewer compiled programs
@@ -95,10 +95,11 @@ def generate(model: nnx.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_
             _stop_id_table(stop_ids), _stop_sequence_table(stop_sequences), key)
     if mesh is not None:
         with jax.set_mesh(mesh):
-            out = _sample(graphdef, plan, *args)
+            # Several processes: each passes the same prompts and gets every row back.
+            out = to_host(_sample(graphdef, plan, state, *replicated(args[1:], mesh)))
     else:
-        out = _sample(graphdef, plan, *args)
-    tokens, logprobs, lengths, stopped = (np.asarray(x)[:len(rows)] for x in jax.device_get(out))
+        out = jax.device_get(_sample(graphdef, plan, *args))
+    tokens, logprobs, lengths, stopped = (np.asarray(x)[:len(rows)] for x in out)
     return SampleBatch(tokens=tokens, logprobs=logprobs, lengths=lengths,
                        finish_reasons=[STOP if s else LENGTH for s in stopped],
                        prompt_index=np.repeat(np.arange(len(prompt_ids), dtype=np.int32), num_samples))

@@ -170,3 +170,32 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> 
     shardings = state_shardings(state, mesh, rules)
     nnx.update(module, jax.device_put(state, shardings))
     return module
+
+
+def to_host(tree: Any) -> Any:
+    """Every array of `tree` whole on this host: as it is with one process; gathered from every
+    process when the array spans several (each then holds the same full copy)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> Any:
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(one, tree)
+
+
+def replicated(tree: Any, mesh: Mesh) -> Any:
+    """Host arrays that every process holds identically as global arrays copied to every device of
+    `mesh` (what a jitted function spanning several processes needs; one process: unchanged)."""
+    if jax.process_count() == 1:
+        return tree
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.tree.map(one, tree)

@@ -10,8 +10,9 @@ from train import preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
-               if not p.endswith("__init__.py") and "recipes" not in p and "sweeps" not in p)
-# recipes: kiln pipeline's (below); sweeps: kiln sweep's (tests/test_sweep.py)
+               if not p.endswith(("__init__.py", "meshes.py")) and "recipes" not in p and "sweeps" not in p)
+# recipes: kiln pipeline's (below); sweeps: kiln sweep's (tests/test_sweep.py); meshes.py: mesh presets
+# (tests/test_launchers.py)
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "recipes", "*.py")))
 
 

@@ -111,6 +111,8 @@ def test_a_run_directory_in_use_is_refused_and_a_stale_lock_is_not(tmp_path):
     assert json.load(open(os.path.join(run_dir, ".lock")))["pid"] == holder.pid
     with rundir.RunLock(run_dir):
         assert json.load(open(os.path.join(run_dir, ".lock")))["pid"] == os.getpid()
+    with pytest.raises(rundir.RunDirError, match="'gs://b/run' is a URL; .* mount the bucket"):
+        rundir.RunLock("gs://b/run")  # not a local folder named "gs:"
 
 
 # -- the disk ---------------------------------------------------------------------------------------------

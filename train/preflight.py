@@ -69,8 +69,6 @@ def check_rollout(config: Any) -> None:
     if config.data.eval_sources:
         raise ValueError("RL stages are evaluated by `kiln eval` (held-out accuracy) on their run directory; "
                          "leave data.eval_sources empty")
-    if jax.process_count() > 1:
-        raise ValueError("RL stages run on one process (multi-process rollouts arrive with Step 8)")
 
 
 def check_shapes(config: Any, cfg: ModelConfig, mesh: Mesh) -> None:

@@ -34,6 +34,7 @@ from ml_collections import ConfigDict
 
 from data import loader
 from model.actor_critic import policy_of
+from model.sharding import to_host
 from train import generate, reference as references, rewards
 from train.losses import rl
 
@@ -139,9 +140,10 @@ class RolloutSource:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        """This process's rows of the next mini-batch (every process holds the whole rollout)."""
         if not self.queue:
             self.queue = self._rollout()
-        return self.queue.pop(0)
+        return _local_rows(self.queue.pop(0))
 
     @property
     def at_boundary(self) -> bool:
@@ -190,12 +192,12 @@ class RolloutSource:
     def _score_rollout(self, rows: dict[str, np.ndarray], scores: np.ndarray) -> dict[str, np.ndarray]:
         """The rows with the per-token log-probs, values and advantages the loss reads (host arrays)."""
         config, ro, run = self.config, self.config.rollout, self.run
-        device = loader.global_batch(rows, run.mesh)
+        device = loader.global_batch(_local_rows(rows), run.mesh)
         if run.rollout_reference is not None:
             device = run.rollout_reference(device)
         if self._stats is not None:
             device.update(self._stats(run.state.params, run.frozen, {k: device[k] for k in rows}))
-        out = {k: np.asarray(jax.device_get(v)) for k, v in device.items()}
+        out = to_host(device)
         mask = out["loss_mask"].astype(np.float32)
         if config.stage == "grpo":
             adv = np.asarray(rl.group_advantages(scores, ro.num_samples, method=ro.advantage))
@@ -227,3 +229,12 @@ class RolloutSource:
             order = np.random.default_rng([self.config.seed, k, epoch, 1]).permutation(n)
             out += [{key: v[order[i:i + size]] for key, v in batch.items()} for i in range(0, n, size)]
         return out
+
+
+def _local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's share of rows of a batch every process holds whole (all of it with one process)."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return batch
+    size = len(next(iter(batch.values()))) // n
+    return {k: v[i * size:(i + 1) * size] for k, v in batch.items()}

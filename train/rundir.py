@@ -37,6 +37,9 @@ class RunLock:
     """Exclusive use of a run directory by one process (the process with index 0 of a run)."""
 
     def __init__(self, run_dir: str):
+        if "://" in run_dir:  # abspath would make "gs://b/r" a local folder named "gs:"
+            raise RunDirError(f"run_dir={run_dir!r} is a URL; Kiln writes run directories through the file system: "
+                              "mount the bucket (e.g. gcsfuse) and give the mount's path")
         self.run_dir = os.path.abspath(run_dir)
         self.path = os.path.join(self.run_dir, LOCK_FILE)
         self._fd: int | None = None
