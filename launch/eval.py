@@ -24,7 +24,7 @@ from flax import nnx
 from data import loader
 from launch.config import load_config
 from model.sharding import make_mesh, use_rules
-from train import evaluate, generate, records, tasks
+from train import distributed, evaluate, generate, records, tasks
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     known = [a for a in argv if not a.startswith("--config.")]
     args = parser().parse_args(known)
+    distributed.initialize()  # a no-op unless the environment describes a multi-process run
     config = load_config(args.config, [a for a in argv if a.startswith("--config.")])
+    distributed.check_same("config and arguments", config.to_json(sort_keys=True) + " ".join(known))
     results = run(config, args.checkpoint, tokenizer=args.tokenizer, chat_template=args.chat_template, chat=args.chat)
     print(markdown(results))
     return 0
@@ -50,7 +52,8 @@ def main(argv: list[str]) -> int:
 def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat_template: str | None = None,
         chat: bool | None = None) -> dict[str, Any]:
     """Evaluates `checkpoint_path` as `config` says; returns (and writes) the results."""
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, dcn_data=config.mesh.dcn_data,
+                     dcn_fsdp=config.mesh.dcn_fsdp)
     started = time.perf_counter()
     with jax.set_mesh(mesh), use_rules(config.mesh.rules):
         sampler, use_chat = generate.load_sampler(checkpoint_path, tokenizer=tokenizer, chat_template=chat_template,

@@ -10,24 +10,30 @@ from __future__ import annotations
 
 import json
 
+import jax
+
 from launch.config import ConfigError, load_config
 from launch.train import split_args
-from train import rejection, rundir
+from train import distributed, rejection, rundir
 
 
 def main(argv: list[str]) -> int:
     spec, overrides, other = split_args(argv, "kiln generate", __doc__)
     if other:
         raise ConfigError(f"unknown argument {other[0]!r}; config values are set with --config.KEY=VALUE")
+    distributed.initialize()  # a no-op unless the environment describes a multi-process run
     config = load_config(spec, overrides)
+    distributed.check_same("config", config.to_json(sort_keys=True))
     if config.stage != "rejection_sampling":
         raise ConfigError(f"kiln generate runs stage rejection_sampling, not {config.stage!r} (use kiln train)")
-    lock = rundir.RunLock(config.run_dir)
-    lock.acquire()
+    lock = rundir.RunLock(config.run_dir) if jax.process_index() == 0 else None  # process 0 writes the outputs
+    if lock:
+        lock.acquire()
     try:
         results = rejection.run(config)
     finally:
-        lock.release()
+        if lock:
+            lock.release()
     print(json.dumps({k: v for k, v in results.items() if isinstance(v, (int, float))}))
     print(f"finished rejection_sampling: {results['sft_examples']} SFT examples and {results['pairs']} pairs in "
           f"{config.run_dir}")

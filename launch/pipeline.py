@@ -93,7 +93,7 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
     lock.acquire()
     try:
         done = {r["stage"]: r for r in _read_results(root)}
-        results: dict[str, Any] = {"recipe": recipe.to_dict(), "stages": []}
+        results: dict[str, Any] = {"recipe": json.loads(recipe.to_json()), "stages": []}
         started = time.perf_counter()
         for i, stage in enumerate(stages):
             name, command, where = stage["name"], stage["command"], os.path.join(root, stage["name"])
@@ -119,7 +119,7 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
                 metrics["pair_accuracy"] = metrics["eval/accuracy"]  # a reward model's held-out pair accuracy
             done[name] = {"stage": name, "command": command, "config": stage["config"], "run_dir": where,
                           "seconds": seconds, "metrics": metrics}
-            results = {"recipe": recipe.to_dict(), "stages": _rows(stages, done)}
+            results = {"recipe": json.loads(recipe.to_json()), "stages": _rows(stages, done)}
             records.write_json_atomic(os.path.join(root, "results.json"), results)
             records.write_text_atomic(os.path.join(root, "results.md"), markdown(results) + "\n")
         plot(results, os.path.join(root, "results.png"))

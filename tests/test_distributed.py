@@ -203,3 +203,25 @@ def test_grpo_on_two_processes_matches_one(tmp_path):
         assert a["completion_length"] == b["completion_length"] and a["reward/mean"] == b["reward/mean"]
         # measured: 1.2e-7 relative at most (log-probs summed over two processes' devices)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-8)
+
+
+@pytest.mark.slow  # ~1.5 min
+def test_generate_and_eval_on_two_processes_match_one(tmp_path):
+    """kiln generate splits the prompts' chunks over the processes and process 0 writes everything;
+    kiln eval runs on the mesh that spans both: the same files and figures as one process."""
+    policy = str(tmp_path / "policy")
+    finish(subprocess.Popen([*SMOKE, f"--config.run_dir={policy}", "--config.train.progress=false"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    generate = ["kiln", "generate", "--config=configs/rejection_sampling.py:smoke", f"--config.model.init_from={policy}",
+                "--config.data.batch_size=2"]  # three chunks of two prompts: process 0 samples two, process 1 one
+    evaluate = ["kiln", "eval", f"--checkpoint={policy}", "--config=configs/eval.py:smoke"]
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        finish(local(n, *generate, f"--config.run_dir={out}/rs", options=(f"--log_dir={tmp_path}",)))
+        finish(local(n, *evaluate, f"--config.run_dir={out}/eval", options=(f"--log_dir={tmp_path}",)))
+    for name in ("sft.jsonl", "pairs.jsonl"):
+        assert (tmp_path / "n1/rs" / name).read_text() == (tmp_path / "n2/rs" / name).read_text()
+    one, two = (json.loads((tmp_path / f"n{n}/eval/results.json").read_text()) for n in (1, 2))
+    assert [t["accuracy"] for t in one["tasks"]] == [t["accuracy"] for t in two["tasks"]]
+    for key, value in one["metrics"].items():
+        assert two["metrics"][key] == pytest.approx(value, rel=1e-5), key

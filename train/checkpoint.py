@@ -157,8 +157,12 @@ def load_params(path: str, step: int | None = None, mesh: Mesh | None = None,
     base = _has_item(directory, step, "base")
     saved = nnx.state(state, trainable(cfg) if base else nnx.Param)
 
+    # Without a mesh, onto this process's first device: never the saving run's devices, which this
+    # machine (or this process) may not have.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
     def abstract(var: nnx.Variable) -> nnx.Variable:
-        sharding = var_sharding(var, mesh, rules) if mesh is not None else None
+        sharding = var_sharding(var, mesh, rules) if mesh is not None else local
         return var.replace(jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype, sharding=sharding))
 
     target = nnx.to_pure_dict(jax.tree.map(abstract, saved, is_leaf=lambda x: isinstance(x, nnx.Variable)))

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from train import generate, records, rewards
+from train import distributed, generate, records, rewards
 from train.trainer import init_source
 
 OUTPUTS = ("sft.jsonl", "pairs.jsonl", "results.json")
@@ -43,13 +43,16 @@ def run(config: Any) -> dict[str, Any]:
         raise ValueError("rejection sampling needs a policy to sample from: set model.init_from (a run or HF directory)")
     policy = init_source(config)
     prompts = rewards.prompts(config, config.rollout.num_prompts)
+    # With several processes each holds the whole policy on its own device and samples its share of the prompts.
     sampler, _ = generate.load_sampler(policy, chat=True)
     score = rewards.scorer(ro.reward)
     started = time.perf_counter()
     scores = np.zeros((len(prompts), ro.num_samples), np.float32)
-    replies: list[list[str]] = []
+    replies: list[list[str]] = [[] for _ in prompts]
     step = max(1, config.data.batch_size)
-    for lo in range(0, len(prompts), step):
+    # Several processes share the chunks (each samples on its own devices), then everyone gets them all.
+    mine = []
+    for lo in range(0, len(prompts), step)[jax.process_index()::jax.process_count()]:
         chunk = prompts[lo:lo + step]
         outs = sampler.complete([p["prompt"] for p in chunk], max_new_tokens=ro.max_new_tokens,
                                 temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p,
@@ -57,12 +60,17 @@ def run(config: Any) -> dict[str, Any]:
         texts = [o["text"] for o in outs]
         chats = [chunk[o["prompt_index"]]["prompt"] for o in outs]
         answers = [chunk[o["prompt_index"]]["answer"] for o in outs]
-        scores[lo:lo + len(chunk)] = score(chats, texts, answers).reshape(len(chunk), ro.num_samples)
-        replies += [texts[i * ro.num_samples:(i + 1) * ro.num_samples] for i in range(len(chunk))]
+        mine.append([lo, texts, score(chats, texts, answers).tolist()])
+    for lo, texts, chunk_scores in (part for parts in distributed.gather_json(mine) for part in parts):
+        n = len(texts) // ro.num_samples
+        scores[lo:lo + n] = np.asarray(chunk_scores, np.float32).reshape(n, ro.num_samples)
+        replies[lo:lo + n] = [texts[i * ro.num_samples:(i + 1) * ro.num_samples] for i in range(n)]
     sft, pairs = _select(prompts, replies, scores, ro.min_reward, policy)
     results = dict(_metrics(scores, len(sft), ro.reward == "verifier"), policy=policy, prompts=len(prompts),
                    num_samples=int(ro.num_samples), reward=ro.reward, temperature=float(ro.temperature),
                    seconds=time.perf_counter() - started, sft_examples=len(sft), pairs=len(pairs))
+    if jax.process_index() > 0:
+        return results
     os.makedirs(config.run_dir, exist_ok=True)
     for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
         records.write_text_atomic(os.path.join(config.run_dir, name), "".join(json.dumps(r) + "\n" for r in rows))
