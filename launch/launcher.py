@@ -86,3 +86,18 @@ def supervise(command: list[str], envs: list[dict[str, str]], logs: list[str | N
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return status or next((proc.returncode for proc in procs if proc.returncode), 0)
+
+
+def start_here(prog: str, command: list[str], envs: list[dict[str, str]], logs: list[str | None], log_dir: str,
+               dry_run: bool) -> int:
+    """Prints each process's line (dry run), or starts and supervises the processes on this machine; a
+    failure is reported with where the other processes' logs are."""
+    if dry_run:
+        for env, log in zip(envs, logs):
+            print(env_line(env, command, log))
+        return 0
+    os.makedirs(log_dir, exist_ok=True)
+    status = supervise(command, envs, logs)
+    if status:
+        print(f"{prog}: a process exited with status {status}; the others' logs are in {log_dir}", file=sys.stderr)
+    return status

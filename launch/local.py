@@ -53,16 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     envs = environments(a.num_processes, a.port or free_port(), a.devices_per_process)
     log_dir = a.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"kiln_local_{os.getpid()}")
     logs = [None, *(os.path.join(log_dir, f"process_{i}.log") for i in range(1, a.num_processes))]
-    if a.dry_run:
-        for env, log in zip(envs, logs):
-            print(launcher.env_line(env, command, log))
-        return 0
-    os.makedirs(log_dir, exist_ok=True)
-    status = launcher.supervise(command, envs, logs)
-    if status:
-        print(f"launch.local: a process exited with status {status}; the others' logs are in {log_dir}",
-              file=sys.stderr)
-    return status
+    return launcher.start_here("launch.local", command, envs, logs, log_dir, a.dry_run)
 
 
 if __name__ == "__main__":

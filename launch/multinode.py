@@ -52,18 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     envs = environments(a.nodes, a.node_rank, a.coordinator, a.processes_per_node)
     log_dir = a.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"kiln_multinode_{os.getpid()}")
     logs = [None] + [os.path.join(log_dir, f"process_{env['JAX_PROCESS_ID']}.log") for env in envs[1:]]
-    if a.dry_run:
-        for env, log in zip(envs, logs):
-            print(launcher.env_line(env, command, log))
-        return 0
-    if not shutil.which(command[0]):
+    if not a.dry_run and not shutil.which(command[0]):
         p.error(f"{command[0]!r} not found: activate the environment kiln is installed in")
-    os.makedirs(log_dir, exist_ok=True)
-    status = launcher.supervise(command, envs, logs)
-    if status:
-        print(f"launch.multinode: a process exited with status {status}; the others' logs are in {log_dir}",
-              file=sys.stderr)
-    return status
+    return launcher.start_here("launch.multinode", command, envs, logs, log_dir, a.dry_run)
 
 
 if __name__ == "__main__":
