@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -98,12 +99,8 @@ def _wait_for(address: str, process_id: int, num_processes: int, timeout_s: floa
 
 def check_same(label: str, text: str) -> None:
     """DistributedError unless every process passes the same `text` (e.g. its resolved config)."""
-    if jax.process_count() == 1:
-        return
-    from jax.experimental import multihost_utils
-    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int64)
-    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
-    odd = [p for p, d in enumerate(every) if d != every[0]]
+    digests = gather_json(hashlib.sha256(text.encode()).hexdigest())
+    odd = [p for p, d in enumerate(digests) if d != digests[0]]
     if odd:
         raise DistributedError(f"process {odd[0]}'s {label} differs from process 0's: start every process with "
                                "the same command")
@@ -113,7 +110,6 @@ def gather_json(obj: Any) -> list[Any]:
     """Every process's `obj` (JSON-serialisable), in process order, on every process."""
     if jax.process_count() == 1:
         return [obj]
-    from jax.experimental import multihost_utils
     raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int64))).reshape(-1)
     padded = np.zeros((int(sizes.max()),), np.uint8)
@@ -146,6 +142,5 @@ class Preemption:
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             return bool(multihost_utils.reached_preemption_sync_point(step))
         return self.requested

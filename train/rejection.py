@@ -43,14 +43,14 @@ def run(config: Any) -> dict[str, Any]:
         raise ValueError("rejection sampling needs a policy to sample from: set model.init_from (a run or HF directory)")
     policy = init_source(config)
     prompts = rewards.prompts(config, config.rollout.num_prompts)
-    # With several processes each holds the whole policy on its own device and samples its share of the prompts.
     sampler, _ = generate.load_sampler(policy, chat=True)
     score = rewards.scorer(ro.reward)
     started = time.perf_counter()
     scores = np.zeros((len(prompts), ro.num_samples), np.float32)
     replies: list[list[str]] = [[] for _ in prompts]
     step = max(1, config.data.batch_size)
-    # Several processes share the chunks (each samples on its own devices), then everyone gets them all.
+    # Several processes: each holds the whole policy on its own device, samples its share of the chunks,
+    # then every process gets them all.
     mine = []
     for lo in range(0, len(prompts), step)[jax.process_index()::jax.process_count()]:
         chunk = prompts[lo:lo + step]
