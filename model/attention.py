@@ -90,20 +90,16 @@ class Attention(nnx.Module):
             out = out + self.o_bias[...].astype(self.dtype)
         return checkpoint_name(out, "out_proj")
 
-    def __call__(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, positions_BT: jax.Array,
-                 segments_BT: jax.Array, window: jax.Array | int, key: jax.Array | None = None,
-                 prefix: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-        """`prefix`: this layer's prompt/prefix keys and values [N, K, D] (rotated already), seen by every segment."""
+    def __call__(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, mask_BTS: jax.Array,
+                 key: jax.Array | None = None, prefix: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """`mask_BTS`: from `attention_mask`, over the prefix slots (first) and the sequence's keys.
+        `prefix`: this layer's prompt/prefix keys and values [N, K, D] (rotated already), seen by every segment."""
         q, k, v = self.project_qkv(x_BTE, cos, sin, key)
-        k_pos, k_seg = positions_BT, segments_BT
         if prefix is not None:
-            B, N = x_BTE.shape[0], prefix[0].shape[0]
+            B = x_BTE.shape[0]
             k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(k.dtype), (B, *p.shape)), x], axis=1)
                     for p, x in zip(prefix, (k, v)))
-            k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(-N, 0, dtype=jnp.int32), (B, N)), k_pos], axis=1)
-            k_seg = jnp.concatenate([jnp.full((B, N), -1, jnp.int32), k_seg], axis=1)
-        mask = attention_mask(positions_BT, segments_BT, k_pos, k_seg, window)
-        return self.attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, key)
+        return self.attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask_BTS, key)
 
     def decode(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, positions_BT: jax.Array,
                segments_BT: jax.Array, window: jax.Array | int, cache_k_BKSD: jax.Array, cache_v_BKSD: jax.Array,

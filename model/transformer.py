@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from model import lora, prefix as prefixes
-from model.attention import Attention
+from model.attention import Attention, attention_mask
 from model.config import DType, ModelConfig
 from model.layers import MLP, Embed, RMSNorm, normal, param
 from model.rope import rotary_tables
@@ -76,9 +76,9 @@ class Block(nnx.Module):
             h = self.mlp_post_norm(h)
         return constrain(x + h, ("batch", "act_seq", "act_embed"))
 
-    def __call__(self, x, cos, sin, positions, segments, window, key=None, prefix=None):
+    def __call__(self, x, cos, sin, mask, key=None, prefix=None):
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
-        h = self.attn(self.attn_norm(x), cos, sin, positions, segments, window, attn_key, prefix)
+        h = self.attn(self.attn_norm(x), cos, sin, mask, attn_key, prefix)
         return self._mlp_residual(x, h, mlp_key)
 
     def decode(self, x, cos, sin, positions, segments, window, cache_k, cache_v, cache_pos, cache_seg, index):
@@ -151,15 +151,27 @@ class Transformer(nnx.Module):
         """Final-normed hidden states [B, T, d_model] (for heads other than the LM head)."""
         x, cos, sin, pos, seg = self._inputs(tokens_BT, positions_BT, segment_ids_BT)
         graphdef, state = nnx.split(self.layers)
-        windows = jnp.asarray(self.cfg.layer_windows(), jnp.int32)
+        prefix_kv = self.prefix_kv()
+        k_pos, k_seg = pos, seg
+        if prefix_kv is not None:  # the prompt/prefix slots come first: positions -N..-1, seen by every segment
+            B, N = tokens_BT.shape[0], self.num_prefix()
+            k_pos = jnp.concatenate([jnp.broadcast_to(prefixes.positions(N), (B, N)), k_pos], axis=1)
+            k_seg = jnp.concatenate([jnp.full((B, N), prefixes.PREFIX_SEGMENT, jnp.int32), k_seg], axis=1)
+        # The masks are built once, outside the layer loop: built inside, every layer would store its own
+        # copy for the backward pass. Layers differ only in being windowed or not.
+        windows = self.cfg.layer_windows()
+        global_mask = attention_mask(pos, seg, k_pos, k_seg, 0)
+        local_mask = attention_mask(pos, seg, k_pos, k_seg, max(windows)) if max(windows) else global_mask
+        windowed = jnp.asarray([w > 0 for w in windows])
         # One dropout key per layer, scanned over like the weights (adapter dropout; None: no dropout).
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.n_layers)
 
         def body(x, layer):
-            layer_state, window, key, prefix_kv = layer
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, pos, seg, window, key, prefix_kv), None
+            layer_state, is_windowed, key, prefix_kv = layer
+            mask = global_mask if local_mask is global_mask else jnp.where(is_windowed, local_mask, global_mask)
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask, key, prefix_kv), None
 
-        x, _ = self._scan(body, x, (state, windows, keys, self.prefix_kv()))
+        x, _ = self._scan(body, x, (state, windowed, keys, prefix_kv))
         return self.final_norm(x)
 
     def prefix_kv(self) -> tuple[jax.Array, jax.Array] | None:
