@@ -1,9 +1,11 @@
 """`kiln bench NAME [ARGS ...]`: Kiln's benchmarks (modules in benchmarks/), each printing readable
 rows and, as its last line, one JSON object with the figures.
 
-  train_step  tokens/s, step and compile time, MFU of the full train step for a preset and shape
+  train_step  tokens/s, step and compile time, MFU, memory of the full train step; --reference=torch
+              runs the same model in transformers + torch side by side
   sampling    new tokens/s of Kiln's sampler against Hugging Face `generate`, same weights and batch
   data        tokens/s the data pipelines deliver (needs $KILN_DATA_DIR)
+  shakespeare eval bits/byte on held-out Tiny Shakespeare reached in a wall-clock budget (needs $KILN_DATA_DIR)
   gpu_check   bf16 precision, a sharded forward and train-step MFU on an accelerator
 
 `kiln bench NAME --help` lists a benchmark's options.
@@ -14,7 +16,7 @@ import importlib
 import sys
 
 BENCHMARKS = {"train_step": "benchmarks.train_step", "sampling": "benchmarks.sampling",
-              "data": "benchmarks.data_throughput", "gpu_check": "benchmarks.gpu_check"}
+              "data": "benchmarks.data_throughput", "shakespeare": "benchmarks.shakespeare", "gpu_check": "benchmarks.gpu_check"}
 
 
 def main(argv: list[str]) -> int:

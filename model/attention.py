@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from model import lora
+from model import attention_kernels as kernels, lora
 from model.config import ModelConfig
 from model.layers import normal, param, zeros
 from model.rope import apply_rotary
@@ -40,6 +40,8 @@ class Attention(nnx.Module):
         self.n_kv_heads, self.group = K, H // K
         self.scale = (cfg.query_pre_attn_scalar or D) ** -0.5
         self.softcap = cfg.attn_softcap
+        self.kernel = kernels.resolve(cfg.attention, self.dtype, cfg.attn_softcap)
+        self.window = cfg.sliding_window or 0
         self.q = param(rngs, init, (E, H, D), ("embed", "q_heads", "head_dim"), cfg, stack)
         self.k = param(rngs, init, (E, K, D), ("embed", "kv_heads", "head_dim"), cfg, stack)
         self.v = param(rngs, init, (E, K, D), ("embed", "kv_heads", "head_dim"), cfg, stack)
@@ -82,7 +84,12 @@ class Attention(nnx.Module):
         scores = jnp.where(mask_BTS[:, None, None, :, :], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out_BTKGD = jnp.einsum("bkgts,bksd->btkgd", probs, v_BKSD)
-        out_BTHD = constrain(out_BTKGD.reshape(B, T, H, D), ("batch", "act_seq", "act_heads", None))
+        return self.project_out(out_BTKGD.reshape(B, T, H, D), key)
+
+    def project_out(self, out_BTHD: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """The heads' outputs [B,T,H,D] through the output projection: [B,T,E]."""
+        B, T, H, D = out_BTHD.shape
+        out_BTHD = constrain(out_BTHD, ("batch", "act_seq", "act_heads", None))
         # One contraction over h*d: contracting h and d separately makes XLA transpose the weight.
         out = jnp.einsum("btf,fe->bte", out_BTHD.reshape(B, T, H * D), self.o[...].astype(self.dtype).reshape(H * D, -1))
         out = lora.apply(self, "o", out_BTHD, out, key)
@@ -91,10 +98,21 @@ class Attention(nnx.Module):
         return checkpoint_name(out, "out_proj")
 
     def __call__(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, mask_BTS: jax.Array,
-                 key: jax.Array | None = None, prefix: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                 key: jax.Array | None = None, prefix: tuple[jax.Array, jax.Array] | None = None,
+                 segments_BT: jax.Array | None = None, windowed: jax.Array | bool = False) -> jax.Array:
         """`mask_BTS`: from `attention_mask`, over the prefix slots (first) and the sequence's keys.
-        `prefix`: this layer's prompt/prefix keys and values [N, K, D] (rotated already), seen by every segment."""
+        `prefix`: this layer's prompt/prefix keys and values [N, K, D] (rotated already), seen by every segment.
+        `segments_BT` and `windowed` (whether this layer uses the sliding window): for the kernels."""
         q, k, v = self.project_qkv(x_BTE, cos, sin, key)
+        if prefix is None and self.kernel != "einsum" and segments_BT is not None:
+            def run(window: int) -> jax.Array:
+                return kernels.attend(self.kernel, q, k, v, mask_BTS, segments_BT, window, self.scale, self.softcap)
+
+            if not self.window or isinstance(windowed, bool):
+                out = run(self.window if windowed else 0)
+            else:  # layers differ (Gemma 2): both kernels compiled, this layer's chosen
+                out = jax.lax.cond(windowed, lambda: run(self.window), lambda: run(0))
+            return self.project_out(out.astype(self.dtype), key)
         if prefix is not None:
             B = x_BTE.shape[0]
             k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(k.dtype), (B, *p.shape)), x], axis=1)

@@ -120,6 +120,9 @@ class PrefixConfig:
             raise ValueError("prompt tuning has no MLP reparameterisation (hidden applies to prefix tuning)")
 
 
+ATTENTION_KERNELS = ("auto", "einsum", "xla", "cudnn", "splash")  # see model.attention_kernels
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Every size and switch of the decoder. Family presets live in `model.presets`."""
@@ -165,6 +168,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
+    logits_chunk: int = 0  # positions per chunk of the training logits (0: whole); see Transformer.logit_stats
+    attention: str = "auto"  # training attention: auto | einsum | xla | cudnn | splash (model.attention_kernels)
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -179,6 +184,8 @@ class ModelConfig:
             (self.head_dim is not None or self.d_model % self.n_heads == 0,
              f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim"),
             (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive"),
+            (self.logits_chunk >= 0, "logits_chunk must be 0 (whole) or a positive number of positions"),
+            (self.attention in ATTENTION_KERNELS, f"attention {self.attention!r} is not one of {ATTENTION_KERNELS}"),
         ]
         for ok, why in checks:
             if not ok:

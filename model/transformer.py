@@ -8,7 +8,7 @@ runs the layers unrolled, over per-layer views of the same weights, each with it
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +76,9 @@ class Block(nnx.Module):
             h = self.mlp_post_norm(h)
         return constrain(x + h, ("batch", "act_seq", "act_embed"))
 
-    def __call__(self, x, cos, sin, mask, key=None, prefix=None):
+    def __call__(self, x, cos, sin, mask, key=None, prefix=None, segments=None, windowed=False):
         attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
-        h = self.attn(self.attn_norm(x), cos, sin, mask, attn_key, prefix)
+        h = self.attn(self.attn_norm(x), cos, sin, mask, attn_key, prefix, segments, windowed)
         return self._mlp_residual(x, h, mlp_key)
 
     def decode(self, x, cos, sin, positions, segments, window, cache_k, cache_v, cache_pos, cache_seg, index):
@@ -166,13 +166,42 @@ class Transformer(nnx.Module):
         # One dropout key per layer, scanned over like the weights (adapter dropout; None: no dropout).
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.n_layers)
 
+        uniform = len(set(windows)) == 1  # then each layer's window is known when tracing
+
         def body(x, layer):
             layer_state, is_windowed, key, prefix_kv = layer
             mask = global_mask if local_mask is global_mask else jnp.where(is_windowed, local_mask, global_mask)
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask, key, prefix_kv), None
+            windowed = windows[0] > 0 if uniform else is_windowed
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask, key, prefix_kv, seg, windowed), None
 
         x, _ = self._scan(body, x, (state, windowed, keys, prefix_kv))
         return self.final_norm(x)
+
+    def logit_stats(self, fn: Callable[..., Any], tokens_BT: jax.Array, positions_BT: jax.Array | None,
+                    segment_ids_BT: jax.Array | None, *per_position_BT: jax.Array,
+                    dropout_key: jax.Array | None = None) -> Any:
+        """`fn(logits [B,C,V], *per_position chunks [B,C])`, a pytree of [B,C] arrays, over the whole
+        sequence: [B,T] each. With `cfg.logits_chunk` = C > 0 the logits are made C positions at a time
+        and recomputed in the backward pass, so the float32 [B,T,V] logits never exist at once (what
+        dominates memory at a 128k-256k vocabulary); 0 makes them whole."""
+        h_BTE = self.hidden(tokens_BT, positions_BT, segment_ids_BT, dropout_key=dropout_key)
+        B, T, _ = h_BTE.shape
+        C = self.cfg.logits_chunk
+        if not C or C >= T:
+            return fn(self.logits(h_BTE), *per_position_BT)
+        n = -(-T // C)
+
+        def chunks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [n, B, C, ...], zero-padded
+            x = jnp.pad(x, [(0, 0), (0, n * C - T)] + [(0, 0)] * (x.ndim - 2))
+            return x.reshape(B, n, C, *x.shape[2:]).swapaxes(0, 1)
+
+        @jax.checkpoint
+        def one(args):
+            h, extra = args
+            return fn(self.logits(h), *extra)
+
+        out = jax.lax.map(one, (chunks(h_BTE), tuple(chunks(x) for x in per_position_BT)))
+        return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(B, n * C)[:, :T], out)
 
     def prefix_kv(self) -> tuple[jax.Array, jax.Array] | None:
         """Prompt/prefix tuning's keys and values of every layer [L, N, K, D] at positions -N..-1 (None

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from model.sharding import constrain
 from train.losses import LossFn
@@ -34,8 +35,29 @@ def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -
     """A fresh TrainState; the optimizer state inherits the parameters' shardings."""
     def zero() -> jax.Array:  # distinct buffers: the step donates each one
         return jnp.zeros((), jnp.int32)
-    return TrainState(step=zero(), params=params, opt_state=jax.jit(tx.init)(params),
+    opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(params, tx))(params)
+    return TrainState(step=zero(), params=params, opt_state=opt_state,
                       rng=jax.random.key_data(jax.random.key(seed)), nonfinite_streak=zero(), nonfinite_total=zero())
+
+
+def optimizer_shardings(params: nnx.State, tx: optax.GradientTransformation) -> Any:
+    """Shardings for `tx.init(params)`: each moment like the parameter it belongs to (its path ends in
+    the parameter's path), scalars (counts) replicated. Left to the compiler, the zero-initialised
+    moments came out replicated: under FSDP every device then held the whole optimizer state.
+    None when the parameters are not on a mesh."""
+    shardings = {jax.tree_util.keystr(path): x.sharding for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    named = [s for s in shardings.values() if isinstance(s, NamedSharding)]
+    if not named:
+        return None
+    replicated = NamedSharding(named[0].mesh, PartitionSpec())
+    shapes = {jax.tree_util.keystr(path): x.shape for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+    def like_param(path, x):
+        key = jax.tree_util.keystr(path)
+        owner = [k for k in shardings if key.endswith(k) and shapes[k] == x.shape]
+        return shardings[max(owner, key=len)] if owner else replicated
+
+    return jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(tx.init, params))
 
 
 def split_micro(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:

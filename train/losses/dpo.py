@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from train.losses import register
-from train.losses.next_token import token_nll
+from train.losses.next_token import logit_stats, token_nll
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -82,8 +82,8 @@ def sequence_logps(model: nnx.Module, batch: dict[str, jax.Array], dropout_key: 
     run as one concatenated batch of 2B rows: one forward pass for both."""
     keys = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
     both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in keys}
-    logits = model(both["tokens"], both["positions"], both["segment_ids"], dropout_key=dropout_key)
-    nll, _ = token_nll(logits, both["targets"])
+    nll, _ = logit_stats(model, token_nll, both["tokens"], both["positions"], both["segment_ids"], both["targets"],
+                         dropout_key=dropout_key)
     mask = both["loss_mask"].astype(jnp.float32)
     sums, counts = -jnp.sum(nll * mask, axis=-1), jnp.sum(mask, axis=-1)
     B = batch["chosen_tokens"].shape[0]

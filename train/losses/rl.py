@@ -27,6 +27,7 @@ from flax import nnx
 
 from model.actor_critic import policy_of
 from train.losses import register
+from train.losses.next_token import logit_stats
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
@@ -140,12 +141,14 @@ def token_logps(model: nnx.Module, batch: dict[str, jax.Array], temperature: flo
                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(log-prob of each target, entropy of the next-token distribution), both [B, T] float32, of the
     policy's distribution at `temperature`: the one the rollout sampled from."""
-    logits = policy_of(model)(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key)
-    z = logits.astype(jnp.float32) / temperature
-    log_z = jax.nn.logsumexp(z, axis=-1)
-    logps = jnp.take_along_axis(z, batch["targets"][..., None], axis=-1)[..., 0] - log_z
-    entropy = log_z - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
-    return logps, entropy
+    def stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+        z = logits.astype(jnp.float32) / temperature
+        log_z = jax.nn.logsumexp(z, axis=-1)
+        logps = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - log_z
+        return logps, log_z - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
+
+    return logit_stats(policy_of(model), stats, batch["tokens"], batch["positions"], batch["segment_ids"],
+                       batch["targets"], dropout_key=dropout_key)
 
 
 def _token_mean(x: jax.Array, mask: jax.Array, weight: jax.Array) -> jax.Array:
