@@ -39,7 +39,7 @@ def measure(preset: str, batch: int, seq: int, fsdp: int, tensor: int, dtype: st
     base = presets.get(preset)
     cfg = base.replace(dtype=dtype, remat=remat, logits_chunk=logits_chunk, attention=attention,
                        max_seq_len=max(seq, base.max_seq_len))
-    mesh = make_mesh(data=1, fsdp=fsdp, tensor=tensor)
+    mesh = make_mesh(data=1, fsdp=fsdp, tensor=tensor, devices=jax.devices()[:fsdp * tensor])
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, frozen = nnx.split(abstract, nnx.Param, ...)
     shardings = state_shardings(params, mesh)

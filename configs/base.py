@@ -90,8 +90,10 @@ def get_config() -> ConfigDict:
         # "train" (sentencepiece on the training sources, kept in run_dir) | a .model, a
         # tokenizer.json or a directory holding one. tokenizer_split_digits: a trained tokenizer keeps
         # every digit its own piece (Llama's choice); false lets " 7" be one piece, which a small model
-        # copies from its prompt far sooner than the two pieces " " and "7".
+        # copies from its prompt far sooner than the two pieces " " and "7". tokenizer_newlines: pieces may
+        # span line breaks (trained on whole texts, not lines), for text whose layout carries meaning.
         tokenizer="auto", tokenizer_vocab_size=2048, tokenizer_model_type="bpe", tokenizer_split_digits=True,
+        tokenizer_newlines=False,
         # batch_size is global. packing: several documents per row (segment ids, no attention
         # across them) by pack_method first_fit (grain first-fit over packing_bins rows) or concat
         # (concatenate-and-split: no padding, documents cut at row ends); false: one per row.

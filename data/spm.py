@@ -84,11 +84,14 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: str = "bpe", seed: int = 0,
-          split_digits: bool = True) -> int:
+          split_digits: bool = True, newlines: bool = False) -> int:
     """Trains a sentencepiece model on `texts` and writes it to `out_path`; deterministic given
     the same texts. `split_digits`: every digit its own piece (Llama's choice), else numbers may
     merge with the space before them into one piece. Ids: 0 pad, 1 bos, 2 eos, 3 unk, 4-7 chat
-    control tokens, then bytes and pieces.
+    control tokens, then bytes and pieces. `newlines`: the trainer reads whole texts (in pieces of at
+    most 64 KB) instead of lines, so pieces may hold line breaks: a play's "NAME:\n" and blank lines
+    merge into pieces rather than costing a byte token per newline (Tiny Shakespeare at 2048 pieces:
+    2.77 bytes a token instead of 2.53).
     Returns how many lines were over the trainer's 64 KB sentence limit and were cut into pieces."""
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"tokenizer model_type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
@@ -96,8 +99,10 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: s
     if vocab_size < minimum:
         raise TokenizerError(f"tokenizer vocab_size {vocab_size} is below {minimum}: specials, control "
                              "tokens and 256 byte-fallback tokens come first")
-    # The trainer reads sentences; newlines are learnt as byte tokens, like any unseen character.
-    cut = [cut_line(line, _MAX_SENTENCE_BYTES) for text in texts for line in text.split("\n") if line.strip()]
+    # The trainer reads sentences. Fed lines, it never sees a newline, which then stays a byte token.
+    units = (t for t in texts if t.strip()) if newlines else (
+        line for text in texts for line in text.split("\n") if line.strip())
+    cut = [cut_line(unit, _MAX_SENTENCE_BYTES) for unit in units]
     lines = [piece for pieces in cut for piece in pieces]
     if not lines:
         raise TokenizerError("no text to train a tokenizer on: the training sources are empty")

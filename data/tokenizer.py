@@ -56,5 +56,6 @@ def resolve(data_cfg: Any, run_dir: str) -> Tokenizer:
     path = os.path.join(run_dir, "tokenizer.model")
     if not os.path.isfile(path):
         spm.train(sources.tokenizer_texts(data_cfg), path, vocab_size=data_cfg.tokenizer_vocab_size,
-                  model_type=data_cfg.tokenizer_model_type, split_digits=data_cfg.tokenizer_split_digits)
+                  model_type=data_cfg.tokenizer_model_type, split_digits=data_cfg.tokenizer_split_digits,
+                  newlines=data_cfg.tokenizer_newlines)
     return load(path)

@@ -3,6 +3,7 @@ rows and, as its last line, one JSON object with the figures.
 
   train_step  tokens/s, step and compile time, MFU, memory of the full train step; --reference=torch
               runs the same model in transformers + torch side by side
+  memory      per-device bytes of a full train step by the compiler's analysis (llama3_8b, FSDP over 8)
   sampling    new tokens/s of Kiln's sampler against Hugging Face `generate`, same weights and batch
   data        tokens/s the data pipelines deliver (needs $KILN_DATA_DIR)
   shakespeare eval bits/byte on held-out Tiny Shakespeare reached in a wall-clock budget (needs $KILN_DATA_DIR)
@@ -16,7 +17,7 @@ import importlib
 import sys
 
 BENCHMARKS = {"train_step": "benchmarks.train_step", "sampling": "benchmarks.sampling",
-              "data": "benchmarks.data_throughput", "shakespeare": "benchmarks.shakespeare", "gpu_check": "benchmarks.gpu_check"}
+              "data": "benchmarks.data_throughput", "shakespeare": "benchmarks.shakespeare", "memory": "benchmarks.memory", "gpu_check": "benchmarks.gpu_check"}
 
 
 def main(argv: list[str]) -> int:

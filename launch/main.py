@@ -20,7 +20,7 @@ COMMANDS = {
     "pipeline": ("launch.pipeline", "run a recipe of stages in order (kiln pipeline --config=configs/recipes/...)"),
     "sweep": ("launch.sweep", "run an ablation grid over seeds, tabulated and plotted "
                               "(kiln sweep --config=configs/sweeps/...)"),
-    "bench": ("launch.bench", "throughput and MFU benchmarks (kiln bench train_step | sampling | data | shakespeare | gpu_check)"),
+    "bench": ("launch.bench", "throughput and MFU benchmarks (kiln bench train_step | sampling | data | shakespeare | memory | gpu_check)"),
 }
 
 

@@ -25,6 +25,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model_type", choices=spm.MODEL_TYPES, default="bpe")
     p.add_argument("--split_digits", action=argparse.BooleanOptionalAction, default=True,
                    help="every digit its own piece (default); --no-split_digits lets numbers merge with a space")
+    p.add_argument("--newlines", action="store_true",
+                   help="pieces may span line breaks (train on whole texts rather than lines)")
     p.add_argument("--out", required=True, help="where to write the .model file")
     p.add_argument("--text_field", default="text", help="the text field of .jsonl inputs (default: text)")
     return p
@@ -34,7 +36,8 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     paths = input_paths(args.input)
     num_cut = spm.train(_texts(paths, args.text_field), args.out, vocab_size=args.vocab_size,
-                        model_type=args.model_type, split_digits=args.split_digits)
+                        model_type=args.model_type, split_digits=args.split_digits,
+                        newlines=args.newlines)
     tok = tokenizers.load(args.out)
     cut = f"; {num_cut} line(s) over 64 KB cut into pieces" if num_cut else ""
     print(f"wrote {args.out}: sentencepiece {args.model_type}, vocab {tok.vocab_size}, from {len(paths)} file(s){cut}")

@@ -56,7 +56,7 @@ def test_kernel_matches_einsum_fp32(kernel, shape):
     ref_logits, ref_grads = logits_and_grads(cfg.replace(attention="einsum"), tokens, segments)
     logits, grads = logits_and_grads(cfg.replace(attention=kernel), tokens, segments)
     real = np.asarray(segments) > 0
-    # Measured: <= 1.5e-6 (logits) and 4e-6 (gradients) relative in fp32.
+    # Measured: logits <= 3e-7, gradients <= 7e-7 relative in fp32 (xla: 0 and 2e-7).
     assert relative_error(logits[real], ref_logits[real]) < 1e-5
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))[path]
@@ -71,7 +71,7 @@ def test_kernel_matches_einsum_bf16(kernel):
     ref_logits, _ = logits_and_grads(cfg.replace(attention="einsum"), tokens, segments)
     logits, _ = logits_and_grads(cfg.replace(attention=kernel), tokens, segments)
     real = np.asarray(segments) > 0
-    assert relative_error(logits[real], ref_logits[real]) < 1e-2
+    assert relative_error(logits[real], ref_logits[real]) < 1e-2  # measured: splash 5.7e-3, xla 0
 
 
 def test_auto_picks_the_platforms_kernel_and_refuses_what_a_kernel_lacks():

@@ -1,5 +1,6 @@
-"""`kiln bench`: the dispatcher and a tiny train-step benchmark's JSON figures."""
+"""`kiln bench`: the dispatcher and the benchmarks' JSON figures at toy sizes."""
 import json
+import os
 
 import pytest
 
@@ -32,7 +33,36 @@ def test_unknown_benchmark_is_one_clear_error(capsys):
     assert "unknown benchmark 'nope'; expected one of train_step, sampling" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["train_step", "sampling", "data", "gpu_check"])
+def test_memory_benchmark_divides_parameters_and_optimizer_state_over_fsdp(capsys):
+    """FSDP over 8 holds an eighth of the parameters and of the AdamW moments on each device (the
+    moments were once left replicated until the first step)."""
+    rows = []
+    for fsdp in (1, 8):
+        assert kiln.main(["bench", "memory", "--preset=tiny", "--batch=8", "--seq=64", "--dtype=float32",
+                          f"--fsdp={fsdp}", "--remat=none", "--logits_chunk=0"]) == 0
+        rows.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    one, eight = rows
+    state_bytes = 3 * one["params"] * 4  # parameters, mu, nu in float32
+    assert one["argument_gib"] * 2 ** 30 >= state_bytes
+    assert eight["argument_gib"] < one["argument_gib"] / 6  # not exactly 8: norms and the batch stay whole
+    assert eight["fits"] and eight["devices"] == 8
+
+
+@pytest.mark.skipif(not os.environ.get("KILN_DATA_DIR"), reason="needs KILN_DATA_DIR")
+def test_shakespeare_benchmark_reports_eval_bits_per_byte_within_its_budget(capsys):
+    assert kiln.main(["bench", "shakespeare", "--budget_s=600", "--config.model.d_model=64", "--config.model.n_layers=1",
+                      "--config.model.n_heads=1", "--config.model.n_kv_heads=1", "--config.model.d_ff=128",
+                      "--config.train.steps=4", "--config.train.eval_every=2", "--config.data.seq_len=64",
+                      "--config.checkpoint.every=4"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [e["step"] for e in row["evals"]] == [2, 4] and row["steps"] == 4
+    assert row["bits_per_byte"] == row["evals"][-1]["bits_per_byte"] == row["bits_per_byte_within_budget"]
+    # Measured 3.768 -> 3.757: just under a uniform guess over 4096 pieces (12 bits / ~3.2 bytes a piece).
+    assert 3.0 < row["evals"][1]["bits_per_byte"] < row["evals"][0]["bits_per_byte"] < 12 / 3.1
+    assert row["evals"][0]["wall_s"] < row["evals"][1]["wall_s"] <= row["wall_s"] < 600
+
+
+@pytest.mark.parametrize("name", ["train_step", "sampling", "data", "shakespeare", "memory", "gpu_check"])
 def test_every_benchmark_has_help(name, capsys):
     try:
         code = kiln.main(["bench", name, "--help"])

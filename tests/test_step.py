@@ -363,3 +363,25 @@ def test_mesh_equivalence(tiny_model, reference, mesh_shape):
 
 def test_grad_accumulation_equals_big_batch(tiny_model, reference):
     assert_same_training(run(tiny_model, (1, 2, 1), accum=4), reference)
+
+
+def test_optimizer_state_is_sharded_like_its_parameters_from_the_start():
+    """Each AdamW moment lies on the devices like its parameter before any step (left to the compiler,
+    the zero-initialised moments came out replicated: every FSDP device held all of them)."""
+    mesh = make_mesh(data=1, fsdp=8, tensor=1)
+    with jax.set_mesh(mesh):
+        model = shard_module(Transformer(presets.get("tiny"), rngs=nnx.Rngs(0)), mesh)
+        _, params = nnx.split(model, nnx.Param)
+        tx = optim.optimizer(OPTIM, 100, params)
+        state = init_state(params, tx, 0)
+    by_name = {jax.tree_util.keystr(p): x.sharding for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    moments = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
+        key = jax.tree_util.keystr(path)
+        owner = [name for name in by_name if key.endswith(name)]
+        if owner and x.ndim:
+            moments += 1
+            assert x.sharding.is_equivalent_to(by_name[owner[0]], x.ndim), key
+    assert moments == 2 * len(by_name)  # mu and nu of every parameter
+    embed = state.params["embed"]["table"][...]
+    assert embed.addressable_shards[0].data.size == embed.size // 8
