@@ -335,3 +335,21 @@ def test_bad_conversations():
         chat.render(CONV, tok, "vicuna")
     with pytest.raises(chat.ChatError, match="end with an assistant message"):
         chat.render(CONV[:2], tok, last_turn_only=True)
+
+
+def test_newlines_option_learns_pieces_across_line_breaks(tmp_path):
+    """`newlines=True` trains on whole texts, so a play's "NAME:\\n" layout becomes pieces; by default
+    the trainer reads lines and a newline stays a byte token. Both round-trip exactly."""
+    play = "".join(f"{name}:\nNow is the winter of our discontent,\nMade glorious summer.\n\n"
+                   for name in ("GLOUCESTER", "CLARENCE", "BRAKENBURY") * 40)
+    lengths = {}
+    for newlines in (False, True):
+        path = str(tmp_path / f"t{newlines}.model")
+        spm.train([play], path, vocab_size=400, newlines=newlines)
+        sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        ids = sp.encode(play)
+        assert sp.decode(ids) == play
+        pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        assert any("\n" in p for p in pieces) == newlines
+        lengths[newlines] = len(ids)
+    assert lengths[True] < 0.8 * lengths[False]
