@@ -20,13 +20,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from model.config import ATTENTION_KERNELS as IMPLEMENTATIONS
-
 
 def resolve(name: str, dtype: jnp.dtype, softcap: float | None, platform: str | None = None) -> str:
-    """The implementation `name` stands for on `platform` (default: JAX's default backend)."""
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"attention {name!r} is not one of {IMPLEMENTATIONS}")
+    """The implementation `name` (one of `model.config.ATTENTION_KERNELS`, checked there) stands for on
+    `platform` (default: JAX's default backend)."""
     platform = platform or jax.default_backend()
     if name == "auto":
         if platform == "gpu" and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
@@ -55,27 +52,23 @@ def attend(name: str, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, m
     raise ValueError(f"no attention kernel {name!r}")
 
 
-def _splash_kernel(seq: int, group: int, window: int, softcap: float | None, interpret: bool):
+def _splash(q_BTHD, k_BSKD, v_BSKD, segments_BT, window, softcap, interpret):
+    """Splash attention per row and per kv-head: each kv-head's query group is one multi-query call."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    shape = (seq, seq)
-    one = sm.LocalMask(shape, (window - 1, 0), offset=0) if window else sm.CausalMask(shape)
-    block = min(512, seq)
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return sk.make_splash_mqa(sm.MultiHeadMask([one] * group), block_sizes=sizes, attn_logits_soft_cap=softcap,
-                              head_shards=1, q_seq_shards=1, interpret=interpret), sk.SegmentIds
-
-
-def _splash(q_BTHD, k_BSKD, v_BSKD, segments_BT, window, softcap, interpret):
-    """Splash attention per row and per kv-head: each kv-head's query group is one multi-query call."""
     B, T, H, D = q_BTHD.shape
     K = k_BSKD.shape[2]
-    kernel, segment_ids = _splash_kernel(T, H // K, int(window), softcap, interpret)
+    shape = (T, T)
+    one = sm.LocalMask(shape, (window - 1, 0), offset=0) if window else sm.CausalMask(shape)
+    block = min(512, T)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sk.make_splash_mqa(sm.MultiHeadMask([one] * (H // K)), block_sizes=sizes,
+                                attn_logits_soft_cap=softcap, head_shards=1, q_seq_shards=1, interpret=interpret)
 
     def row(q_TKGD, k_SKD, v_SKD, seg_T):
-        ids = segment_ids(q=seg_T, kv=seg_T)
+        ids = sk.SegmentIds(q=seg_T, kv=seg_T)
         out_KGTD = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(
             q_TKGD.transpose(1, 2, 0, 3), k_SKD.transpose(1, 0, 2), v_SKD.transpose(1, 0, 2))
         return out_KGTD.transpose(2, 0, 1, 3)

@@ -160,19 +160,19 @@ class Transformer(nnx.Module):
         # The masks are built once, outside the layer loop: built inside, every layer would store its own
         # copy for the backward pass. Layers differ only in being windowed or not.
         windows = self.cfg.layer_windows()
-        global_mask = attention_mask(pos, seg, k_pos, k_seg, 0)
-        local_mask = attention_mask(pos, seg, k_pos, k_seg, max(windows)) if max(windows) else global_mask
+        masks = {w: attention_mask(pos, seg, k_pos, k_seg, w) for w in set(windows)}
+        uniform = len(masks) == 1  # then each layer's window is known when tracing
         windowed = jnp.asarray([w > 0 for w in windows])
         # One dropout key per layer, scanned over like the weights (adapter dropout; None: no dropout).
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.n_layers)
 
-        uniform = len(set(windows)) == 1  # then each layer's window is known when tracing
-
         def body(x, layer):
             layer_state, is_windowed, key, prefix_kv = layer
-            mask = global_mask if local_mask is global_mask else jnp.where(is_windowed, local_mask, global_mask)
-            windowed = windows[0] > 0 if uniform else is_windowed
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask, key, prefix_kv, seg, windowed), None
+            if uniform:
+                mask, is_windowed = masks[windows[0]], windows[0] > 0
+            else:
+                mask = jnp.where(is_windowed, masks[max(windows)], masks[0])
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask, key, prefix_kv, seg, is_windowed), None
 
         x, _ = self._scan(body, x, (state, windowed, keys, prefix_kv))
         return self.final_norm(x)

@@ -45,17 +45,16 @@ def optimizer_shardings(params: nnx.State, tx: optax.GradientTransformation) -> 
     the parameter's path), scalars (counts) replicated. Left to the compiler, the zero-initialised
     moments came out replicated: under FSDP every device then held the whole optimizer state.
     None when the parameters are not on a mesh."""
-    shardings = {jax.tree_util.keystr(path): x.sharding for path, x in jax.tree_util.tree_leaves_with_path(params)}
-    named = [s for s in shardings.values() if isinstance(s, NamedSharding)]
+    leaves = {jax.tree_util.keystr(path): x for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    named = [x.sharding for x in leaves.values() if isinstance(x.sharding, NamedSharding)]
     if not named:
         return None
     replicated = NamedSharding(named[0].mesh, PartitionSpec())
-    shapes = {jax.tree_util.keystr(path): x.shape for path, x in jax.tree_util.tree_leaves_with_path(params)}
 
     def like_param(path, x):
         key = jax.tree_util.keystr(path)
-        owner = [k for k in shardings if key.endswith(k) and shapes[k] == x.shape]
-        return shardings[max(owner, key=len)] if owner else replicated
+        owner = [k for k, p in leaves.items() if key.endswith(k) and p.shape == x.shape]
+        return leaves[max(owner, key=len)].sharding if owner else replicated
 
     return jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(tx.init, params))
 
