@@ -99,9 +99,11 @@ def get_config() -> ConfigDict:
         # (concatenate-and-split: no padding, documents cut at row ends); false: one per row.
         seq_len=128, batch_size=8, packing=True, pack_method="first_fit", packing_bins=4, shuffle_seed=0,
         # text_separator splits text files into documents ("": the file is one document).
+        # shift_windows: a training source that is one document is cut into seq_len windows on a grid
+        # shifted by a fresh random offset every epoch (false: the same windows every epoch).
         # truncate: cut over-long SFT/preference examples (keep the start) and prompts (keep the
         # end); false drops them. Both are counted by `kiln data preview`.
-        text_separator="", truncate=True,
+        text_separator="", shift_windows=True, truncate=True,
         # chat_template: kiln | llama3 | chatml | gemma. mask_special_tokens: also keep the
         # assistant's end-of-turn token out of the loss (headers never are trained).
         chat_template="kiln", mask_special_tokens=False,

@@ -3,7 +3,9 @@
 
 How a training batch is made:
 1. Each source's records become examples (data/examples.py), lazily; a source that is a single
-   document (a whole text file) is tokenized once and cut into `seq_len` windows instead.
+   document (a whole text file) is tokenized once and cut into `seq_len` windows instead, for
+   training on a grid shifted by a fresh offset every epoch (`data.shift_windows`), so that the
+   model does not see the same windows on every pass.
 2. Each source is globally shuffled from the seeds, reshuffled every epoch, and repeated forever.
 3. Row slot j of every global batch (j < batch_size) is built from examples j, j+B, j+2B, ... of
    each source, packed into rows of one source each, and the sources' rows are interleaved by
@@ -56,8 +58,8 @@ def train_iterator(data_cfg: Any, kind: str, tokenizer: Tokenizer, *, seed: int,
     enc = Encoder.from_config(data_cfg, tokenizer)
     srcs = sources.train_sources(data_cfg, kind)
     # Seeded by name, so that adding a source to a mixture leaves the others' order alone.
-    streams = {src.name: _examples(src, enc, kind).shuffle(
-        seed=_seed(data_cfg.shuffle_seed, seed, zlib.crc32(src.name.encode()))).repeat() for src in srcs}
+    streams = {src.name: _stream(src, enc, kind, data_cfg.shift_windows,
+                                 _seed(data_cfg.shuffle_seed, seed, zlib.crc32(src.name.encode()))) for src in srcs}
 
     def slot(j: int) -> grain.IterDataset:
         rows = {name: _rows(ds[j::batch].to_iter_dataset(_IN_THREAD), kind, data_cfg, tokenizer)
@@ -140,6 +142,28 @@ def _batch_sizes(data_cfg: Any, kind: str, process_count: int) -> tuple[int, int
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1)[0])
+
+
+def _stream(src: sources.Source, enc: Encoder, kind: str, shift_windows: bool, seed: int) -> grain.MapDataset:
+    """The source's training examples, shuffled from `seed`, reshuffled every epoch, repeated forever."""
+    if shift_windows and kind == "pretrain" and len(src.records) == 1:
+        return _shifted_windows(enc.document(src.records[0])[0], enc.seq_len, seed)
+    return _examples(src, enc, kind).shuffle(seed=seed).repeat()
+
+
+def _shifted_windows(doc: examples.Example, length: int, seed: int) -> grain.MapDataset:
+    """One document's windows of `length` positions, every epoch on a grid shifted by an offset in
+    [0, length) drawn from `seed` and the epoch: each epoch covers the document once (but for the few
+    positions the shift leaves out at its ends), and a token comes with other context each time."""
+    n_tokens = len(doc["tokens"])
+    n = max(1, (n_tokens - length + 1) // length)  # windows per epoch, whole at every offset
+    shifts = min(length, max(n_tokens - n * length, 0) + 1)
+
+    def window(index: int, i: int) -> examples.Example:
+        start = _seed(seed, index // n) % shifts + i * length
+        return {k: v[start:start + length] for k, v in doc.items()}
+
+    return grain.MapDataset.range(n).shuffle(seed=seed).repeat().map_with_index(window)
 
 
 def _examples(src: sources.Source, enc: Encoder, kind: str) -> grain.MapDataset:

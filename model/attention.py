@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from model import attention_kernels as kernels, lora
 from model.config import ModelConfig
-from model.layers import normal, param, zeros
+from model.layers import dense, normal, param, zeros
 from model.rope import apply_rotary
 from model.sharding import constrain
 
@@ -57,9 +57,9 @@ class Attention(nnx.Module):
     def project_qkv(self, x_BTE: jax.Array, cos: jax.Array, sin: jax.Array, key: jax.Array | None = None):
         """Queries [B,T,H,D] and rotated keys / values [B,T,K,D]. `key`: LoRA dropout (training)."""
         dt = self.dtype
-        q = lora.apply(self, "q", x_BTE, jnp.einsum("bte,ehd->bthd", x_BTE, self.q[...].astype(dt)), key)
-        k = lora.apply(self, "k", x_BTE, jnp.einsum("bte,ekd->btkd", x_BTE, self.k[...].astype(dt)), key)
-        v = lora.apply(self, "v", x_BTE, jnp.einsum("bte,ekd->btkd", x_BTE, self.v[...].astype(dt)), key)
+        q = lora.apply(self, "q", x_BTE, dense(x_BTE, self.q[...].astype(dt)), key)
+        k = lora.apply(self, "k", x_BTE, dense(x_BTE, self.k[...].astype(dt)), key)
+        v = lora.apply(self, "v", x_BTE, dense(x_BTE, self.v[...].astype(dt)), key)
         if self.qkv_bias:
             q, k, v = (q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt),
                        v + self.v_bias[...].astype(dt))
@@ -76,22 +76,29 @@ class Attention(nnx.Module):
         contiguous matrix, so decoding multiplies the cache in place instead of transposing it every step.
         """
         B, T, H, D = q_BTHD.shape
-        q_BTKGD = q_BTHD.reshape(B, T, self.n_kv_heads, self.group, D)
-        scores = jnp.einsum("btkgd,bksd->bkgts", q_BTKGD, k_BKSD, preferred_element_type=jnp.float32)
+        K, G, S = self.n_kv_heads, self.group, k_BKSD.shape[2]
+        # Queries heads-first too, the G queries of each kv head stacked as rows (M = G*T), so both products
+        # are plain batched matmuls over (b, k) that XLA runs without transposing an operand; the mask is
+        # added as a bias, whose gradient is the identity (a `where` adds a select to the backward pass).
+        # Together: attention's forward + backward 21% faster on CPU (docs/performance.md).
+        q_BKMD = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+        scores = jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD, preferred_element_type=jnp.float32)
         scores = scores * self.scale
         if self.softcap is not None:
             scores = jnp.tanh(scores / self.softcap) * self.softcap
-        scores = jnp.where(mask_BTS[:, None, None, :, :], scores, NEG_INF)
+        bias_B11TS = jnp.where(mask_BTS, 0.0, NEG_INF)[:, None, None]
+        scores = (scores.reshape(B, K, G, T, S) + bias_B11TS).reshape(B, K, G * T, S)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out_BTKGD = jnp.einsum("bkgts,bksd->btkgd", probs, v_BKSD)
-        return self.project_out(out_BTKGD.reshape(B, T, H, D), key)
+        out_BKMD = jnp.einsum("bkms,bksd->bkmd", probs, v_BKSD)
+        out_BTHD = out_BKMD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+        return self.project_out(out_BTHD, key)
 
     def project_out(self, out_BTHD: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """The heads' outputs [B,T,H,D] through the output projection: [B,T,E]."""
         B, T, H, D = out_BTHD.shape
         out_BTHD = constrain(out_BTHD, ("batch", "act_seq", "act_heads", None))
         # One contraction over h*d: contracting h and d separately makes XLA transpose the weight.
-        out = jnp.einsum("btf,fe->bte", out_BTHD.reshape(B, T, H * D), self.o[...].astype(self.dtype).reshape(H * D, -1))
+        out = dense(out_BTHD.reshape(B, T, H * D), self.o[...].astype(self.dtype).reshape(H * D, -1))
         out = lora.apply(self, "o", out_BTHD, out, key)
         if self.o_bias_on:
             out = out + self.o_bias[...].astype(self.dtype)

@@ -18,7 +18,7 @@ from flax import nnx
 from model import lora, prefix as prefixes
 from model.attention import Attention, attention_mask
 from model.config import DType, ModelConfig
-from model.layers import MLP, Embed, RMSNorm, normal, param
+from model.layers import MLP, Embed, RMSNorm, dense, normal, param
 from model.rope import rotary_tables
 from model.sharding import constrain
 
@@ -139,8 +139,7 @@ class Transformer(nnx.Module):
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(h_BTE)
         else:
-            logits = jnp.einsum("bte,ev->btv", h_BTE, self.lm_head[...].astype(h_BTE.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = dense(h_BTE, self.lm_head[...].astype(h_BTE.dtype), out_dtype=jnp.float32)
         if self.cfg.final_softcap is not None:
             logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return constrain(logits, ("batch", "act_seq", "act_vocab"))

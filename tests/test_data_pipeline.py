@@ -1,6 +1,7 @@
 """Pipelines: packing keeps masks and segments aligned, resume is exact, process shards are disjoint
 and complete, mixtures follow their weights, evaluation is one padded pass, batches shard on a mesh."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -141,6 +142,31 @@ def test_single_text_document_is_cut_into_windows(tmp_path):
     assert (np.concatenate([b["segment_ids"] for b in batches]).reshape(-1)[n:] == 0).all()
 
 
+def test_single_document_windows_shift_every_epoch(tmp_path):
+    text = "".join(f"line {i} of the play.\n" for i in range(60))  # 1,330 bytes
+    (tmp_path / "play.txt").write_text(text)
+    ids = BYTE.encode(text, add_bos=True, add_eos=True)
+    src = {"play": base.source(str(tmp_path / "play.txt"), "text")}
+    length = 64
+    n = (len(ids) - 1 - length + 1) // length  # 19 whole windows an epoch, whatever the offset
+
+    def starts(shift, batches):
+        """Where each whole row of the first batches starts in the document."""
+        it = pipeline.train_iterator(data_cfg(src, seq_len=length, shift_windows=shift), "pretrain", BYTE, seed=3)
+        grid = np.lib.stride_tricks.sliding_window_view(ids, length)
+        return [int(np.flatnonzero((grid == row).all(1))[0]) for b in take(it, batches)
+                for row, seg in zip(b["tokens"], b["segment_ids"]) if (seg == 1).all()]
+
+    found = starts(True, 4 * n // 4)
+    assert len(found) == 4 * n
+    epochs = [sorted(found[e * n:(e + 1) * n]) for e in range(4)]
+    for e in epochs:  # each epoch: the whole grid at one offset, each window once
+        assert 0 <= e[0] < length and e == list(range(e[0], e[0] + n * length, length))
+    assert len({e[0] for e in epochs}) > 1
+    fixed = starts(False, 10)
+    assert len(fixed) >= 36 and all(s % length == 0 for s in fixed)
+
+
 def test_all_dropped_source_is_a_clear_error(pairs):
     cfg = data_cfg({"p": base.source(pairs[1], "jsonl")}, seq_len=6)
     with pytest.raises(sources.DataError, match=r"first 60 examples were all dropped \(empty_mask: 60\)"):
@@ -152,6 +178,7 @@ CASES = {
     "pretrain": dict(kind="pretrain"),
     "pretrain_concat": dict(kind="pretrain", pack_method="concat"),
     "pretrain_unpacked": dict(kind="pretrain", packing=False),
+    "pretrain_one_document": dict(kind="pretrain", one_document=True),  # shifted windows, over 3 epochs
     "sft_mixture": dict(kind="sft", mixture=True),
     "preference": dict(kind="preference"),
     "prompts": dict(kind="prompts"),
@@ -162,6 +189,11 @@ def case_cfg(case, docs, pairs):
     opts = dict(CASES[case])
     kind, mixture = opts.pop("kind"), opts.pop("mixture", False)
     srcs = {"syn": base.source(format="synthetic")}
+    if opts.pop("one_document", False):
+        path = os.path.join(os.path.dirname(docs[1]), "play.txt")
+        with open(path, "w") as f:
+            f.write("".join(f"line {i} of the play.\n" for i in range(100)))
+        return kind, data_cfg({"play": base.source(path, "text")}, seq_len=192, **opts)
     if kind == "pretrain":
         srcs["docs"] = base.source(docs[1], "jsonl", weight=0.5)
     if mixture:
