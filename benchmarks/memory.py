@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"the mesh needs {need} devices; this machine has {jax.device_count()}")
         env = dict(os.environ, KILN_MEMORY_CHILD="1",
                    XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={need}")
-        return subprocess.run([sys.executable, "-m", "benchmarks.memory", *(argv or sys.argv[1:])], env=env).returncode
+        args = sys.argv[1:] if argv is None else argv  # `kiln bench memory` passes [] when given no options
+        return subprocess.run([sys.executable, "-m", "benchmarks.memory", *args], env=env).returncode
     row = measure(a.preset, a.batch, a.seq, a.fsdp, a.tensor, a.dtype, a.remat, a.logits_chunk, a.attention)
     row["limit_gib"], row["fits"] = a.limit_gib, row["per_device_gib"] <= a.limit_gib
     print(f"{a.preset} ({row['params'] / 1e9:.2f}B params) batch {a.batch}x{a.seq} {a.dtype}, fsdp {a.fsdp} x tensor "

@@ -28,7 +28,8 @@ VARIANTS = {
     # - Batch 8 x 256 and lr 2e-3: this early in training more updates beat bigger batches token for token.
     "shakespeare": {"data.tokenizer": "train", "data.tokenizer_vocab_size": 4096, "data.tokenizer_newlines": True,
                     "data.seq_len": 256, "data.batch_size": 8, "model.d_model": 384, "model.n_layers": 6,
-                    "model.n_heads": 6, "model.n_kv_heads": 6, "model.d_ff": 1024, "train.steps": 400,
+                    "model.n_heads": 6, "model.n_kv_heads": 6, "model.d_ff": 1024, "model.scan_layers": False,
+                    "train.steps": 600,
                     "optim.lr": 2e-3, "optim.warmup_steps": 20, "optim.min_lr_ratio": 0.1,
                     "train.eval_every": 100, "train.eval_steps": 0, "checkpoint.every": 100},
 }

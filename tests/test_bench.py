@@ -1,6 +1,7 @@
 """`kiln bench`: the dispatcher and the benchmarks' JSON figures at toy sizes."""
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -46,6 +47,17 @@ def test_memory_benchmark_divides_parameters_and_optimizer_state_over_fsdp(capsy
     assert one["argument_gib"] * 2 ** 30 >= state_bytes
     assert eight["argument_gib"] < one["argument_gib"] / 6  # not exactly 8: norms and the batch stay whole
     assert eight["fits"] and eight["devices"] == 8
+
+
+def test_memory_benchmark_default_runs_from_the_command_line_on_fake_devices():
+    """`kiln bench memory` alone: Llama 3 8B on 8 x H100 (FSDP 8, remat full), re-run on 8 fake CPU
+    devices. The child once got the launcher's own arguments and refused them."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    p = subprocess.run(["kiln", "bench", "memory"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-500:]
+    row = json.loads(p.stdout.strip().splitlines()[-1])
+    # Measured 42.0 GiB: 11.2 of parameters and moments, 30.8 of temporaries.
+    assert row["devices"] == 8 and row["fits"] and 30 < row["per_device_gib"] < 60
 
 
 @pytest.mark.skipif(not os.environ.get("KILN_DATA_DIR"), reason="needs KILN_DATA_DIR")
