@@ -22,9 +22,9 @@ VARIANTS = {
     #   for 2048 pieces learnt line by line (each newline a byte token, each speaker's "NAME:\n" split).
     # - Shape: sized to the budget, not the biggest preset. 15 minutes buy ~1M tokens of an 11M model
     #   (6 x 384, head 64, SwiGLU 1024, tied; ~1,550 tokens/s here with unrolled layers, 600 steps):
-    #   ~4 passes over the corpus's ~310k tokens, on windows shifted every pass. The 34M `small` preset runs 3x slower per token and saw
-    #   one pass in this budget (2.66 bits/byte in 557 s); a 3.7M model (4 x 256) runs 3x faster but
-    #   would make ~10 passes.
+    #   ~4 passes over the corpus's ~310k tokens, on windows shifted every pass. The 34M `small` preset
+    #   runs 3x slower per token and saw one pass in this budget (2.66 bits/byte in 557 s); a 3.7M model
+    #   (4 x 256) runs 3x faster but would make ~10 passes.
     # - Batch 8 x 256 and lr 2e-3: this early in training more updates beat bigger batches token for token.
     "shakespeare": {"data.tokenizer": "train", "data.tokenizer_vocab_size": 4096, "data.tokenizer_newlines": True,
                     "data.seq_len": 256, "data.batch_size": 8, "model.d_model": 384, "model.n_layers": 6,
