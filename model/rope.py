@@ -78,11 +78,21 @@ def _yarn(cfg: ModelConfig, original: int) -> tuple[np.ndarray, float]:
 
 
 def rotary_tables(positions_BT: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos and sin [B, T, head_dim] in float32 for integer positions."""
+    """cos and sin [B, T, head_dim] in float32 for integer positions within ±max_seq_len (prompt and
+    prefix slots sit at negative positions).
+
+    Both are looked up in a table of the distances 0 .. max_seq_len - 1 (cos is even, sin odd).
+    Computed from the positions directly, XLA's CPU backend fuses cos and sin into each layer's rotation
+    and recomputes them for every head: rotating one layer's queries took 2.9 ms instead of 0.2.
+    """
     inv_freq, attention_factor = inv_frequencies(cfg)
-    freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    emb = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
-    return jnp.cos(emb) * attention_factor, jnp.sin(emb) * attention_factor
+    freqs_PF = jnp.arange(cfg.max_seq_len, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq)
+    emb_PD = jnp.concatenate([freqs_PF, freqs_PF], axis=-1)
+    positions_BT = positions_BT.astype(jnp.int32)
+    distance_BT = jnp.abs(positions_BT)
+    sign_BT1 = jnp.where(positions_BT < 0, -1.0, 1.0)[..., None]
+    return ((jnp.cos(emb_PD) * attention_factor)[distance_BT],
+            sign_BT1 * (jnp.sin(emb_PD) * attention_factor)[distance_BT])
 
 
 def apply_rotary(x_BTHD: jax.Array, cos_BTD: jax.Array, sin_BTD: jax.Array) -> jax.Array:
