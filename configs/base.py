@@ -58,6 +58,8 @@ def get_config() -> ConfigDict:
         # Positions per chunk of the training logits and cross-entropy (0: all at once). With a large
         # vocabulary the float32 [batch, seq, vocab] logits dominate memory; chunks are recomputed backward.
         logits_chunk=0,
+        # Residual dropout while training: the rate on each block's attention and MLP outputs (0: off).
+        dropout=0.0,
         # A Kiln run/checkpoint directory or a Hugging Face directory: parameters only.
         init_from="",
     ))

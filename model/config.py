@@ -171,6 +171,8 @@ class ModelConfig:
     logits_chunk: int = 0  # positions per chunk of the training logits (0: whole); see Transformer.logit_stats
     attention: str = "auto"  # training attention: auto | einsum | xla | cudnn | splash (model.attention_kernels)
     init_std: float = 0.02
+    # Residual dropout while training (a dropout key given): each block's attention and MLP outputs.
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for field in ("dtype", "param_dtype"):
@@ -186,6 +188,7 @@ class ModelConfig:
             (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive"),
             (self.logits_chunk >= 0, "logits_chunk must be 0 (whole) or a positive number of positions"),
             (self.attention in ATTENTION_KERNELS, f"attention {self.attention!r} is not one of {ATTENTION_KERNELS}"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
         ]
         for ok, why in checks:
             if not ok:

@@ -55,6 +55,15 @@ def dense(x: jax.Array, w: jax.Array, *, transpose_w: bool = False, out_dtype: j
     return y.reshape(*x.shape[:-1], *out)
 
 
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """x with each element zeroed with probability `rate` and the rest scaled by 1 / (1 - rate), so the
+    expectation is x; x itself without a key (evaluation, sampling) or at rate 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return {
         "silu": jax.nn.silu,

@@ -28,6 +28,9 @@ from model.sharding import DEFAULT_RULES, Rules, constrain, replicated, to_host,
 from model.transformer import KVCache
 
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: fewer compiled programs
+# The decode loop runs in up to this many phases, the cache growing at each to the slots the phase needs,
+# so early steps do not attend over empty slots; phases are whole multiples of PHASE_STEPS steps.
+DECODE_PHASES, PHASE_STEPS = 4, 32
 STOP, LENGTH = "stop", "length"  # finish reasons: a stop id or stop sequence ended the row / max_new_tokens
 _NO_TOKEN = -1  # pads the stop-id and stop-sequence tables; never equals a token
 _CACHE_KV = ("batch", "act_kv_heads", "cache_seq", "head_dim")  # one layer's buffer
@@ -54,6 +57,7 @@ class _Plan:
     """What shapes the compiled program beyond its arguments' shapes (the jit cache key)."""
 
     max_new_tokens: int
+    phase_ends: tuple[int, ...]  # decode_phases(max_new_tokens)
     greedy: bool
     top_k: int  # 0: off
     use_top_p: bool  # top-p filtering on (its value is an argument)
@@ -89,7 +93,7 @@ def generate(model: nnx.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_
         tokens_BP[r, width - len(ids):] = ids
         lens_B[r] = len(ids)
     key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-    plan = _Plan(max_new_tokens, temperature == 0, top_k, top_p < 1.0, pad, rules)
+    plan = _Plan(max_new_tokens, tuple(decode_phases(max_new_tokens)), temperature == 0, top_k, top_p < 1.0, pad, rules)
     graphdef, state = nnx.split(model)
     args = (state, tokens_BP, lens_B, np.float32(max(temperature, 1e-6)), np.float32(top_p),  # greedy: unused
             _stop_id_table(stop_ids), _stop_sequence_table(stop_sequences), key)
@@ -161,6 +165,14 @@ def _stop_sequence_table(sequences: Sequence[Sequence[int]]) -> np.ndarray:
     return table
 
 
+def decode_phases(max_new_tokens: int) -> list[int]:
+    """The last decode step (exclusive) of each phase: steps 1 .. max_new_tokens - 1 feed back a sampled
+    token, and a phase ending before step e needs e - 1 cache slots after the prompt."""
+    steps = max_new_tokens - 1
+    per_phase = _round_up(max(-(-steps // DECODE_PHASES), 1), PHASE_STEPS)
+    return [min(1 + end, max_new_tokens) for end in range(per_phase, steps + per_phase, per_phase)] or [1]
+
+
 def _filter(logits_BV: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
     """Logits outside the top k and outside the top-p nucleus set to -inf (ties with the last kept value
     are kept). The nucleus is the smallest set of most likely tokens whose probability reaches top_p."""
@@ -219,10 +231,12 @@ def _sample(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, tokens_BP: ja
         seg_BP = (slot_1P >= first_B1).astype(jnp.int32)
         pos_BP = jnp.maximum(slot_1P - first_B1, 0)
         tokens_BP = constrain(tokens_BP, ("batch", None))
-        # The last sampled token is never fed back, so N - 1 slots follow the prompt.
-        cache = _constrain_cache(model.init_cache(B, P + N - 1))
+        # The last sampled token is never fed back, so N - 1 slots follow the prompt in all; each phase
+        # of the loop grows the cache to the slots it writes.
+        ends = plan.phase_ends
+        cache = _constrain_cache(model.init_cache(B, P + ends[0] - 1))
         layers = model.decode_layers()  # sliced from the stacked weights once, not every step
-        logits_BTV, cache = model.decode(tokens_BP, cache, pos_BP, seg_BP, layers=layers)
+        logits_BTV, cache = model.decode(tokens_BP, cache, pos_BP, seg_BP, layers=layers, last_only=True)
         row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B, dtype=jnp.int32))
         stop_active_N = jnp.any(stop_seqs_NL != _NO_TOKEN, axis=-1)
 
@@ -257,10 +271,6 @@ def _sample(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, tokens_BP: ja
                  jnp.zeros((B,), bool), jnp.full((B, stop_seqs_NL.shape[1]), _NO_TOKEN - 1, jnp.int32))
         carry = record(carry, tok_B, logp_B, 0)
 
-        def cond(loop):
-            step, _, _, rec = loop
-            return (step < N) & ~jnp.all(rec[3])
-
         def body(loop):
             step, tok_B, cache, rec = loop
             # The token sampled at step-1 is generated token number step-1: position len + step - 1.
@@ -269,6 +279,11 @@ def _sample(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, tokens_BP: ja
             tok_B, logp_B = choose(logits_BTV[:, 0], step)
             return step + 1, tok_B, _constrain_cache(cache), record(rec, tok_B, logp_B, step)
 
-        _, _, _, (out_BN, logp_BN, length_B, _, stopped_B, _) = jax.lax.while_loop(
-            cond, body, (jnp.int32(1), tok_B, cache, carry))
+        loop = (jnp.int32(1), tok_B, cache, carry)
+        for phase, end in enumerate(ends):
+            if phase:
+                step, tok_B, cache, carry = loop
+                loop = step, tok_B, _constrain_cache(cache.grow(end - ends[phase - 1])), carry
+            loop = jax.lax.while_loop(lambda loop, end=end: (loop[0] < end) & ~jnp.all(loop[3][3]), body, loop)
+        out_BN, logp_BN, length_B, _, stopped_B, _ = loop[3]
         return (constrain(out_BN, ("batch", None)), constrain(logp_BN, ("batch", None)), length_B, stopped_B)

@@ -18,7 +18,7 @@ from flax import nnx
 from model import lora, prefix as prefixes
 from model.attention import Attention, attention_mask
 from model.config import DType, ModelConfig
-from model.layers import MLP, Embed, RMSNorm, dense, normal, param
+from model.layers import MLP, Embed, RMSNorm, dense, dropout, normal, param
 from model.rope import rotary_tables
 from model.sharding import constrain
 
@@ -53,12 +53,24 @@ class KVCache(NamedTuple):
                    pos=jnp.full((batch, max_len), EMPTY_POSITION, jnp.int32),
                    seg=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
 
+    def grow(self, slots: int) -> "KVCache":
+        """The same cache with `slots` empty slots appended to every row. A decode loop can start on a
+        short cache and grow it in phases, so early steps attend over fewer empty slots."""
+        def pad(x: jax.Array, value) -> jax.Array:
+            widths = [(0, 0)] * x.ndim
+            widths[2 if x.ndim == 4 else 1] = (0, slots)
+            return jnp.pad(x, widths, constant_values=value)
+
+        return self._replace(k=tuple(pad(k, 0) for k in self.k), v=tuple(pad(v, 0) for v in self.v),
+                             pos=pad(self.pos, EMPTY_POSITION), seg=pad(self.seg, 0))
+
 
 class Block(nnx.Module):
     """One pre-norm decoder layer (optionally with Gemma2's extra post-norms)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
         self.sandwich = cfg.sandwich_norm
+        self.dropout = cfg.dropout
         self.attn_norm = RMSNorm(cfg, rngs, stack)
         self.attn = Attention(cfg, rngs, stack)
         self.mlp_norm = RMSNorm(cfg, rngs, stack)
@@ -68,18 +80,20 @@ class Block(nnx.Module):
             self.mlp_post_norm = RMSNorm(cfg, rngs, stack)
 
     def _mlp_residual(self, x: jax.Array, h: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        # Adapter dropout inside the MLP and residual dropout on both branches draw from separate keys.
+        mlp_key, attn_drop_key, mlp_drop_key = (None,) * 3 if key is None else jax.random.split(key, 3)
         if self.sandwich:
             h = self.attn_post_norm(h)
-        x = x + h
-        h = self.mlp(self.mlp_norm(x), key)
+        x = x + dropout(h, self.dropout, attn_drop_key)
+        h = self.mlp(self.mlp_norm(x), mlp_key)
         if self.sandwich:
             h = self.mlp_post_norm(h)
-        return constrain(x + h, ("batch", "act_seq", "act_embed"))
+        return constrain(x + dropout(h, self.dropout, mlp_drop_key), ("batch", "act_seq", "act_embed"))
 
     def __call__(self, x, cos, sin, mask, key=None, prefix=None, segments=None, windowed=False):
-        attn_key, mlp_key = (None, None) if key is None else jax.random.split(key)
+        attn_key, rest_key = (None, None) if key is None else jax.random.split(key)
         h = self.attn(self.attn_norm(x), cos, sin, mask, attn_key, prefix, segments, windowed)
-        return self._mlp_residual(x, h, mlp_key)
+        return self._mlp_residual(x, h, rest_key)
 
     def decode(self, x, cos, sin, positions, segments, window, cache_k, cache_v, cache_pos, cache_seg, index):
         h, cache_k, cache_v = self.attn.decode(self.attn_norm(x), cos, sin, positions, segments, window,
@@ -276,12 +290,13 @@ class Transformer(nnx.Module):
         return [nnx.merge(graphdef, jax.tree.map(lambda w: w[i], state)) for i in range(self.cfg.n_layers)]
 
     def decode(self, tokens_BT: jax.Array, cache: KVCache, positions_BT: jax.Array | None = None,
-               segment_ids_BT: jax.Array | None = None, *, layers: list[Block] | None = None
-               ) -> tuple[jax.Array, KVCache]:
+               segment_ids_BT: jax.Array | None = None, *, layers: list[Block] | None = None,
+               last_only: bool = False) -> tuple[jax.Array, KVCache]:
         """Runs T new tokens against the cache (prefill: T = prompt length; sampling: T = 1).
 
         Positions default to continuing from `cache.index`. `layers`: `decode_layers()`, made once per
-        decode loop (default: made now). Returns (logits [B,T,V], updated cache).
+        decode loop (default: made now). Returns (logits [B,T,V], updated cache); with `last_only`, the
+        logits of the last position only, [B,1,V] (a prefill needs no others).
         """
         B, T = tokens_BT.shape
         if positions_BT is None:  # real tokens start at 0 after the prompt/prefix slots
@@ -295,6 +310,8 @@ class Transformer(nnx.Module):
         cache = cache._replace(pos=jax.lax.dynamic_update_slice_in_dim(cache.pos, slot_pos, cache.index, axis=1),
                                seg=jax.lax.dynamic_update_slice_in_dim(cache.seg, seg, cache.index, axis=1))
         x, cache = self._decode_layers(x, cos, sin, pos, seg, cache, layers or self.decode_layers())
+        if last_only:
+            x = x[:, -1:]
         return self.logits(self.final_norm(x)), cache._replace(index=cache.index + T)
 
     def _decode_layers(self, x, cos, sin, pos, seg, cache: KVCache, layers: list[Block]) -> tuple[jax.Array, KVCache]:

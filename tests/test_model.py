@@ -15,6 +15,9 @@ from flax import nnx
 
 from model import presets, sharding
 from model.attention import Attention
+from model.config import RopeScaling
+from model.layers import dropout
+from model.rope import inv_frequencies, rotary_tables
 from model.transformer import REMAT_POLICIES, KVCache, Transformer, param_count
 
 GEMMA = presets.get("tiny", family="gemma2", act="gelu_tanh", norm_plus_one=True, sandwich_norm=True,
@@ -331,6 +334,46 @@ def test_small_preset_is_about_30m():
 def test_gemma2_preset_alternates_windows():
     windows = presets.get("gemma2_2b").layer_windows()
     assert windows[:4] == (4096, 0, 4096, 0) and len(windows) == 26
+
+
+def test_rotary_tables_equal_cos_and_sin_of_every_position_negative_ones_included():
+    """The tables are looked up by distance (cos even, sin odd); a wrong sign, an off-by-one row or a
+    missing attention factor shows at once."""
+    cfg = presets.get("tiny", max_seq_len=300, rope_scaling=RopeScaling.from_dict(
+        dict(rope_type="yarn", factor=4.0, attention_factor=1.3, original_max_position_embeddings=64)))
+    positions = np.asarray([[-299, -7, -1, 0, 1, 2, 150, 299]], np.int32)
+    cos, sin = jax.jit(rotary_tables, static_argnums=1)(jnp.asarray(positions), cfg)
+    inv_freq, factor = inv_frequencies(cfg)
+    angle = positions[..., None].astype(np.float32) * np.concatenate([inv_freq, inv_freq])
+    # float32 angles up to 299 rad: XLA's and numpy's cos/sin differ by ~1 ulp of the argument's range.
+    np.testing.assert_allclose(cos, np.cos(angle.astype(np.float64)) * factor, atol=2e-6)
+    np.testing.assert_allclose(sin, np.sin(angle.astype(np.float64)) * factor, atol=2e-6)
+    assert factor == 1.3
+
+
+def test_dropout_zeroes_its_rate_and_scales_the_rest_to_keep_the_mean():
+    x = jnp.full((200_000,), 2.0)
+    out = np.asarray(dropout(x, 0.25, jax.random.key(0)))
+    kept = out[out != 0]
+    assert abs(1 - kept.size / x.size - 0.25) < 0.005  # binomial sd 0.001
+    np.testing.assert_array_equal(kept, np.float32(2.0) / np.float32(0.75))
+    np.testing.assert_array_equal(dropout(x, 0.25, None), x)  # no key (evaluation): untouched
+
+
+def test_residual_dropout_acts_only_in_training_and_follows_its_key():
+    """With a key, each block's two branches are dropped (deterministically per key); without one, the
+    model is exactly the one without dropout (evaluation and sampling pass no key)."""
+    cfg = CONFIGS["llama"]
+    plain, dropped = make(cfg), make(cfg.replace(dropout=0.3))
+    toks = tokens((2, 12))
+    run = nnx.jit(lambda m, t, key: m(t, dropout_key=key))
+    np.testing.assert_array_equal(forward(dropped, toks, None, None), forward(plain, toks, None, None))
+    np.testing.assert_array_equal(run(plain, toks, jax.random.key(1)), forward(plain, toks, None, None))
+    a, b, c = (np.asarray(run(dropped, toks, jax.random.key(k))) for k in (1, 1, 2))
+    np.testing.assert_array_equal(a, b)
+    assert rel_err(a, np.asarray(forward(plain, toks, None, None))) > 0.05 and rel_err(a, c) > 0.05
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        cfg.replace(dropout=1.0)
 
 
 def test_bad_config_is_named():

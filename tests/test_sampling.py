@@ -86,6 +86,28 @@ def test_logprobs_equal_the_training_forward_untempered_and_rows_are_prompt_majo
     assert all((out.tokens[r] != out.tokens[r + 1]).any() for r in (0, 2, 4))  # each sample draws its own
 
 
+def test_decode_phases_split_the_steps_in_whole_multiples():
+    assert sampling.decode_phases(128) == [33, 65, 97, 128]  # 4 phases of 32 steps (steps 1..127)
+    assert sampling.decode_phases(256) == [65, 129, 193, 256]
+    assert sampling.decode_phases(33) == [33] and sampling.decode_phases(1) == [1]
+
+
+def test_phased_decoding_with_a_growing_cache_is_exact(greedy, monkeypatch):
+    """Phases of 4 steps: the cache grows twice within N = 12 steps; greedy tokens and log-probs stay
+    those of the full forward, and rows stopped in the first phase stay stopped."""
+    monkeypatch.setattr(sampling, "PHASE_STEPS", 4)
+    assert sampling.decode_phases(N) == [5, 9, 12]
+    phased = generate()
+    np.testing.assert_array_equal(phased.tokens, greedy.tokens)
+    np.testing.assert_allclose(phased.logprobs, greedy.logprobs, atol=1e-5)  # measured 0 (same reductions)
+    stop = int(greedy.tokens[0, 2])  # row 0 stops in the first phase (step 3 or before)
+    out = generate(stop_ids=[stop])
+    want = [list(row).index(stop) + 1 if stop in row else N for row in greedy.tokens.tolist()]
+    assert out.lengths.tolist() == want and want[0] <= 3
+    for r, n in enumerate(want):
+        assert out.tokens[r, :n].tolist() == greedy.tokens[r, :n].tolist() and (out.tokens[r, n:] == 0).all()
+
+
 def test_same_seed_same_samples_other_seed_other_samples():
     a, b, c = (generate(seed=s, **SAMPLED).tokens for s in (7, 7, 8))
     np.testing.assert_array_equal(a, b)

@@ -56,6 +56,11 @@ def test_pretrain_smoke(pretrained):
     assert json.load(open(os.path.join(run_dir, "env.json")))["device_count"] == 8
 
 
+def test_model_dropout_key_reaches_the_model(tmp_path):
+    assert trainer.model_config(config("pretrain", tmp_path, "--config.model.dropout=0.2"), 256).dropout == 0.2
+    assert trainer.model_config(config("pretrain", tmp_path), 256).dropout == 0.0
+
+
 @pytest.mark.parametrize("stage", ["context_extension", "anneal", "continue"])
 def test_stage_smoke_from_pretrained(stage, pretrained, tmp_path):
     source, _ = pretrained

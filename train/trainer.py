@@ -44,7 +44,7 @@ def model_config(config: ConfigDict, vocab_size: int, reward_head: bool | None =
     overrides: dict[str, Any] = {k: m[k] for k in (*SHAPE_FIELDS, "max_seq_len", "rope_theta", "sliding_window")
                                  if m[k] is not None}
     overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
-                     attention=m.attention, logits_chunk=m.logits_chunk)
+                     attention=m.attention, logits_chunk=m.logits_chunk, dropout=m.dropout)
     if m.rope_scaling.type != "none":
         fields = {k: v for k, v in m.rope_scaling.to_dict().items() if v is not None}
         overrides["rope_scaling"] = RopeScaling.from_dict(dict(fields, rope_type=fields.pop("type")))
