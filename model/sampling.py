@@ -4,10 +4,11 @@ every row has stopped.
 Prompts are left-padded to a common length P (rounded up to a multiple of `PROMPT_BUCKET`, so
 prompts of similar length share one compiled program). Padding slots carry segment 0 and are never
 attended, and each row's positions start at 0 at its first real token, so a row decodes exactly as
-it would alone, while every row writes its next token into the same cache slot. Decoding is a
-`lax.while_loop` that leaves as soon as every row has stopped (a stop id, a stop sequence, or
-`max_new_tokens`). The model is used only through `model.decode` and `model.cfg`, so adapters and
-virtual tokens inside the model need nothing here.
+it would alone, while every row writes its next token into the same cache slot. Decoding is one
+`lax.while_loop` per phase of `decode_phases`, the cache grown between phases, and it leaves as soon
+as every row has stopped (a stop id, a stop sequence, or `max_new_tokens`). The model is used only
+through `model.decode` and `model.cfg`, so adapters and virtual tokens inside the model need nothing
+here.
 
 Log-probs are those of the model's own distribution (before temperature, top-k and top-p): what
 RL and rejection sampling score tokens with.
@@ -93,7 +94,8 @@ def generate(model: nnx.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_
         tokens_BP[r, width - len(ids):] = ids
         lens_B[r] = len(ids)
     key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-    plan = _Plan(max_new_tokens, tuple(decode_phases(max_new_tokens)), temperature == 0, top_k, top_p < 1.0, pad, rules)
+    plan = _Plan(max_new_tokens, tuple(decode_phases(max_new_tokens)), temperature == 0, top_k, top_p < 1.0, pad,
+                 rules)
     graphdef, state = nnx.split(model)
     args = (state, tokens_BP, lens_B, np.float32(max(temperature, 1e-6)), np.float32(top_p),  # greedy: unused
             _stop_id_table(stop_ids), _stop_sequence_table(stop_sequences), key)
@@ -279,11 +281,17 @@ def _sample(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, tokens_BP: ja
             tok_B, logp_B = choose(logits_BTV[:, 0], step)
             return step + 1, tok_B, _constrain_cache(cache), record(rec, tok_B, logp_B, step)
 
+        def running(end):
+            def cond(loop):  # before the phase's end, and some row has not stopped
+                step, _, _, (_, _, _, done_B, _, _) = loop
+                return (step < end) & ~jnp.all(done_B)
+            return cond
+
         loop = (jnp.int32(1), tok_B, cache, carry)
         for phase, end in enumerate(ends):
             if phase:
                 step, tok_B, cache, carry = loop
                 loop = step, tok_B, _constrain_cache(cache.grow(end - ends[phase - 1])), carry
-            loop = jax.lax.while_loop(lambda loop, end=end: (loop[0] < end) & ~jnp.all(loop[3][3]), body, loop)
+            loop = jax.lax.while_loop(running(end), body, loop)
         out_BN, logp_BN, length_B, _, stopped_B, _ = loop[3]
         return (constrain(out_BN, ("batch", None)), constrain(logp_BN, ("batch", None)), length_B, stopped_B)
