@@ -82,9 +82,12 @@ def render(messages: Sequence[dict[str, str]], tokenizer: Tokenizer, template: s
     messages = check_messages(list(messages))
     if last_turn_only and messages[-1]["role"] != "assistant":
         raise ChatError("the conversation must end with an assistant message")
-    if not fmt.system_role and messages[0]["role"] == "system":
-        if len(messages) < 2 or messages[1]["role"] != "user":
-            raise ChatError(f"template {template!r} has no system role: the system message must precede a user turn")
+    merge_system = not fmt.system_role and messages[0]["role"] == "system"
+    if merge_system and (len(messages) < 2 or messages[1]["role"] != "user"):
+        raise ChatError(f"template {template!r} has no system role: the system message must precede a user turn")
+    if fmt.trim:  # each message trimmed on its own, as the HF templates do (a system text to merge is kept as is)
+        messages = [m if merge_system and i == 0 else dict(m, content=m["content"].strip()) for i, m in enumerate(messages)]
+    if merge_system:  # Gemma 3's rule: the system text, a blank line, then the first user turn
         merged = {"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
         messages = [merged] + messages[2:]
     ids: list[int] = []
@@ -105,7 +108,7 @@ def render(messages: Sequence[dict[str, str]], tokenizer: Tokenizer, template: s
     for i, m in enumerate(messages):
         trained = int(m["role"] == "assistant" and (not last_turn_only or i == len(messages) - 1))
         add(fmt.header(m["role"]), 0)
-        add([m["content"].strip() if fmt.trim else m["content"]], trained)
+        add([m["content"]], trained)
         add([fmt.end], int(trained and not mask_special_tokens))
         add([fmt.after_end], 0)
     if add_generation_prompt:

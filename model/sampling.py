@@ -267,9 +267,10 @@ def _sample(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, tokens_BP: ja
                     recent_BL)
 
         tok_B, logp_B = choose(logits_BTV[:, -1], 0)
-        zeros_BN = jnp.zeros((B, N), jnp.int32)
+        # Slots no step writes (every row stopped before max_new_tokens) must read as padding too.
+        pads_BN = jnp.full((B, N), plan.pad_id, jnp.int32)
         # `recent` starts with a value that is neither a token nor the wildcard: nothing matches the prompt.
-        carry = (zeros_BN, zeros_BN.astype(jnp.float32), jnp.zeros((B,), jnp.int32), lens_B == 0,
+        carry = (pads_BN, jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), jnp.int32), lens_B == 0,
                  jnp.zeros((B,), bool), jnp.full((B, stop_seqs_NL.shape[1]), _NO_TOKEN - 1, jnp.int32))
         carry = record(carry, tok_B, logp_B, 0)
 

@@ -10,7 +10,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from ml_collections import ConfigDict
 
 from configs import base
-from data import examples, sources, synthetic
+from data import chat, examples, sources, synthetic
 from data import tokenizer as tk
 from data.examples import Encoder
 
@@ -209,6 +209,59 @@ def test_truncation_dropping_and_empty_masks():
     assert Encoder(BYTE, seq_len=13)("sft", chat_) == (None, examples.EMPTY_MASK)
     ex, status = Encoder(BYTE, seq_len=5)("prompts", {"prompt": chat_["messages"][:1], "answer": "1"})
     assert status == examples.TRUNCATED and ex["prompt"].tolist() == [*BYTE.encode_text("qqq"), 7, 6]
+
+
+def test_preference_pairs_over_length_policy():
+    """<s> <|user|> qqqq <|end|> <|assistant|> = 8 prompt ids, then the reply and <|end|>: the chosen side has
+    12 ids (11 positions), the rejected 21 (20). Either side truncated makes the pair TRUNCATED."""
+    record = {"prompt": [{"role": "user", "content": "qqqq"}], "chosen": "aaa", "rejected": "b" * 12,
+              "ref_chosen_logps": -1.5, "ref_rejected_logps": -2.5}
+    pair, status = Encoder(BYTE, seq_len=14)("preference", record)
+    assert status == examples.TRUNCATED
+    assert len(pair["chosen_tokens"]) == 11 and pair["chosen_loss_mask"].sum() == 4  # "aaa" and <|end|>
+    assert len(pair["rejected_tokens"]) == 14 and pair["rejected_loss_mask"].tolist() == [0] * 7 + [1] * 7
+    assert trained_text({k[9:]: v for k, v in pair.items() if k.startswith("rejected_")}) == "b" * 7
+    assert pair["ref_chosen_logps"] == np.float32(-1.5) and pair["ref_rejected_logps"] == np.float32(-2.5)
+    assert Encoder(BYTE, seq_len=20)("preference", record)[1] == examples.OK
+    assert Encoder(BYTE, seq_len=14, truncate=False)("preference", record) == (None, examples.TOO_LONG)
+    assert Encoder(BYTE, seq_len=7)("preference", record) == (None, examples.EMPTY_MASK)  # only the prompt fits
+
+
+class SpelledTokenizer:
+    """Bytes as ids, special tokens as ids from 300 on: every id of a rendered conversation is readable."""
+
+    bos_id = 1
+    SPECIAL = ["<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>"]
+
+    def special_id(self, piece):
+        return 300 + self.SPECIAL.index(piece)
+
+    def encode_text(self, text):
+        return list(text.encode())
+
+
+def test_gemma_and_chatml_layouts_id_by_id():
+    """Gemma: BOS, no system role (the system text joins the first user turn after a blank line), contents
+    stripped, the assistant called "model", "\n" after each end of turn (never trained); ChatML: no BOS,
+    contents kept as they are."""
+    tok, b = SpelledTokenizer(), lambda text: list(text.encode())  # noqa: E731
+    st, et, ims, ime = 300, 301, 302, 303
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2? "},
+            {"role": "assistant", "content": " 4\n"}]
+    ids, mask = chat.render(conv, tok, "gemma")
+    assert ids == [1, st, *b("user\n"), *b("Be brief.\n\n2+2?"), et, *b("\n"), st, *b("model\n"), *b("4"), et, *b("\n")]
+    assert [i for i, m in zip(ids, mask) if m] == [*b("4"), et]
+    # As HF's Gemma 3 template: the user text trimmed on its own, the system text kept as it is.
+    ids, _ = chat.render([{"role": "system", "content": " Be brief."}, {"role": "user", "content": " 2+2?"}], tok, "gemma")
+    assert ids == [1, st, *b("user\n"), *b(" Be brief.\n\n2+2?"), et, *b("\n")]
+    ids, mask = chat.render(conv[1:2], tok, "gemma", add_generation_prompt=True)
+    assert ids[-len(b("model\n")) - 1:] == [st, *b("model\n")] and not any(mask)
+    with pytest.raises(chat.ChatError, match="must precede a user turn"):
+        chat.render([conv[0], conv[2]], tok, "gemma")
+    ids, mask = chat.render(conv, tok, "chatml", mask_special_tokens=True)
+    assert ids == [ims, *b("system\nBe brief."), ime, *b("\n"), ims, *b("user\n2+2? "), ime, *b("\n"),
+                   ims, *b("assistant\n 4\n"), ime, *b("\n")]
+    assert [i for i, m in zip(ids, mask) if m] == b(" 4\n")
 
 
 # -- the real data sets ------------------------------------------------------------------------------

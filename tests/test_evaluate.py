@@ -138,3 +138,32 @@ def test_evaluate_refuses_unknown_kinds_and_empty_sources(monkeypatch):
     monkeypatch.setattr(ev.pipeline, "eval_iterator", lambda *a, **k: iter([batch([0, 0, 0], [1, 1, 1])]))
     with pytest.raises(ValueError, match="no loss tokens"):
         ev.evaluate(run, "pretrain")
+
+
+def test_stage_loss_metrics_are_summed_over_the_source_and_divided_by_its_weight(monkeypatch):
+    """Kinds without a language-modelling loss (preference pairs) report the stage loss's own sums, over at
+    most eval_steps batches, each divided by the source's summed weight (not a count of batches or examples)."""
+    batches = [dict(l=[1.0, 2.0], w=[0.25, 0.25], a=[0.25, 0.0]), dict(l=[3.0, 0.0], w=[0.125, 0.0], a=[0.125, 0.0]),
+               dict(l=[100.0, 0.0], w=[1.0, 0.0], a=[0.0, 0.0])]  # the third is past eval_steps
+
+    def loss_fn(model, batch, key):
+        assert key is None  # evaluation draws no dropout
+        return jnp.sum(batch["l"]), {"weight": jnp.sum(batch["w"]), "accuracy": jnp.sum(batch["a"])}
+
+    monkeypatch.setattr(ev.losses, "get", lambda name, cfg: loss_fn)
+    monkeypatch.setattr(ev.pipeline, "eval_iterator", lambda *a, **k: iter(
+        [{key: jnp.asarray(v, jnp.float32) for key, v in b.items()} for b in batches]))
+    graphdef, params, frozen = split()
+    config = ml_collections.ConfigDict(dict(data=dict(eval_sources={"pairs": dict(path="p.jsonl", format="jsonl")}),
+                                            train=dict(eval_steps=2), loss=dict(type="dpo")))
+    run = types.SimpleNamespace(config=config, graphdef=graphdef, state=types.SimpleNamespace(params=params),
+                                frozen=frozen, tokenizer="the tokenizer", global_batch=lambda b: b, _eval_step=None)
+    rows = ev.evaluate(run, "preference")
+    # Loss 1 + 2 + 3 = 6 and accuracy 0.375 over weight 0.625.
+    assert set(rows) == {"eval/pairs/loss", "eval/pairs/accuracy", "eval/loss", "eval/accuracy"}
+    for prefix in ("eval/pairs/", "eval/"):
+        np.testing.assert_allclose([rows[prefix + "loss"], rows[prefix + "accuracy"]], [9.6, 0.6], rtol=1e-6)
+    batches[:2] = [dict(l=[1.0, 0.0], w=[0.0, 0.0], a=[0.0, 0.0])] * 2
+    run._eval_step = None
+    with pytest.raises(ValueError, match="data.eval_sources.pairs: nothing to evaluate"):
+        ev.evaluate(run, "preference")

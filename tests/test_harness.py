@@ -13,6 +13,7 @@ pytest.importorskip("lm_eval")
 
 from data import tokenizer as tokenizers  # noqa: E402
 from model import presets  # noqa: E402
+from model.sampling import SampleBatch  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from train.generate import Sampler  # noqa: E402
 from train.harness import KilnLM  # noqa: E402
@@ -74,6 +75,41 @@ def test_generate_until_is_the_samplers_greedy_text(lm):
         want = lm.sampler.complete([text], stop=until, max_new_tokens=n, temperature=0.0, chat=False)[0]["text"]
         assert got == want and until[0] not in got
     assert len(set(out[:4])) > 1  # the prompts differ, and so do their continuations
+
+
+class ScriptedSampler:
+    """Stands in for the Sampler: every row continues with `text`; records what generate_until asked for."""
+
+    def __init__(self, model, text):
+        self.model, self.tokenizer, self.ids, self.calls = model, BYTE, BYTE.encode_text(text), []
+
+    def generate(self, prompt_ids, **kw):
+        self.calls.append((prompt_ids, kw))
+        n, width = len(prompt_ids), len(self.ids)
+        return SampleBatch(tokens=np.asarray([self.ids] * n, np.int32), logprobs=np.zeros((n, width), np.float32),
+                           lengths=np.full((n,), width, np.int32), finish_reasons=["length"] * n,
+                           prompt_index=np.arange(n, dtype=np.int32))
+
+
+def test_generate_until_cuts_at_the_earliest_stop_and_keeps_the_end_of_a_long_context(lm):
+    """The text ends before whichever `until` string comes first; a context too long for the model and the
+    generation loses its start; greedy unless the request samples, with its temperature and top_p."""
+    sampler = ScriptedSampler(lm.sampler.model, " 42\n\nQuestion: next")
+    harness = KilnLM(sampler=sampler, batch_size=2)
+    long = "".join(chr(97 + i % 26) for i in range(300))  # 301 ids with BOS; the model holds 256
+    out = harness.generate_until([
+        Request("Q: a", {"until": ["Question:", "\n\n"], "max_gen_toks": 8}),
+        Request(long, {"until": ["Question:", "2\n"], "max_gen_toks": 16, "do_sample": True, "temperature": 0.7,
+                       "top_p": 0.9}),
+        Request("Q: b", {"until": ["Question:"], "max_gen_toks": 8, "do_sample": False, "temperature": 0.9})])
+    assert out == [" 42", " 4", " 42\n\n"]
+    (ids1, kw1), (ids2, kw2), (ids3, kw3) = sampler.calls
+    assert ids3 == [BYTE.encode("Q: b", add_bos=True)] and kw3["temperature"] == 0.0  # do_sample off: greedy
+    assert ids1 == [BYTE.encode("Q: a", add_bos=True)]
+    assert (kw1["temperature"], kw1["top_p"], kw1["max_new_tokens"]) == (0.0, 1.0, 8)
+    assert kw1["stop_sequences"] == [BYTE.encode_text("Question:"), BYTE.encode_text("\n\n")]
+    assert ids2 == [BYTE.encode(long, add_bos=True)[-(256 - 16):]] and lm.sampler.model.cfg.max_seq_len == 256
+    assert (kw2["temperature"], kw2["top_p"], kw2["max_new_tokens"]) == (0.7, 0.9, 16)
 
 
 def test_harness_runs_a_local_gsm8k_task(lm, tmp_path, data_dir):

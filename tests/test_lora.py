@@ -105,6 +105,79 @@ def test_dropout_acts_on_the_adapter_input_only(base):
     assert float(jnp.abs(out[0] - out[3]).max()) > 1e-3
 
 
+def identity_adapter(dropout: float) -> lora.LoRA:
+    """An adapter of 4 features with A = I, B = all ones and scale 1: each output is the sum of its (dropped
+    out) inputs."""
+    adapter = lora.LoRA(LoraConfig(rank=4, alpha=4.0, targets=("q",), dropout=dropout), (4,), (4,), ("embed",),
+                        ("embed",), nnx.Rngs(0))
+    adapter.a.set_value(jnp.eye(4))
+    adapter.b.set_value(jnp.ones((4, 4)))
+    return adapter
+
+
+def test_dropout_keeps_or_zeroes_each_input_and_scales_the_kept_by_one_over_keep():
+    """Inputs 1, 2, 4, 8 in 512 rows, dropout 0.5: every output is 2x the sum of a subset of the inputs (kept
+    inputs scaled by 1 / (1 - 0.5), before A: all four outputs of a row equal), about half of each kept."""
+    x = jnp.broadcast_to(jnp.asarray([1.0, 2.0, 4.0, 8.0]), (512, 4))
+    out = np.asarray(identity_adapter(0.5)(x, jax.random.key(0)))
+    assert np.all(out == out[:, :1])  # one mask on the input, not one per output
+    kept = out[:, 0] / 2
+    assert np.all(kept == np.round(kept)) and kept.min() >= 0 and kept.max() <= 15
+    bits = (kept.astype(int)[:, None] >> np.arange(4)) & 1  # which of 1, 2, 4, 8 were kept
+    assert np.all(np.abs(bits.mean(axis=0) - 0.5) < 0.1), bits.mean(axis=0)  # 4.5 sigma for 512 rows
+    assert abs(out[:, 0].mean() - 15.0) < 2.0  # the mean is the undropped output's (std of the mean 0.41)
+    np.testing.assert_array_equal(identity_adapter(0.5)(x), jnp.full((512, 4), 15.0))  # no key: no dropout
+
+
+def test_each_target_draws_its_own_dropout_mask():
+    class Block(nnx.Module):
+        def __init__(self):
+            self.q_lora, self.v_lora = identity_adapter(0.5), identity_adapter(0.5)
+
+    x = jnp.broadcast_to(jnp.asarray([1.0, 2.0, 4.0, 8.0]), (64, 4))
+    block, key = Block(), jax.random.key(7)
+    q, v = (np.asarray(lora.apply(block, name, x, jnp.zeros((64, 4)), key)) for name in ("q", "v"))
+    np.testing.assert_array_equal(q, np.asarray(lora.apply(block, "q", x, jnp.zeros((64, 4)), key)))
+    assert (q != v).any()  # the same input and key, another target: another mask
+    np.testing.assert_array_equal(lora.apply(block, "k", x, jnp.ones((64, 4)), key), jnp.ones((64, 4)))  # no adapter
+
+
+def test_peft_adapter_files_hold_every_setting_and_mismatched_settings_are_refused(base, tmp_path):
+    """The adapter_config.json fields PEFT reads, lora_A [r, in] / lora_B [out, r] per layer, the settings read
+    back exactly, and a load refused when rank, alpha, rsLoRA or targets differ from the model's."""
+    import dataclasses
+    from safetensors.numpy import load_file
+
+    cfg = LoraConfig(rank=4, alpha=16.0, targets=("k", "up"), rslora=True, dropout=0.1)
+    source = with_adapters(base, cfg, b_scale=0.2)
+    path = str(tmp_path / "adapter")
+    hf_peft.save_adapter(source, path)
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {k: written[k] for k in ("peft_type", "r", "lora_alpha", "use_rslora", "lora_dropout", "target_modules")} == {
+        "peft_type": "LORA", "r": 4, "lora_alpha": 16.0, "use_rslora": True, "lora_dropout": 0.1,
+        "target_modules": ["k_proj", "up_proj"]}
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    assert len(tensors) == 2 * 2 * 2  # 2 targets x 2 layers x (A, B)
+    for target, adapter in lora.adapters(source).items():
+        a, b = np.asarray(adapter.a[...]), np.asarray(adapter.b[...])
+        for i in range(2):
+            name = f"base_model.model.model.layers.{i}.{hf_peft.MODULES[target]}.lora_"
+            np.testing.assert_array_equal(tensors[name + "A.weight"], a[i].reshape(-1, 4).T)
+            np.testing.assert_array_equal(tensors[name + "B.weight"], b[i].reshape(4, -1).T)
+    assert hf_peft.read_config(path) == cfg
+    saved = {t: (np.asarray(a.a[...]), np.asarray(a.b[...])) for t, a in lora.adapters(source).items()}
+    for adapter in lora.adapters(source).values():
+        adapter.a.set_value(jnp.zeros(adapter.a.shape))
+        adapter.b.set_value(jnp.zeros(adapter.b.shape))
+    hf_peft.load_adapter(source, path)
+    for t, adapter in lora.adapters(source).items():
+        np.testing.assert_array_equal(adapter.a[...], saved[t][0])
+        np.testing.assert_array_equal(adapter.b[...], saved[t][1])
+    for key, other in (("lora_alpha", dict(alpha=8.0)), ("lora_rslora", dict(rslora=False))):
+        with pytest.raises(hf_peft.AdapterError, match=f"the adapter has {key}="):
+            hf_peft.load_adapter(with_adapters(base, dataclasses.replace(cfg, **other)), path)
+
+
 def test_only_adapters_are_trainable_and_optimizer_state_shrinks():
     """Optimizer-state bytes with and without LoRA, from abstract shapes (nothing allocated)."""
     report = {}

@@ -176,6 +176,29 @@ def test_kv_cache_rows_with_different_left_padding():
     assert err <= 1e-6  # measured 0 (bit-identical)
 
 
+def test_kv_cache_grow_appends_unwritten_slots_and_keeps_the_written_ones():
+    """Grown slots are exactly those of a fresh cache (position EMPTY_POSITION, segment 0, zero keys and
+    values), so neither their position nor their segment can make them visible; written slots stay put."""
+    cfg = CONFIGS["llama"]
+    rng = np.random.RandomState(0)
+    shape = (2, cfg.n_kv_heads, 3, cfg.dim_head)
+    cache = KVCache.init(cfg, 2, 3)._replace(
+        k=tuple(jnp.asarray(rng.randn(*shape), jnp.float32) for _ in range(cfg.n_layers)),
+        v=tuple(jnp.asarray(rng.randn(*shape), jnp.float32) for _ in range(cfg.n_layers)),
+        pos=jnp.asarray([[0, 1, 2], [5, 6, 7]], jnp.int32), seg=jnp.asarray([[1, 1, 2], [-1, 1, 1]], jnp.int32),
+        index=jnp.asarray(3, jnp.int32))
+    grown = cache.grow(2)
+    fresh = KVCache.init(cfg, 2, 2)
+    assert int(grown.index) == 3
+    np.testing.assert_array_equal(grown.pos, np.concatenate([cache.pos, fresh.pos], axis=1))
+    np.testing.assert_array_equal(grown.seg, np.concatenate([cache.seg, fresh.seg], axis=1))
+    assert np.all(np.asarray(fresh.pos) == np.iinfo(np.int32).max) and not np.any(np.asarray(fresh.seg))
+    for new, old in zip(grown.k + grown.v, cache.k + cache.v):
+        assert new.shape == (2, cfg.n_kv_heads, 5, cfg.dim_head)
+        np.testing.assert_array_equal(new[:, :, :3], old)
+        assert not np.any(np.asarray(new[:, :, 3:]))
+
+
 # -- scan / unroll / remat -----------------------------------------------------------------------------
 def _loss(m, t):
     return jnp.mean(jax.nn.log_softmax(m(t))[..., 0])

@@ -59,6 +59,12 @@ def test_prefix_is_per_kv_head(base):
     c = base.cfg
     assert k.shape == v.shape == (c.n_layers, 7, c.n_kv_heads, c.dim_head) and c.n_kv_heads < c.n_heads
     assert model.prefix.k.get_metadata()["axes"] == ("layers", "prefix", "kv_heads", "head_dim")
+    # Drawn at the scale of real keys and values, x @ W with unit-scale x: init_std * sqrt(d_model) (= 0.16 here;
+    # 448 draws each, so the sample std is within 4.5 sigma = 15% of it).
+    want = c.init_std * c.d_model ** 0.5
+    for x in (k, v):
+        assert abs(float(jnp.std(x)) / want - 1) < 0.15 and abs(float(jnp.mean(x))) < 0.03
+    assert not np.array_equal(k, v)
 
 
 def test_every_packed_document_sees_the_prompt_and_no_other_document(base):
@@ -89,6 +95,25 @@ def test_cached_decoding_sees_the_prompt(base, kind):
     assert err < 1e-6, err  # measured 1.0e-7
 
 
+def test_cache_holds_the_prefix_in_its_first_slots_seen_by_every_segment(base):
+    """init_cache puts the prefix at positions -N..-1 with segment -1, the same in every row; a document of
+    another segment id than 1 decodes against it exactly as segment 1 does."""
+    model = tuned(base, "prefix")
+    cache = model.init_cache(2, 4)
+    assert int(cache.index) == N and cache.pos.shape == (2, N + 4)
+    np.testing.assert_array_equal(cache.pos[:, :N], np.broadcast_to(np.arange(-N, 0), (2, N)))
+    np.testing.assert_array_equal(cache.seg[:, :N], np.full((2, N), prefix.PREFIX_SEGMENT))
+    assert prefix.PREFIX_SEGMENT < 0 and not np.any(np.asarray(cache.seg[:, N:]))
+    k, v = model.prefix_kv()
+    for layer in range(CFG.n_layers):
+        for buffer, kv in ((cache.k[layer], k[layer]), (cache.v[layer], v[layer])):
+            np.testing.assert_array_equal(buffer[:, :, :N], np.broadcast_to(np.asarray(kv).transpose(1, 0, 2)[None],
+                                                                            (2, CFG.n_kv_heads, N, CFG.dim_head)))
+    # One document in both rows, as segment 1 and as segment 2.
+    out, _ = model.decode(jnp.stack([X[0, :4]] * 2), cache, segment_ids_BT=jnp.asarray([[1] * 4, [2] * 4]))
+    np.testing.assert_array_equal(out[1], out[0])
+
+
 def test_mlp_reparameterised_prefix_folds_into_plain_prefixes(base):
     model = tuned(base, "prefix", hidden=32)
     folded = prefix.fold(model)
@@ -96,6 +121,26 @@ def test_mlp_reparameterised_prefix_folds_into_plain_prefixes(base):
     np.testing.assert_array_equal(folded(X), model(X))
     assert {p.shape for p in jax.tree.leaves(nnx.state(model, prefix.PrefixParam))} == {
         (N, 64), (64, 32), (32,), (32, 2 * 2 * 2 * 16), (2 * 2 * 2 * 16,)}
+
+
+def test_mlp_prefix_is_tanh_between_two_affine_maps_of_every_parameter(base):
+    """Each of the reparameterisation's five parameters moves the prefix; saturated (w_in = 0, b_in = 50:
+    tanh = 1 exactly) every token's keys and values are the column sums of w_out plus b_out, in some layout."""
+    p = tuned(base, "prefix", hidden=32).prefix
+    k0, v0 = (np.asarray(x) for x in p())
+    for name in ("embed", "w_in", "b_in", "w_out", "b_out"):
+        param = getattr(p, name)
+        before = param[...]
+        param.set_value(before + 0.1)
+        k, v = p()
+        assert not np.allclose(k, k0) and not np.allclose(v, v0), name
+        param.set_value(before)
+    p.w_in.set_value(jnp.zeros_like(p.w_in[...]))
+    p.b_in.set_value(jnp.full_like(p.b_in[...], 50.0))
+    p.b_out.set_value(jnp.asarray(np.random.RandomState(1).randn(*p.b_out.shape), jnp.float32))
+    k, v = p()
+    want = np.tile(np.asarray(p.w_out[...], np.float64).sum(axis=0) + np.asarray(p.b_out[...]), N)  # every token
+    np.testing.assert_allclose(np.sort(np.concatenate([np.ravel(k), np.ravel(v)])), np.sort(want), rtol=1e-5, atol=1e-5)
 
 
 def test_only_the_prompt_trains(base):

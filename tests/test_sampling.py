@@ -16,7 +16,7 @@ from model.config import LoraConfig, PrefixConfig
 from model.sharding import make_mesh, shard_module
 from model.transformer import Transformer
 from train import checkpoint
-from train.generate import Sampler
+from train.generate import Sampler, load_sampler
 
 # The byte tokenizer's 264 ids fit; a wider init than the default makes next-token distributions
 # peaked enough that greedy continuations are far from ties.
@@ -131,6 +131,12 @@ PROBS = np.asarray([0.45, 0.25, 0.15, 0.1, 0.05])
     (1.0, 3, 1.0, np.r_[PROBS[:3], 0, 0] / PROBS[:3].sum()),
     # The nucleus of 0.6: 0.45 (mass before it 0) and 0.25 (before it 0.45 < 0.6); 0.15 has 0.7 before it.
     (1.0, 0, 0.6, np.r_[PROBS[:2], 0, 0, 0] / PROBS[:2].sum()),
+    # Top-p acts on the top-k tokens renormalised: 0.45, 0.25 of 0.85 leave 0.82 before 0.15 (the whole
+    # distribution would leave 0.70 < 0.8 and keep it).
+    (1.0, 3, 0.8, np.r_[PROBS[:2], 0, 0, 0] / PROBS[:2].sum()),
+    # ... and on the tempered distribution: at T = 0.5 the first token alone holds 0.675 >= 0.6 (untempered,
+    # 0.45 < 0.6 would keep a second).
+    (0.5, 0, 0.6, np.r_[1.0, 0, 0, 0, 0]),
 ])
 def test_sampling_frequencies_match_the_filtered_softmax(temperature, top_k, top_p, expect):
     n = 20000
@@ -145,6 +151,35 @@ def test_sampling_frequencies_match_the_filtered_softmax(temperature, top_k, top
     tolerance = 4.5 * np.sqrt(n * expect * (1 - expect)) + 0.5
     assert np.all(np.abs(counts - n * expect) <= tolerance), (counts, n * expect)
     np.testing.assert_allclose(np.asarray(logp), np.log(PROBS[np.argsort(order)])[np.asarray(tok)], atol=1e-6)
+
+
+def test_top_p_boundary_a_nucleus_that_reaches_top_p_exactly_is_complete():
+    """Probabilities 1/2, 1/4, 1/8, 1/16, 1/16 are exact in float32: the mass before the third token is exactly
+    0.75, so top_p=0.75 keeps two tokens (they reach it) and never draws a third; a hair above keeps three."""
+    n = 20000  # the shapes of the frequency tests above: their compiled program
+    probs = np.asarray([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    order = np.asarray([2, 4, 0, 3, 1])
+    logits = np.zeros((n, 5), np.float32)
+    logits[:, order] = np.log(probs)
+    keys = jax.random.split(jax.random.key(1), n)
+    sample = jax.jit(sampling.sample_logits, static_argnames=("greedy", "top_k", "use_top_p"))
+    for top_p, kept in ((0.75, 2), (0.7501, 3)):
+        tok, _ = sample(jnp.asarray(logits), keys, 1.0, top_p, use_top_p=True)
+        counts = np.bincount(np.asarray(tok), minlength=5)[order]
+        assert np.all(counts[:kept] > 0) and np.all(counts[kept:] == 0), (top_p, counts)
+
+
+def test_every_row_and_every_step_draws_its_own_randomness():
+    """A model with all-zero weights has exactly uniform logits: each draw is then uniform over the 264 ids, and
+    only fresh randomness per row and per step keeps the tokens from repeating (one key reused across the steps
+    of a row repeats one token; across rows, repeats one row)."""
+    graphdef, state = nnx.split(MODEL)
+    zero = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, state))
+    out = generate(model=zero, seed=5, **SAMPLED)  # the settings of the tests above: their compiled program
+    np.testing.assert_allclose(out.logprobs, np.full((6, N), -np.log(264)), rtol=1e-5)  # uniform, untempered
+    assert all(len(set(row)) > N // 2 for row in out.tokens.tolist())  # ~11.8 distinct of 12 expected
+    assert len(set(out.tokens.ravel().tolist())) > 40  # 72 uniform draws of 264: ~61 distinct expected
+    assert len(set(map(tuple, out.tokens.tolist()))) == 6
 
 
 # -- stopping ----------------------------------------------------------------------------------------
@@ -182,14 +217,23 @@ def test_all_rows_stopped_ends_early_and_one_program_serves_a_bucket(greedy):
     # Other lengths in the same 64-token bucket and another stop-id set reuse the compiled program.
     generate(prompts=[p[:-2] for p in PROMPTS], stop_ids=[5, 6])
     assert sampling._sample._cache_size() == before
+    # Steps the loop never ran still hold the pad id (here one that is no token, so 0 would show).
+    padded = generate(stop_ids=greedy.tokens[:, 0].tolist(), pad_id=-1)
+    assert (padded.tokens[:, 1:] == -1).all() and (padded.logprobs[:, 1:] == 0).all()
 
 
 def test_bad_arguments_are_clear_errors():
     for kw, msg in [(dict(prompts=[[]]), "prompt 0 is empty"), (dict(prompts=[[300]]), "outside the vocabulary"),
                     (dict(max_new_tokens=250), "max_seq_len=256"), (dict(top_p=0.0), "top_p"),
-                    (dict(temperature=-1.0), "temperature"), (dict(num_samples=0), "num_samples")]:
+                    (dict(temperature=-1.0), "temperature"), (dict(num_samples=0), "num_samples"),
+                    (dict(top_k=265), r"top_k must be in \[0, 264\]"), (dict(top_k=-1), "top_k"),
+                    (dict(max_new_tokens=0), "max_new_tokens must be at least 1")]:
         with pytest.raises(ValueError, match=msg):
             generate(**kw)
+    # The longest prompt (64) plus max_new_tokens may fill max_seq_len (256) exactly, not one more.
+    sampling._check(CFG, PROMPTS, 192, 1.0, 264, 1.0, 1)
+    with pytest.raises(ValueError, match="max_new_tokens=193 exceeds"):
+        sampling._check(CFG, PROMPTS, 193, 1.0, 0, 1.0, 1)
 
 
 # -- adapters, sharding ------------------------------------------------------------------------------
@@ -235,7 +279,7 @@ def test_complete_cuts_text_at_stop_strings():
     # The random model's bytes are mostly not text; take two printable ASCII ones in a row as the stop.
     i = next(i for i in range(1, N - 1) if all(40 <= t - BYTE.offset < 127 for t in ids[i:i + 2]))
     stop = BYTE.decode(ids[i:i + 2])
-    cut = sampler.complete(prompts, stop=[stop, "never appears"], max_new_tokens=N, temperature=0.0)
+    cut = sampler.complete(prompts, stop=[stop, "never appears", ""], max_new_tokens=N, temperature=0.0)  # "": none
     text = free[0]["text"]
     assert cut[0]["text"] == text[:text.index(stop)] and cut[0]["finish_reason"] == "stop"
     # The tokens run to the end of the stop string, where the decode loop stopped too.
@@ -245,6 +289,39 @@ def test_complete_cuts_text_at_stop_strings():
     assert [c["prompt_index"] for c in cut] == [0, 1, 2]
 
 
+def test_text_is_cut_at_the_earliest_stop_string_and_tokens_at_its_end():
+    """Stop strings as listed need not occur in that order: the text ends before the earliest, the tokens
+    with the shortest prefix that holds one (a stop string may end inside a token the others span)."""
+    sampler = Sampler(MODEL, BYTE)
+    ids = BYTE.encode_text("hello world\n\nmore")
+    assert sampler._cut(ids, ["\n\n", "o w", "more"]) == ("hell", 7)  # "hello w": 7 byte tokens
+    assert sampler._cut(ids, ["d\n", "world"]) == ("hello ", 11)  # "hello world" holds "world" first
+    assert sampler._cut(ids, ["xyz"]) == ("hello world\n\nmore", None)
+
+
+def test_complete_reports_a_stop_whenever_it_cuts_the_text():
+    """The decode loop can run to its length past a stop string spelled by other tokens than its encoding;
+    the text is still cut there, the tokens and log-probs with it, and the reply counts as stopped. Rows are
+    prompt-major: sample s of prompt p is row p * num_samples + s."""
+    sampler = Sampler(MODEL, BYTE)
+    ids = BYTE.encode_text("ab\n\ncd")
+
+    def scripted(prompt_ids, *, num_samples, **_):  # every row writes "ab\n\ncd" and runs to its length
+        n = len(prompt_ids) * num_samples
+        return sampling.SampleBatch(tokens=np.asarray([ids] * n, np.int32),
+                                    logprobs=np.tile(-np.arange(1.0, 7.0, dtype=np.float32), (n, 1)),
+                                    lengths=np.full((n,), 6, np.int32), finish_reasons=["length"] * n,
+                                    prompt_index=np.repeat(np.arange(len(prompt_ids), dtype=np.int32), num_samples))
+
+    sampler.generate = scripted
+    out = sampler.complete(["x", "y"], stop=["\n\n"], num_samples=2, max_new_tokens=6)
+    assert [(o["prompt_index"], o["sample_index"]) for o in out] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for o in out:
+        assert (o["text"], o["token_ids"], o["logprobs"], o["finish_reason"]) == ("ab", ids[:4], [-1, -2, -3, -4], "stop")
+    free = sampler.complete(["x"], stop=["zz"], max_new_tokens=6)[0]  # no stop string in the text: the loop's reason
+    assert (free["text"], free["token_ids"], free["finish_reason"]) == ("ab\n\ncd", ids, "length")
+
+
 def test_chat_prompts_end_in_the_assistant_header_and_stop_at_end_of_turn():
     sampler = Sampler(MODEL, BYTE, chat_template="kiln")
     ids = sampler.encode("hi")
@@ -252,6 +329,12 @@ def test_chat_prompts_end_in_the_assistant_header_and_stop_at_end_of_turn():
     assert sampler.encode([{"role": "user", "content": "hi"}]) == ids
     assert sampler.encode("hi", chat=False) == BYTE.encode("hi", add_bos=True)
     assert sampler.stop_ids() == sorted({BYTE.eos_id, BYTE.token_id("<|end|>")})
+    # The model's own end-of-sequence ids (one, or several as Llama 3's) stop too.
+    for eos, want in ((9, [9]), ((9, 10), [9, 10])):
+        abstract = nnx.eval_shape(lambda: Transformer(CFG.replace(eos_token_id=eos), rngs=nnx.Rngs(0)))
+        assert Sampler(abstract, BYTE).stop_ids() == sorted({BYTE.eos_id, *want})
+        assert Sampler(abstract, BYTE, chat_template="kiln").stop_ids() == sorted({BYTE.eos_id, BYTE.token_id("<|end|>"),
+                                                                                 *want})
     with pytest.raises(ValueError, match="need a chat template"):
         Sampler(MODEL, BYTE).encode([{"role": "user", "content": "hi"}])
 
@@ -292,6 +375,19 @@ def test_cli_samples_a_kiln_run_with_its_chat_template(run_dir, tmp_path, capsys
     want = greedy_reference(MODEL, [BYTE.encode("hi", add_bos=True)], 8)[0].tolist()
     assert written[0]["token_ids"] == want[:len(written[0]["token_ids"])]
     assert not list(tmp_path.glob("out.jsonl.tmp*"))
+
+
+def test_load_sampler_chats_for_conversation_stages_with_the_tokenizers_template(run_dir, tmp_path):
+    """Text prompts are chat turns for runs of the stages that train on conversations, not for pre-training;
+    without a template in the run's config, the one whose control tokens the tokenizer has (the byte
+    tokenizer's: kiln)."""
+    for stage, chat in (("dpo", True), ("grpo", True), ("pretrain", False)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "checkpoints").symlink_to(run_dir / "checkpoints")
+        (tmp_path / stage / "config.json").write_text(json.dumps({"stage": stage, "data": {"tokenizer": "byte"}}))
+        sampler, chats = load_sampler(str(tmp_path / stage))
+        assert (chats, sampler.chat_template) == (chat, "kiln"), stage
+    assert load_sampler(str(run_dir), chat=False)[1] is False  # an explicit choice wins
 
 
 def test_cli_samples_a_hugging_face_directory(tmp_path, capsys):

@@ -28,6 +28,10 @@ def test_shots_never_include_an_evaluated_problem():
         tasks.choose_shots(evaluated, 2, evaluated)
     with pytest.raises(ValueError, match="need 300 examples"):
         tasks.choose_shots(pool, 300, evaluated)
+    # One evaluated problem (the last) slipped into the pool: drawing the whole pool shows it.
+    with pytest.raises(ValueError, match="also an evaluated problem"):
+        tasks.choose_shots(pool + [evaluated[-1]], len(pool) + 1, evaluated)
+    assert len(tasks.choose_shots(pool, len(pool), evaluated)) == len(pool)  # all of a clean pool is fine
 
 
 def test_prompts_with_and_without_chain_of_thought():
@@ -49,6 +53,9 @@ def test_scoring_reads_the_final_answer():
     assert tasks.score("1234", item, cot=False, chat=False)  # after the prompt's "#### "
     assert not tasks.score("1234", item, cot=True, chat=False)  # a chain of thought must end in "#### N"
     assert tasks.score("#### 1234.", item, cot=False, chat=True)
+    assert not tasks.score("1234", item, cot=False, chat=True)  # a chat reply writes its own "#### "
+    assert tasks.score("-3.0", tasks.Item("q", "s\n#### -3", "-3"), cot=False, chat=False)  # numerically equal
+    assert not tasks.score("3", tasks.Item("q", "s\n#### -3", "-3"), cot=False, chat=False)
 
 
 class Scripted:
@@ -72,3 +79,15 @@ def test_accuracy_counts_right_answers_in_batches():
     assert [len(p) for p, _ in sampler.calls] == [4, 4, 2]
     assert sampler.calls[0][1]["temperature"] == 0.0 and sampler.calls[0][1]["stop"] == ("\n\n",)
     assert [e["correct"] for e in out["examples"]] == [False, True, True]
+
+
+def test_accuracy_stops_plain_text_at_the_end_of_the_example_and_chat_at_end_of_turn():
+    """A direct plain-text answer ends its line; a chain of thought ends at a blank line; chat stops at the
+    template's end of turn (no stop strings)."""
+    evaluated = split(0.95, 1.0)[:3]
+    direct = Scripted({tasks.prompt(it, [], cot=False, chat=False): f"{it.answer}" for it in evaluated})
+    out = tasks.accuracy(direct, evaluated, [], cot=False, chat=False, max_new_tokens=8, batch_size=8)
+    assert out["correct"] == 3 and direct.calls[0][1]["stop"] == ("\n",)
+    chat = Scripted({it.question: f"#### {it.answer}" for it in evaluated})
+    out = tasks.accuracy(chat, evaluated, [], cot=False, chat=True, max_new_tokens=8, batch_size=8)
+    assert out["correct"] == 3 and tuple(chat.calls[0][1]["stop"]) == () and chat.calls[0][1]["chat"] is True
