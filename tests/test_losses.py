@@ -155,3 +155,13 @@ def test_sft_loss_is_the_same_packed_or_one_example_per_row():
 
 def test_sft_loss_trains_on_sft_batches_only():
     assert losses.batch_kinds("sft") == ("sft",)
+
+
+def test_sft_loss_is_next_token_with_its_z_loss():
+    """The sft loss is next_token on the assistant tokens, z-loss included when configured."""
+    coef = 1e-2
+    loss_sum, metrics = losses.get("sft", ml_collections.ConfigDict({"z_loss": coef}))(FixedLogits(jnp.asarray(LOGITS)),
+                                                                                      BATCH, None)
+    np.testing.assert_allclose(float(loss_sum), CE_SUM + coef * Z_SUM, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["z_loss"]), coef * Z_SUM, rtol=1e-6)
+    assert float(metrics["weight"]) == 4.0

@@ -3,6 +3,7 @@ and the sequence log-probs they are fed, against a row-by-row forward pass."""
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -231,6 +232,47 @@ def test_dpo_stage_loss_by_hand():
     # Reference-free SimPO: equal per-token log-probs, so -log sigma(-gamma) for both pairs.
     total, _ = dpo({k: v for k, v in batch.items() if not k.startswith("ref_")}, preference_type="simpo", beta=2.0)
     assert float(total) == pytest.approx(2 * softplus(0.5), rel=1e-6)
+
+
+def test_dpo_stage_metrics_smoothing_and_reference_free_losses_by_hand():
+    # Pairs of 3 / 1 and 2 / 5 trained tokens; a slot whose rejected reply has none, and a padding slot:
+    # neither is a pair. The first pair's policy equals its reference: a tie, which is no accuracy.
+    batch = pair_batch(([4, 3, 2, 0], [2, 6, 0, 0]))
+    lnV = math.log(UniformLM.V)
+    pc, pr = sequence_logps(UniformLM(), batch)[:2]
+    batch.update(ref_chosen_logps=jnp.array([pc[0], -5.0, -1.0, 0.0]),
+                 ref_rejected_logps=jnp.array([pr[0], -3.0, -2.0, 0.0]))
+    delta = (-2 * lnV + 5) - (-5 * lnV + 3)  # the second pair's; the first's is 0
+    total, m = dpo(batch, label_smoothing=0.1)  # conservative DPO: -(1-e) log s(b d) - e log s(-b d)
+    assert float(m["weight"]) == 2
+    assert float(total) == pytest.approx(math.log(2) + 0.9 * softplus(-0.1 * delta) + 0.1 * softplus(0.1 * delta),
+                                         rel=1e-6)
+    assert float(m["rewards/chosen"]) == pytest.approx(0.1 * (-2 * lnV + 5), rel=1e-5)
+    assert float(m["rewards/rejected"]) == pytest.approx(0.1 * (-5 * lnV + 3), rel=1e-5)
+    assert float(m["rewards/accuracies"]) == 1.0  # strictly greater: the tie does not count
+    assert float(m["logps/rejected"]) == pytest.approx(-6 * lnV, rel=1e-6)
+    assert float(m["logps/chosen"]) == pytest.approx(-5 * lnV, rel=1e-6)
+    free = {k: v for k, v in batch.items() if not k.startswith("ref_")}
+    # SimPO on per-token log-probs (-ln V on both sides): z = beta * 0 - gamma = -0.5, smoothed 0.2.
+    total, m = dpo(free, preference_type="simpo", beta=2.0, label_smoothing=0.2)
+    assert float(total) == pytest.approx(2 * (0.8 * softplus(0.5) + 0.2 * softplus(-0.5)), rel=1e-6)
+    assert float(m["rewards/chosen"]) == pytest.approx(2 * 2.0 * -lnV, rel=1e-6)  # beta x per-token log-prob
+    assert float(m["rewards/rejected"]) == pytest.approx(2 * 2.0 * -lnV, rel=1e-6)
+    assert float(m["rewards/margins"]) == pytest.approx(0.0, abs=1e-5)
+    # ORPO: equal per-token log-probs have equal odds, lam * ln 2 a pair, plus the chosen NLL per token.
+    total, m = dpo(free, preference_type="orpo", beta=0.1, nll_coef=1.0)
+    assert float(total) == pytest.approx(2 * (0.1 * math.log(2) + lnV), rel=1e-6)
+    assert float(m["nll_loss"]) == pytest.approx(2 * lnV, rel=1e-6)
+
+
+def test_orpo_at_probability_one_stays_finite():
+    """An average log-prob of 0 (P = 1) has infinite odds: ORPO clamps it just below 1."""
+    chosen, rejected = jnp.array([0.0, 1e-3]), jnp.log(jnp.array([0.5, 0.5]))
+    out = orpo_loss(chosen, rejected, lam=1.0)
+    # log odds(1 - 1e-6) ~ ln 1e6 = 13.8 (float32 rounds 1 - P to 3%): the loss is ~ e^-13.8 ~ 1e-6, not 0.
+    assert np.all(np.isfinite(out)) and np.all(out > 2e-7) and np.all(out < 4e-6)
+    grad = jax.grad(lambda c: orpo_loss(c, rejected, lam=1.0).sum())(chosen)
+    assert np.all(np.isfinite(grad))
 
 
 def test_reward_loss_takes_each_pairs_margin_from_the_data():

@@ -2,10 +2,12 @@
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data import sources
+from data import sources, tokenizer
+from data.chat import render
 from launch.config import load_config
 from train import checkpoint, rejection, rewards, trainer
 from test_train import config as stage_config
@@ -43,6 +45,13 @@ def reward_run(tmp_path_factory):
     return run_dir
 
 
+def test_verifier_scores_the_final_answer_against_the_reference():
+    score = rewards.scorer("verifier")
+    replies = ["3 + 4 = 7\n#### 7", "#### 8", "the answer is 7", "#### 1,234.", "#### 7.0", "#### 2\n#### 7"]
+    got = score([[]] * 6, replies, ["7", "7", "7", "1234", "7", "7"])
+    assert got.dtype == np.float32 and got.tolist() == [1, 0, 0, 1, 1, 1]  # the last `####` counts
+
+
 def test_rejection_sampling_with_a_reward_model(policy, reward_run, tmp_path):
     run_dir = str(tmp_path / "rs")
     cfg = load_config(os.path.join(ROOT, "configs/rejection_sampling.py:smoke"),
@@ -60,6 +69,16 @@ def test_rejection_sampling_with_a_reward_model(policy, reward_run, tmp_path):
     scorer = rewards.scorer(reward_run)
     again = scorer([sft[0]["messages"][:-1]], [sft[0]["messages"][-1]["content"]], [""])
     assert float(again[0]) == pytest.approx(sft[0]["score"], abs=1e-4)
+    # The scorer renders prompt and reply with the reward model's template and pads them to a width of
+    # 64, which must change neither the positions (from 0) nor what the head reads: a short sequence
+    # (where a position shift shows most) scores as the model scores it alone.
+    tok = tokenizer.load(sources.expand_path(checkpoint.tokenizer_of(reward_run), "tokenizer"))
+    chat, reply = PROMPTS[0]["prompt"], "#### 12"
+    seq = render(chat + [{"role": "assistant", "content": reply}], tok,
+                 checkpoint.run_config(reward_run)["data"]["chat_template"])[0]
+    assert len(seq) < 32
+    alone = float(model.rewards(jnp.asarray([seq], jnp.int32))[0])
+    assert float(scorer([chat], [reply], [""])[0]) == pytest.approx(alone, abs=1e-5)
     assert model.cfg.reward_head
     # configs/sft.py reads the file as it is, and the pairs as preference records.
     data = stage_config("sft", str(tmp_path / "x")).data

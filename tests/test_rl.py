@@ -154,6 +154,18 @@ def test_python_reward_function_and_a_bad_one(tmp_path):
         rewards.scorer(f"{os.path.join(ROOT, 'tests/rl_reward.py')}:nope")
 
 
+def test_rl_prompts_read_every_weighted_source_in_order():
+    config = stage_config("grpo", "/nonexistent")
+    records = rewards.prompts(config)
+    assert len(records) > 3 and all(set(r) == {"prompt", "answer"} for r in records)
+    assert rewards.prompts(config, 3) == records[:3]  # a limit takes the first prompts
+    with config.unlocked():
+        config.data.sources.off = ConfigDict(dict(config.data.sources.train.to_dict(), weight=0.0))
+    assert rewards.prompts(config) == records  # a source of weight 0 is not read
+    config.data.sources.off.weight = 1.0
+    assert rewards.prompts(config) == records + records  # sources one after another
+
+
 def run_stage(stage, run_dir, *overrides):
     return trainer.train(stage_config(stage, run_dir, REWARD, *overrides))
 
