@@ -264,6 +264,18 @@ def test_gemma_and_chatml_layouts_id_by_id():
     assert [i for i, m in zip(ids, mask) if m] == b(" 4\n")
 
 
+def test_last_turn_only_trains_the_final_assistant_message_alone():
+    """Preference pairs train only the reply that differs: with two assistant messages in a row, the earlier
+    one (part of the shared prompt) stays untrained."""
+    tok, b = SpelledTokenizer(), lambda text: list(text.encode())  # noqa: E731
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "first"},
+            {"role": "assistant", "content": "second"}]
+    ids, mask = chat.render(conv, tok, "chatml", last_turn_only=True)
+    assert [i for i, m in zip(ids, mask) if m] == [*b("second"), 303]
+    _, mask = chat.render(conv, tok, "chatml")
+    assert sum(mask) == len("first") + len("second") + 2
+
+
 # -- the real data sets ------------------------------------------------------------------------------
 def test_gsm8k_trained_tokens_are_exactly_the_completion(data_dir):
     path = f"{data_dir}/gsm8k/train.jsonl"
