@@ -84,3 +84,43 @@ def test_auto_picks_the_platforms_kernel_and_refuses_what_a_kernel_lacks():
         resolve("xla", jnp.float32, 50.0, "cpu")
     with pytest.raises(ValueError, match="attention 'flash' is not one of"):
         presets.get("tiny", attention="flash")
+
+
+def test_cudnn_call_gets_segments_causality_and_the_window(monkeypatch):
+    """cuDNN's call, run by XLA's implementation of the same function (no GPU here): the segment mask,
+    `is_causal` and the window's (window - 1, 0) must together give the model's own mask."""
+    from model.attention import attention_mask
+    original, calls = jax.nn.dot_product_attention, []
+
+    def as_xla(*args, implementation=None, **kw):
+        calls.append(implementation)
+        return original(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+    Tq = 32
+    keys = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(keys[0], (B, Tq, 4, 8))
+    k, v = (jax.random.normal(key, (B, Tq, 2, 8)) for key in keys[1:])
+    segments = jnp.asarray(np.stack([np.r_[np.full(12, 1), np.full(14, 2), np.zeros(6)], np.ones(Tq)]).astype(np.int32))
+    positions = jnp.asarray(np.stack([np.r_[np.arange(12), np.arange(14), np.arange(6)], np.arange(Tq)]).astype(np.int32))
+    real = np.asarray(segments) > 0
+    for window in (0, 5):
+        mask = attention_mask(positions, segments, positions, segments, window)
+        out = attention_kernels.attend("cudnn", q, k, v, mask, segments, window, 0.3, None)
+        ref = attention_kernels.attend("xla", q, k, v, mask, segments, window, 0.3, None)
+        np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5)
+    assert calls == ["cudnn", "xla"] * 2
+
+
+def test_resolve_names():
+    resolve = attention_kernels.resolve
+    assert resolve("auto", jnp.float16, None, "gpu") == "cudnn"
+    assert resolve("auto", jnp.float32, None, "tpu") == "splash"
+    assert resolve("auto", jnp.bfloat16, None, "cpu") == "einsum"
+    assert resolve("einsum", jnp.bfloat16, 50.0, "gpu") == "einsum" and resolve("splash", jnp.float32, 50.0) == "splash"
+    assert resolve("xla", jnp.float32, None, "gpu") == "xla"
+    with pytest.raises(ValueError, match="attention 'cudnn' has no logit soft-capping"):
+        resolve("cudnn", jnp.bfloat16, 50.0, "gpu")
+    with pytest.raises(ValueError, match="no attention kernel 'einsum'"):
+        attention_kernels.attend("einsum", *([jnp.zeros((1, 4, 1, 8))] * 3), jnp.ones((1, 4, 4), bool),
+                                 jnp.ones((1, 4), jnp.int32), 0, 1.0, None)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from configs import meshes
-from launch import multinode, slurm, tpu_pod
+from launch import local, multinode, slurm, tpu_pod
 from launch.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,6 +180,8 @@ def test_multinode_bad_input(capsys):
         "--nodes and --processes_per_node must be at least 1, and --node_rank in [0, nodes)")
     assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=h", "--", *KILN], capsys).endswith(
         "--coordinator='h' is not HOST:PORT")
+    assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=h:port", "--", *KILN], capsys).endswith(
+        "--coordinator='h:port' is not HOST:PORT")
     assert error(multinode.main, [*args, "--node_rank=0", "--processes_per_node=8", "--mesh=4x8xh100", "--", *KILN],
                  capsys).endswith("this starts 16 processes: use --processes_per_node=1")
 
@@ -196,7 +198,37 @@ def test_multinode_runs_and_supervises_its_processes(tmp_path, capsys):
     assert "a process exited with status 3" in capsys.readouterr().err
 
 
+# -- local ----------------------------------------------------------------------------------------
+def test_local_sets_each_process_variables(capsys):
+    lines = printed(local.main, ["--num_processes=3", "--devices_per_process=2", "--port=1234", "--log_dir=/logs",
+                                 "--dry-run", "--", *KILN], capsys)
+    common = ("JAX_COORDINATOR_ADDRESS=127.0.0.1:1234 JAX_NUM_PROCESSES=3 JAX_PROCESS_ID={} JAX_PLATFORMS=cpu "
+              f"XLA_FLAGS=--xla_force_host_platform_device_count=2 {' '.join(KILN)}")
+    assert lines == [common.format(0), common.format(1) + " > /logs/process_1.log 2>&1",
+                     common.format(2) + " > /logs/process_2.log 2>&1"]
+    port = int(printed(local.main, ["--num_processes=1", "--dry-run", "--", *KILN], capsys)[0].split()[0].split(":")[1])
+    assert 0 < port < 65536  # a free port of its own when none is given
+
+
+def test_local_returns_the_failed_process_status(tmp_path, capsys):
+    """One process that exits 3 between two polls: its status is the launcher's."""
+    assert local.main(["--num_processes=1", f"--log_dir={tmp_path}", "--", sys.executable, "-c",
+                       "import sys; sys.exit(3)"]) == 3
+    assert "launch.local: a process exited with status 3" in capsys.readouterr().err
+    assert local.main(["--num_processes=2", f"--log_dir={tmp_path}", "--", sys.executable, "-c", "pass"]) == 0
+
+
 # -- mesh presets -----------------------------------------------------------------------------------
+def test_mesh_presets_cover_their_hardware():
+    """A slice's or node's devices (JAX counts one per TPU chip) times the slices or nodes."""
+    devices = {"v4-8": 4, "v4-32": 16, "v5e-8": 8, "v5e-256": 256, "v5p-128": 64, "v6e-8": 8, "v6e-256": 256,
+               "2xv5e-256": 512, "8xh100": 8, "4x8xh100": 32}
+    assert sorted(devices) == sorted(meshes.PRESETS)
+    for name, n in devices.items():
+        p = {**meshes.DEFAULTS, **meshes.PRESETS[name]}
+        assert p["data"] * p["fsdp"] * p["tensor"] * meshes.dcn_size(name) == n, name
+
+
 @pytest.mark.parametrize("name", sorted(meshes.PRESETS))
 def test_every_mesh_preset_loads(name):
     config = load_config(os.path.join(ROOT, "configs/pretrain.py"), meshes.overrides(name))

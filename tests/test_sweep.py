@@ -74,3 +74,57 @@ def test_every_sweep_and_its_variants_plan(in_root):
             assert (config.data.synthetic.max_digits, config.data.synthetic.min_ops, config.data.synthetic.max_ops) == (1, 2, 2)
     replay = load_config("configs/continue.py:synthetic", [])
     assert (replay.data.sources.train.max_digits, replay.data.eval_sources.old.max_ops) == (2, 1)
+
+
+def write_sweep(tmp_path, **fields):
+    path = tmp_path / "sweep_file.py"
+    settings = dict(run_dir=str(tmp_path / "out"), base="configs/sft.py:smoke", overrides=("optim.lr=0.002",),
+                    seeds=(0, 3), metrics=("eval/loss",), **fields)
+    path.write_text(f"from ml_collections import ConfigDict\ndef get_config(variant=''):\n    return ConfigDict({settings!r})\n")
+    return str(path)
+
+
+def test_a_grid_is_every_combination_in_order(in_root, tmp_path):
+    spec = write_sweep(tmp_path, grid=(("optim.lr", (0.001, 0.01)), ("peft.method", ("none", "lora")),
+                                       ("data.sources.train.path", ("a b/c",))))
+    s = sweep.load_sweep(spec, [])
+    assert sweep.points(s) == [
+        ("lr=0.001_method=none_path=a-b-c", {"optim.lr": 0.001, "peft.method": "none", "data.sources.train.path": "a b/c"}),
+        ("lr=0.001_method=lora_path=a-b-c", {"optim.lr": 0.001, "peft.method": "lora", "data.sources.train.path": "a b/c"}),
+        ("lr=0.01_method=none_path=a-b-c", {"optim.lr": 0.01, "peft.method": "none", "data.sources.train.path": "a b/c"}),
+        ("lr=0.01_method=lora_path=a-b-c", {"optim.lr": 0.01, "peft.method": "lora", "data.sources.train.path": "a b/c"})]
+    runs = sweep.plan(s)
+    assert [(name, seed) for name, seed, _ in runs] == [(n, seed) for n, _ in sweep.points(s) for seed in (0, 3)]
+    name, seed, args = runs[3]
+    out = str(tmp_path / "out")
+    assert args == ["--config.optim.lr=0.002", "--config.optim.lr=0.001", "--config.peft.method=lora",
+                    "--config.data.sources.train.path=a b/c", "--config.seed=3",
+                    f"--config.run_dir={out}/lr=0.001_method=lora_path=a-b-c/seed_3"]
+    config = load_config(s.base, args)  # the point's value wins over the sweep's overrides
+    assert (config.optim.lr, config.seed, config.peft.method) == (0.001, 3, "lora")
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(grid=(("optim.lr", (0.1,)),), points=({"optim.lr": 0.1},)), "a sweep sets either 'grid' or 'points'"),
+    (dict(), "a sweep sets either 'grid' or 'points'"),
+    (dict(points=({"optim.lr": 0.1}, {"optim.lr": 0.2}), labels=("a", "a")), "labels name each of its 2 points once"),
+    (dict(points=({"optim.lr": 0.1}, {"optim.lr": 0.2}), labels=("a",)), "labels name each of its 2 points once"),
+])
+def test_grid_or_points_and_labels_are_checked(in_root, tmp_path, fields, message):
+    from launch.config import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        sweep.plan(sweep.load_sweep(write_sweep(tmp_path, **fields), []))
+
+
+def test_summary_is_the_mean_and_sample_std_over_seeds(in_root, tmp_path):
+    s = sweep.load_sweep(write_sweep(tmp_path, points=({"optim.lr": 0.1}, {"optim.lr": 0.2}), labels=("lo", "hi")), [])
+    runs = sweep.plan(s)
+    dirs = [args[-1].split("=", 1)[1] for _, _, args in runs]
+    done = {dirs[0]: {"eval/loss": 1.0}, dirs[1]: {"eval/loss": 2.0}, dirs[2]: {"eval/loss": 4.0}}  # hi seed 3: not yet
+    results = sweep.summarise(s, runs, done)
+    lo, hi = results["points"]
+    assert (lo["point"], [r["seed"] for r in lo["runs"]], lo["mean"], lo["std"]) == (
+        "lo", [0, 3], {"eval/loss": 1.5}, {"eval/loss": pytest.approx(0.5 ** 0.5)})
+    assert (hi["point"], len(hi["runs"]), hi["mean"], hi["std"]) == ("hi", 1, {"eval/loss": 4.0}, {"eval/loss": 0.0})
+    assert sweep.markdown(results).splitlines()[2:] == ["| lo | 2 | 1.5000 ± 0.7071 |", "| hi | 1 | 4.0000 ± 0.0000 |"]
+    assert sweep.summarise(s, runs, {})["points"] == []

@@ -1,0 +1,190 @@
+"""`kiln pipeline`'s runner in seconds: the stages' own work (training, generation, evaluation) is
+replaced by stand-ins that record the config each stage got and write the files a real stage writes,
+on a clock that advances by known amounts. What is left is the runner itself: the run directory of
+each stage, `@NAME` references resolved to earlier stages' directories, the stage's evaluation, its
+row of metrics (a helper's joining its stage's), the progress line, and a re-run that skips finished
+stages and runs the interrupted ones. (tests/test_pipeline.py runs real recipes end to end, slowly.)"""
+import json
+import os
+
+import pytest
+
+from launch import pipeline
+from launch.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+STAGES = [
+    dict(name="pretrain", command="train", config="configs/pretrain.py:smoke", minutes=2,
+         overrides=["train.steps=4"], evaluate={"config": "configs/eval.py:smoke", "overrides": ["eval.num_problems=3"]}),
+    dict(name="rm", command="train", config="configs/reward.py:smoke", minutes=1,
+         overrides=["model.init_from=@pretrain", "train.steps=2", "run_dir=@pretrain/not_here"]),  # NAME wins
+    dict(name="gen", command="generate", config="configs/rejection_sampling.py:smoke", part_of="sft", minutes=1,
+         overrides=["model.init_from=@pretrain", "rollout.reward=@rm"]),
+    dict(name="sft", command="train", config="configs/sft.py:smoke", minutes=3,
+         overrides=["model.init_from=@pretrain", "data.sources.train.format=jsonl",
+                    "data.sources.train.path=@gen/sft.jsonl", "train.steps=4"]),
+    dict(name="final", command="eval", config="configs/eval.py:smoke", checkpoint="@sft"),
+]
+# Seconds each stand-in takes, by the directory it writes to.
+SECONDS = {"pretrain": 120, "pretrain/eval": 30, "rm": 60, "gen": 30, "sft": 180, "final": 15}
+TASKS = [dict(task="arithmetic", shots=0, chain_of_thought=True, accuracy=0.25),
+         dict(task="arithmetic", shots=0, chain_of_thought=False, accuracy=0.5),
+         dict(task="arithmetic", shots=1, chain_of_thought=True, accuracy=0.125)]
+
+
+class Fake:
+    """Stand-ins for the stages' work, a clock, and the calls made."""
+
+    def __init__(self, root):
+        self.root, self.now, self.calls = root, 0.0, []
+
+    def _done(self, run_dir):
+        self.now += SECONDS[os.path.relpath(run_dir, self.root)]
+        self.calls.append(os.path.relpath(run_dir, self.root))
+
+    def train(self, config):
+        os.makedirs(config.run_dir, exist_ok=True)
+        with open(os.path.join(config.run_dir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 1, "loss": 2.0, "lr": 0.001}) + "\n")
+            row = {"step": config.train.steps, "loss": 1.5, "eval/loss": 1.75}
+            if config.stage == "reward":
+                row["eval/accuracy"] = 0.875
+            f.write(json.dumps(row) + "\n")
+        with open(os.path.join(config.run_dir, "step"), "w") as f:
+            f.write(str(config.train.steps))
+        self.seen[config.run_dir] = config
+        self._done(config.run_dir)
+
+    def generate(self, config):
+        os.makedirs(config.run_dir, exist_ok=True)
+        with open(os.path.join(config.run_dir, "results.json"), "w") as f:
+            json.dump({"kept_fraction": 0.75, "best_of_k": 0.5, "policy": config.model.init_from}, f)
+        self.seen[config.run_dir] = config
+        self._done(config.run_dir)
+
+    def evaluate(self, config, checkpoint_path):
+        os.makedirs(config.run_dir, exist_ok=True)
+        with open(os.path.join(config.run_dir, "results.json"), "w") as f:
+            json.dump({"checkpoint": checkpoint_path, "metrics": {"eval/arithmetic/bits_per_byte": 3.0}, "tasks": TASKS}, f)
+        self.evaluated[config.run_dir] = checkpoint_path
+        self._done(config.run_dir)
+
+    def latest_step(self, run_dir):
+        with open(os.path.join(run_dir, "step")) as f:  # FileNotFoundError: no checkpoint yet
+            return int(f.read())
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # stage configs are named relative to the repository
+    f = Fake(str(tmp_path / "recipe"))
+    f.seen, f.evaluated = {}, {}
+    monkeypatch.setattr(pipeline.trainer, "train", f.train)
+    monkeypatch.setattr(pipeline.rejection, "run", f.generate)
+    monkeypatch.setattr(pipeline.eval_cli, "run", f.evaluate)
+    monkeypatch.setattr(pipeline.checkpoint, "latest_step", f.latest_step)
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: f.now)
+    return f
+
+
+def recipe_file(tmp_path, stages=STAGES):
+    path = tmp_path / "recipe_file.py"
+    path.write_text("from ml_collections import ConfigDict\n"
+                    f"def get_config(variant=''):\n    return ConfigDict(dict(run_dir={str(tmp_path / 'recipe')!r}))\n"
+                    f"def stages(c):\n    return {stages!r}\n")
+    return str(path)
+
+
+def test_each_stage_runs_in_its_directory_on_the_earlier_stages_outputs(fake, tmp_path, capsys):
+    root = fake.root
+    recipe, stages = pipeline.load_recipe(recipe_file(tmp_path), [])
+    results = pipeline.run(recipe, stages)
+    assert fake.calls == ["pretrain", "pretrain/eval", "rm", "gen", "sft", "final"]
+    at = lambda *parts: os.path.join(root, *parts)  # noqa: E731
+    seen = fake.seen
+    assert seen[at("pretrain")].train.steps == 4 and seen[at("pretrain")].stage == "pretrain"
+    assert seen[at("rm")].model.init_from == at("pretrain") and seen[at("rm")].stage == "reward"
+    assert (seen[at("gen")].model.init_from, seen[at("gen")].rollout.reward) == (at("pretrain"), at("rm"))
+    assert seen[at("sft")].model.init_from == at("pretrain")
+    assert seen[at("sft")].data.sources.train.path == at("gen", "sft.jsonl")
+    # The stage's evaluation goes into NAME/eval, of NAME's model; an eval stage evaluates its checkpoint.
+    assert fake.evaluated == {at("pretrain", "eval"): at("pretrain"), at("final"): at("sft")}
+
+    # One row per stage; the helper `gen` joins `sft`'s row: its metrics prefixed, its time added.
+    rows = {r["stage"]: r for r in results["stages"]}
+    assert [r["stage"] for r in results["stages"]] == ["pretrain", "rm", "sft", "final"]
+    assert {k: r["seconds"] for k, r in rows.items()} == {"pretrain": 150, "rm": 60, "sft": 210, "final": 15}
+    assert rows["sft"]["parts"] == ["gen"] and rows["sft"]["run_dir"] == at("sft")
+    assert rows["pretrain"]["metrics"] == {
+        "train/loss": 1.5, "train/lr": 0.001, "eval/loss": 1.75, "eval/arithmetic/bits_per_byte": 3.0,
+        "arithmetic/0shot_cot/accuracy": 0.25, "arithmetic/0shot/accuracy": 0.5, "arithmetic/1shot_cot/accuracy": 0.125,
+        "accuracy": 0.5}  # the best setting's
+    assert rows["rm"]["metrics"]["pair_accuracy"] == 0.875 and "accuracy" not in rows["rm"]["metrics"]
+    assert rows["sft"]["metrics"] == {"train/loss": 1.5, "train/lr": 0.001, "eval/loss": 1.75,
+                                      "gen/kept_fraction": 0.75, "gen/best_of_k": 0.5}
+    assert rows["final"]["metrics"]["accuracy"] == 0.5 and rows["final"]["command"] == "eval"
+    with open(os.path.join(root, "results.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(results))
+    with open(os.path.join(root, "results.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The table: minutes, and a helper's figures in its stage's empty columns.
+    table = pipeline.markdown(results).splitlines()
+    assert table[2] == "| pretrain | train | 2.5 | 0.500 |  | 1.750 |  |  |  |  |  | 1.500 |"
+    assert table[3] == "| rm | train | 1.0 |  | 0.875 | 1.750 |  |  |  |  |  | 1.500 |"
+    assert table[4] == "| sft | train | 3.5 |  |  | 1.750 |  |  |  | 0.500 | 0.750 | 1.500 |"
+    out = capsys.readouterr().out.splitlines()
+    # Progress: the time so far and the expected minutes of this stage and the later ones.
+    assert "[1/5] pretrain: kiln train configs/pretrain.py:smoke (pipeline 0.0 min so far, about 7 min left)" in out
+    assert "[4/5] sft: kiln train configs/sft.py:smoke (pipeline 4.0 min so far, about 3 min left)" in out
+    assert "[5/5] final: kiln eval configs/eval.py:smoke (pipeline 7.0 min so far)" in out
+
+
+def test_rerun_skips_finished_stages_and_runs_the_unfinished_ones(fake, tmp_path, capsys):
+    root = fake.root
+    recipe, stages = pipeline.load_recipe(recipe_file(tmp_path), [])
+    pipeline.run(recipe, stages)
+    # pretrain trained but its evaluation is gone; sft stopped at step 2 of 4; final never ran.
+    os.remove(os.path.join(root, "pretrain", "eval", "results.json"))
+    with open(os.path.join(root, "sft", "step"), "w") as f:
+        f.write("2")
+    os.remove(os.path.join(root, "final", "results.json"))
+    fake.calls.clear()
+    capsys.readouterr()
+    results = pipeline.run(recipe, stages)
+    assert fake.calls == ["pretrain", "pretrain/eval", "sft", "final"]
+    out = capsys.readouterr().out
+    assert "[2/5] rm: kiln train configs/reward.py:smoke: finished earlier, skipped" in out
+    assert "[3/5] gen: kiln generate configs/rejection_sampling.py:smoke: finished earlier, skipped" in out
+    # A skipped stage keeps the time it took when it ran.
+    seconds = {r["stage"]: r["seconds"] for r in results["stages"]}
+    assert (seconds["pretrain"], seconds["rm"], seconds["final"]) == (150, 60, 15)
+    assert [r["stage"] for r in pipeline._read_results(root)] == ["pretrain", "rm", "sft", "final"]
+    fake.calls.clear()
+    pipeline.run(recipe, stages)
+    assert fake.calls == []
+
+
+def test_finished_means_the_last_step_reached(fake, tmp_path):
+    from launch.config import load_config
+    config = load_config("configs/sft.py:smoke", [f"--config.run_dir={tmp_path}", "--config.train.steps=4"])
+    assert not pipeline.finished("train", config)  # no checkpoint
+    for step, done in ((3, False), (4, True), (5, True)):
+        (tmp_path / "step").write_text(str(step))
+        assert pipeline.finished("train", config) is done
+    assert not pipeline.finished("tokenizer", config)
+    (tmp_path / "tokenizer.model").write_text("")
+    assert pipeline.finished("tokenizer", config) and not pipeline.finished("generate", config)
+
+
+def test_a_stage_cannot_name_itself(tmp_path):
+    stages = [dict(name="a", command="train", config="c", overrides=["model.init_from=@a"])]
+    with pytest.raises(ConfigError, match="@a names no earlier stage"):
+        pipeline.load_recipe(recipe_file(tmp_path, stages), [])
+    stages = [dict(name="a", command="train", config="c"),
+              dict(name="b", command="train", config="c", evaluate={"config": "e", "overrides": ["x=@c"]})]
+    with pytest.raises(ConfigError, match="@c names no earlier stage"):
+        pipeline.load_recipe(recipe_file(tmp_path, stages), [])
+    stages = [dict(name="a", command="train", config="c"), dict(name="b", command="eval", config="e", checkpoint="@b")]
+    with pytest.raises(ConfigError, match="@b names no earlier stage"):
+        pipeline.load_recipe(recipe_file(tmp_path, stages), [])
