@@ -92,7 +92,7 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
     lock = rundir.RunLock(root)  # one runner per pipeline directory (each stage locks its own)
     lock.acquire()
     try:
-        done = {r["stage"]: r for r in _read_results(root)}
+        done = _stages_done(_read_results(root))
         results: dict[str, Any] = {"recipe": json.loads(recipe.to_json()), "stages": []}
         started = time.perf_counter()
         for i, stage in enumerate(stages):
@@ -169,7 +169,22 @@ def _rows(stages: list[dict[str, Any]], done: dict[str, dict[str, Any]]) -> list
             rows[owner]["metrics"].update({f"{s['name']}/{k}": v for k, v in helper["metrics"].items()})
             rows[owner]["seconds"] += helper["seconds"]
             rows[owner]["parts"].append(s["name"])
+            rows[owner]["part_seconds"] = {**rows[owner].get("part_seconds", {}), s["name"]: helper["seconds"]}
     return list(rows.values())
+
+
+def _stages_done(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each stage's own entry (time and metrics) from the rows of an earlier results.json, helpers split
+    out of the stage they joined, so a re-run that repeats only one of the two counts each time once."""
+    done = {}
+    for row in rows:
+        parts = row.get("part_seconds", {})
+        done[row["stage"]] = dict(row, seconds=row["seconds"] - sum(parts.values()))
+        for helper, seconds in parts.items():
+            prefix = f"{helper}/"
+            done[helper] = {"stage": helper, "seconds": seconds,
+                            "metrics": {k[len(prefix):]: v for k, v in row["metrics"].items() if k.startswith(prefix)}}
+    return done
 
 
 def finished(command: str, config: Any) -> bool:

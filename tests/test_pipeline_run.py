@@ -159,10 +159,16 @@ def test_rerun_skips_finished_stages_and_runs_the_unfinished_ones(fake, tmp_path
     # A skipped stage keeps the time it took when it ran.
     seconds = {r["stage"]: r["seconds"] for r in results["stages"]}
     assert (seconds["pretrain"], seconds["rm"], seconds["final"]) == (150, 60, 15)
+    # sft ran again and gen (part of it) did not: gen's earlier time still counts, once.
+    assert seconds["sft"] == 210
     assert [r["stage"] for r in pipeline._read_results(root)] == ["pretrain", "rm", "sft", "final"]
     fake.calls.clear()
     pipeline.run(recipe, stages)
     assert fake.calls == []
+    # gen ran again and sft, which it is part of, did not: sft's own time plus gen's new time, gen's not twice.
+    os.remove(os.path.join(root, "gen", "results.json"))
+    results = pipeline.run(recipe, stages)
+    assert fake.calls == ["gen"] and {r["stage"]: r["seconds"] for r in results["stages"]}["sft"] == 210
 
 
 def test_finished_means_the_last_step_reached(fake, tmp_path):
