@@ -6,7 +6,7 @@ import importlib.util
 import os
 from typing import Any
 
-from ml_collections import ConfigDict, FieldReference
+from ml_collections import ConfigDict
 
 from configs import base
 from configs.base import set_path
@@ -75,8 +75,10 @@ def apply_override(config: ConfigDict, item: str) -> None:
         raise ConfigError(f"unknown config key {key!r} (from {item!r}); every key is listed in configs/base.py") from None
     if isinstance(current, ConfigDict):
         raise ConfigError(f"config key {key!r} is a group; set one of its fields: {', '.join(current.keys())}")
-    try:
-        set_path(config, key, parse_value(raw, current))
+    parent_key, _, leaf = key.rpartition(".")
+    parent = _get(config, parent_key) if parent_key else config
+    try:  # the field's declared type: a placeholder's (a str, int or float awaiting a value) too
+        set_path(config, key, parse_value(raw, parent.get_type(leaf)))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad value {raw!r} for config key {key!r}: {e}") from None
 
@@ -90,9 +92,8 @@ def _get(config: ConfigDict, key: str) -> Any:
     return node
 
 
-def parse_value(raw: str, current: Any) -> Any:
-    """Parses `raw` into the type of `current` (bool, int, float, str, tuple; None: a Python literal)."""
-    kind = current.get_type() if isinstance(current, FieldReference) else type(current)
+def parse_value(raw: str, kind: type) -> Any:
+    """Parses `raw` as a value of type `kind` (bool, int, float, str, tuple; NoneType: a Python literal)."""
     if kind is bool:
         if raw.lower() in ("true", "1", "yes"):
             return True

@@ -27,6 +27,8 @@ def test_values_take_their_fields_type():
     assert c.data.seq_len == 384 and type(c.data.seq_len) is int and c.optim.lr == 1e-3
     assert c.data.sources.train.path == "/d/a=b.jsonl"  # the value is everything after the first "="
     assert c.model.d_model == 96 and c.model.rope_theta == 10000.0
+    # A placeholder (a field awaiting a value) parses by its declared type: text stays text.
+    assert load("pretrain.py:smoke", "--config.model.family=123").model.family == "123"
     c = load("sft.py:smoke", "--config.peft.method=lora", "--config.peft.lora_targets=('q', 'v')",
              "--config.peft.lora_targets=['gate', 'up']")
     assert c.peft.lora_targets == ("gate", "up")
