@@ -163,6 +163,18 @@ def test_checksum_sees_values_and_positions():
         checkpoint.verify({"a": tree["a"], "c": tree["c"]}, expected, "here")  # a missing array
 
 
+def test_a_checksum_missing_on_either_side_is_a_mismatch():
+    tree = {"params": {"a": jnp.arange(4.0), "b": jnp.ones((2, 3), jnp.bfloat16)}, "train_state": {"step": jnp.int32(7)}}
+    sums = checkpoint.fingerprint(tree)
+    assert sorted(sums) == ["params/a", "params/b", "train_state/step"]
+    checkpoint.verify(tree, sums, "here")
+    for key in sums:  # an array without its checksum, or a checksum without its array
+        with pytest.raises(checkpoint.CheckpointError, match=f"here: {key} does not match the checksum"):
+            checkpoint.verify(tree, {k: v for k, v in sums.items() if k != key}, "here")
+    with pytest.raises(checkpoint.CheckpointError, match="here: params/c does not match the checksum"):
+        checkpoint.verify(tree, dict(sums, **{"params/c": [0, 0]}), "here")
+
+
 def test_locate_accepts_run_checkpoints_and_step_directories(run, tmp_path, monkeypatch):
     run_dir = str(tmp_path / "run")
     save_steps(run_dir, run, [2, 4])
@@ -174,6 +186,9 @@ def test_locate_accepts_run_checkpoints_and_step_directories(run, tmp_path, monk
     assert checkpoint.locate("$KILN_TEST_RUNS/run/checkpoints/2") == (inner, 2)
     assert checkpoint.locate("~/run") == (inner, None)
     assert checkpoint.latest_step("~/run") == 4 and checkpoint.latest_step("${KILN_TEST_RUNS}/run/checkpoints/2") == 2
+    # A run directory named like a step is still a run directory (no `params` inside it).
+    os.makedirs(tmp_path / "2024" / "checkpoints")
+    assert checkpoint.locate(str(tmp_path / "2024")) == (str(tmp_path / "2024" / "checkpoints"), None)
 
 
 def test_unwritable_directory_is_one_clear_error(tmp_path):

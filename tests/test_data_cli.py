@@ -2,10 +2,11 @@
 import json
 import re
 
+import numpy as np
 import pytest
 
 from configs import base
-from data import pipeline
+from data import pipeline, stats
 from data import tokenizer as tk
 from launch import data_cli, main as kiln
 from launch.config import load_config
@@ -86,3 +87,33 @@ def test_preview_on_the_real_data_sets(capsys, data_dir, args):
     code, out, _ = preview(capsys, *args, "--num_examples=2", "--max_stat_examples=200")
     assert code == 0 and ("####" in out if "gsm8k" in args[0] else "--- rejected ---" in out)
     assert preview(capsys, *args, "--num_examples=2", "--max_stat_examples=200")[1] == out
+
+
+def test_batch_stats_by_hand():
+    """Rows, sequences per row, padding and trained fractions, counted by hand on two small batches."""
+    first = {"segment_ids": np.array([[1, 1, 2, 0], [1, 1, 1, 1]]), "loss_mask": np.array([[0, 1, 1, 0], [1, 1, 1, 0.]])}
+    second = {"segment_ids": np.array([[1, 2, 3, 0]]), "loss_mask": np.array([[1, 0, 1, 0.]])}
+    # 3 rows with 2 + 1 + 3 documents; padding 2 of 12 positions; 7 of 12 trained.
+    assert stats.batch_stats([first, second], "sft") == \
+        "3 rows, 2.00 sequences per row, padding 16.7%, trained tokens 58.3%"
+    pair = {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in first.items()}
+    pair["rejected_segment_ids"] = np.array([[1, 0, 0, 0], [1, 1, 0, 0]])
+    # 2 rows; documents 2 + 1 + 1 + 1 = 5; padding 1 + 5 of 16; trained 5 + 5 of 16.
+    assert stats.batch_stats([pair], "preference") == \
+        "2 rows, 2.50 sequences per row, padding 37.5%, trained tokens 62.5%"
+    prompts = {"prompt_segment_ids": np.array([[0, 0, 1, 1], [0, 1, 1, 1]])}
+    assert stats.batch_stats([prompts], "prompts") == "2 rows, 1.00 sequences per row, padding 37.5%"
+
+
+def test_source_stats_count_statuses_and_pair_lengths_by_hand(tmp_path):
+    rows = [{"prompt": "ab", "chosen": "xyz", "rejected": "q"},  # <s><|user|>ab<|end|><|assistant|>xyz<|end|>: 9 + 7 positions
+            {"prompt": "a", "chosen": "b", "rejected": "cc"},  # 6 + 7
+            {"prompt": "a" * 20, "chosen": "b", "rejected": "c"}]  # over 12 positions: dropped
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = base.get_config().data
+    cfg.sources = {"p": base.source(str(tmp_path / "p.jsonl"), "jsonl")}
+    cfg.seq_len, cfg.truncate = 12, False
+    [got] = stats.summarize(cfg, "preference", tk.load("byte"))
+    assert (got.examples, got.statuses, got.tokens) == (3, {"ok": 2, "too_long": 1}, [16, 13])
+    assert got.line().endswith(": 3 examples: ok 2, truncated 0, too_long 1, empty_mask 0, bad_record 0; bad records "
+                               "skipped on load 0; tokens per example mean 14.5, min 13, max 16")

@@ -120,6 +120,68 @@ def test_sft_packing_trains_exactly_each_completion(pairs):
                 assert BYTE.decode([i for i, t in zip(ids, trained) if t]) == completion_of[prompt]
 
 
+def test_unpacked_rows_hold_one_example_at_the_left_with_positions_from_zero(pairs):
+    """Without packing (and for preference pairs), each row is one example from slot 0: segment 1,
+    positions 0..n-1, then padding (segment 0, position 0, pad tokens, untrained)."""
+    rows, path = pairs
+    completion_of = {r["prompt"]: r["completion"] for r in rows}
+    cfg = data_cfg({"p": base.source(path, "jsonl")}, seq_len=64, packing=False)
+    pair_cfg = data_cfg(seq_len=256)  # the synthetic source's preference pairs
+    batches = [(b, "") for b in take(pipeline.train_iterator(cfg, "sft", BYTE, seed=0), 2)]
+    batches += [(b, p) for b in take(pipeline.train_iterator(pair_cfg, "preference", BYTE, seed=0), 2)
+                for p in ("chosen_", "rejected_")]
+    for batch, prefix in batches:
+        for r in range(4):
+            seg, pos = batch[f"{prefix}segment_ids"][r], batch[f"{prefix}positions"][r]
+            n = int((seg > 0).sum())
+            assert n > 0 and (seg[:n] == 1).all() and (seg[n:] == 0).all()
+            assert pos.tolist() == list(range(n)) + [0] * (len(pos) - n)
+            assert (batch[f"{prefix}tokens"][r][n:] == BYTE.pad_id).all()
+            [(ids, trained)] = segments_of(batch, r, prefix)
+            if not prefix:
+                assert BYTE.decode([i for i, t in zip(ids, trained) if t]) == completion_of[BYTE.decode(ids[2:ids.index(E)])]
+
+
+def test_prompt_rows_are_left_padded_with_positions_from_zero():
+    """A prompt sits at the end of its row (generation continues after it), its positions 0..n-1."""
+    batch = next(pipeline.train_iterator(data_cfg(seq_len=256), "prompts", BYTE, seed=0))
+    for r in range(4):
+        seg, pos, tokens = batch["prompt_segment_ids"][r], batch["prompt_positions"][r], batch["prompt_tokens"][r]
+        n = int((seg > 0).sum())
+        pad = len(seg) - n
+        assert 0 < n < len(seg) and (seg[pad:] == 1).all() and (seg[:pad] == 0).all()
+        assert pos.tolist() == [0] * pad + list(range(n))
+        assert (tokens[:pad] == BYTE.pad_id).all()
+        assert tokens[pad] == BYTE.bos_id and tokens[pad + 1] == U and tokens[-1] == A  # BOS <|user|> ... <|assistant|>
+
+
+def test_a_pair_truncated_on_either_side_is_counted_truncated():
+    enc = pipeline.Encoder(BYTE, seq_len=12)
+    prompt = [{"role": "user", "content": "ab"}]  # <s><|user|>ab<|end|><|assistant|>: 6 ids, then reply and <|end|>
+    for chosen, rejected in (("x" * 10, "y"), ("y", "x" * 10)):
+        pair, status = enc.preference({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        assert status == "truncated"
+        long = "chosen_" if len(chosen) > 1 else "rejected_"
+        assert len(pair[f"{long}tokens"]) == 12 and pair[f"{long}loss_mask"].sum() == 12 - 5  # reply cut after 7
+    assert enc.preference({"prompt": prompt, "chosen": "x", "rejected": "y"})[1] == "ok"
+    dropped = pipeline.Encoder(BYTE, seq_len=12, truncate=False)
+    assert dropped.preference({"prompt": prompt, "chosen": "y", "rejected": "x" * 10}) == (None, "too_long")
+
+
+def test_pairs_with_reference_numbers_are_not_mixed_with_pairs_without():
+    """A padding row gets zeros for the numbers real pairs carry; a real pair lacking them is an error."""
+    row = pipeline._pair_row(8, 0, {f"{side}_{k}": np.ones(3, np.float32 if k == "loss_mask" else np.int32)
+                                    for side in ("chosen", "rejected") for k in ("tokens", "targets", "loss_mask")})
+    with_refs = dict(row, ref_chosen_logps=np.float32(-1.5), ref_rejected_logps=np.float32(-2.5))
+    empty = pipeline._empty_row("preference", 8, 0)
+    batch = pipeline._assemble("preference", BYTE.token_bytes(), [with_refs, empty])
+    assert batch["ref_chosen_logps"].tolist() == [-1.5, 0.0] and batch["ref_rejected_logps"].tolist() == [-2.5, 0.0]
+    assert "margin" not in batch
+    assert "ref_chosen_logps" not in pipeline._assemble("preference", BYTE.token_bytes(), [row, empty])
+    with pytest.raises(sources.DataError, match="a batch mixes pairs with 'ref_chosen_logps' and pairs without"):
+        pipeline._assemble("preference", BYTE.token_bytes(), [with_refs, row])
+
+
 def test_concat_pack_method_has_no_padding(docs):
     _, path = docs
     cfg = data_cfg({"d": base.source(path, "jsonl")}, seq_len=64, pack_method="concat")
@@ -165,6 +227,18 @@ def test_single_document_windows_shift_every_epoch(tmp_path):
     assert len({e[0] for e in epochs}) > 1
     fixed = starts(False, 10)
     assert len(fixed) >= 36 and all(s % length == 0 for s in fixed)
+
+
+def test_single_document_windows_follow_the_seeds(tmp_path):
+    (tmp_path / "play.txt").write_text("".join(f"line {i} of the play.\n" for i in range(60)))
+    src = {"play": base.source(str(tmp_path / "play.txt"), "text")}
+
+    def first(seed, **overrides):
+        return next(pipeline.train_iterator(data_cfg(src, seq_len=64, **overrides), "pretrain", BYTE, seed=seed))
+
+    assert same(first(3), first(3))
+    assert not np.array_equal(first(3)["tokens"], first(4)["tokens"])
+    assert not np.array_equal(first(3)["tokens"], first(3, shuffle_seed=1)["tokens"])
 
 
 def test_all_dropped_source_is_a_clear_error(pairs):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.numpy import load_file, save_file
 
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -119,6 +120,55 @@ def test_rope_frequencies_match_transformers(name):
     assert got_factor == pytest.approx(want_factor, rel=1e-12)
 
 
+MINIMAL = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
+# config.json files written before transformers 4.5x: no layer_types, tie_word_embeddings,
+# query_pre_attn_scalar or head_dim; the family's defaults apply, as transformers' own config classes say.
+OLD_CONFIGS = {
+    "llama": dict(MINIMAL),
+    "gemma2": dict(MINIMAL, sliding_window=13),
+    "qwen2": dict(MINIMAL, use_sliding_window=True, sliding_window=9, max_window_layers=2),
+    "mistral": dict(MINIMAL, sliding_window=7),
+}
+
+
+@pytest.mark.parametrize("family", OLD_CONFIGS)
+def test_config_defaults_of_older_files_are_the_families(family):
+    cfg = hf.config_from_hf(dict(OLD_CONFIGS[family], model_type=family))
+    theirs = transformers.AutoConfig.for_model(family, **OLD_CONFIGS[family])
+    assert cfg.tie_embeddings == theirs.tie_word_embeddings
+    if family != "llama":
+        layer_types = getattr(theirs, "layer_types", None) or ["sliding_attention"] * 4  # Mistral: every layer
+        assert cfg.layer_windows() == tuple(theirs.sliding_window if t == "sliding_attention" else 0
+                                            for t in layer_types)
+    if family == "gemma2":
+        assert cfg.query_pre_attn_scalar == theirs.query_pre_attn_scalar == 256  # not head_dim (16)
+        assert cfg.layer_windows() == (13, 0, 13, 0)  # layer 0 slides
+    if family == "qwen2":
+        assert cfg.layer_windows() == (0, 0, 9, 9)  # from max_window_layers on
+
+
+def test_rope_theta_from_either_key_style():
+    v4 = hf.config_from_hf(dict(MINIMAL, model_type="llama", rope_theta=5e5))
+    v5 = hf.config_from_hf(dict(MINIMAL, model_type="llama", rope_parameters={"rope_type": "default", "rope_theta": 5e5}))
+    assert v4.rope_theta == v5.rope_theta == 5e5 and v5.rope_scaling is None
+    assert hf.config_from_hf(dict(MINIMAL, model_type="llama")).rope_theta == 10000.0
+
+
+def test_config_written_says_what_kiln_computes():
+    """Fields Kiln leaves implicit are written explicitly: Gemma's query scale defaults to head_dim in
+    Kiln (transformers would take 256), and Qwen2's first sliding layer is its max_window_layers."""
+    gemma = presets.get("tiny", family="gemma2", head_dim=32, query_pre_attn_scalar=None, sliding_window=8,
+                        window_layers=(0,), norm_plus_one=True, sandwich_norm=True, embed_scale=True,
+                        tie_embeddings=True)
+    written = hf.config_to_hf(gemma)
+    assert written["query_pre_attn_scalar"] == 32
+    assert written["layer_types"] == ["sliding_attention", "full_attention"]
+    qwen = presets.get("tiny", family="qwen2", n_layers=4, qkv_bias=True, sliding_window=8, window_layers=(2, 3))
+    written = hf.config_to_hf(qwen)
+    assert (written["use_sliding_window"], written["max_window_layers"], written["sliding_window"]) == (True, 2, 8)
+    assert hf.config_from_hf(dict(written, layer_types=None)).layer_windows() == (0, 0, 8, 8)
+
+
 def test_sharded_checkpoint_with_index(tmp_path):
     model = hf_models.build("llama_mha_bias_untied")
     model.save_pretrained(tmp_path / "src")
@@ -126,6 +176,19 @@ def test_sharded_checkpoint_with_index(tmp_path):
     hf.save(kiln_model, cfg, str(tmp_path / "sharded"), max_shard_bytes=200_000)
     files = sorted(os.listdir(tmp_path / "sharded"))
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = {f: load_file(str(tmp_path / "sharded" / f)) for f in files if f.endswith(".safetensors")}
+    assert sorted(index["weight_map"].items()) == sorted((n, f) for f, t in shards.items() for n in t)
+    sizes = [sum(a.nbytes for a in t.values()) for t in shards.values()]
+    assert index["metadata"]["total_size"] == sum(sizes)
+    # Each shard stays within the limit (every tensor here is smaller than it), and is filled: the
+    # tensor written after a shard's last one would not have fit.
+    assert all(size <= 200_000 for size in sizes)
+    order = [name for name, _ in hf.hf_tensors(kiln_model, cfg)]
+    for k in range(1, len(shards)):
+        done, this = (shards[f"model-{j:05d}-of-{len(shards):05d}.safetensors"] for j in (k, k + 1))
+        first = min(this, key=order.index)
+        assert sum(a.nbytes for a in done.values()) + this[first].nbytes > 200_000
     _, again = hf.load(str(tmp_path / "sharded"))
     np.testing.assert_array_equal(np.asarray(again(jnp.asarray(TOKENS))), np.asarray(kiln_model(jnp.asarray(TOKENS))))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "sharded"),
@@ -153,6 +216,22 @@ def test_dtype_arguments_take_jax_and_numpy_dtypes(llama_dir, tmp_path):
     assert presets.get("tiny", dtype=jnp.bfloat16).dtype == "bfloat16"
     with pytest.raises(ValueError, match="dtype 'int32' is not one of"):
         hf.load(str(llama_dir), dtype=jnp.int32)
+
+
+def test_tied_checkpoint_that_also_stores_the_lm_head_loads(llama_dir):
+    """Some tied checkpoints store lm_head.weight (a copy of the table) anyway: it is not an unmapped tensor."""
+    _, before = hf.load(str(llama_dir))
+    tensors = load_file(str(llama_dir / "model.safetensors"))
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    save_file(tensors, str(llama_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg, after = hf.load(str(llama_dir))
+    assert cfg.tie_embeddings
+    np.testing.assert_array_equal(np.asarray(after(jnp.asarray(TOKENS))), np.asarray(before(jnp.asarray(TOKENS))))
+    tensors["model.extra.weight"] = np.zeros(3, np.float32)
+    save_file(tensors, str(llama_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(hf.HFFormatError, match="tensors Kiln does not map for model_type 'llama': model.extra.weight$"):
+        hf.load(str(llama_dir))
 
 
 def test_unsupported_model_type_is_named(llama_dir):

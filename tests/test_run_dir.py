@@ -15,7 +15,8 @@ import pytest
 from data import pipeline
 from launch.config import ConfigError, load_config
 from test_train import poisoned
-from train import checkpoint, records, rundir, trainer
+from model import presets
+from train import checkpoint, preflight, records, rundir, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.train.eval_every=0",
@@ -75,6 +76,18 @@ def test_bad_stage_or_shape_stops_before_writing(tmp_path, overrides, message):
     # At most the lock and the (empty) checkpoint directory probed for writing.
     files = [os.path.relpath(os.path.join(d, f), run_dir) for d, _, names in os.walk(run_dir) for f in names]
     assert files in ([], [".lock"])
+
+
+def test_memory_floor_by_hand():
+    """Parameters with gradients and two moments (4 copies), one micro-batch's float32 logits, one layer's
+    float32 attention scores. The tiny preset has 106,816 parameters (embedding and head 2 x 256 x 64,
+    final norm 64, and per layer 2 x 64 norms + 4,096 q + 2 x 2,048 k, v + 4,096 o + 3 x 8,192 MLP)."""
+    cfg = config("/nonexistent", "--config.data.batch_size=16", "--config.optim.grad_accum=4", "--config.data.seq_len=32")
+    for dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
+        floor = preflight.memory_floor(cfg, presets.get("tiny", param_dtype=dtype))
+        assert floor == {"parameters and optimizer": 4 * 106_816 * itemsize,
+                         "logits": 4 * (16 // 4) * 32 * 256,  # bytes x rows x positions x vocabulary
+                         "attention scores of one layer": 4 * (16 // 4) * 4 * 32 * 32}  # x heads x T x T
 
 
 @pytest.mark.parametrize("override, message", [
@@ -191,6 +204,40 @@ def test_resume_refuses_data_changes_unless_allowed(finished, tmp_path, capsys):
     assert "the data stream starts again from its beginning" in capsys.readouterr().err
     assert steps_logged(run_dir) == [1, 2, 3, 4, 5, 6]
     assert json.load(open(config_json))["data"]["batch_size"] == 16
+
+
+def test_set_aside_within_one_second_gets_distinct_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20260101-000000")  # every call in the same second
+    assert rundir.set_aside(str(tmp_path), ["metrics.jsonl"]) is None  # nothing to move
+    for text in ("first", "second", "third"):
+        (tmp_path / "metrics.jsonl").write_text(text)
+        (tmp_path / "env.json").write_text(text)
+        rundir.set_aside(str(tmp_path), ["metrics.jsonl", "env.json", "missing"])
+        assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "env.json").exists()
+    root = tmp_path / rundir.SUPERSEDED_DIR
+    assert sorted(os.listdir(root)) == ["20260101-000000", "20260101-000000-1", "20260101-000000-2"]
+    assert [(root / d / "metrics.jsonl").read_text() for d in sorted(os.listdir(root))] == ["first", "second", "third"]
+    assert sorted(os.listdir(root / "20260101-000000-2")) == ["env.json", "metrics.jsonl"]
+
+
+def test_config_changes_are_sorted_into_free_guarded_and_fixed():
+    old = {"run_dir": "a", "seed": 0, "stage": "sft", "model": {"dtype": "float32", "remat": "none", "n_layers": 2,
+                                                               "init_from": "x", "rope_theta": 1e4},
+           "optim": {"lr": 1e-3}, "data": {"seq_len": 64, "eval_sources": {"t": {"path": "p"}}, "num_workers": 0},
+           "peft": {"method": "none"}, "loss": {"type": "next_token", "z_loss": 0.0}, "mesh": {"rules": [["a", "b"]]}}
+    new = {"run_dir": "b", "seed": 1, "stage": "sft", "model": {"dtype": "bfloat16", "remat": "full", "n_layers": 3,
+                                                               "init_from": "y", "rope_theta": 1e5},
+           "optim": {"lr": 2e-3}, "data": {"seq_len": 32, "eval_sources": {"t": {"path": "q"}}, "num_workers": 2},
+           "peft": {"method": "lora"}, "loss": {"type": "next_token", "z_loss": 1e-4}, "mesh": {"rules": (("a", "c"),)},
+           "train": {"steps": 5}}
+    free, guarded, fixed = rundir.config_changes(old, new)
+    key = lambda lines: [line.split(":")[0] for line in lines]  # noqa: E731
+    assert key(free) == ["data.eval_sources.t.path", "data.num_workers", "loss.z_loss", "mesh.rules", "model.dtype",
+                         "model.init_from", "model.remat", "optim.lr", "run_dir", "train.steps"]
+    assert key(guarded) == ["data.seq_len", "seed"]
+    assert key(fixed) == ["model.n_layers", "model.rope_theta", "peft.method"]
+    assert "train.steps: '(unset)' -> 5" in free and "seed: 0 -> 1" in guarded
+    assert rundir.config_changes(old, dict(old)) == ([], [], [])
 
 
 def test_init_from_expands_paths_and_takes_a_step_directory(finished, monkeypatch):

@@ -20,7 +20,7 @@ from model import presets
 from model.sharding import make_mesh, shard_module
 from model.transformer import Transformer
 from train import losses, optim
-from train.step import init_state, make_train_step
+from train.step import init_state, make_train_step, split_micro
 
 OPTIM = ml_collections.ConfigDict(dict(lr=3e-3, schedule="cosine", warmup_steps=0, min_lr_ratio=0.1,
                                        decay_fraction=0.2, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -125,6 +125,16 @@ def test_batch_tells_token_weighting_from_the_alternatives():
     for groups in (ROWS, MICRO_2, MICRO_4):
         g_wrong = jax.jit(jax.grad(mean_of_group_means), static_argnums=2)(jnp.asarray(table), batch, groups)
         assert float(jnp.linalg.norm(g_wrong - g_right) / jnp.linalg.norm(g_right)) > 1.0
+
+
+def test_micro_batch_i_takes_rows_i_i_plus_accum_and_so_on():
+    """Micro-batch i of the accumulation scan holds rows i, i + accum, ... (each then spans every device)."""
+    x = np.arange(B * 3, dtype=np.int32).reshape(B, 3)
+    for accum, groups in ((1, (tuple(range(B)),)), (2, MICRO_2), (4, MICRO_4)):
+        micro = np.asarray(split_micro({"x": jnp.asarray(x)}, accum)["x"])
+        assert micro.shape == (accum, B // accum, 3)
+        for i, rows in enumerate(groups):
+            np.testing.assert_array_equal(micro[i], x[list(rows)])
 
 
 def record_grads():

@@ -136,6 +136,27 @@ def test_sentencepiece_pieces_spelled_like_control_tokens_become_controls(unigra
     assert ids.count(end) == 2 and ids.count(tok.special_id("<|assistant|>")) == 1
 
 
+def test_sentencepiece_padding_piece_made_normal_becomes_a_control_again(unigram_path, tmp_path):
+    """A model whose <pad> piece is an ordinary piece: loaded, it is the padding control token again."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(open(unigram_path, "rb").read())
+    assert proto.pieces[0].piece == "<pad>"
+    proto.pieces[0].type = proto.SentencePiece.NORMAL
+    raw = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    assert 0 in raw.encode("say <pad> hi") and raw.pad_id() == -1  # the hazard: text makes it, and no padding
+    (tmp_path / "m.model").write_bytes(proto.SerializeToString())
+    tok = tk.load(str(tmp_path / "m.model"))
+    assert tok.pad_id == 0 and tok.is_special(0) and tok.token_bytes()[0] == 0
+    ids = tok.encode_text("say <pad> hi")
+    assert 0 not in ids and tok.decode(ids) == "say <pad> hi"
+
+
+def test_sentencepiece_without_a_pad_token_pads_with_eos(gemma_sp):
+    assert sentencepiece.SentencePieceProcessor(model_file=gemma_sp).pad_id() == -1
+    tok = tk.load(gemma_sp)
+    assert tok.pad_id == tok.eos_id == 2 and tok.bos_id == 1
+
+
 def test_sentencepiece_trains_on_a_line_over_the_sentence_limit(tmp_path, capsys):
     line = " ".join(CORPUS * 4).replace("\n", " ")  # one line, no newline
     assert len(line.encode()) > 200_000 and "\n" not in line
@@ -237,6 +258,34 @@ def test_hf_word_level_vocabulary_spelling_control_tokens(tmp_path):
     assert ids == [1, 4, 6, 3, 3, 2, 1, 5, 6, 2]  # the typed <|im_end|> cut into "<" and "|im_end|>": 2 unknowns
     with pytest.raises(tk.TokenizerError, match="encodes the text 'hi § hi' to its control token"):
         tk.load(str(tmp_path / "one_char")).encode_text("hi § hi")  # an EOS spelled "§" cannot be kept out of text
+
+
+def test_hf_token_bytes_of_byte_pieces_word_pieces_and_added_tokens(tmp_path):
+    """Bytes each token adds to decoded text, without a byte-level decoder: a byte-fallback piece 1, a
+    piece with "▁" (a space) its UTF-8 length, an added (non-special) token its content's UTF-8 length."""
+    words = ["<|endoftext|>", "[UNK]", "<0x41>", "\u2581hi", "ab", "\u2581é"]
+    model = hf.Tokenizer(hf.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    model.pre_tokenizer = hf.pre_tokenizers.WhitespaceSplit()
+    model.add_tokens(["héllo"])
+    model.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    tok = tk.load(str(tmp_path))
+    added = tok.token_id("héllo")
+    assert added == 6 and not tok.is_special(added) and tok.is_special(0)
+    assert tok.token_bytes()[[0, 2, 3, 4, 5, added]].tolist() == [0, 1, 3, 2, 3, 6]
+
+
+def test_hf_padding_token_cannot_come_from_text(tmp_path):
+    """Padding is a control token too: a pad spelled as a one-character word that text produces is refused."""
+    words = ["<|endoftext|>", "[UNK]", "hi", "§"]
+    model = hf.Tokenizer(hf.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    model.pre_tokenizer = hf.pre_tokenizers.WhitespaceSplit()
+    model.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "§"}))
+    tok = tk.load(str(tmp_path))
+    assert (tok.eos_id, tok.pad_id) == (0, 3)
+    with pytest.raises(tk.TokenizerError, match="encodes the text 'hi § hi' to its control token"):
+        tok.encode_text("hi § hi")
 
 
 def test_load_errors_and_directory_dispatch(tmp_path, sp_path):

@@ -12,8 +12,9 @@ from flax import nnx
 
 from data import pipeline
 from launch.config import load_config
-from model.transformer import param_count
-from train import checkpoint, trainer
+from model import presets
+from model.transformer import Transformer, param_count
+from train import checkpoint, flops, trainer
 from train.losses.dpo import sequence_logps as dpo_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +179,16 @@ def test_reward_model_from_pretrained_gets_a_new_head_and_the_rest_loaded(pretra
     np.testing.assert_array_equal(saved["layers"]["mlp"]["up"], loaded.layers.mlp.up[...])
 
 
+def test_policy_started_from_a_reward_model_leaves_its_head_behind():
+    reward_cfg = presets.get("tiny", reward_head=True, n_layers=1)
+    reward_model = Transformer(reward_cfg, rngs=nnx.Rngs(0))
+    policy = trainer._with_config(reward_model, reward_cfg.replace(reward_head=False), seed=1)
+    assert not hasattr(policy, "score") and not policy.cfg.reward_head
+    mine, theirs = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (policy, reward_model))
+    theirs.pop("score")
+    jax.tree.map(np.testing.assert_array_equal, mine, theirs)  # every other weight loaded as it was
+
+
 def test_reward_smoke_learns_pairs_and_reports_held_out_accuracy(tmp_path):
     # 16 training pairs seen over and over: the Bradley-Terry loss must fall well below ln 2.
     cfg = config("reward", str(tmp_path), "--config.data.synthetic.num_examples=20", "--config.optim.lr=3e-3",
@@ -199,6 +210,9 @@ def test_dpo_smoke_starts_at_ln2_and_learns_its_pairs(tmp_path):
     train_rows = [r for r in rows(str(tmp_path)) if "loss" in r]
     # Step 1: the policy is its reference, so every reward is 0 and the loss is ln 2.
     assert train_rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    # A preference row holds two sequences: a step has 2 x batch x seq_len token slots.
+    slots = 2 * cfg.data.batch_size * cfg.data.seq_len
+    assert all(r["tokens_per_s"] * r["step_time_s"] == pytest.approx(slots, rel=1e-9) for r in train_rows)
     # (Measured 3.8e-7: the reference's pass and the policy's differentiated one round differently.)
     assert abs(train_rows[0]["rewards/chosen"]) < 1e-5 and abs(train_rows[0]["rewards/margins"]) < 1e-5
     names = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}
@@ -327,10 +341,19 @@ def test_resume_is_bit_identical(pretrained, tmp_path, monkeypatch):
 
 
 def test_checkpoint_retention(tmp_path):
-    trainer.train(config("pretrain", str(tmp_path), "--config.checkpoint.every=5", "--config.checkpoint.keep=2",
-                         "--config.checkpoint.keep_every=10", "--config.train.eval_every=0"))
+    trainer.train(config("pretrain", str(tmp_path), "--config.checkpoint.every=4", "--config.checkpoint.keep=2",
+                         "--config.checkpoint.keep_every=8", "--config.train.eval_every=0", "--config.train.steps=22"))
     steps = sorted(int(d) for d in os.listdir(os.path.join(str(tmp_path), "checkpoints")) if d.isdigit())
-    assert steps == [10, 15, 20]  # the latest two, plus every 10th kept for good
+    # Of 4, 8, 12, 16, 20 and the final step 22: the latest two, plus every 8th kept for good (not 12).
+    assert steps == [8, 16, 20, 22]
+    # Logged: the first step, every log_every (5) and the last; tokens/s is an interval's token slots over its time.
+    train_rows = [r for r in rows(str(tmp_path)) if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 5, 10, 15, 20, 22]
+    per_token = flops.flops_per_token(checkpoint.read_model_config(str(tmp_path)), 64)
+    peak = flops.total_peak_flops("float32", jax.devices())  # measured once per process: the run's own
+    for r in train_rows:
+        assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(8 * 64, rel=1e-9)  # 8 rows x 64 slots a step
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / peak, rel=1e-9)
 
 
 def poisoned(after, mask_value):
