@@ -61,6 +61,7 @@ def test_memory_benchmark_default_runs_from_the_command_line_on_fake_devices():
 
 
 @pytest.mark.skipif(not os.environ.get("KILN_DATA_DIR"), reason="needs KILN_DATA_DIR")
+@pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests
 def test_shakespeare_benchmark_reports_eval_bits_per_byte_within_its_budget(capsys):
     assert kiln.main(["bench", "shakespeare", "--budget_s=600", "--config.model.d_model=64", "--config.model.n_layers=1",
                       "--config.model.n_heads=1", "--config.model.n_kv_heads=1", "--config.model.d_ff=128",

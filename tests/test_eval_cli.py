@@ -33,6 +33,7 @@ def test_eval_writes_every_combination(tmp_path):
     assert "| arithmetic | 2 | no | 0.000 | 0 / 3 |" in table
 
 
+@pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests
 def test_eval_computes_identical_chat_settings_once(tmp_path, monkeypatch):
     cfg = presets.get("tiny", vocab_size=384, max_seq_len=2048)
     checkpoint.save_params(str(tmp_path / "ckpt"), 0, Transformer(cfg, rngs=nnx.Rngs(0)), cfg)

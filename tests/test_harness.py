@@ -112,6 +112,7 @@ def test_generate_until_cuts_at_the_earliest_stop_and_keeps_the_end_of_a_long_co
     assert (kw2["temperature"], kw2["top_p"], kw2["max_new_tokens"]) == (0.7, 0.9, 16)
 
 
+@pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests
 def test_harness_runs_a_local_gsm8k_task(lm, tmp_path, data_dir):
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -119,6 +119,7 @@ def loss_cfg(**kw):
                                 value_coef=0.1, value_clip=0.2, temperature=1.0, max_len=8), **kw))
 
 
+@pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests
 def test_grpo_with_beta_0_and_one_update_has_zero_loss_and_a_gradient():
     model, batch = tiny_batch(rl.group_advantages(jnp.array([1.0, 0, 0, 1]), 4))
     loss_fn = rl.make_grpo(loss_cfg())

@@ -186,6 +186,7 @@ def test_resume_notes_free_changes_and_records_them(finished, tmp_path, capsys):
     assert open(old).read() == before
 
 
+@pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests
 def test_resume_refuses_data_changes_unless_allowed(finished, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     shutil.copytree(finished, run_dir)

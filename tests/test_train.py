@@ -62,7 +62,7 @@ def test_model_dropout_key_reaches_the_model(tmp_path):
     assert trainer.model_config(config("pretrain", tmp_path), 256).dropout == 0.0
 
 
-@pytest.mark.parametrize("stage", ["context_extension", "anneal", "continue"])
+@pytest.mark.parametrize("stage", [pytest.param("context_extension", marks=pytest.mark.slow), "anneal", "continue"])
 def test_stage_smoke_from_pretrained(stage, pretrained, tmp_path):
     source, _ = pretrained
     mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]  # not the saving mesh
