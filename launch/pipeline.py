@@ -169,7 +169,7 @@ def _rows(stages: list[dict[str, Any]], done: dict[str, dict[str, Any]]) -> list
             rows[owner]["metrics"].update({f"{s['name']}/{k}": v for k, v in helper["metrics"].items()})
             rows[owner]["seconds"] += helper["seconds"]
             rows[owner]["parts"].append(s["name"])
-            rows[owner]["part_seconds"] = {**rows[owner].get("part_seconds", {}), s["name"]: helper["seconds"]}
+            rows[owner].setdefault("part_seconds", {})[s["name"]] = helper["seconds"]
     return list(rows.values())
 
 
