@@ -7,13 +7,9 @@ import pytest
 
 from configs.recipes import lifecycle, llama31_posttrain
 from launch import sweep
-from launch.config import load_config
+from test_config_overrides import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(spec, *overrides):
-    return load_config(os.path.join(ROOT, "configs", spec), list(overrides))
 
 
 def test_sft_trains_the_replies_only():

@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 
 from train import rollout
 from train.losses import rl
+from test_rl import gae_by_loop
 
 N, T, V = 3, 4, 5
 RNG = np.random.default_rng(0)
@@ -184,14 +185,6 @@ def score_rollout(stage, kl_target=0.0, advantage="grpo"):
     rows = {k: np.zeros((4, 6), np.int32) for k in ("tokens", "targets", "positions", "segment_ids")}
     rows["loss_mask"] = ROLL_MASK.astype(np.int32)
     return src, src._score_rollout(rows, SCORES)
-
-
-def gae_by_loop(r, v, gamma, lam):
-    adv, last = np.zeros(len(r)), 0.0
-    for t in reversed(range(len(r))):
-        last = r[t] + gamma * (v[t + 1] if t + 1 < len(r) else 0.0) - v[t] + gamma * lam * last
-        adv[t] = last
-    return adv
 
 
 def test_ppo_rollout_scores_by_hand():
