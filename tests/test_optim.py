@@ -84,6 +84,12 @@ def test_wsd_warmup_stable_decay():
     # A decay shorter than one step is rounded up to one step: 20 * 0.01 = 0.2 -> 1.
     lr = optim.schedule(cfg(schedule="wsd", decay_fraction=0.01), 20)
     np.testing.assert_allclose(values(lr, [18, 19, 20]), [0.4, 0.4, 0.04], **TOL)
+    # A fractional decay length rounds to the nearest step: 20 * 0.23 = 4.6 -> 5 steps (-0.072 per step
+    # from step 15), 20 * 0.21 = 4.2 -> 4 steps (from step 16, as above).
+    lr = optim.schedule(cfg(schedule="wsd", decay_fraction=0.23), 20)
+    np.testing.assert_allclose(values(lr, [15, 16, 20]), [0.4, 0.328, 0.04], **TOL)
+    lr = optim.schedule(cfg(schedule="wsd", decay_fraction=0.21), 20)
+    np.testing.assert_allclose(values(lr, [16, 17, 20]), [0.4, 0.31, 0.04], **TOL)
     # decay_fraction 1 without warmup: no stable phase, a linear decay from step 0 (-0.036 per step over 10).
     lr = optim.schedule(cfg(schedule="wsd", decay_fraction=1.0, warmup_steps=0), 10)
     np.testing.assert_allclose(values(lr, [0, 1, 5, 10]), [0.4, 0.364, 0.22, 0.04], **TOL)
