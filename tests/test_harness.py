@@ -49,6 +49,17 @@ def test_loglikelihood_equals_the_models_own(lm):
         assert greedy == bool(np.all(np.asarray(jnp.argmax(logits, -1)) == np.asarray(cont)))
 
 
+def test_loglikelihood_of_a_long_context_keeps_its_last_max_length_inputs(lm):
+    """Context and continuation longer than max_length + 1 tokens lose the context's start: the row scored
+    is their last 33 ids (32 inputs predicting 32 targets), the continuation at its end."""
+    context, continuation = "Ben finds 12 more marbles and gives 5 to Chloe. How many", " are left?"
+    ctx, cont = BYTE.encode(context, add_bos=True), BYTE.encode_text(continuation)
+    assert len(ctx + cont) == 67
+    (score, _), = lm.loglikelihood([Request(context, continuation)])
+    want = reference(lm.sampler.model, (ctx + cont)[-33:])[-len(cont):]
+    assert abs(score - float(want.sum())) < 1e-5
+
+
 def test_the_models_own_greedy_continuation_is_greedy(lm):
     """Scored on token ids: a random model's greedy bytes need not be text."""
     context = BYTE.encode("Ava has", add_bos=True)
