@@ -281,6 +281,41 @@ def test_rollout_scores_each_reply_against_its_prompts_answer_less_the_format_pe
     assert src.state["rollouts"] == 1 and len(minibatches) == 1
 
 
+def bare_source(**config):
+    src = rollout.RolloutSource.__new__(rollout.RolloutSource)
+    src.config = ConfigDict(config)
+    return src
+
+
+def test_rollouts_take_each_prompt_once_a_pass_in_a_new_order_each_pass():
+    """Rollouts of 2 prompts walk through per-pass permutations of the 5 prompts: rollout 2 takes the last of
+    pass 0 and the first of pass 1; no pass is in file order, the two passes' orders differ, and so do seeds'."""
+    def order(seed):
+        src = bare_source(seed=seed, rollout=dict(batch_prompts=2))
+        src.records = [f"p{i}" for i in range(5)]
+        return [p for k in range(5) for p in src._prompts(k)]
+
+    walk = order(0)
+    passes = walk[:5], walk[5:]
+    assert all(sorted(p) == [f"p{i}" for i in range(5)] for p in passes)
+    assert passes[0] != passes[1] and [f"p{i}" for i in range(5)] not in passes
+    assert walk == order(0) and walk != order(1)
+
+
+def test_minibatches_cover_the_rollout_once_per_epoch_reshuffled_each_epoch():
+    """8 rows in mini-batches of 2, 3 epochs: each epoch's 4 mini-batches hold every row once, and every
+    epoch (and rollout) draws its own order, so the epochs' mini-batches differ."""
+    src = bare_source(seed=0, data=dict(batch_size=2), rollout=dict(epochs=3))
+    rows = {"tokens": np.arange(8)[:, None] * np.ones((1, 3), np.int32), "loss_mask": np.arange(8)[:, None]}
+    out = src._minibatches(rows, k=0)
+    assert len(out) == 12 and all(b["tokens"].shape == (2, 3) for b in out)
+    epochs = [np.concatenate([b["loss_mask"][:, 0] for b in out[4 * e:4 * e + 4]]).tolist() for e in range(3)]
+    assert all(sorted(e) == list(range(8)) for e in epochs)
+    assert all(b["tokens"][:, 0].tolist() == b["loss_mask"][:, 0].tolist() for b in out)  # rows stay whole
+    assert len({tuple(e) for e in epochs}) == 3
+    assert [b["loss_mask"].tolist() for b in src._minibatches(rows, k=1)] != [b["loss_mask"].tolist() for b in out]
+
+
 def test_rl_reference_adds_per_token_log_probs_at_the_sampling_temperature():
     class Bigram(nnx.Module):
         def __init__(self):
