@@ -114,6 +114,33 @@ def test_grpo_loss_adds_beta_times_the_kl_estimate():
         assert float(m["kl"]) == pytest.approx((kl * MASK).sum() / MASK.sum() * 2, rel=1e-5), estimator
 
 
+class TrainablePolicy(nnx.Module):
+    """The fixed logits as the one parameter, so the loss's gradient has a closed form."""
+
+    def __init__(self):
+        self.logits = nnx.Param(jnp.asarray(LOGITS))
+
+    def __call__(self, tokens, positions, segment_ids, dropout_key=None):
+        return self.logits[...]
+
+
+def test_one_update_per_rollout_is_the_policy_gradient():
+    """Without old_logps (one update per rollout) the ratio is exp(logp − stop_gradient(logp)) = 1 and the
+    gradient is −A·∂logp/∂z, with ∂logp/∂z = (onehot(target) − softmax(z/τ)) / τ, each reply's tokens
+    averaged (grpo aggregation); without the stop-gradient the ratio would be a constant with no gradient."""
+    cfg = loss_cfg(beta=0.0)
+    b = {k: v for k, v in batch(cfg.temperature).items() if k not in ("old_logps", "ref_logps")}
+    loss_fn = rl.make_grpo(cfg)
+    grads = nnx.grad(lambda model: loss_fn(model, b, None)[0])(TrainablePolicy())
+    z = LOGITS.astype(np.float64) / cfg.temperature
+    softmax = np.exp(z - z.max(-1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    per_token = -ADV * MASK / np.maximum(MASK.sum(1), 1)[:, None]
+    want = per_token[..., None] * (np.eye(V)[TARGETS] - softmax) / cfg.temperature
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(np.asarray(grads.logits[...]), want, rtol=0, atol=1e-6)
+
+
 def test_ppo_loss_by_hand():
     """PPO: the clipped surrogate (its KL is in the reward, not the loss) plus value_coef times the
     clipped value loss, both aggregated the same way; the KL still reported."""
@@ -277,6 +304,7 @@ def test_rollout_scores_each_reply_against_its_prompts_answer_less_the_format_pe
     np.testing.assert_array_equal(seen["rows"]["tokens"][:, :2], [[1, 2], [1, 2], [1, 3], [1, 3]])
     np.testing.assert_array_equal(seen["rows"]["loss_mask"].sum(axis=1), [1, 0, 1, 0])
     assert src.metrics["reward/mean"] == pytest.approx(want.mean())
+    assert src.metrics["reward/std"] == pytest.approx(want.std())  # over the rollout's replies, population std
     assert src.metrics["rollout/truncated"] == 0.5 and src.metrics["completion_length"] == 1.5
     assert src.state["rollouts"] == 1 and len(minibatches) == 1
 
