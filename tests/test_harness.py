@@ -123,6 +123,15 @@ def test_generate_until_cuts_at_the_earliest_stop_and_keeps_the_end_of_a_long_co
     assert (kw2["temperature"], kw2["top_p"], kw2["max_new_tokens"]) == (0.7, 0.9, 16)
 
 
+def test_generate_until_defaults_to_256_new_tokens_and_takes_one_stop_string(lm):
+    """A request without max_gen_toks generates up to 256 tokens (the harness's default), and `until` may be
+    one string rather than a list of them."""
+    sampler = ScriptedSampler(lm.sampler.model, " 42\n\nQuestion: next")
+    assert KilnLM(sampler=sampler).generate_until([Request("Q: c", {"until": "Question:"})]) == [" 42\n\n"]
+    (_, kw), = sampler.calls
+    assert kw["max_new_tokens"] == 256 and kw["stop_sequences"] == [BYTE.encode_text("Question:")]
+
+
 @pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests
 def test_harness_runs_a_local_gsm8k_task(lm, tmp_path, data_dir):
     import lm_eval

@@ -235,9 +235,9 @@ def test_dpo_stage_loss_by_hand():
 
 
 def test_dpo_stage_metrics_smoothing_and_reference_free_losses_by_hand():
-    # Pairs of 3 / 1 and 2 / 5 trained tokens; a slot whose rejected reply has none, and a padding slot:
-    # neither is a pair. The first pair's policy equals its reference: a tie, which is no accuracy.
-    batch = pair_batch(([4, 3, 2, 0], [2, 6, 0, 0]))
+    # Pairs of 3 / 1 and 2 / 5 trained tokens; a slot whose rejected reply has none, and one whose chosen reply
+    # has none: neither is a pair. The first pair's policy equals its reference: a tie, which is no accuracy.
+    batch = pair_batch(([4, 3, 2, 0], [2, 6, 0, 3]))
     lnV = math.log(UniformLM.V)
     pc, pr = sequence_logps(UniformLM(), batch)[:2]
     batch.update(ref_chosen_logps=jnp.array([pc[0], -5.0, -1.0, 0.0]),

@@ -395,3 +395,18 @@ def test_optimizer_state_is_sharded_like_its_parameters_from_the_start():
     assert moments == 2 * len(by_name)  # mu and nu of every parameter
     embed = state.params["embed"]["table"][...]
     assert embed.addressable_shards[0].data.size == embed.size // 8
+
+
+def test_a_moment_is_sharded_like_the_longest_parameter_path_its_own_path_ends_with():
+    """Paths can end alike (['w'] and ['inner']['w']): the moments of ['inner']['w'] end with both, and follow
+    ['inner']['w'], the longer one; those of ['w'] follow ['w']."""
+    mesh = make_mesh(data=8, fsdp=1, tensor=1)
+    rows, cols = NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P(None, "data"))
+    params = nnx.State({"w": nnx.Param(jax.device_put(jnp.zeros((8, 8)), rows)),
+                        "inner": {"w": nnx.Param(jax.device_put(jnp.zeros((8, 8)), cols))}})
+    with jax.set_mesh(mesh):
+        opt_state = init_state(params, optax.adam(1e-3), 0).opt_state
+    adam = opt_state[0]
+    for moments in (adam.mu, adam.nu):
+        assert moments["w"][...].sharding.is_equivalent_to(rows, 2)
+        assert moments["inner"]["w"][...].sharding.is_equivalent_to(cols, 2)

@@ -1,9 +1,14 @@
 """Verifiable-task evaluation: problems and shots from separate splits, prompts with and without a
 chain of thought, answers read after '####', accuracy counted from what the sampler wrote."""
+from types import SimpleNamespace
+
 import pytest
 
 from configs import base
+from data import tokenizer
+from data.chat import render
 from train import tasks
+from train.generate import Sampler
 
 DATA = base.get_config().data
 DATA.synthetic.num_examples = 200
@@ -91,3 +96,17 @@ def test_accuracy_stops_plain_text_at_the_end_of_the_example_and_chat_at_end_of_
     chat = Scripted({it.question: f"#### {it.answer}" for it in evaluated})
     out = tasks.accuracy(chat, evaluated, [], cot=False, chat=True, max_new_tokens=8, batch_size=8)
     assert out["correct"] == 3 and tuple(chat.calls[0][1]["stop"]) == () and chat.calls[0][1]["chat"] is True
+
+
+def test_longest_prompt_counts_the_tokens_of_the_prompts_as_sent():
+    """Plain text is BOS and one byte token per byte, also for a sampler with a chat template; chat prompts
+    are the rendered turns up to the assistant header. The shots count in every prompt."""
+    byte = tokenizer.load("byte")
+    sampler = Sampler(SimpleNamespace(cfg=SimpleNamespace(vocab_size=384)), byte, chat_template="kiln")
+    evaluated, shots = split(0.95, 1.0)[:3], split(0.0, 0.95)[:2]
+    plain = max(1 + len(tasks.prompt(it, shots, cot=False, chat=False).encode()) for it in evaluated)
+    assert tasks.longest_prompt(sampler, evaluated, shots, cot=False, chat=False) == plain
+    chat = max(len(render(tasks.prompt(it, shots, cot=True, chat=True), byte, "kiln", add_generation_prompt=True)[0])
+               for it in evaluated)
+    assert tasks.longest_prompt(sampler, evaluated, shots, cot=True, chat=True) == chat > plain
+    assert tasks.longest_prompt(sampler, [], shots, cot=True, chat=True) == 0
