@@ -80,6 +80,11 @@ def test_rejection_sampling_with_a_reward_model(policy, reward_run, tmp_path):
     alone = float(model.rewards(jnp.asarray([seq], jnp.int32))[0])
     assert float(scorer([chat], [reply], [""])[0]) == pytest.approx(alone, abs=1e-5)
     assert model.cfg.reward_head
+    # A prompt and reply of exactly max_seq_len tokens fit the reward model; one token more is refused.
+    longest = "7" * (model.cfg.max_seq_len - len(seq) + len(reply))
+    assert np.isfinite(scorer([chat], [longest], [""])).all()
+    with pytest.raises(ValueError, match=f"{model.cfg.max_seq_len + 1} tokens exceed the reward model's max_seq_len"):
+        scorer([chat], [longest + "7"], [""])
     # configs/sft.py reads the file as it is, and the pairs as preference records.
     data = stage_config("sft", str(tmp_path / "x")).data
     src = sources.load("rs", sources_entry(run_dir, "sft.jsonl"), data, "sft")

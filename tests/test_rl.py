@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 from model import presets
 from model.transformer import Transformer
 from launch.config import ConfigError
-from train import checkpoint, preflight, rewards, trainer
+from train import checkpoint, flops, preflight, rewards, trainer
 from train.losses import rl
 from train.rollout import token_rows
 from test_train import config as stage_config, rows
@@ -202,11 +202,15 @@ def test_ppo_smoke_logs_metrics_and_saves_a_loadable_policy(ppo_run):
              "explained_variance", "kl_coef", "objective/kl"}
     assert names <= set(logged[4]), names - set(logged[4])
     assert logged[4]["value_loss"] > 0 and logged[4]["kl"] != 0 and logged[4]["kl_coef"] == 0.05
+    # MFU counts the value model's forward and backward pass as well as the policy's: twice the FLOPs.
+    config = stage_config("ppo", ppo_run, REWARD)
+    per_token = 2 * flops.flops_per_token(checkpoint.read_model_config(ppo_run), config.data.seq_len)
+    peak = flops.total_peak_flops("float32", jax.devices())
+    assert logged[4]["mfu"] == pytest.approx(logged[4]["tokens_per_s"] * per_token / peak, rel=1e-9)
     # The checkpoint's `params` is the policy alone (what sampling, eval and init_from read); the value
     # model and the optimizer state restore with it.
     policy = checkpoint.load_model(ppo_run)[1]
     assert not policy.cfg.reward_head
-    config = stage_config("ppo", ppo_run, REWARD)
     run = trainer.setup(config)
     ckpt = checkpoint.Checkpointer(ppo_run)
     step, state, data_state = ckpt.restore_latest(run.state, warn=print)

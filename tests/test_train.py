@@ -213,6 +213,11 @@ def test_dpo_smoke_starts_at_ln2_and_learns_its_pairs(tmp_path):
     # A preference row holds two sequences: a step has 2 x batch x seq_len token slots.
     slots = 2 * cfg.data.batch_size * cfg.data.seq_len
     assert all(r["tokens_per_s"] * r["step_time_s"] == pytest.approx(slots, rel=1e-9) for r in train_rows)
+    # MFU counts the frozen reference's forward pass beside the policy's training FLOPs.
+    model_cfg, T = checkpoint.read_model_config(str(tmp_path)), cfg.data.seq_len
+    per_token = flops.flops_per_token(model_cfg, T) + flops.forward_flops_per_token(model_cfg, T)
+    peak = flops.total_peak_flops("float32", jax.devices())
+    assert all(r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / peak, rel=1e-9) for r in train_rows)
     # (Measured 3.8e-7: the reference's pass and the policy's differentiated one round differently.)
     assert abs(train_rows[0]["rewards/chosen"]) < 1e-5 and abs(train_rows[0]["rewards/margins"]) < 1e-5
     names = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}
