@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from train import losses
 from train.losses.next_token import token_nll
@@ -46,6 +47,29 @@ class FixedLogits:
 
 BATCH = dict(tokens=jnp.zeros((2, 3), jnp.int32), targets=jnp.asarray(TARGETS), loss_mask=jnp.asarray(MASK),
              positions=jnp.asarray(np.tile(np.arange(3), (2, 1))), segment_ids=jnp.ones((2, 3), jnp.int32))
+
+
+class DropoutKeys(FixedLogits):
+    """FixedLogits that records the dropout key of every call."""
+
+    def __init__(self, logits):
+        super().__init__(logits)
+        self.keys = []
+
+    def __call__(self, tokens, positions, segment_ids, dropout_key=None):
+        self.keys.append(dropout_key)
+        return super().__call__(tokens, positions, segment_ids)
+
+
+@pytest.mark.parametrize("name", ["next_token", "sft"])
+def test_training_passes_a_dropout_key_and_evaluation_none(name):
+    """The step's rngs reach the model as a dropout key (residual and adapter dropout draw from it);
+    evaluation calls the loss with rngs None and the model runs without dropout."""
+    model = DropoutKeys(jnp.asarray(LOGITS))
+    loss_fn = losses.get(name, ml_collections.ConfigDict({}))
+    loss_fn(model, BATCH, nnx.Rngs(0))
+    loss_fn(model, BATCH, None)
+    assert model.keys[0] is not None and model.keys[1] is None
 
 
 def test_token_nll_by_hand():

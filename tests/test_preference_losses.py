@@ -201,6 +201,29 @@ class UniformLM:
         return jnp.zeros((*tokens.shape, self.V), jnp.float32)
 
 
+class DropoutKeysLM(UniformLM):
+    """UniformLM that records the dropout key of every call."""
+
+    def __init__(self):
+        self.keys = []
+
+    def __call__(self, tokens, positions, segments, dropout_key=None):
+        self.keys.append(dropout_key)
+        return super().__call__(tokens, positions, segments)
+
+
+def test_dpo_training_passes_a_dropout_key_and_evaluation_none():
+    """One policy pass of chosen and rejected together: with the step's rngs it draws dropout, in evaluation
+    (rngs None) it does not."""
+    batch = pair_batch(([4, 3], [2, 5]))
+    batch.update(ref_chosen_logps=jnp.zeros(2), ref_rejected_logps=jnp.zeros(2))
+    model, cfg = DropoutKeysLM(), ConfigDict(dict(preference_type="sigmoid", beta=0.1, label_smoothing=0.0,
+                                                  nll_coef=0.0, simpo_gamma=0.5))
+    losses.get("dpo", cfg)(model, batch, nnx.Rngs(0))
+    losses.get("dpo", cfg)(model, batch, None)
+    assert len(model.keys) == 2 and model.keys[0] is not None and model.keys[1] is None
+
+
 def dpo(batch, **loss):
     c = ConfigDict(dict(preference_type="sigmoid", beta=0.1, label_smoothing=0.0, nll_coef=0.0, simpo_gamma=0.5))
     c.update(loss)

@@ -114,6 +114,26 @@ def test_grpo_loss_adds_beta_times_the_kl_estimate():
         assert float(m["kl"]) == pytest.approx((kl * MASK).sum() / MASK.sum() * 2, rel=1e-5), estimator
 
 
+class DropoutKeysPolicy(FixedPolicy):
+    """FixedPolicy that records the dropout key of every policy call."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys = []
+
+    def __call__(self, tokens, positions, segment_ids, dropout_key=None):
+        self.keys.append(dropout_key)
+        return super().__call__(tokens, positions, segment_ids)
+
+
+@pytest.mark.parametrize("make", [rl.make_grpo, rl.make_ppo])
+def test_rl_training_passes_a_dropout_key_and_evaluation_none(make):
+    model, loss_fn = DropoutKeysPolicy(), make(loss_cfg())
+    loss_fn(model, batch(0.7), nnx.Rngs(0))
+    loss_fn(model, batch(0.7), None)
+    assert len(model.keys) == 2 and model.keys[0] is not None and model.keys[1] is None
+
+
 class TrainablePolicy(nnx.Module):
     """The fixed logits as the one parameter, so the loss's gradient has a closed form."""
 
