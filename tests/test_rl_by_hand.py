@@ -151,7 +151,7 @@ def test_one_update_per_rollout_is_the_policy_gradient():
     cfg = loss_cfg(beta=0.0)
     b = {k: v for k, v in batch(cfg.temperature).items() if k not in ("old_logps", "ref_logps")}
     loss_fn = rl.make_grpo(cfg)
-    grads = nnx.grad(lambda model: loss_fn(model, b, None)[0])(TrainablePolicy())
+    grads = nnx.jit(nnx.grad(lambda model: loss_fn(model, b, None)[0]))(TrainablePolicy())
     z = LOGITS.astype(np.float64) / cfg.temperature
     softmax = np.exp(z - z.max(-1, keepdims=True))
     softmax /= softmax.sum(-1, keepdims=True)
