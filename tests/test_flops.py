@@ -48,6 +48,9 @@ def test_reference_forward_by_hand():
     assert flops.forward_flops_per_token(ModelConfig(**SHAPE), 64) == 99008
     prefix = ModelConfig(**SHAPE, prefix=PrefixConfig(kind="prefix", num_tokens=20))
     assert flops.forward_flops_per_token(prefix, 64) == 99008 + 11520
+    # LoRA's adapters (816 parameters, see below) run in the forward pass too: 2 FLOPs each.
+    lora = ModelConfig(**SHAPE, lora=LoraConfig(rank=2, alpha=4.0, targets=("q", "v")))
+    assert flops.forward_flops_per_token(lora, 64) == 99008 + 2 * 816
 
 
 def test_attention_term_grows_with_sequence_length():
