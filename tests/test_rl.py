@@ -144,6 +144,8 @@ def test_token_rows_mask_the_reply_and_truncated_replies():
     assert out["tokens"][0].tolist() == [1, 5, 6, 7, 8, 0, 0, 0] and out["targets"][0].tolist() == [5, 6, 7, 8, 2, 0, 0, 0]
     assert out["loss_mask"][0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0] and not out["loss_mask"][1].any()
     assert token_rows([[1, 5, 6]], replies, 2, 8, 0, False)["loss_mask"][1].tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+    # Prompt and longest reply take 7 tokens: 6 inputs fill a row of seq_len 6 exactly, 5 do not fit.
+    assert token_rows([[1, 5, 6]], replies, 2, 6, 0, False)["targets"][1].tolist() == [5, 6, 9, 9, 9, 9]
     with pytest.raises(ValueError, match="data.seq_len=5"):
         token_rows([[1, 5, 6]], replies, 2, 5, 0, False)
 
