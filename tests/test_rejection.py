@@ -52,6 +52,12 @@ def test_verifier_scores_the_final_answer_against_the_reference():
     assert got.dtype == np.float32 and got.tolist() == [1, 0, 0, 1, 1, 1]  # the last `####` counts
 
 
+def test_a_policy_run_is_no_reward_model(policy):
+    """rollout.reward names a run directory: only a reward-model run (stage reward) scores replies."""
+    with pytest.raises(ValueError, match="is neither 'verifier', a Kiln reward-model run nor MODULE:FUNCTION"):
+        rewards.scorer(policy)
+
+
 def test_rejection_sampling_with_a_reward_model(policy, reward_run, tmp_path):
     run_dir = str(tmp_path / "rs")
     cfg = load_config(os.path.join(ROOT, "configs/rejection_sampling.py:smoke"),

@@ -155,6 +155,13 @@ def test_python_reward_function_and_a_bad_one(tmp_path):
     np.testing.assert_allclose(score([[]] * 2, ["a1", "22"], ["", ""]), [0.5, 1.0])
     with pytest.raises(ValueError, match="cannot load reward function 'nope'"):
         rewards.scorer(f"{os.path.join(ROOT, 'tests/rl_reward.py')}:nope")
+    # One score per reply, or a clear error (not a misaligned batch of advantages later).
+    (tmp_path / "short.py").write_text("def first_only(prompts, replies, answers):\n    return [1.0]\n")
+    with pytest.raises(ValueError, match=r"returned scores of shape \(1,\) for 2 replies"):
+        rewards.scorer(f"{tmp_path / 'short.py'}:first_only")([[]] * 2, ["a", "b"], ["", ""])
+    # A directory that holds no reward-model run is named as such.
+    with pytest.raises(ValueError, match="is neither 'verifier', a Kiln reward-model run nor MODULE:FUNCTION"):
+        rewards.scorer(str(tmp_path))
 
 
 def test_rl_prompts_read_every_weighted_source_in_order():
