@@ -123,6 +123,11 @@ def test_generate_until_cuts_at_the_earliest_stop_and_keeps_the_end_of_a_long_co
     assert (kw2["temperature"], kw2["top_p"], kw2["max_new_tokens"]) == (0.7, 0.9, 16)
 
 
+def test_max_length_defaults_to_the_models_context_and_batch_size_auto_to_16(lm):
+    harness = KilnLM(sampler=lm.sampler, batch_size="auto")
+    assert (harness.max_length, harness.batch_size) == (lm.sampler.model.cfg.max_seq_len, 16) == (256, 16)
+
+
 def test_generate_until_defaults_to_256_new_tokens_and_takes_one_stop_string(lm):
     """A request without max_gen_toks generates up to 256 tokens (the harness's default), and `until` may be
     one string rather than a list of them."""
