@@ -62,12 +62,6 @@ def reference(config: Any, graphdef: nnx.GraphDef, params: nnx.State, frozen: nn
     return references.Reference(graphdef, params, frozen, chunks=rows // config.data.batch_size, fields=fields)
 
 
-def steps_per_rollout(config: Any) -> int:
-    """Train steps each rollout feeds: mini-batches per rollout batch times `rollout.epochs`."""
-    ro = config.rollout
-    return ro.batch_prompts * ro.num_samples // config.data.batch_size * ro.epochs
-
-
 def needs_old_logps(config: Any) -> bool:
     """Whether the loss reads the sampling policy's log-probs (several updates per rollout, or PPO's
     KL reward); with one update the loss takes them from its own forward pass."""
