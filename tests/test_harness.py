@@ -1,7 +1,9 @@
 """Kiln models in lm-evaluation-harness: log-likelihoods equal the model's own, generation goes through
 the sampler, and the harness runs a task defined from local files."""
+import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -131,10 +133,22 @@ def test_max_length_defaults_to_the_models_context_and_batch_size_auto_to_16(lm)
 def test_generate_until_defaults_to_256_new_tokens_and_takes_one_stop_string(lm):
     """A request without max_gen_toks generates up to 256 tokens (the harness's default), and `until` may be
     one string rather than a list of them."""
-    sampler = ScriptedSampler(lm.sampler.model, " 42\n\nQuestion: next")
+    roomy = types.SimpleNamespace(cfg=dataclasses.replace(lm.sampler.model.cfg, max_seq_len=512))  # room for 256
+    sampler = ScriptedSampler(roomy, " 42\n\nQuestion: next")
     assert KilnLM(sampler=sampler).generate_until([Request("Q: c", {"until": "Question:"})]) == [" 42\n\n"]
     (_, kw), = sampler.calls
     assert kw["max_new_tokens"] == 256 and kw["stop_sequences"] == [BYTE.encode_text("Question:")]
+
+
+@pytest.mark.parametrize("max_gen_toks", [0, 256, 300])
+def test_generate_until_refuses_a_generation_that_leaves_no_room_for_the_context(lm, max_gen_toks):
+    """max_gen_toks >= max_seq_len (256) left the whole context in place (ids[-0:]) or cut it from a
+    positive index; zero generates nothing. Each is refused up front, naming the request."""
+    sampler = ScriptedSampler(lm.sampler.model, " 42")
+    with pytest.raises(ValueError, match=f"request 1: max_gen_toks={max_gen_toks} .*max_seq_len=256"):
+        KilnLM(sampler=sampler).generate_until([Request("Q: a", {"max_gen_toks": 8}),
+                                                Request("Q: b", {"max_gen_toks": max_gen_toks})])
+    assert sampler.calls == []
 
 
 @pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests

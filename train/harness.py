@@ -96,6 +96,9 @@ class KilnLM(LM):
             until = (until,) if isinstance(until, str) else tuple(u for u in until if u)
             temperature = float(kwargs.pop("temperature", 1.0)) if kwargs.pop("do_sample", False) else 0.0
             max_new = int(kwargs.pop("max_gen_toks", 256))
+            if not 0 < max_new < self.sampler.model.cfg.max_seq_len:
+                raise ValueError(f"request {i}: max_gen_toks={max_new} must be positive and leave room for the context "
+                                 f"within the model's max_seq_len={self.sampler.model.cfg.max_seq_len}")
             # The context loses tokens from its start when it and the generation would not fit.
             ids = self.tok.encode(context, add_bos=True)[-(self.sampler.model.cfg.max_seq_len - max_new):]
             groups.setdefault((until, temperature, float(kwargs.pop("top_p", 1.0)), max_new), []).append((i, ids))
