@@ -35,6 +35,17 @@ _IGNORED_TENSORS = ("rotary_emb.inv_freq",)
 MAX_SHARD_BYTES = 5 * 2**30
 
 
+# transformers' defaults, per family, of the config.json keys below that a file may leave out (hand-written
+# or minimal files): read without them, such a file would mean another model to Kiln than to transformers.
+_FAMILY_DEFAULTS = {
+    "llama": dict(max_position_embeddings=2048),
+    "mistral": dict(max_position_embeddings=4096 * 32, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, sliding_window=4096),  # used with use_sliding_window only
+    "gemma2": dict(max_position_embeddings=8192, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                   sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+}
+
+
 class HFFormatError(ValueError):
     """A Hugging Face directory that Kiln cannot read, with the reason."""
 
@@ -45,6 +56,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     family = hf.get("model_type")
     if family not in ARCHITECTURES:
         raise HFFormatError(f"{where}: unsupported model_type {family!r}; Kiln reads {', '.join(ARCHITECTURES)}")
+    hf = dict(_FAMILY_DEFAULTS[family], **hf)  # a key present (null included) keeps its value
     try:
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim")

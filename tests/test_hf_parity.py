@@ -133,18 +133,29 @@ OLD_CONFIGS = {
 
 @pytest.mark.parametrize("family", OLD_CONFIGS)
 def test_config_defaults_of_older_files_are_the_families(family):
+    for fields in (OLD_CONFIGS[family], {k: v for k, v in OLD_CONFIGS[family].items() if k != "sliding_window"}):
+        cfg = hf.config_from_hf(dict(fields, model_type=family))
+        theirs = transformers.AutoConfig.for_model(family, **fields)
+        assert cfg.tie_embeddings == theirs.tie_word_embeddings
+        # Keys whose defaults differ by family (Gemma2: 8192, head_dim 256, GeLU-tanh, soft-caps 50 and 30).
+        assert (cfg.max_seq_len, cfg.dim_head, cfg.norm_eps) == (
+            theirs.max_position_embeddings, getattr(theirs, "head_dim", None) or 16, theirs.rms_norm_eps)
+        assert cfg.act == hf._ACTS_IN[getattr(theirs, "hidden_activation", None) or theirs.hidden_act]
+        assert (cfg.attn_softcap, cfg.final_softcap) == (getattr(theirs, "attn_logit_softcapping", None),
+                                                         getattr(theirs, "final_logit_softcapping", None))
+        if family != "llama":  # without a sliding_window key: transformers' 4096
+            layer_types = getattr(theirs, "layer_types", None) or ["sliding_attention"] * 4  # Mistral: every layer
+            assert cfg.layer_windows() == tuple(theirs.sliding_window if t == "sliding_attention" else 0
+                                                for t in layer_types)
     cfg = hf.config_from_hf(dict(OLD_CONFIGS[family], model_type=family))
-    theirs = transformers.AutoConfig.for_model(family, **OLD_CONFIGS[family])
-    assert cfg.tie_embeddings == theirs.tie_word_embeddings
-    if family != "llama":
-        layer_types = getattr(theirs, "layer_types", None) or ["sliding_attention"] * 4  # Mistral: every layer
-        assert cfg.layer_windows() == tuple(theirs.sliding_window if t == "sliding_attention" else 0
-                                            for t in layer_types)
     if family == "gemma2":
-        assert cfg.query_pre_attn_scalar == theirs.query_pre_attn_scalar == 256  # not head_dim (16)
+        assert cfg.query_pre_attn_scalar == 256 and cfg.dim_head == 256
+        assert (cfg.attn_softcap, cfg.final_softcap, cfg.act, cfg.max_seq_len) == (50.0, 30.0, "gelu_tanh", 8192)
         assert cfg.layer_windows() == (13, 0, 13, 0)  # layer 0 slides
     if family == "qwen2":
         assert cfg.layer_windows() == (0, 0, 9, 9)  # from max_window_layers on
+    if family == "mistral":
+        assert hf.config_from_hf(dict(MINIMAL, model_type=family)).layer_windows() == (4096,) * 4
 
 
 def test_rope_theta_from_either_key_style():
@@ -213,6 +224,7 @@ def test_dtype_arguments_take_jax_and_numpy_dtypes(llama_dir, tmp_path):
     assert model.layers.attn.q[...].dtype == jnp.float32
     hf.save(model, cfg, str(tmp_path / "half"), dtype=jnp.float16)
     assert json.loads((tmp_path / "half" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert {a.dtype for a in load_file(str(tmp_path / "half" / "model.safetensors")).values()} == {np.dtype(np.float16)}
     assert presets.get("tiny", dtype=jnp.bfloat16).dtype == "bfloat16"
     with pytest.raises(ValueError, match="dtype 'int32' is not one of"):
         hf.load(str(llama_dir), dtype=jnp.int32)
