@@ -60,8 +60,9 @@ def test_adapter_shapes_follow_the_weights_they_adapt(base):
 def test_initialisers_match_peft(base):
     """A: PEFT's kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)); gaussian: N(0, 1/r); B: zero."""
     big = Transformer(presets.get("tiny", d_model=256, d_ff=512), rngs=nnx.Rngs(0))
-    kaiming = lora.adapters(with_adapters(big, LoraConfig(rank=16, targets=("q", "down"))))
-    for target, fan_in in (("q", 256), ("down", 512)):
+    kaiming = lora.adapters(with_adapters(big, LoraConfig(rank=16, targets=("q", "o", "down"))))
+    # o's input is every head's output: H * D = 4 * 64 features, flattened as PEFT's o_proj sees them.
+    for target, fan_in in (("q", 256), ("o", 4 * 64), ("down", 512)):
         a = np.asarray(kaiming[target].a[...])
         bound = fan_in ** -0.5
         assert np.abs(a).max() <= bound and np.abs(a).max() > 0.98 * bound
@@ -86,6 +87,21 @@ def test_merged_weights_equal_the_adapted_model(base, rslora):
     scale = 8.0 / (2.0 if rslora else 4.0)
     expected = base.layers.attn.q[...] + scale * jnp.einsum("ler,lrhd->lehd", q.a[...], q.b[...])
     np.testing.assert_allclose(merged.layers.attn.q[...], expected, atol=1e-6)
+
+
+def test_merge_into_a_wider_dtype_keeps_the_update_over_a_bfloat16_base(base):
+    """merge(model, dtype) stores W + s·AB in `dtype`: float32 over a bfloat16 base keeps the update unrounded
+    (hf.save merges this way when it writes float32 files); by default the merge keeps the base's dtype."""
+    bf16 = trainer._with_config(base, base.cfg.replace(param_dtype="bfloat16"), 0)
+    model = with_adapters(bf16, LoraConfig(rank=4, alpha=8.0, targets=("q",)), b_scale=0.1)
+    q = lora.adapters(model)["q"]
+    a, b = (np.asarray(p[...], np.float64) for p in (q.a, q.b))
+    want = np.asarray(bf16.layers.attn.q[...], np.float64) + 2.0 * np.einsum("ler,lrhd->lehd", a, b)
+    merged = lora.merge(model, "float32")
+    assert merged.cfg.param_dtype == "float32" and merged.layers.attn.q[...].dtype == jnp.float32
+    # Measured 3.7e-9 (float32 sums); a bfloat16 result would be off by up to half a bf16 step of W (~1e-3).
+    np.testing.assert_allclose(np.asarray(merged.layers.attn.q[...]), want, rtol=0, atol=1e-7)
+    assert lora.merge(model).layers.attn.q[...].dtype == jnp.bfloat16
 
 
 def test_scanned_and_unrolled_adapters_agree(base):
