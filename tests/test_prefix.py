@@ -143,6 +143,19 @@ def test_mlp_prefix_is_tanh_between_two_affine_maps_of_every_parameter(base):
     np.testing.assert_allclose(np.sort(np.concatenate([np.ravel(k), np.ravel(v)])), np.sort(want), rtol=1e-5, atol=1e-5)
 
 
+def test_mlp_prefix_starts_like_linear_layers_scaled_to_real_keys(base):
+    """The reparameterisation's embedding and first layer are drawn N(0, init_std), its biases 0, and its
+    output layer N(0, init_std * sqrt(d_model / hidden)): a unit-scale tanh layer of `hidden` units then gives
+    keys and values at the scale of real ones, init_std * sqrt(d_model)."""
+    p = tuned(base, "prefix", hidden=256).prefix
+    c = base.cfg
+    for name, want in (("embed", c.init_std), ("w_in", c.init_std), ("w_out", c.init_std * (c.d_model / 256) ** 0.5)):
+        w = np.asarray(getattr(p, name)[...])
+        # >= 320 draws each (embed: 5 x 64): the sample std is within 4.5 sigma = 18% of the true one.
+        assert abs(w.std() / want - 1) < 0.18 and abs(w.mean()) < 0.25 * want, (name, w.std(), want)
+    assert not np.any(np.asarray(p.b_in[...])) and not np.any(np.asarray(p.b_out[...]))
+
+
 def test_only_the_prompt_trains(base):
     model = tuned(base, "prompt")
     _, params, frozen = nnx.split(model, trainable(model.cfg), ...)
@@ -155,6 +168,8 @@ def test_prompt_initialisations(base):
     model = tuned(base, "prompt")
     table = np.asarray(base.embed.table[...])
     np.testing.assert_array_equal(model.prefix.embeddings[...], table[TEXT])
+    prefix.init_prompt(model, "text", [7, 8], jax.random.key(1))  # shorter than N: repeated to fill it
+    np.testing.assert_array_equal(model.prefix.embeddings[...], table[[7, 8, 7, 8, 7]])
     prefix.init_prompt(model, "vocab", [], jax.random.key(1))
     rows = np.asarray(model.prefix.embeddings[...])
     assert all(np.any(np.all(table == r, axis=1)) for r in rows)  # each is some token's embedding
