@@ -116,6 +116,22 @@ def test_same_seed_same_samples_other_seed_other_samples():
     np.testing.assert_array_equal(a, key)
 
 
+def test_row_r_draws_step_s_with_fold_in_of_fold_in_of_the_seed():
+    """The documented stream: row r's draw at step s uses fold_in(fold_in(key(seed), r), s), so a row's samples
+    depend on the seed and its place only. The first two tokens of every row, redrawn from the training
+    forward's logits with those keys, are the sampler's."""
+    out = generate(seed=7, **SAMPLED)
+    rows = [p for p in PROMPTS for _ in range(2)]
+    sample = jax.jit(sampling.sample_logits, static_argnames=("greedy", "top_k", "use_top_p"))
+    for step in range(2):
+        logits = forward_logits(MODEL, [p + out.tokens[r, :step].tolist() for r, p in enumerate(rows)])
+        last = np.stack([logits[r, len(p) + step - 1] for r, p in enumerate(rows)])
+        keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(jax.random.key(7), r), step) for r in range(6)])
+        tok, _ = sample(jnp.asarray(last), keys, SAMPLED["temperature"], SAMPLED["top_p"], top_k=SAMPLED["top_k"],
+                        use_top_p=True)
+        np.testing.assert_array_equal(out.tokens[:, step], np.asarray(tok), err_msg=f"step {step}")
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(greedy):
     np.testing.assert_array_equal(generate(temperature=1.5, top_k=1, seed=1).tokens, greedy.tokens)
     np.testing.assert_array_equal(generate(temperature=1.5, top_p=1e-6, seed=1).tokens, greedy.tokens)
@@ -220,6 +236,13 @@ def test_all_rows_stopped_ends_early_and_one_program_serves_a_bucket(greedy):
     # Steps the loop never ran still hold the pad id (here one that is no token, so 0 would show).
     padded = generate(stop_ids=greedy.tokens[:, 0].tolist(), pad_id=-1)
     assert (padded.tokens[:, 1:] == -1).all() and (padded.logprobs[:, 1:] == 0).all()
+
+
+def test_without_a_pad_id_rows_pad_with_the_models_pad_token(greedy):
+    """pad_id defaults to the model's pad_token_id (0 only for a model without one)."""
+    model = Transformer(CFG.replace(pad_token_id=7), rngs=nnx.Rngs(0))  # MODEL's weights: the same seed
+    out = generate(model=model, stop_ids=greedy.tokens[:, 0].tolist())
+    assert out.lengths.tolist() == [1, 1, 1] and (out.tokens[:, 1:] == 7).all()
 
 
 def test_bad_arguments_are_clear_errors():
