@@ -41,8 +41,8 @@ def test_fresh_model_starts_from_unit_norms_zero_biases_and_init_std_weights():
     for name, w in flat.items():
         if name in norms or name in biases:
             continue
-        # The smallest matrix (score, 128 draws) has a sample std within ~6% of 0.05 at 4.5 sigma.
-        assert abs(w.std() / 0.05 - 1) < 0.2 and abs(w.mean()) < 0.02, (name, w.std(), w.mean())
+        # The smallest matrix (score, 128 draws): sample std within 4.5 sigma = 28% of 0.05, mean within 0.02.
+        assert abs(w.std() / 0.05 - 1) < 0.28 and abs(w.mean()) < 0.02, (name, w.std(), w.mean())
 
 
 def test_bf16_gemma_embeddings_are_scaled_by_sqrt_d_model_rounded_to_bf16():
