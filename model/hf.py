@@ -140,12 +140,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     layer_types = ["sliding_attention" if w else "full_attention" for w in windows]
     act = _ACTS_OUT[cfg.act]
     if cfg.family == "llama":
-        if cfg.qkv_bias != cfg.o_bias:
-            raise HFFormatError("a Llama config has one attention_bias for q, k, v and o projections")
         hf.update(hidden_act=act, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     elif cfg.family == "mistral":
-        if any(windows) and not all(windows):
-            raise HFFormatError("Mistral applies its sliding window to every layer; window_layers must be None")
         hf.update(hidden_act=act, sliding_window=cfg.sliding_window)
     elif cfg.family == "qwen2":
         first = next((i for i, w in enumerate(windows) if w), cfg.n_layers)
@@ -156,7 +152,25 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                   query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.dim_head,
                   attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap,
                   sliding_window=cfg.sliding_window, layer_types=layer_types)
+    # A family's config.json cannot say everything a ModelConfig can (Llama has no window, Mistral no
+    # biases, ...): what it cannot say would be lost without a word, and the export would be another model.
+    read_back = _function(config_from_hf(hf))
+    lost = [f"{name}={value!r} (read back as {read_back[name]!r})" for name, value in _function(cfg).items()
+            if read_back[name] != value]
+    if lost:
+        raise HFFormatError(f"a Hugging Face {cfg.family} config cannot express {', '.join(lost)}; export a model "
+                            "of a family that has these settings")
     return hf
+
+
+def _function(cfg: ModelConfig) -> dict[str, Any]:
+    """The settings of `cfg` that decide the function the network computes, defaults made explicit."""
+    names = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "dim_head", "d_ff", "rope_theta",
+             "rope_scaling", "norm_eps", "act", "tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "norm_plus_one",
+             "sandwich_norm", "embed_scale", "attn_softcap", "final_softcap")
+    out = {name: getattr(cfg, name) for name in names}
+    out.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.dim_head, layer_windows=cfg.layer_windows())
+    return out
 
 
 # -- tensor name table ------------------------------------------------------------------------------

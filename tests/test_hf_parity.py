@@ -180,6 +180,22 @@ def test_config_written_says_what_kiln_computes():
     assert hf.config_from_hf(dict(written, layer_types=None)).layer_windows() == (0, 0, 8, 8)
 
 
+@pytest.mark.parametrize("changes, lost", [
+    (dict(sliding_window=16), r"layer_windows=\(16, 16\) \(read back as \(0, 0\)\)"),
+    (dict(qkv_bias=True), r"o_bias=False \(read back as True\)"),
+    (dict(attn_softcap=30.0), r"attn_softcap=30\.0 \(read back as None\)"),
+    (dict(family="mistral", qkv_bias=True, o_bias=True), "qkv_bias=True .*o_bias=True "),
+    (dict(family="mistral", sliding_window=8, window_layers=(0,)), r"layer_windows=\(8, 0\)"),
+    (dict(family="qwen2", qkv_bias=True, mlp_bias=True), "mlp_bias=True"),
+    (dict(family="gemma2", norm_plus_one=True, sandwich_norm=True, embed_scale=False), "embed_scale=False"),
+])
+def test_config_a_family_cannot_express_is_refused(changes, lost):
+    """Writing config.json must not drop a setting the family's file has no key for (a Llama window, a
+    Mistral bias, a Gemma model without its embedding scale): transformers would build another model."""
+    with pytest.raises(hf.HFFormatError, match=f"{changes.get('family', 'llama')} config cannot express .*{lost}"):
+        hf.config_to_hf(presets.get("tiny", **changes))
+
+
 def test_sharded_checkpoint_with_index(tmp_path):
     model = hf_models.build("llama_mha_bias_untied")
     model.save_pretrained(tmp_path / "src")
