@@ -5,7 +5,8 @@ replaying `data.sources.replay.weight` of Shakespeare (weights are normalised, s
 the tokens). A fresh optimizer warms the LR up again. Both domains are evaluated, before the first
 step and at the end, so forgetting (eval/old) and adaptation (eval/new) are visible side by side.
 Variants:
-  smoke      built-in data only, a tiny model: "old" and "new" are disjoint halves of the synthetic corpus.
+  smoke      built-in data only, a tiny model: "old" and "new" are disjoint halves of the synthetic corpus
+             (each evaluated on 5% it does not train on).
   synthetic  built-in data only: the old domain is one-step problems on one-digit numbers (what the main
              job's pre-training read; start from runs/lifecycle/anneal), the new one two- and three-step
              problems on two-digit numbers, in worksheets of 4.
@@ -54,7 +55,7 @@ def get_config(variant: str = ""):
         c.data.eval_sources.old = base.source(format="synthetic", start=0.95, **old)
     if variant == "smoke":
         c.data.sources.train = base.source(format="synthetic", weight=1.0 - REPLAY, start=0.5, end=0.95)
-        c.data.sources.replay = base.source(format="synthetic", weight=REPLAY, start=0.0, end=0.5)
+        c.data.sources.replay = base.source(format="synthetic", weight=REPLAY, start=0.05, end=0.5)
         c.data.eval_sources.new = base.source(format="synthetic", start=0.95, end=1.0)
         c.data.eval_sources.old = base.source(format="synthetic", start=0.0, end=0.05)
     return base.with_variant(c, VARIANTS, variant)

@@ -5,9 +5,12 @@ import os
 
 import pytest
 
+from configs import base
 from configs.recipes import lifecycle, llama31_posttrain
 from launch import sweep
+from launch.config import load_config
 from test_config_overrides import load
+from test_configs import CASES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +42,10 @@ def test_rl_stages():
         0.04, "k3", "grpo", "grpo")
     assert (grpo.optim.lr, grpo.optim.schedule, grpo.data.batch_size, grpo.rollout.max_new_tokens) == (
         1e-5, "constant", 16, 128)
+    assert (grpo.data.seq_len, grpo.data.sources.train.format, grpo.data.sources.train.end) == (256, "synthetic", 0.95)
+    for gsm8k in (load("grpo.py:gsm8k"), load("ppo.py:gsm8k")):  # GSM8K's training questions, longer replies
+        assert (gsm8k.data.sources.train.format, gsm8k.data.sources.train.path) == ("gsm8k", "$KILN_DATA_DIR/gsm8k/train.jsonl")
+        assert (gsm8k.rollout.max_new_tokens, gsm8k.data.seq_len, gsm8k.run_dir) == (320, 512, f"runs/{gsm8k.stage}_gsm8k")
     rloo, dr = load("grpo.py:rloo"), load("grpo.py:dr_grpo")
     assert (rloo.rollout.advantage, rloo.loss.beta) == ("rloo", 0.0)
     assert (dr.rollout.advantage, dr.loss.aggregation) == ("dr_grpo", "dr_grpo")
@@ -84,6 +91,14 @@ def test_lifecycle_stages_each_start_from_the_one_before():
     assert (ext["model.rope_scaling.factor"], ext["model.rope_scaling.original_max_position_embeddings"],
             ext["data.seq_len"]) == ("2.0", "256", "512")
     assert by["grpo"]["rollout.temperature"] == "0.7" and by["anneal"]["data.sources.quality.weight"] == "0"
+    # One-step problems up to the annealing, the two-step task from SFT on; one-digit numbers throughout.
+    for name, ops in by.items():
+        early = name in ("tokenizer", "pretrain", "context_extension", "anneal")
+        assert (ops["data.synthetic.min_ops"], ops["data.synthetic.max_ops"]) == (("1", "1") if early else ("2", "2"))
+        assert ops["data.synthetic.max_digits"] == "1"
+    assert by["pretrain"]["model.n_heads"] == by["pretrain"]["model.n_kv_heads"] == "4"
+    assert [by[n]["data.seq_len"] for n in ("pretrain", "sft", "reward", "rejection_sampling", "dpo", "grpo")] == [
+        "256", "256", "128", "256", "128", "256"]  # preference rows are pair_len long
     smoke = {s["name"]: s for s in lifecycle.stages(lifecycle.get_config("smoke"))}
     assert "rollout.reward=@reward" in smoke["rs_generate"]["overrides"]
     assert all(s["config"].endswith(".py:smoke") for s in smoke.values())
@@ -125,3 +140,89 @@ def test_sweeps_set_their_documented_points(monkeypatch):
 def test_unknown_variants_are_named(spec, message):
     with pytest.raises(ValueError, match=message):
         load(spec)
+
+
+def test_base_defaults():
+    """Every default of configs/base.py that a stage file does not override: a changed default silently
+    changes every run (and a resumed run's data stream), so each is pinned here."""
+    c = base.get_config()
+    assert (c.stage, c.run_dir, c.seed) == ("pretrain", "runs/default", 0)
+    data = {k: v for k, v in c.data.to_dict().items() if k not in ("sources", "eval_sources", "synthetic")}
+    assert data == dict(tokenizer="auto", tokenizer_vocab_size=2048, tokenizer_model_type="bpe",
+                        tokenizer_split_digits=True, tokenizer_newlines=False, seq_len=128, batch_size=8, packing=True,
+                        pack_method="first_fit", packing_bins=4, shuffle_seed=0, text_separator="", shift_windows=True,
+                        truncate=True, chat_template="kiln", mask_special_tokens=False, skip_bad_records=False,
+                        num_workers=0)
+    assert c.data.synthetic.to_dict() == dict(num_examples=20000, max_digits=2, min_ops=1, max_ops=2, seed=0,
+                                              problems_per_document=1)
+    assert c.data.sources.to_dict() == {"train": {"path": "", "format": "synthetic", "weight": 1.0}}
+    assert not c.data.eval_sources and not c.eval.tasks
+    assert c.optim.to_dict() == dict(lr=3e-4, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, decay_fraction=0.2,
+                                     weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1)
+    assert c.train.to_dict() == dict(steps=1000, log_every=10, eval_every=200, eval_steps=10, max_nonfinite_steps=10,
+                                     progress=True)
+    assert c.checkpoint.to_dict() == {"every": 500, "keep": 3, "keep_every": 0, "async": True, "resume": "auto",
+                                      "allow_changes": False}
+    assert {k: v for k, v in c.mesh.to_dict().items() if k != "rules"} == dict(data=1, fsdp=-1, tensor=1, dcn_data=1,
+                                                                                dcn_fsdp=1)
+    assert {k: v for k, v in c.eval.to_dict().items() if k != "tasks"} == dict(
+        shots=(0, 4), chain_of_thought=(True, False), num_problems=100, max_new_tokens=256, batch_size=32, shot_seed=0)
+    assert c.loss.to_dict() == dict(type="next_token", z_loss=0.0, beta=0.1, label_smoothing=0.0, margin=0.0,
+                                    center_coef=0.0, preference_type="sigmoid", nll_coef=0.0, simpo_gamma=0.5,
+                                    reference="model", kl_estimator="k3", clip_eps_low=0.2, clip_eps_high=0.2,
+                                    aggregation="grpo", value_coef=0.1, value_clip=0.2)
+    assert c.rollout.to_dict() == dict(num_samples=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128,
+                                       reward="verifier", num_prompts=0, min_reward=None, batch_prompts=8, epochs=1,
+                                       format_penalty=0.0, mask_truncated=False, advantage="grpo", gamma=1.0, lam=0.95,
+                                       kl_target=0.0, kl_horizon=10000, value_from="")
+    assert c.peft.to_dict() == dict(method="none", lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
+                                    lora_targets=("q", "k", "v", "o"), lora_rslora=False, lora_init="kaiming",
+                                    adapter_from="", num_virtual_tokens=20, prompt_init="random", prompt_init_text="",
+                                    prefix_hidden=0)
+    model = {k: v for k, v in c.model.to_dict().items() if v is not None and k != "rope_scaling"}
+    assert model == dict(preset="tiny", dtype="float32", param_dtype="float32", remat="none", scan_layers=True,
+                         attention="auto", logits_chunk=0, dropout=0.0, init_from="")
+    assert {k: v for k, v in c.model.rope_scaling.to_dict().items() if v is not None} == dict(
+        type="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0)  # Llama 3.1's frequency factors
+
+
+def span(src):
+    return src.get("start", 0.0), src.get("end", 1.0)
+
+
+@pytest.mark.parametrize("path,variant", CASES, ids=[f"{p}:{v}" for p, v in CASES])
+def test_held_out_sources_never_overlap_the_training_ones(path, variant):
+    """Every evaluated source (data.eval_sources, a task's problems) and every source a model learns from
+    (data.sources of a trained stage, a task's few-shot examples) of the same data are disjoint slices."""
+    c = load_config(os.path.join(ROOT, path) + (f":{variant}" if variant else ""))
+    seen = {} if c.stage == "eval" else {f"data.sources.{n}": s for n, s in c.data.sources.items()}
+    held = {f"data.eval_sources.{n}": s for n, s in c.data.eval_sources.items()}
+    for name, t in c.eval.tasks.items():
+        seen[f"eval.tasks.{name}.shots"], held[f"eval.tasks.{name}.eval"] = t.shots, t.eval
+    for h_name, h in held.items():
+        for s_name, s in seen.items():
+            if (h.format, h.path) == (s.format, s.path):
+                (h0, h1), (s0, s1) = span(h), span(s)
+                assert h1 <= s0 or s1 <= h0, f"{h_name} {span(h)} overlaps {s_name} {span(s)}"
+
+
+def test_set_path_creates_nothing():
+    """A variant's misspelt key is an error, not a new key (configs are not locked yet when variants apply)."""
+    c = base.get_config()
+    base.set_path(c, "data.synthetic.max_ops", 3)
+    assert c.data.synthetic.max_ops == 3
+    for key in ("data.seq_lenn", "dat.seq_len", "data.synthetic.max_op"):
+        with pytest.raises(KeyError, match=key):
+            base.set_path(c, key, 1)
+    assert "seq_lenn" not in c.data and "max_op" not in c.data.synthetic
+
+
+def test_eval_tasks_score_the_held_out_split_with_shots_from_the_training_one():
+    gsm8k, arithmetic = load("eval.py:gsm8k"), load("eval.py")
+    test, train = "$KILN_DATA_DIR/gsm8k/test.jsonl", "$KILN_DATA_DIR/gsm8k/train.jsonl"
+    task = gsm8k.eval.tasks.gsm8k
+    assert (task.eval.path, task.shots.path, gsm8k.data.eval_sources.gsm8k.path) == (test, train, test)
+    assert (tuple(gsm8k.eval.shots), gsm8k.eval.max_new_tokens) == ((0, 8), 320)  # 8-shot, as the chain-of-thought paper
+    task = arithmetic.eval.tasks.arithmetic
+    assert (span(task.eval), span(task.shots), span(arithmetic.data.eval_sources.arithmetic)) == (
+        (0.95, 1.0), (0.0, 0.95), (0.95, 1.0))
