@@ -3,6 +3,7 @@ exact masks, exact round trips, and control tokens that user text cannot produce
 import json
 import os
 import pickle
+import shutil
 
 import pytest
 import sentencepiece
@@ -91,6 +92,7 @@ def test_sentencepiece_training_is_deterministic_and_exact(sp_path, tmp_path):
     assert tok.decode(ids) == TEXT  # identity normalisation, whitespace kept, bytes for the unseen
     assert tok.token_bytes()[ids].sum() == len(TEXT.encode("utf-8"))
     assert [tok.piece(i) for i in tok.encode("2024")] == ["2", "0", "2", "4"]  # digits split
+    assert tok.token_bytes()[:8].tolist() == [0] * 8  # pad, bos, eos, unk and the chat controls: no text
     assert not set(ids) & {tok.special_id(t) for t in tk.CONTROL_TOKENS}
 
 
@@ -157,6 +159,17 @@ def test_sentencepiece_without_a_pad_token_pads_with_eos(gemma_sp):
     assert tok.pad_id == tok.eos_id == 2 and tok.bos_id == 1
 
 
+def test_sentencepiece_bos_at_id_zero(sp_path, tmp_path):
+    """A model whose BOS is piece 0 (its padding moved to 1) has a BOS: id 0 is a real id."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(open(sp_path, "rb").read())
+    proto.pieces[0].piece, proto.pieces[1].piece = "<s>", "<pad>"
+    (tmp_path / "m.model").write_bytes(proto.SerializeToString())
+    tok = tk.load(str(tmp_path / "m.model"))
+    assert (tok.bos_id, tok.pad_id, tok.eos_id) == (0, 1, 2)
+    assert tok.encode("a", add_bos=True, add_eos=True) == [0, *tok.encode_text("a"), 2]
+
+
 def test_sentencepiece_trains_on_a_line_over_the_sentence_limit(tmp_path, capsys):
     line = " ".join(CORPUS * 4).replace("\n", " ")  # one line, no newline
     assert len(line.encode()) > 200_000 and "\n" not in line
@@ -197,6 +210,15 @@ def test_hf_tokenizer_json(tmp_path):
     assert tok.decode(tok.encode(TEXT)) == TEXT
     assert tok.token_bytes()[tok.encode(TEXT)].sum() == len(TEXT.encode("utf-8"))
     assert tok.token_bytes()[:5].sum() == 0 and tok.is_special(2) and not tok.is_special(10)
+
+
+def test_hf_roles_found_by_their_usual_names(tmp_path):
+    """Without tokenizer_config.json, BOS, EOS and padding are looked up by name: Gemma's <bos> / <eos>,
+    Llama 3.1's <|finetune_right_pad_id|>."""
+    path = hf_dir(tmp_path, ["<bos>", "<eos>", "<|finetune_right_pad_id|>"], {})
+    os.remove(os.path.join(path, "tokenizer_config.json"))
+    tok = tk.load(path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
 
 
 def test_hf_tokenizer_without_bos(tmp_path):
@@ -313,6 +335,28 @@ def test_resolve_train_writes_once_into_run_dir(tmp_path):
     os.remove(model)
     tk.resolve(cfg, str(tmp_path))
     assert model.read_bytes() == first  # retrained identically
+
+
+def test_resolve_expands_variables_and_passes_the_training_options(tmp_path, monkeypatch, sp_path):
+    """data.tokenizer may use $VARS (as sources do); "train" hands data.tokenizer_split_digits and
+    data.tokenizer_newlines to the trainer. A directory holding both files loads tokenizer.json."""
+    cfg = base.get_config().data
+    monkeypatch.setenv("KILN_TOKENIZERS", str(tmp_path))
+    shutil.copy(sp_path, tmp_path / "tok.model")
+    cfg.tokenizer = "$KILN_TOKENIZERS/tok.model"
+    assert isinstance(tk.resolve(cfg, "unused"), tk.SentencePieceTokenizer)
+    cfg.tokenizer, cfg.tokenizer_vocab_size, cfg.synthetic.num_examples = "train", 400, 300
+    cfg.tokenizer_split_digits, cfg.tokenizer_newlines = False, True
+    tok = tk.resolve(cfg, str(tmp_path / "run"))
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((tmp_path / "run" / "tokenizer.model").read_bytes())
+    assert proto.trainer_spec.split_digits is False
+    assert any("\n" in tok.piece(i) for i in range(tok.vocab_size))  # learnt across a question's line break
+    both = tmp_path / "both"
+    both.mkdir()
+    hf_dir(both, LLAMA3, {"eos_token": "<|end_of_text|>"})
+    shutil.copy(sp_path, both / "tokenizer.model")
+    assert isinstance(tk.load(str(both)), tk.HFTokenizer)
 
 
 # -- chat templates -----------------------------------------------------------------------------------
