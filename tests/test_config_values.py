@@ -133,6 +133,13 @@ def test_sweeps_set_their_documented_points(monkeypatch):
     assert [(n, p["data.sources.train.weight"]) for n, p in sweep.points(replay)] == [
         ("replay_0.0", 1.0), ("replay_0.1", 0.9), ("replay_0.2", 0.8), ("replay_0.5", 0.5)]
     assert tuple(lora.seeds) == tuple(dpo.seeds) == tuple(replay.seeds) == (0, 1)
+    # The small variants: full SFT at the main job's lr 1e-3 on 8 x 256 tokens; DPO on 128-token pair rows.
+    small = sweep.load_sweep("configs/sweeps/lora_rank.py:small", [])
+    assert [(n, p["optim.lr"]) for n, p in sweep.points(small)] == [
+        ("full", 1e-3), ("lora_r2", 2e-3), ("lora_r8", 2e-3), ("lora_r32", 2e-3)]
+    assert {"data.seq_len=256", "data.batch_size=8", "train.steps=60"} <= set(small.overrides)
+    small = sweep.load_sweep("configs/sweeps/dpo_beta.py:small", [])
+    assert {"data.seq_len=128", "train.steps=30", "train.eval_steps=16", "optim.lr=3e-5"} <= set(small.overrides)
 
 
 @pytest.mark.parametrize("spec, message", [("sft.py:smok", "unknown config variant 'smok'; this file has: gsm8k, smoke"),

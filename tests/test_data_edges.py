@@ -80,6 +80,11 @@ def test_synthetic_problems_are_fixed():
         answer="328",
         wrong_solution="Ava starts with 42 cards.\nGiving 1 away leaves 42 - 1 = 32.\n8 times as many is 32 * 8 = 256.\n"
                        "#### 256")
+    p = synthetic.problem(2)
+    assert (p.question, p.solution) == (
+        "Nia has 68 shells. Then Nia splits the shells into 4 equal groups and keeps one group. Then Nia collects "
+        "until there are 6 times as many shells. How many shells does Nia have now?",
+        "Nia starts with 68 shells.\nOne of 4 equal groups is 68 / 4 = 17.\n6 times as many is 17 * 6 = 102.\n#### 102")
     p = synthetic.problem(3, seed=1, max_digits=3, max_ops=3)
     assert (p.question, p.answer) == ("Tariq has 628 coins. Tariq finds 539 more coins. How many coins does Tariq "
                                       "have now?", "1167")
@@ -105,6 +110,7 @@ def test_answers_compare_as_numbers_after_dollars_and_commas():
     assert synthetic.extract_answer("so\n#### $1,234.50") == "1234.50"
     assert synthetic.verify("#### $1,234.", "1234") and synthetic.verify("#### 1234.50", "$1,234.5")
     assert not synthetic.verify("#### 12.5", "12") and not synthetic.verify("#### 12", "12.5")
+    assert synthetic.extract_answer("#### \n42") is None  # the answer is on the "####" line
 
 
 def test_encoder_from_config_takes_template_masking_and_truncation():
@@ -119,6 +125,21 @@ def test_encoder_from_config_takes_template_masking_and_truncation():
     cfg.chat_template = "chatml"
     with pytest.raises(tk.TokenizerError, match="has no token '<|im_start|>'"):
         Encoder.from_config(cfg, BYTE)("sft", chat_)
+
+
+def test_pairs_keep_the_whole_prompt_and_train_only_the_reply():
+    """<s> <|system|> s <|end|> <|user|> u <|end|> <|assistant|> a <|end|> <|user|> v <|end|> <|assistant|>, then
+    the reply and <|end|>: every turn of a multi-turn prompt, the earlier assistant turn untrained."""
+    prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+              {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
+    pair, status = Encoder(BYTE, seq_len=64).preference({"prompt": prompt, "chosen": "c", "rejected": "r"})
+    s, u, a, v, c, r = BYTE.encode_text("suavcr")
+    head = [1, 4, s, 7, 5, u, 7, 6, a, 7, 5, v, 7, 6]
+    assert status == examples.OK
+    for side, reply in (("chosen", c), ("rejected", r)):
+        assert pair[f"{side}_tokens"].tolist() == head + [reply]
+        assert pair[f"{side}_targets"].tolist() == head[1:] + [reply, 7]
+        assert pair[f"{side}_loss_mask"].tolist() == [0] * 13 + [1, 1]
 
 
 def test_prompts_use_the_configured_template():
@@ -168,8 +189,9 @@ def test_a_template_with_bos_renders_none_for_a_tokenizer_without_one():
 
 
 def test_jsonl_views_of_other_kinds(tmp_path):
-    """Preference lines carry reference log-probs in pairs (and a margin); prompts without an answer
-    field get "" (answer_field=""); a tokenizer record is all of its strings, nested ones included."""
+    """Preference lines carry reference log-probs in pairs (and a margin); renamed fields are read by their
+    names; prompts without an answer field get "" (answer_field=""); a tokenizer record is all of its
+    strings, nested ones included."""
     pair = {"prompt": "q", "chosen": "a", "rejected": "b"}
     path = write_jsonl(tmp_path / "p.jsonl", [dict(pair, ref_chosen_logps=-1, ref_rejected_logps=-2.5, margin=3)])
     (got,), _ = records(path, "jsonl", "preference")
@@ -177,6 +199,10 @@ def test_jsonl_views_of_other_kinds(tmp_path):
     half = write_jsonl(tmp_path / "h.jsonl", [dict(pair, ref_chosen_logps=-1)])
     with pytest.raises(sources.DataError, match="h.jsonl:1: field 'ref_chosen_logps' without 'ref_rejected_logps'"):
         records(half, "jsonl", "preference")
+    renamed = write_jsonl(tmp_path / "r.jsonl", [{"q": "q", "good": "a", "bad": "b", "body": "text"}])
+    (got,), _ = records(renamed, "jsonl", "preference", prompt_field="q", chosen_field="good", rejected_field="bad")
+    assert got == {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
+    assert records(renamed, "jsonl", "pretrain", text_field="body")[0] == [{"text": "text"}]
     (got,), _ = records(path, "jsonl", "prompts", answer_field="")
     assert got == {"prompt": [{"role": "user", "content": "q"}], "answer": ""}
     nested = write_jsonl(tmp_path / "n.jsonl", [{"messages": [{"role": "user", "content": "hi"}], "n": 3, "t": "end"}])
@@ -189,6 +215,15 @@ def test_hh_rlhf_text_kinds(tmp_path):
     path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": chosen, "rejected": rejected}])
     assert records(path, "hh_rlhf", "pretrain")[0] == [{"text": chosen.strip()}]
     assert records(path, "hh_rlhf", "tokenizer")[0] == [{"text": f"{chosen}\n{rejected}"}]
+
+
+def test_gsm8k_text_kinds_read_the_worked_solution(tmp_path):
+    """Pre-training and tokenizer text: the question, then the worked steps (calculator calls removed) and
+    the final line; prompts: the number after "####"."""
+    path = write_jsonl(tmp_path / "g.jsonl", [{"question": "Q?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"}])
+    for kind in ("pretrain", "tokenizer"):
+        assert records(path, "gsm8k", kind)[0] == [{"text": "Q?\n2 + 3 = 5\n#### 5"}]
+    assert records(path, "gsm8k", "prompts")[0] == [{"prompt": [{"role": "user", "content": "Q?"}], "answer": "5"}]
 
 
 def test_text_document_slices_end_where_asked(tmp_path):

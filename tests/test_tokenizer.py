@@ -71,6 +71,7 @@ def test_byte_tokenizer_layout_round_trip_and_bytes():
     assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (264, 0, 1, 2)
     assert [tok.special_id(t) for t in tk.CONTROL_TOKENS] == [4, 5, 6, 7]
     assert tok.encode("Hi", add_bos=True, add_eos=True) == [1, 72 + 8, 105 + 8, 2]
+    assert tok.encode("", add_bos=True, add_eos=True) == [1, 2]  # an empty document still ends
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT
     assert tok.decode([72 + 8, 264, 300, 105 + 8, 2]) == "Hi"  # ids past the 264 (a padded embedding's) have no text
@@ -103,6 +104,14 @@ def test_sentencepiece_split_digits_off_merges_numbers(sp_path, tmp_path):
     assert [split.piece(i) for i in split.encode(" has 7 apples")][1:3] == ["\u2581", "7"]
     assert "\u25817" in [merged.piece(i) for i in merged.encode(" has 7 apples")]  # one piece: " 7"
     assert merged.decode(merged.encode(TEXT)) == TEXT
+
+
+def test_sentencepiece_vocabulary_below_the_fixed_pieces_is_refused(tmp_path):
+    """pad, bos, eos, unk, 4 chat controls and 256 byte pieces come first: 265 is the least vocabulary."""
+    with pytest.raises(tk.TokenizerError, match="vocab_size 264 is below 265"):
+        spm.train(CORPUS, str(tmp_path / "t.model"), vocab_size=264)
+    with pytest.raises(tk.TokenizerError, match="model_type 'wordpiece'"):
+        spm.train(CORPUS, str(tmp_path / "t.model"), vocab_size=400, model_type="wordpiece")
 
 
 def test_unigram_training(unigram_path):
