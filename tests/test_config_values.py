@@ -97,6 +97,8 @@ def test_lifecycle_stages_each_start_from_the_one_before():
         assert (ops["data.synthetic.min_ops"], ops["data.synthetic.max_ops"]) == (("1", "1") if early else ("2", "2"))
         assert ops["data.synthetic.max_digits"] == "1"
     assert by["pretrain"]["model.n_heads"] == by["pretrain"]["model.n_kv_heads"] == "4"
+    assert [(by[n]["train.steps"], by[n]["checkpoint.every"]) for n in ("pretrain", "sft", "dpo")] == [
+        ("400", "200"), ("240", "120"), ("20", "10")]  # a checkpoint halfway: an interrupted stage resumes
     assert [by[n]["data.seq_len"] for n in ("pretrain", "sft", "reward", "rejection_sampling", "dpo", "grpo")] == [
         "256", "256", "128", "256", "128", "256"]  # preference rows are pair_len long
     smoke = {s["name"]: s for s in lifecycle.stages(lifecycle.get_config("smoke"))}

@@ -58,6 +58,9 @@ def test_synthetic_config_level_knobs_reach_every_source():
     want = [synthetic.problem(i, seed=7, max_digits=3, min_ops=2, max_ops=3) for i in range(20)]
     assert [g["prompt"][0]["content"] for g in got[:20]] == [p.question for p in want]
     assert [g["answer"] for g in got[:20]] == [p.answer for p in want]
+    with pytest.raises(sources.DataError, match=r"no synthetic examples in \[start=0.9999, end=1.0\] of "
+                                                 r"data.synthetic.num_examples=300"):
+        records("", "synthetic", "prompts", cfg, start=0.9999)
 
 
 def test_synthetic_preference_pairs_prefer_the_right_solution():

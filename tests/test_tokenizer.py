@@ -71,7 +71,7 @@ def test_byte_tokenizer_layout_round_trip_and_bytes():
     assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (264, 0, 1, 2)
     assert [tok.special_id(t) for t in tk.CONTROL_TOKENS] == [4, 5, 6, 7]
     assert tok.encode("Hi", add_bos=True, add_eos=True) == [1, 72 + 8, 105 + 8, 2]
-    assert tok.encode("", add_bos=True, add_eos=True) == [1, 2]  # an empty document still ends
+    assert tok.encode("", add_bos=True, add_eos=True) == [1, 2] and tok.encode("", add_eos=True) == [2]
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT
     assert tok.decode([72 + 8, 264, 300, 105 + 8, 2]) == "Hi"  # ids past the 264 (a padded embedding's) have no text
@@ -94,6 +94,9 @@ def test_sentencepiece_training_is_deterministic_and_exact(sp_path, tmp_path):
     assert tok.token_bytes()[ids].sum() == len(TEXT.encode("utf-8"))
     assert [tok.piece(i) for i in tok.encode("2024")] == ["2", "0", "2", "4"]  # digits split
     assert tok.token_bytes()[:8].tolist() == [0] * 8  # pad, bos, eos, unk and the chat controls: no text
+    assert tok.token_id("<unk>") == 3 and tok.token_id("<|im_start|>") is None  # not in the model: no id
+    with pytest.raises(tk.TokenizerError, match="has no token '<|im_start|>'"):
+        chat.render(CONV, tok, "chatml")
     assert not set(ids) & {tok.special_id(t) for t in tk.CONTROL_TOKENS}
 
 
@@ -235,6 +238,9 @@ def test_hf_tokenizer_without_bos(tmp_path):
                          {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, 2, 0)
     assert tok.encode("a", add_bos=True, add_eos=True) == tok.encode_text("a") + [2]
+    (tmp_path / "s").mkdir()  # a null bos_token means none, even where the vocabulary has an <s>
+    tok = tk.load(hf_dir(tmp_path / "s", ["<s>", "</s>"], {"bos_token": None, "eos_token": "</s>"}))
+    assert (tok.bos_id, tok.eos_id) == (None, 1)
 
 
 def chatml_json(tmp_path, model):
