@@ -15,11 +15,38 @@ from test_configs import CASES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_pretraining_as_documented():
+    """configs/pretrain.py: the small preset on a 768-piece BPE of the task, worksheets of 6 problems,
+    300 steps of 4 x 512 tokens; Tiny Shakespeare: 4096 pieces across line breaks, a 6 x 384 model with
+    SwiGLU 1024, 780 steps of 8 x 256 at lr 2e-3, weight decay 0.6, 90% / 10%; smoke: tiny and bytes."""
+    c = load("pretrain.py")
+    assert (c.model.preset, c.data.tokenizer, c.data.tokenizer_vocab_size, c.data.synthetic.problems_per_document) == (
+        "small", "train", 768, 6)
+    assert (c.data.seq_len, c.data.batch_size, c.train.steps, c.optim.lr) == (512, 4, 300, 2e-3)
+    s = load("pretrain.py:shakespeare")
+    assert (s.data.tokenizer, s.data.tokenizer_vocab_size, s.data.tokenizer_newlines) == ("train", 4096, True)
+    assert (s.model.d_model, s.model.n_layers, s.model.n_heads, s.model.n_kv_heads, s.model.d_ff) == (384, 6, 6, 6, 1024)
+    assert (s.data.seq_len, s.data.batch_size, s.train.steps, s.optim.lr, s.optim.weight_decay) == (256, 8, 780, 2e-3, 0.6)
+    assert (s.data.sources.train.format, span(s.data.sources.train), span(s.data.eval_sources.eval)) == (
+        "text", (0.0, 0.9), (0.9, 1.0))
+    smoke = load("pretrain.py:smoke")
+    assert (smoke.model.preset, smoke.data.tokenizer, smoke.data.synthetic.problems_per_document) == ("tiny", "byte", 1)
+    # After pre-training: each stage evaluates before its first step and at its end.
+    anneal, ext = load("anneal.py:shakespeare"), load("context_extension.py:shakespeare")
+    assert (anneal.model.init_from, ext.model.init_from) == ("runs/pretrain_shakespeare",) * 2
+    assert (anneal.data.sources.train.weight, anneal.data.sources.quality.weight, anneal.optim.lr) == (0.5, 0.5, 2e-4)
+    assert (ext.data.seq_len, ext.data.sources.train.format) == (1024, "text")
+    for c in (load("anneal.py"), anneal, ext, load("context_extension.py"), load("continue.py")):
+        assert c.train.eval_every == c.train.steps
+
+
 def test_sft_trains_the_replies_only():
     for spec in ("sft.py", "sft.py:smoke", "sft.py:gsm8k"):
         c = load(spec)
         assert (c.stage, c.loss.type, c.data.packing) == ("sft", "sft", True)
-    assert load("sft.py").data.seq_len == 512 and load("sft.py:gsm8k").data.seq_len == 1024
+    sft = load("sft.py")  # 40 steps of 8 x 512 tokens
+    assert (sft.data.seq_len, sft.data.batch_size, sft.train.steps, sft.optim.lr) == (512, 8, 40, 3e-4)
+    assert load("sft.py:gsm8k").data.seq_len == 1024
 
 
 def test_preference_stages():
@@ -33,6 +60,8 @@ def test_preference_stages():
         "hh_rlhf", 0.9, 0.9)
     reward = load("reward.py")
     assert (reward.stage, reward.loss.type, reward.model.init_from) == ("reward", "reward", "runs/sft")
+    hh = load("reward.py:hh")  # a 4-layer, d_model 256 byte-level model from scratch, 1024-byte rows
+    assert (hh.model.init_from, hh.model.n_layers, hh.model.d_model, hh.data.seq_len) == ("", 4, 256, 1024)
 
 
 def test_rl_stages():
