@@ -45,7 +45,8 @@ def test_sft_trains_the_replies_only():
         c = load(spec)
         assert (c.stage, c.loss.type, c.data.packing) == ("sft", "sft", True)
     sft = load("sft.py")  # 40 steps of 8 x 512 tokens
-    assert (sft.data.seq_len, sft.data.batch_size, sft.train.steps, sft.optim.lr) == (512, 8, 40, 3e-4)
+    assert (sft.data.seq_len, sft.data.batch_size, sft.train.steps, sft.optim.lr, sft.optim.warmup_steps) == (
+        512, 8, 40, 3e-4, 4)
     assert load("sft.py:gsm8k").data.seq_len == 1024
 
 

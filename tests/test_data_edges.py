@@ -114,6 +114,7 @@ def test_answers_compare_as_numbers_after_dollars_and_commas():
     assert synthetic.verify("#### $1,234.", "1234") and synthetic.verify("#### 1234.50", "$1,234.5")
     assert not synthetic.verify("#### 12.5", "12") and not synthetic.verify("#### 12", "12.5")
     assert synthetic.extract_answer("#### \n42") is None  # the answer is on the "####" line
+    assert synthetic.extract_answer("#### .5.") == ".5" and synthetic.verify("#### .5", "0.5")
 
 
 def test_encoder_from_config_takes_template_masking_and_truncation():
@@ -230,8 +231,9 @@ def test_gsm8k_text_kinds_read_the_worked_solution(tmp_path):
 
 
 def test_text_document_slices_end_where_asked(tmp_path):
-    (tmp_path / "t.txt").write_text("one\n\ntwo\n\nthree\n\nfour\n\nfive")
+    """Documents between separators keep their text as it is (indentation included)."""
+    (tmp_path / "t.txt").write_text("one\n\n  two\n\nthree \n\nfour\n\nfive")
     cfg = data_cfg(text_separator="\n\n")
-    assert [d["text"] for d in records(tmp_path / "t.txt", "text", "pretrain", cfg, end=0.4)[0]] == ["one", "two"]
+    assert [d["text"] for d in records(tmp_path / "t.txt", "text", "pretrain", cfg, end=0.4)[0]] == ["one", "  two"]
     assert [d["text"] for d in records(tmp_path / "t.txt", "text", "pretrain", cfg, start=0.4, end=0.8)[0]] == [
-        "three", "four"]
+        "three ", "four"]

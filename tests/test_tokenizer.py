@@ -78,6 +78,7 @@ def test_byte_tokenizer_layout_round_trip_and_bytes():
     assert tok.special_id("<|user|>") not in ids  # typed control tokens stay text
     assert tok.token_bytes()[ids].sum() == len(TEXT.encode("utf-8"))
     assert tok.token_bytes()[:8].sum() == 0
+    assert [tok.is_special(i) for i in (0, 7, 8, 263)] == [True, True, False, False]  # byte 0x00 is text
     with pytest.raises(tk.TokenizerError, match="no token '<|eot_id|>'"):
         tok.special_id("<|eot_id|>")
 
