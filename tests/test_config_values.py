@@ -129,8 +129,14 @@ def test_lifecycle_stages_each_start_from_the_one_before():
     assert by["pretrain"]["model.n_heads"] == by["pretrain"]["model.n_kv_heads"] == "4"
     assert [(by[n]["train.steps"], by[n]["checkpoint.every"]) for n in ("pretrain", "sft", "dpo")] == [
         ("400", "200"), ("240", "120"), ("20", "10")]  # a checkpoint halfway: an interrupted stage resumes
-    assert [by[n]["data.seq_len"] for n in ("pretrain", "sft", "reward", "rejection_sampling", "dpo", "grpo")] == [
-        "256", "256", "128", "256", "128", "256"]  # preference rows are pair_len long
+    names = ("pretrain", "context_extension", "anneal", "sft", "reward", "rejection_sampling", "dpo", "grpo")
+    assert [(by[n]["data.seq_len"], by[n]["data.batch_size"]) for n in names] == [
+        ("256", "4"), ("512", "4"), ("256", "4"), ("256", "8"), ("128", "8"), ("256", "8"), ("128", "8"), ("256", "16")]
+    assert [by[n].get("data.synthetic.problems_per_document") for n in ("tokenizer", "pretrain", "anneal", "sft")] == [
+        "4", "4", "4", None]  # pre-training's worksheets, and the tokenizer fitted to them
+    assert (by["tokenizer"]["data.tokenizer_vocab_size"], by["tokenizer"]["data.tokenizer_split_digits"]) == ("512", "False")
+    evaluate = dict(o.split("=", 1) for o in stages[1]["evaluate"]["overrides"])  # on long prompts, 0- and 1-shot
+    assert (evaluate["data.seq_len"], evaluate["eval.shots"], evaluate["eval.num_problems"]) == ("512", "(0, 1)", "500")
     smoke = {s["name"]: s for s in lifecycle.stages(lifecycle.get_config("smoke"))}
     assert "rollout.reward=@reward" in smoke["rs_generate"]["overrides"]
     assert all(s["config"].endswith(".py:smoke") for s in smoke.values())
@@ -150,6 +156,12 @@ def test_llama31_rounds_start_from_the_previous_rounds_model():
         assert by[f"eval_{r}"]["checkpoint"] == f"@dpo_{r}"
     smoke = [s["name"] for s in llama31_posttrain.stages(llama31_posttrain.get_config("smoke"))]
     assert smoke[:4] == ["pretrain", "sft", "eval_sft", "reward_1"]
+    # Extra overrides (every stage's, then its kind's) come first: a round's own settings win over them.
+    c = llama31_posttrain.get_config()
+    c.overrides, c.sft_overrides = ("model.init_from=x", "train.steps=7"), ("optim.lr=0.5",)
+    sft = llama31_posttrain.stages(c)[3]
+    assert sft["name"] == "sft_1" and sft["overrides"][:3] == ["model.init_from=x", "train.steps=7", "optim.lr=0.5"]
+    assert sft["overrides"][3] == "model.init_from=@sft"
 
 
 def test_sweeps_set_their_documented_points(monkeypatch):

@@ -131,6 +131,13 @@ def test_encoder_from_config_takes_template_masking_and_truncation():
         Encoder.from_config(cfg, BYTE)("sft", chat_)
 
 
+def test_a_long_document_is_kept_whole_for_the_pipeline_to_cut():
+    """Pre-training never truncates: a document longer than a row is "ok", BOS + text + EOS, every target trained."""
+    ex, status = Encoder(BYTE, seq_len=4)("pretrain", {"text": "abcdefgh"})
+    assert status == examples.OK
+    assert ex["tokens"].tolist() == [1, *BYTE.encode_text("abcdefgh")] and ex["loss_mask"].tolist() == [1] * 9
+
+
 def test_pairs_keep_the_whole_prompt_and_train_only_the_reply():
     """<s> <|system|> s <|end|> <|user|> u <|end|> <|assistant|> a <|end|> <|user|> v <|end|> <|assistant|>, then
     the reply and <|end|>: every turn of a multi-turn prompt, the earlier assistant turn untrained."""
@@ -194,8 +201,8 @@ def test_a_template_with_bos_renders_none_for_a_tokenizer_without_one():
 
 def test_jsonl_views_of_other_kinds(tmp_path):
     """Preference lines carry reference log-probs in pairs (and a margin); renamed fields are read by their
-    names; prompts without an answer field get "" (answer_field=""); a tokenizer record is all of its
-    strings, nested ones included."""
+    names; messages keep only role and content; prompts without an answer field get "" (answer_field="");
+    a tokenizer record is all of its strings, nested ones included."""
     pair = {"prompt": "q", "chosen": "a", "rejected": "b"}
     path = write_jsonl(tmp_path / "p.jsonl", [dict(pair, ref_chosen_logps=-1, ref_rejected_logps=-2.5, margin=3)])
     (got,), _ = records(path, "jsonl", "preference")
@@ -209,6 +216,10 @@ def test_jsonl_views_of_other_kinds(tmp_path):
     assert records(renamed, "jsonl", "pretrain", text_field="body")[0] == [{"text": "text"}]
     (got,), _ = records(path, "jsonl", "prompts", answer_field="")
     assert got == {"prompt": [{"role": "user", "content": "q"}], "answer": ""}
+    named = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi", "name": "x"},
+                                                             {"role": "assistant", "content": "yo"}]}])
+    assert records(named, "jsonl", "sft")[0] == [{"messages": [{"role": "user", "content": "hi"},
+                                                                {"role": "assistant", "content": "yo"}]}]
     nested = write_jsonl(tmp_path / "n.jsonl", [{"messages": [{"role": "user", "content": "hi"}], "n": 3, "t": "end"}])
     assert records(nested, "jsonl", "tokenizer")[0] == [{"text": "user\nhi\nend"}]
 
