@@ -41,7 +41,13 @@ def load_module(path: str, what: str, needs: tuple[str, ...]) -> Any:
         raise ConfigError(f"{what} file {path!r} not found")
     module_spec = importlib.util.spec_from_file_location(f"kiln_{what}_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"{path} line {e.lineno}: {what} file has a syntax error ({e.msg}); fix the file") from e
+    except Exception as e:  # the file's own code failed (a bad import, ...): its message, without the traceback
+        raise ConfigError(f"{path}: the {what} file failed to load ({type(e).__name__}: {e}); fix the file, "
+                          "or add --debug for the traceback") from e
     missing = [name for name in needs if not hasattr(module, name)]
     if missing:
         raise ConfigError(f"{path}: a {what} defines {' and '.join(f'{n}(...)' for n in needs)}; {missing[0]} is missing")
@@ -56,6 +62,12 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         config = module.get_config(variant) if variant else module.get_config()
     except (KeyError, ValueError) as e:
         raise ConfigError(f"{spec}: {e.args[0] if e.args else e}") from None
+    except Exception as e:  # a bug in the file, or a variant given to a get_config() that takes none
+        raise ConfigError(f"{spec}: get_config failed ({type(e).__name__}: {e}); fix the file, or add --debug for "
+                          "the traceback") from e
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"{path}: get_config returned {type(config).__name__}, not an ml_collections ConfigDict "
+                          "(start from configs.base.get_config())")
     for item in overrides:
         apply_override(config, item)
     validate(config)
@@ -107,7 +119,11 @@ def parse_value(raw: str, kind: type) -> Any:
     if kind is str:
         return raw
     if kind in (tuple, list):
-        value = ast.literal_eval(raw)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"expected a Python {kind.__name__} literal such as \"('q', 'v')\" "
+                             "(strings quoted, the whole argument quoted for the shell)") from None
         return kind(value if isinstance(value, (tuple, list)) else (value,))
     try:
         return ast.literal_eval(raw)

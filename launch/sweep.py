@@ -65,6 +65,12 @@ def load_sweep(spec: str, overrides: list[str]) -> Any:
             raise ConfigError(f"{path}: a sweep sets {key!r}")
     if ("grid" in config) == ("points" in config):
         raise ConfigError(f"{path}: a sweep sets either 'grid' or 'points'")
+    # An empty grid would run the base config alone (or nothing at all) under the sweep's name.
+    if "grid" in config and (not config.grid or any(not values for _, values in config.grid)):
+        raise ConfigError(f"{path}: the sweep's grid is empty; give each key at least one value, as "
+                          "grid=((KEY, (VALUE, ...)), ...)")
+    if "points" in config and not config.points:
+        raise ConfigError(f"{path}: the sweep's points are empty; give at least one {{KEY: VALUE}} point")
     return config
 
 

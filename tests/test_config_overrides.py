@@ -43,6 +43,9 @@ def test_values_take_their_fields_type():
     ("--config.data.sources.training.weight=1", "unknown config key 'data.sources.training.weight'"),
     ("--model.d_model=3", "cannot read argument '--model.d_model=3'; expected --config.KEY=VALUE"),
     ("--config.model.d_model", "expected --config.KEY=VALUE"),
+    # A tuple that Python cannot read was a SyntaxError's traceback, unquoted names an AST dump.
+    ("--config.peft.lora_targets=(q,", "bad value '(q,' for config key 'peft.lora_targets': expected a Python tuple"),
+    ("--config.peft.lora_targets=(q,k)", "expected a Python tuple literal such as \"('q', 'v')\" (strings quoted"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
