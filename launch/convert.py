@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 from flax import nnx
@@ -33,6 +34,10 @@ def main(argv: list[str]) -> int:
     if args.from_hf:
         if not args.to or args.to_hf:
             parser().error("--from-hf needs --to CKPT_DIR")
+        check_target(args.to, args.from_hf, "--to")
+        if checkpoint.run_config(args.to) is not None:
+            raise ValueError(f"--to {args.to} is a training run's directory; write the converted checkpoint into a "
+                             "new directory")
         cfg, model = hf.load(args.from_hf, dtype=args.dtype or "float32")
         step = args.step or 0
         checkpoint.save_params(args.to, step, model, cfg)
@@ -40,6 +45,10 @@ def main(argv: list[str]) -> int:
     else:
         if not args.to_hf or args.to:
             parser().error("--from-kiln needs --to-hf DIR")
+        check_target(args.to_hf, args.from_kiln, "--to-hf")
+        if os.path.isdir(args.to_hf) and os.listdir(args.to_hf) and not _is_export(args.to_hf):
+            raise ValueError(f"--to-hf {args.to_hf} is a directory holding other files, which writing it would replace; "
+                             "choose a new or empty directory")
         cfg, model = checkpoint.load_params(args.from_kiln, step=args.step)
         if args.adapter_only:
             if args.dtype:
@@ -55,6 +64,22 @@ def main(argv: list[str]) -> int:
         merged = " (LoRA adapters merged)" if lora.adapters(model) else ""
         print(f"wrote Hugging Face directory {args.to_hf}: {cfg.family}, {_count(model):,} parameters{merged}")
     return 0
+
+
+def check_target(target: str, source: str, flag: str) -> None:
+    """ValueError if writing `target` would replace `source` (it is the source or holds it) or a file."""
+    out, src = os.path.realpath(target), os.path.realpath(source)
+    if out == src or src.startswith(out.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{flag} {target} is, or holds, the input {source}: writing it would replace the input; "
+                         "choose another output directory")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{flag} {target} is a file, not a directory; choose another output directory")
+
+
+def _is_export(path: str) -> bool:
+    """An earlier Hugging Face or PEFT export, which a new export may replace: nothing of a Kiln run in it."""
+    names = set(os.listdir(path))
+    return bool(names & {"config.json", "adapter_config.json"}) and "checkpoints" not in names
 
 
 def _count(model: nnx.Module) -> int:

@@ -26,6 +26,7 @@ from data import chat
 from data.sources import expand_path
 from model.sharding import make_mesh
 from train.generate import load_sampler
+from train.records import write_text_atomic
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,8 +55,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     records = _records(args)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+    for name in ("batch_size", "num_samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.output:
+        check_output(args.output)
     mesh = make_mesh(data=1, fsdp=-1, tensor=args.tensor)
     sampler, use_chat = load_sampler(args.checkpoint, tokenizer=args.tokenizer, chat_template=args.chat_template,
                                      chat=args.chat, mesh=mesh)
@@ -80,7 +84,7 @@ def main(argv: list[str]) -> int:
             rows.append(dict(row, **out))
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if args.output:
-        _write_atomic(args.output, text)
+        write_text_atomic(args.output, text)
         print(f"wrote {len(rows)} sample(s) to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
@@ -121,12 +125,12 @@ def _records(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-def _write_atomic(path: str, text: str) -> None:
-    """Writes `text` through a temporary file and a rename, so a kill never leaves half a file."""
+def check_output(path: str) -> None:
+    """ValueError unless `path` can be written as a file (checked before any sampling is done)."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ValueError(f"--output {path}: directory {directory} does not exist")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path} is a directory; name a file such as {os.path.join(path, 'samples.jsonl')}")
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"--output {path}: directory {directory} is not writable")

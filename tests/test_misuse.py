@@ -55,3 +55,84 @@ def test_an_empty_sweep_is_refused(tmp_path, fields, message):
     config alone under the sweep's name, and a key without values planned no run and said nothing."""
     with pytest.raises(ConfigError, match=message):
         sweep.load_sweep(write_sweep(tmp_path, **fields), [])
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
+    """`records.write_text_atomic` onto a directory left `PATH.tmp-PID` beside it."""
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError):
+        records.write_text_atomic(str(tmp_path / "out"), "x\n")
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.parametrize("output, message", [
+    ("{tmp}", "--output {tmp} is a directory; name a file such as {tmp}/samples.jsonl"),
+    ("{tmp}/nodir/s.jsonl", "--output {tmp}/nodir/s.jsonl: directory {tmp}/nodir does not exist"),
+])
+def test_sample_checks_its_output_before_sampling(tmp_path, capsys, output, message):
+    """`kiln sample --output=DIR` sampled everything first, then failed on the rename with an errno
+    line and left a temporary file behind; the checkpoint here does not exist, so the output must be
+    the first thing checked."""
+    output, message = output.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    line = one_error_line(capsys, ["sample", f"--checkpoint={tmp_path / 'missing'}", "--prompt=hi", f"--output={output}"])
+    assert line == f"kiln sample: error: {message}"
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag", ["--num_samples=0", "--max_new_tokens=0"])
+def test_sample_counts_are_checked_before_loading(tmp_path, capsys, flag):
+    line = one_error_line(capsys, ["sample", f"--checkpoint={tmp_path / 'missing'}", "--prompt=hi", flag])
+    assert line == f"kiln sample: error: {flag.split('=')[0]} must be positive, got 0"
+
+
+def fake_run(path):
+    """A directory laid out as a Kiln run (config.json, checkpoints/, metrics.jsonl): the things that
+    writing over it would destroy."""
+    (path / "checkpoints" / "4").mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl"):
+        (path / name).write_text("{}\n")
+    return sorted(os.listdir(path))
+
+
+@pytest.mark.parametrize("target, message", [
+    ("run", "--to-hf {tmp}/run is, or holds, the input {tmp}/run: writing it would replace the input"),
+    ("", "--to-hf {tmp}/ is, or holds, the input {tmp}/run"),
+    ("run/config.json", "--to-hf {tmp}/run/config.json is a file, not a directory"),
+    ("other", "--to-hf {tmp}/other is a directory holding other files, which writing it would replace"),
+])
+def test_convert_never_writes_over_its_input_or_other_files(tmp_path, capsys, target, message):
+    """`kiln convert --from-kiln RUN --to-hf RUN` replaced the whole run (checkpoints, metrics) by the
+    exported weights; a directory holding unrelated files was replaced as silently."""
+    run = fake_run(tmp_path / "run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    line = one_error_line(capsys, ["convert", "--from-kiln", str(tmp_path / "run"), "--to-hf", f"{tmp_path}/{target}"])
+    assert line.startswith("kiln convert: error: " + message.format(tmp=tmp_path)), line
+    assert sorted(os.listdir(tmp_path / "run")) == run and os.listdir(tmp_path / "other") == ["notes.txt"]
+
+
+def test_convert_from_hf_refuses_a_training_run(tmp_path, capsys):
+    """`--from-hf HF --to RUN` added a parameters-only step to a training run's checkpoints (or, below
+    its latest step, nothing at all while printing "wrote")."""
+    run = fake_run(tmp_path / "run")
+    (tmp_path / "hf").mkdir()
+    line = one_error_line(capsys, ["convert", "--from-hf", str(tmp_path / "hf"), "--to", str(tmp_path / "run")])
+    assert line == f"kiln convert: error: --to {tmp_path / 'run'} is a training run's directory; write the converted " \
+                   "checkpoint into a new directory"
+    assert sorted(os.listdir(tmp_path / "run")) == run
+
+
+def test_save_params_refuses_a_step_orbax_would_skip(tmp_path):
+    """Orbax's save returns False, and writes nothing, for a step at or below the directory's latest:
+    `kiln convert --from-hf` twice into one directory printed "wrote" and kept the old weights. (The
+    check comes before the model is read, so none is built here.)"""
+    import orbax.checkpoint as ocp
+
+    from train import checkpoint
+
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mgr:
+        mgr.save(3, args=ocp.args.Composite(model_config=ocp.args.JsonSave({})))
+    for step in (3, 1):
+        with pytest.raises(checkpoint.CheckpointError, match=r"ckpt already holds checkpoint step 3; write into a new"):
+            checkpoint.save_params(str(tmp_path / "ckpt"), step, None, None)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["3"]

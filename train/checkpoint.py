@@ -113,8 +113,13 @@ def verify(tree: dict[str, Any], expected: dict[str, list[int]] | None, where: s
 # -- parameters only (init_from, kiln convert) -------------------------------------------------------------
 def save_params(path: str, step: int, model: Transformer, cfg: ModelConfig) -> None:
     """Writes the parameters and config of `model` as step `step` under `path` (blocking)."""
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with ocp.CheckpointManager(locate(path)[0]) as mgr:
+    directory = locate(path)[0]
+    with ocp.CheckpointManager(directory) as mgr:
+        # Orbax skips, without a word, a step at or below one the directory already holds.
+        if mgr.latest_step() is not None and mgr.latest_step() >= step:
+            raise CheckpointError(f"{directory} already holds checkpoint step {mgr.latest_step()}; write into a new "
+                                  "directory (or a later --step)")
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         mgr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(cfg.to_dict()),
             fingerprint=ocp.args.JsonSave(fingerprint({"params": params}))))

@@ -21,19 +21,21 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "sent
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Writes JSON through a temporary file and a rename, so a kill never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Writes text through a temporary file and a rename, so a kill never leaves half a file."""
+    """Writes text through a temporary file and a rename, so a kill never leaves half a file; on a
+    failure (a full disk, `path` a directory) the temporary file is removed and `path` is untouched."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
 
 
 def git_revision() -> str:
