@@ -136,3 +136,38 @@ def test_save_params_refuses_a_step_orbax_would_skip(tmp_path):
         with pytest.raises(checkpoint.CheckpointError, match=r"ckpt already holds checkpoint step 3; write into a new"):
             checkpoint.save_params(str(tmp_path / "ckpt"), step, None, None)
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["3"]
+
+
+LLAMA = ('{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64, '
+         '"num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 64, '
+         '"max_position_embeddings": 32, "rms_norm_eps": 1e-5}')
+
+
+@pytest.mark.parametrize("config, weights, message", [
+    ('{"model_type": "lla', b"", r"hf/config.json: not valid JSON \(Unterminated string"),
+    (LLAMA, b"\x08\x00\x00\x00\x00\x00\x00\x00{", r"hf: a .safetensors file cannot be read \(Error while deserializing"),
+])
+def test_a_damaged_hugging_face_directory_is_one_line_naming_it(tmp_path, config, weights, message):
+    """A truncated model.safetensors was a SafetensorError traceback; a damaged config.json a bare JSON
+    message naming no file (kiln convert --from-hf, kiln sample, model.init_from all read it here)."""
+    from train import checkpoint
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(config)
+    (tmp_path / "hf" / "model.safetensors").write_bytes(weights)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load_model(str(tmp_path / "hf"))
+
+
+def test_a_checkpoint_path_that_is_a_file_or_lacks_config_json_says_so(tmp_path):
+    """A file was "no such checkpoint directory", and a Hugging Face directory without its config.json
+    "no finished checkpoint step"."""
+    from train import checkpoint
+
+    (tmp_path / "env.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match="env.json is a file; name a Kiln run, checkpoints or step"):
+        checkpoint.latest_step(str(tmp_path / "env.json"))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointError, match="hf holds .safetensors files but no config.json"):
+        checkpoint.latest_step(str(tmp_path / "hf"))
