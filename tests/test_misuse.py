@@ -171,3 +171,28 @@ def test_a_checkpoint_path_that_is_a_file_or_lacks_config_json_says_so(tmp_path)
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
     with pytest.raises(checkpoint.CheckpointError, match="hf holds .safetensors files but no config.json"):
         checkpoint.latest_step(str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", r"checkpoint .*ckpt/2: its model_config cannot be read \(.*\); name an earlier step directory"),
+    ("remove", r"ckpt/2: not a Kiln checkpoint \(no model_config item\)"),
+])
+def test_a_damaged_model_config_item_names_the_step(tmp_path, damage, message):
+    """A step whose model_config JSON was cut short reported a bare JSON message naming nothing; one
+    without the item, orbax's KeyError text."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from train import checkpoint
+
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mgr:
+        mgr.save(2, args=ocp.args.Composite(model_config=ocp.args.JsonSave({"family": "llama"}),
+                                            other=ocp.args.JsonSave({})))
+    item = tmp_path / "ckpt" / "2" / "model_config"
+    if damage == "truncate":
+        (item / "metadata").write_text('{"fam')
+    else:
+        shutil.rmtree(item)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.read_model_config(str(tmp_path / "ckpt"))

@@ -151,10 +151,13 @@ def read_model_config(path: str, step: int | None = None) -> ModelConfig:
     directory = locate(path)[0]
     step = latest_step(path) if step is None else step
     with ocp.CheckpointManager(directory) as mgr:
+        if not os.path.isdir(os.path.join(directory, str(step), "model_config")):
+            raise CheckpointError(f"{directory}/{step}: not a Kiln checkpoint (no model_config item)")
         try:
             raw = mgr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))["model_config"]
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{directory}/{step}: not a Kiln checkpoint (no model_config item): {e}") from None
+        except Exception as e:  # orbax raises many types for a damaged file
+            raise CheckpointError(f"checkpoint {directory}/{step}: its model_config cannot be read ({_one_line(e)}); "
+                                  f"name an earlier step directory such as {directory}/<step>") from None
     return ModelConfig.from_dict(raw)
 
 
