@@ -28,6 +28,17 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, without a traceback."""
 
 
+# Errors of bad input that are not ValueErrors: a run directory in use, a run that cannot go on. Looked
+# up only in modules already imported (one that raised is), so that `kiln` starts without importing JAX.
+_RUNTIME_ERRORS = (("train.rundir", "RunDirError"), ("train.trainer", "TrainingError"))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types reported as one line rather than a traceback."""
+    loaded = tuple(getattr(sys.modules[m], n) for m, n in _RUNTIME_ERRORS if m in sys.modules)
+    return (UsageError, ValueError, FileNotFoundError, KeyError, OSError, *loaded)
+
+
 def usage() -> str:
     lines = ["usage: kiln SUBCOMMAND [ARGS ...]", "", "subcommands:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
@@ -48,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return module.main(rest)
-    except (UsageError, ValueError, FileNotFoundError, KeyError, OSError) as e:
-        if debug:
+    except Exception as e:
+        if debug or not isinstance(e, user_errors()):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"kiln {name}: error: {msg}", file=sys.stderr)

@@ -196,3 +196,35 @@ def test_a_damaged_model_config_item_names_the_step(tmp_path, damage, message):
         shutil.rmtree(item)
     with pytest.raises(checkpoint.CheckpointError, match=message):
         checkpoint.read_model_config(str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("argv", [["pipeline", "--config=configs/recipes/lifecycle.py:smoke"],
+                                  ["sweep", "--config=configs/sweeps/dpo_beta.py:smoke"],
+                                  ["generate", "--config=configs/rejection_sampling.py:smoke"]])
+def test_a_second_runner_on_one_directory_is_one_line(tmp_path, capsys, monkeypatch, argv):
+    """`kiln pipeline`, `sweep` and `generate` on a directory another run holds printed RunDirError's
+    traceback (only `kiln train` caught it)."""
+    from train import rundir
+
+    monkeypatch.chdir(ROOT)
+    with rundir.RunLock(str(tmp_path)):
+        line = one_error_line(capsys, [*argv, f"--config.run_dir={tmp_path}"])
+    assert line.startswith(f"kiln {argv[0]}: error: run directory {tmp_path} is in use by process {os.getpid()} on ")
+    assert line.endswith("; wait for that run to end or choose another --config.run_dir")
+
+
+def test_a_stage_that_cannot_go_on_is_one_line_in_a_pipeline(capsys, monkeypatch):
+    """A TrainingError (non-finite losses, a run that cannot resume) raised inside a pipeline's stage
+    was a traceback; `--debug` still shows it."""
+    from launch import pipeline
+    from train.trainer import TrainingError
+
+    def stop(*args):
+        raise TrainingError("3 non-finite losses in a row at step 7")
+
+    monkeypatch.setattr(pipeline, "run", stop)
+    monkeypatch.chdir(ROOT)
+    argv = ["pipeline", "--config=configs/recipes/lifecycle.py:smoke", "--config.run_dir=/nonexistent/x"]
+    assert one_error_line(capsys, argv) == "kiln pipeline: error: 3 non-finite losses in a row at step 7"
+    with pytest.raises(TrainingError):
+        kiln.main(["--debug", *argv])
