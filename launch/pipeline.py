@@ -88,8 +88,7 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
 def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
     """Runs (or skips) every stage in order; returns the results (also written to run_dir)."""
     root = recipe.run_dir
-    os.makedirs(root, exist_ok=True)
-    lock = rundir.RunLock(root)  # one runner per pipeline directory (each stage locks its own)
+    lock = rundir.RunLock(root)  # one runner per pipeline directory (each stage locks its own); creates it
     lock.acquire()
     try:
         done = _stages_done(_read_results(root))

@@ -103,8 +103,7 @@ def plan(sweep: Any) -> list[tuple[str, int, list[str]]]:
 
 def run(sweep: Any, runs: list[tuple[str, int, list[str]]]) -> dict[str, Any]:
     """Runs (or skips) every run in order; returns the results (also written to run_dir)."""
-    os.makedirs(sweep.run_dir, exist_ok=True)
-    lock = rundir.RunLock(sweep.run_dir)
+    lock = rundir.RunLock(sweep.run_dir)  # one sweep per directory; creates it
     lock.acquire()
     try:
         done: dict[str, dict[str, float]] = {}

@@ -228,3 +228,18 @@ def test_a_stage_that_cannot_go_on_is_one_line_in_a_pipeline(capsys, monkeypatch
     assert one_error_line(capsys, argv) == "kiln pipeline: error: 3 non-finite losses in a row at step 7"
     with pytest.raises(TrainingError):
         kiln.main(["--debug", *argv])
+
+
+@pytest.mark.parametrize("argv", [["eval", "--checkpoint=x", "--config=configs/eval.py:smoke"],
+                                  ["train", "--config=configs/pretrain.py:smoke"],
+                                  ["pipeline", "--config=configs/recipes/lifecycle.py:smoke"],
+                                  ["sweep", "--config=configs/sweeps/dpo_beta.py:smoke"]])
+def test_a_run_dir_that_is_a_file_is_named_before_any_work(tmp_path, capsys, monkeypatch, argv):
+    """`kiln eval` evaluated everything, then failed to write with "[Errno 17] File exists"; `kiln train`
+    said "cannot be created or written (File exists)", pipeline and sweep gave the errno line. The
+    checkpoint `x` does not exist: the run_dir must be checked first."""
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "f").write_text("mine")
+    line = one_error_line(capsys, [*argv, f"--config.run_dir={tmp_path / 'f'}"])
+    assert line == f"kiln {argv[0]}: error: run directory {tmp_path / 'f'} is a file; choose another --config.run_dir"
+    assert (tmp_path / "f").read_text() == "mine"

@@ -45,11 +45,11 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        make_run_dir(self.run_dir)
         try:
-            os.makedirs(self.run_dir, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise RunDirError(f"run directory {self.run_dir} cannot be created or written ({e.strerror or e}); "
+            raise RunDirError(f"run directory {self.run_dir} cannot be written ({e.strerror or e}); "
                               "fix its permissions or choose another --config.run_dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -75,6 +75,17 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def make_run_dir(run_dir: str) -> None:
+    """Creates `run_dir` (and its parents); RunDirError when it, or a parent, is a file or cannot be created."""
+    if os.path.isfile(run_dir):
+        raise RunDirError(f"run directory {run_dir} is a file; choose another --config.run_dir")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"run directory {run_dir} cannot be created ({e.strerror or e}); fix its parent's "
+                          "permissions or choose another --config.run_dir") from None
 
 
 def _read_holder(fd: int) -> str:
