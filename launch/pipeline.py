@@ -82,6 +82,14 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
             if ref not in names:
                 raise ConfigError(f"{where}: @{ref} names no earlier stage")
         names.add(stage["name"])
+    # A typo in a late stage's settings stops the pipeline now, not after the stages before it ran.
+    resolve = lambda text: _REF.sub(lambda m: os.path.join(config.run_dir, m.group(1)), text)  # noqa: E731
+    for i, stage in enumerate(stages):
+        for spec in (stage, stage["evaluate"]) if "evaluate" in stage else (stage,):
+            try:
+                load_config(spec["config"], [f"--config.{resolve(o)}" for o in spec.get("overrides", ())])
+            except ConfigError as e:
+                raise ConfigError(f"{path}: stage {i} ({stage['name']}): {e}") from None
     return config, stages
 
 

@@ -6,6 +6,7 @@ row of metrics (a helper's joining its stage's), the progress line, and a re-run
 stages and runs the interrupted ones. (tests/test_pipeline.py runs real recipes end to end, slowly.)"""
 import json
 import os
+import re
 
 import pytest
 
@@ -194,3 +195,20 @@ def test_a_stage_cannot_name_itself(tmp_path):
     stages = [dict(name="a", command="train", config="c"), dict(name="b", command="eval", config="e", checkpoint="@b")]
     with pytest.raises(ConfigError, match="@b names no earlier stage"):
         pipeline.load_recipe(recipe_file(tmp_path, stages), [])
+
+
+@pytest.mark.parametrize("where, message", [
+    ("overrides", "stage 3 (sft): unknown config key 'train.stepz'"),
+    ("evaluate", "stage 0 (pretrain): unknown config key 'eval.num_problemz'"),
+])
+def test_a_late_stage_typo_stops_the_pipeline_before_any_stage_runs(fake, tmp_path, where, message):
+    """A misspelt key in the fourth stage was found only when that stage started, after the stages
+    before it had run (minutes to hours)."""
+    stages = [dict(s, overrides=[*s.get("overrides", ())]) for s in STAGES]
+    if where == "overrides":
+        stages[3]["overrides"].append("train.stepz=4")
+    else:
+        stages[0]["evaluate"] = {"config": "configs/eval.py:smoke", "overrides": ["eval.num_problemz=3"]}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        pipeline.run(*pipeline.load_recipe(recipe_file(tmp_path, stages), []))
+    assert fake.calls == [] and not os.path.exists(tmp_path / "recipe")
