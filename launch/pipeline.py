@@ -232,19 +232,35 @@ def train_metrics(run_dir: str) -> dict[str, float]:
     """A finished train run's last value of every metric in metrics.jsonl: eval/... keys as they are,
     training's under train/."""
     out: dict[str, float] = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for row in map(json.loads, f):
-            out.update({k if k.startswith("eval/") else f"train/{k}": float(v) for k, v in row.items()
-                        if isinstance(v, (int, float)) and k != "step"})
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n == len(lines):  # the last row, torn by a kill while it was written
+                break
+            raise ValueError(f"{path} line {n}: not a JSON row; delete the line to go on") from None
+        out.update({k if k.startswith("eval/") else f"train/{k}": float(v) for k, v in row.items()
+                    if isinstance(v, (int, float)) and k != "step"})
     return out
 
 
 def _read_results(root: str) -> list[dict[str, Any]]:
+    """The stage rows of an earlier results.json; one that cannot be read is set aside with a warning
+    (the stages' own outputs rebuild every row but the times of the stages skipped)."""
     path = os.path.join(root, "results.json")
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return json.load(f)["stages"]
+    try:
+        with open(path) as f:
+            return list(json.load(f)["stages"])
+    except (ValueError, KeyError, TypeError) as e:
+        dest = rundir.set_aside(root, ["results.json", "results.md"])
+        print(f"warning: {path} cannot be read ({e}); moved it to {dest} and rebuilt it from the stages' outputs",
+              file=sys.stderr, flush=True)
+        return []
 
 
 def plot(results: dict[str, Any], path: str) -> None:

@@ -212,3 +212,33 @@ def test_a_late_stage_typo_stops_the_pipeline_before_any_stage_runs(fake, tmp_pa
     with pytest.raises(ConfigError, match=re.escape(message)):
         pipeline.run(*pipeline.load_recipe(recipe_file(tmp_path, stages), []))
     assert fake.calls == [] and not os.path.exists(tmp_path / "recipe")
+
+
+def test_a_damaged_results_json_is_set_aside_and_rebuilt(fake, tmp_path, capsys):
+    """results.json cut short (a kill of an older version, a hand edit) stopped every re-run with a bare
+    JSON message naming no file; now it moves to superseded/ and the stages' outputs rebuild it."""
+    recipe, stages = pipeline.load_recipe(recipe_file(tmp_path), [])
+    first = pipeline.run(recipe, stages)
+    path = os.path.join(fake.root, "results.json")
+    with open(path) as f:
+        damaged = f.read()[:100]
+    with open(path, "w") as f:
+        f.write(damaged)
+    capsys.readouterr()
+    results = pipeline.run(recipe, stages)
+    assert f"warning: {path} cannot be read (" in capsys.readouterr().err
+    assert [r["metrics"] for r in results["stages"]] == [r["metrics"] for r in first["stages"]]
+    [aside] = os.listdir(os.path.join(fake.root, "superseded"))
+    with open(os.path.join(fake.root, "superseded", aside, "results.json")) as f:
+        assert f.read() == damaged
+
+
+def test_train_metrics_drop_a_torn_last_row_and_name_a_damaged_one(tmp_path):
+    """A kill mid-write tears the last row of metrics.jsonl (dropped, as resuming drops it); a damaged
+    row before it is named by file and line (both were a bare JSON message)."""
+    rows = '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5, "eval/loss": 1.75}\n'
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 3, "lo')
+    assert pipeline.train_metrics(str(tmp_path)) == {"train/loss": 1.5, "eval/loss": 1.75}
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo\n' + rows)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/metrics.jsonl line 1: not a JSON row; delete the line")):
+        pipeline.train_metrics(str(tmp_path))
