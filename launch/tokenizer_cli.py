@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 from typing import Iterator
 
 from ml_collections import ConfigDict
@@ -35,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     paths = input_paths(args.input)
+    check_out(args.out, paths)
     num_cut = spm.train(_texts(paths, args.text_field), args.out, vocab_size=args.vocab_size,
                         model_type=args.model_type, split_digits=args.split_digits,
                         newlines=args.newlines)
@@ -55,6 +57,16 @@ def input_paths(spec: str) -> list[str]:
     if not paths:
         raise sources.DataError("--input names no file")
     return paths
+
+
+def check_out(out: str, inputs: list[str]) -> None:
+    """DataError, before any training, if writing `out` would replace an input file or cannot work."""
+    if os.path.isdir(out):
+        raise sources.DataError(f"--out {out} is a directory; name the file to write, such as "
+                                f"{os.path.join(out, 'tokenizer.model')}")
+    if any(os.path.exists(out) and os.path.samefile(out, p) for p in inputs):
+        raise sources.DataError(f"--out {out} is one of the --input files: writing it would replace the text; "
+                                "name another file")
 
 
 def _texts(paths: list[str], text_field: str) -> Iterator[str]:

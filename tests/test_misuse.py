@@ -243,3 +243,17 @@ def test_a_run_dir_that_is_a_file_is_named_before_any_work(tmp_path, capsys, mon
     line = one_error_line(capsys, [*argv, f"--config.run_dir={tmp_path / 'f'}"])
     assert line == f"kiln {argv[0]}: error: run directory {tmp_path / 'f'} is a file; choose another --config.run_dir"
     assert (tmp_path / "f").read_text() == "mine"
+
+
+@pytest.mark.parametrize("out, message", [
+    ("text.txt", "--out {tmp}/text.txt is one of the --input files: writing it would replace the text; name another file"),
+    ("", "--out {tmp}/ is a directory; name the file to write, such as {tmp}/tokenizer.model"),
+])
+def test_tokenizer_never_writes_over_its_input(tmp_path, capsys, out, message):
+    """`kiln tokenizer --input=T --out=T` replaced the training text by the model; `--out=DIR` trained,
+    then failed on the rename with an errno line and left a temporary file beside DIR."""
+    (tmp_path / "text.txt").write_text("to be or not to be\n" * 50)
+    line = one_error_line(capsys, ["tokenizer", f"--input={tmp_path / 'text.txt'}", "--vocab_size=300",
+                                   f"--out={tmp_path}/{out}"])
+    assert line == "kiln tokenizer: error: " + message.format(tmp=tmp_path)
+    assert os.listdir(tmp_path) == ["text.txt"] and (tmp_path / "text.txt").read_text().startswith("to be")
