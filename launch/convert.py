@@ -47,8 +47,8 @@ def main(argv: list[str]) -> int:
             parser().error("--from-kiln needs --to-hf DIR")
         check_target(args.to_hf, args.from_kiln, "--to-hf")
         if os.path.isdir(args.to_hf) and os.listdir(args.to_hf) and not _is_export(args.to_hf):
-            raise ValueError(f"--to-hf {args.to_hf} is a directory holding other files, which writing it would replace; "
-                             "choose a new or empty directory")
+            raise ValueError(f"--to-hf {args.to_hf} is a directory holding other files, which writing it would "
+                             "replace; choose a new or empty directory")
         cfg, model = checkpoint.load_params(args.from_kiln, step=args.step)
         if args.adapter_only:
             if args.dtype:

@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.output:
-        check_output(args.output)
+        check_output(args.output, args.prompts)
     mesh = make_mesh(data=1, fsdp=-1, tensor=args.tensor)
     sampler, use_chat = load_sampler(args.checkpoint, tokenizer=args.tokenizer, chat_template=args.chat_template,
                                      chat=args.chat, mesh=mesh)
@@ -125,12 +125,16 @@ def _records(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-def check_output(path: str) -> None:
-    """ValueError unless `path` can be written as a file (checked before any sampling is done)."""
+def check_output(path: str, prompts: str | None = None) -> None:
+    """ValueError unless `path` can be written as a file other than the `prompts` file (checked before
+    any sampling is done)."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ValueError(f"--output {path}: directory {directory} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"--output {path} is a directory; name a file such as {os.path.join(path, 'samples.jsonl')}")
+    if prompts and os.path.exists(path) and os.path.samefile(path, expand_path(prompts, "--prompts")):
+        raise ValueError(f"--output {path} is the --prompts file: writing it would replace the prompts; "
+                         "name another file")
     if not os.access(directory, os.W_OK):
         raise ValueError(f"--output {path}: directory {directory} is not writable")

@@ -41,7 +41,8 @@ def write_sweep(tmp_path, **fields):
     path = tmp_path / "sweep_file.py"
     settings = dict(run_dir=str(tmp_path / "out"), base="configs/pretrain.py:smoke", overrides=(),
                     seeds=(0,), metrics=("eval/loss",), **fields)
-    path.write_text(f"from ml_collections import ConfigDict\ndef get_config(variant=''):\n    return ConfigDict({settings!r})\n")
+    path.write_text("from ml_collections import ConfigDict\n"
+                    f"def get_config(variant=''):\n    return ConfigDict({settings!r})\n")
     return str(path)
 
 
@@ -68,15 +69,19 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
 @pytest.mark.parametrize("output, message", [
     ("{tmp}", "--output {tmp} is a directory; name a file such as {tmp}/samples.jsonl"),
     ("{tmp}/nodir/s.jsonl", "--output {tmp}/nodir/s.jsonl: directory {tmp}/nodir does not exist"),
+    ("{tmp}/p.jsonl", "--output {tmp}/p.jsonl is the --prompts file: writing it would replace the prompts; name "
+                      "another file"),
 ])
 def test_sample_checks_its_output_before_sampling(tmp_path, capsys, output, message):
     """`kiln sample --output=DIR` sampled everything first, then failed on the rename with an errno
-    line and left a temporary file behind; the checkpoint here does not exist, so the output must be
-    the first thing checked."""
+    line and left a temporary file behind; `--output` naming the --prompts file replaced the prompts.
+    The checkpoint here does not exist, so the output must be the first thing checked."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
     output, message = output.format(tmp=tmp_path), message.format(tmp=tmp_path)
-    line = one_error_line(capsys, ["sample", f"--checkpoint={tmp_path / 'missing'}", "--prompt=hi", f"--output={output}"])
+    line = one_error_line(capsys, ["sample", f"--checkpoint={tmp_path / 'missing'}",
+                                   f"--prompts={tmp_path / 'p.jsonl'}", f"--output={output}"])
     assert line == f"kiln sample: error: {message}"
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["p.jsonl"] and (tmp_path / "p.jsonl").read_text() == '{"prompt": "hi"}\n'
 
 
 @pytest.mark.parametrize("flag", ["--num_samples=0", "--max_new_tokens=0"])
@@ -145,7 +150,8 @@ LLAMA = ('{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden
 
 @pytest.mark.parametrize("config, weights, message", [
     ('{"model_type": "lla', b"", r"hf/config.json: not valid JSON \(Unterminated string"),
-    (LLAMA, b"\x08\x00\x00\x00\x00\x00\x00\x00{", r"hf: a .safetensors file cannot be read \(Error while deserializing"),
+    (LLAMA, b"\x08\x00\x00\x00\x00\x00\x00\x00{",
+     r"hf: a .safetensors file cannot be read \(Error while deserializing"),
 ])
 def test_a_damaged_hugging_face_directory_is_one_line_naming_it(tmp_path, config, weights, message):
     """A truncated model.safetensors was a SafetensorError traceback; a damaged config.json a bare JSON
@@ -246,7 +252,8 @@ def test_a_run_dir_that_is_a_file_is_named_before_any_work(tmp_path, capsys, mon
 
 
 @pytest.mark.parametrize("out, message", [
-    ("text.txt", "--out {tmp}/text.txt is one of the --input files: writing it would replace the text; name another file"),
+    ("text.txt", "--out {tmp}/text.txt is one of the --input files: writing it would replace the text; "
+                 "name another file"),
     ("", "--out {tmp}/ is a directory; name the file to write, such as {tmp}/tokenizer.model"),
 ])
 def test_tokenizer_never_writes_over_its_input(tmp_path, capsys, out, message):

@@ -240,5 +240,6 @@ def test_train_metrics_drop_a_torn_last_row_and_name_a_damaged_one(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 3, "lo')
     assert pipeline.train_metrics(str(tmp_path)) == {"train/loss": 1.5, "eval/loss": 1.75}
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo\n' + rows)
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/metrics.jsonl line 1: not a JSON row; delete the line")):
+    message = f"{tmp_path}/metrics.jsonl line 1: not a JSON row; delete the line"
+    with pytest.raises(ValueError, match=re.escape(message)):
         pipeline.train_metrics(str(tmp_path))
