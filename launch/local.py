@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[split + 1:]
     if not command or a.num_processes < 1 or a.devices_per_process < 1:
         p.error("give a command after --, and --num_processes and --devices_per_process of at least 1")
+    if not a.dry_run and not shutil.which(command[0]):
+        p.error(f"{command[0]!r} not found: activate the environment kiln is installed in")
     envs = environments(a.num_processes, a.port or free_port(), a.devices_per_process)
     log_dir = a.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"kiln_local_{os.getpid()}")
     logs = [None, *(os.path.join(log_dir, f"process_{i}.log") for i in range(1, a.num_processes))]

@@ -238,3 +238,11 @@ def test_every_mesh_preset_loads(name):
 def test_unknown_mesh_preset_is_named():
     with pytest.raises(ValueError, match=r"unknown mesh preset 'v9-8'; known presets: v4-8, v4-32, .*, 4x8xh100$"):
         meshes.overrides("v9-8")
+
+
+def test_local_names_a_missing_program(tmp_path, capsys):
+    """A command that is not installed was Popen's FileNotFoundError traceback (launch.multinode
+    already checked); nothing starts."""
+    assert error(local.main, ["--num_processes=2", f"--log_dir={tmp_path}", "--", "kiln_no_such_program", "x"],
+                 capsys).endswith("'kiln_no_such_program' not found: activate the environment kiln is installed in")
+    assert os.listdir(tmp_path) == []
