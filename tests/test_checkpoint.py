@@ -216,3 +216,39 @@ def test_load_params_restores_a_step_onto_another_mesh(run, tmp_path):
         expected = var_sharding(var, mesh, run.config.mesh.rules)
         assert var[...].sharding.is_equivalent_to(expected, w.ndim), (var[...].sharding, expected)
     assert any("tensor" in str(var[...].sharding.spec) for var in got)  # really placed on the new mesh
+
+
+def test_adapters_keep_the_base_step_they_trained_on(run, tmp_path):
+    """A checkpoint of adapters pointed to its base run alone, so once that run trained on (or a pipeline
+    re-ran it longer) the adapters loaded onto other weights without a word. The base's step is saved
+    with the pointer; a step the base run no longer holds is an error, not its latest."""
+    saved = save_steps(str(tmp_path / "base"), run, [2])
+    adapters = checkpoint.Checkpointer(str(tmp_path / "lora"), async_save=False, base=str(tmp_path / "base"))
+    item = adapters.base_item()
+    adapters.close()
+    assert item == {"init_from": str(tmp_path / "base"), "step": 2}
+    save_steps(str(tmp_path / "base"), run, [4])  # the base run trains on
+    values = checkpoint._base_values(item, run.model_cfg, None, None, "lora")
+    for got, want in zip(jax.tree.leaves(values), jax.tree.leaves(saved[2].params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    shutil.rmtree(tmp_path / "base" / "checkpoints" / "2")  # retention removed the step
+    with pytest.raises(checkpoint.CheckpointError, match=r"lora holds adapters trained on .*base/checkpoints/2, "
+                                                         "which no longer exists"):
+        checkpoint._base_values(item, run.model_cfg, None, None, "lora")
+
+
+def test_resuming_adapters_on_a_base_that_trained_on_is_refused(run, tmp_path):
+    """Resuming a LoRA run after its base run trained on rebuilt the frozen weights from the base's new
+    latest step under the adapters, silently; it is refused, naming the step directory to resume on."""
+    save_steps(str(tmp_path / "base"), run, [2])
+    adapters = checkpoint.Checkpointer(str(tmp_path / "lora"), async_save=False, base=str(tmp_path / "base"))
+    adapters.save(run.state, DATA, run.model_cfg)
+    adapters.close()
+    resumed = checkpoint.Checkpointer(str(tmp_path / "lora"), async_save=False, base=str(tmp_path / "base"))
+    assert resumed.restore_latest(run.state, print)[0] == int(run.state.step)  # the same base: resumes
+    save_steps(str(tmp_path / "base"), run, [4])
+    moved = checkpoint.Checkpointer(str(tmp_path / "lora"), async_save=False, base=str(tmp_path / "base"))
+    with pytest.raises(checkpoint.CheckpointError, match=f"were trained on step 2 of {tmp_path}/base, which now gives "
+                                                         f"step 4; .*init_from={tmp_path}/base/checkpoints/2"):
+        moved.restore_latest(run.state, print)
+    assert not os.path.exists(tmp_path / "lora" / "checkpoints.corrupt")

@@ -196,13 +196,18 @@ def load_params(path: str, step: int | None = None, mesh: Mesh | None = None,
     verify({"params": out["params"]}, None if expected is None else
            {k: v for k, v in expected.items() if k.startswith("params/")}, where)
     if base:
-        nnx.replace_by_pure_dict(state, _base_values(out["base"]["init_from"], cfg, mesh, rules, where))
+        nnx.replace_by_pure_dict(state, _base_values(out["base"], cfg, mesh, rules, where))
     nnx.replace_by_pure_dict(state, out["params"])
     return cfg, nnx.merge(graphdef, state)
 
 
-def _base_values(base: str, cfg: ModelConfig, mesh: Mesh | None, rules: Rules | None, where: str) -> dict[str, Any]:
-    """The frozen weights (pure dict, without adapters) that the adapters of checkpoint `where` were trained on."""
+def _base_values(item: dict[str, Any], cfg: ModelConfig, mesh: Mesh | None, rules: Rules | None,
+                 where: str) -> dict[str, Any]:
+    """The frozen weights (pure dict, without adapters) that the adapters of checkpoint `where` were
+    trained on: the `base` item's directory, at the step it names (older checkpoints: its latest)."""
+    base, step = item["init_from"], item.get("step")
+    if step is not None and os.path.exists(base):
+        base = os.path.join(locate(base)[0], str(step))
     if not os.path.exists(base):
         raise CheckpointError(f"{where} holds adapters trained on {base}, which no longer exists; restore that "
                               "base directory, or merge the adapters while it is there (kiln convert --to-hf)")
@@ -355,6 +360,8 @@ class Checkpointer:
         self.directory = os.path.join(self.run_dir, "checkpoints")
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.base = os.path.abspath(base) if base else ""
+        # The base's step, not just its run: the run may train on, and the adapters belong to these weights.
+        self.base_step = None if not base or is_hf_dir(base) else latest_step(base)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -371,11 +378,15 @@ class Checkpointer:
                      data=ocp.args.JsonSave(data_state), model_config=ocp.args.JsonSave(model_config.to_dict()),
                      fingerprint=ocp.args.JsonSave(checksums))
         if self.base:
-            items["base"] = ocp.args.JsonSave({"init_from": self.base})
+            items["base"] = ocp.args.JsonSave(self.base_item())
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # includes the previous asynchronous save's failure, reported here
             raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {_one_line(e)}") from None
+
+    def base_item(self) -> dict[str, Any]:
+        """The `base` item saved with adapters: the frozen base's directory and, for a Kiln run, its step."""
+        return {"init_from": self.base, **({} if self.base_step is None else {"step": self.base_step})}
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
         """(state shaped and sharded like `like`, data-iterator state) at `step`, checked against its
@@ -403,6 +414,7 @@ class Checkpointer:
         """(step, state, data state) of the latest step that restores and verifies; None if there is
         no step. Unreadable later steps are moved to `run_dir/checkpoints.corrupt/` with a warning.
         If no step is readable, CheckpointError lists why, and nothing is moved."""
+        self._check_same_base()
         failures: list[tuple[int, str]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
@@ -424,6 +436,22 @@ class Checkpointer:
         if failures:
             self.manager.reload()
         return step, state, data
+
+    def _check_same_base(self) -> None:
+        """CheckpointError if the adapters saved here were trained on another step of the base than the one
+        this run was given (the base run trained on since): resuming would put them on other weights."""
+        step = self.manager.latest_step()
+        if self.base_step is None or step is None or not _has_item(self.directory, step, "base"):
+            return
+        try:
+            saved = self.manager.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
+        except Exception:  # a damaged step: restore_latest's fallback deals with it
+            return
+        if saved.get("step") not in (None, self.base_step):
+            trained_on = os.path.join(locate(saved["init_from"])[0], str(saved["step"]))
+            raise CheckpointError(f"the adapters in {self.directory} were trained on step {saved['step']} of "
+                                  f"{saved['init_from']}, which now gives step {self.base_step}; resume on the same "
+                                  f"weights with --config.model.init_from={trained_on}")
 
     def wait(self) -> None:
         """Blocks until the pending save is written; CheckpointError if it failed."""
