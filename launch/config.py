@@ -217,6 +217,17 @@ def validate(config: ConfigDict) -> None:
     for key in positive:
         if _get(config, key) <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {_get(config, key)}")
+    # 0 turns these off (or means none); a negative value, or NaN, would train on in silence.
+    non_negative = ("optim.lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_every",
+                    "train.eval_steps", "checkpoint.every", "checkpoint.keep_every")
+    for key in non_negative:
+        if not _get(config, key) >= 0:
+            raise ConfigError(f"config key {key!r} must be 0 or more, got {_get(config, key)}")
+    for axis in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp"):
+        size = config.mesh[axis]
+        if size < 1 and not (size == -1 and axis in ("data", "fsdp", "tensor")):
+            raise ConfigError(f"config key 'mesh.{axis}' must be a device count of 1 or more"
+                              f"{' (or -1: the rest)' if not axis.startswith('dcn') else ''}, got {size}")
     if config.data.batch_size % config.optim.grad_accum:
         raise ConfigError(f"data.batch_size={config.data.batch_size} is not divisible by "
                           f"optim.grad_accum={config.optim.grad_accum}")

@@ -56,6 +56,16 @@ def test_bad_overrides_are_named(override, message):
     ("pretrain.py:smoke", ["data.seq_len=0"], "config key 'data.seq_len' must be positive, got 0"),
     ("pretrain.py:smoke", ["train.steps=0"], "config key 'train.steps' must be positive, got 0"),
     ("pretrain.py:smoke", ["checkpoint.keep=0"], "config key 'checkpoint.keep' must be positive, got 0"),
+    # Each of these trained on in silence (a NaN or negative rate, warm-up, evaluation period), or was a
+    # ZeroDivisionError's traceback (a mesh axis of 0).
+    ("pretrain.py:smoke", ["optim.lr=nan"], "config key 'optim.lr' must be 0 or more, got nan"),
+    ("pretrain.py:smoke", ["optim.lr=-1e-3"], "config key 'optim.lr' must be 0 or more, got -0.001"),
+    ("pretrain.py:smoke", ["optim.warmup_steps=-1"], "config key 'optim.warmup_steps' must be 0 or more"),
+    ("pretrain.py:smoke", ["train.eval_every=-5"], "config key 'train.eval_every' must be 0 or more, got -5"),
+    ("pretrain.py:smoke", ["mesh.data=0"], "config key 'mesh.data' must be a device count of 1 or more (or -1: the "
+                                          "rest), got 0"),
+    ("pretrain.py:smoke", ["mesh.dcn_data=-1"], "config key 'mesh.dcn_data' must be a device count of 1 or more, "
+                                                "got -1"),
     ("pretrain.py:smoke", ["optim.grad_accum=3"], "data.batch_size=8 is not divisible by optim.grad_accum=3"),
     ("pretrain.py:smoke", ["data.sources.train.weight=-0.5"], "data.sources.train.weight must be >= 0, got -0.5"),
     ("pretrain.py:smoke", ["data.sources.train.weight=0"], "data.sources weights sum to zero"),
