@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     records = _records(args)
-    for name in ("batch_size", "num_samples", "max_new_tokens"):
+    for name in ("batch_size", "num_samples", "max_new_tokens", "tensor"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.output:
@@ -99,12 +99,16 @@ def _records(args: argparse.Namespace) -> list[dict[str, Any]]:
         return [{"prompt": p} for p in args.prompt]
     where = args.prompts
     try:
-        with open(expand_path(where, "--prompts"), encoding="utf-8") as f:
+        with open(expand_path(where, "--prompts"), "rb") as f:
             lines = f.read().splitlines()
     except OSError as e:
         raise ValueError(f"--prompts {where}: cannot read it ({e.strerror or e})") from None
     records = []
-    for n, line in enumerate(lines, 1):
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} line {n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not line.strip():
             continue
         try:

@@ -84,7 +84,7 @@ def test_sample_checks_its_output_before_sampling(tmp_path, capsys, output, mess
     assert os.listdir(tmp_path) == ["p.jsonl"] and (tmp_path / "p.jsonl").read_text() == '{"prompt": "hi"}\n'
 
 
-@pytest.mark.parametrize("flag", ["--num_samples=0", "--max_new_tokens=0"])
+@pytest.mark.parametrize("flag", ["--num_samples=0", "--max_new_tokens=0", "--tensor=0"])
 def test_sample_counts_are_checked_before_loading(tmp_path, capsys, flag):
     line = one_error_line(capsys, ["sample", f"--checkpoint={tmp_path / 'missing'}", "--prompt=hi", flag])
     assert line == f"kiln sample: error: {flag.split('=')[0]} must be positive, got 0"
@@ -264,3 +264,10 @@ def test_tokenizer_never_writes_over_its_input(tmp_path, capsys, out, message):
                                    f"--out={tmp_path}/{out}"])
     assert line == "kiln tokenizer: error: " + message.format(tmp=tmp_path)
     assert os.listdir(tmp_path) == ["text.txt"] and (tmp_path / "text.txt").read_text().startswith("to be")
+
+
+def test_sample_names_the_line_of_a_prompts_file_that_is_not_utf8(tmp_path, capsys):
+    """Bytes that are not UTF-8 gave the codec's message alone, naming neither the file nor the line."""
+    (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')
+    line = one_error_line(capsys, ["sample", f"--checkpoint={tmp_path}", f"--prompts={tmp_path / 'p.jsonl'}"])
+    assert line == f"kiln sample: error: {tmp_path / 'p.jsonl'} line 2: not UTF-8 text (invalid start byte at byte 12)"
