@@ -335,3 +335,15 @@ def test_preference_settings_a_loss_ignores_are_refused(tmp_path, stage, overrid
 def test_a_stage_built_for_one_loss_refuses_another(tmp_path):
     with pytest.raises(ValueError, match="stage 'reward' trains with loss.type='reward', not 'dpo'"):
         trainer.train(config(str(tmp_path / "run"), "--config.loss.type=dpo", stage="reward"))
+
+
+@pytest.mark.parametrize("text", ['{"stage": "pre', "[]"])
+def test_a_damaged_config_json_stops_a_resume_instead_of_skipping_its_checks(tmp_path, text):
+    """An unreadable config.json was read as no config at all: the resume went on without comparing
+    settings, so a changed model shape reached orbax (a page of 'set strict=False' advice)."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(rundir.RunDirError, match=f"{tmp_path}/config.json .*so a resume cannot be checked|"
+                                                 f"{tmp_path}/config.json holds no config object"):
+        rundir.read_config(str(tmp_path))
+    os.remove(tmp_path / "config.json")
+    assert rundir.read_config(str(tmp_path)) is None

@@ -112,12 +112,21 @@ def set_aside(run_dir: str, names: list[str]) -> str | None:
 
 
 def read_config(run_dir: str) -> dict[str, Any] | None:
-    """The config.json a run directory holds (None if it has none or it cannot be parsed)."""
+    """The config.json a run directory holds (None if it has none); RunDirError if it cannot be read,
+    since the settings a resumed run may not change are then unknown."""
+    path = os.path.join(run_dir, "config.json")
     try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{path} cannot be read ({e}), so a resume cannot be checked against the settings the run "
+                          f"started with; restore it (an earlier copy may be in {SUPERSEDED_DIR}/) or move it aside "
+                          "to resume unchecked") from None
+    if not isinstance(config, dict):
+        raise RunDirError(f"{path} holds no config object; restore it or move it aside to resume unchecked")
+    return config
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
