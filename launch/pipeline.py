@@ -51,6 +51,10 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"unknown argument {other[0]!r}; recipe values are set with --config.KEY=VALUE")
     recipe, stages = load_recipe(spec, overrides)
     results = run(recipe, stages)
+    if "preempted" in results:
+        print(f"stopped the pipeline in stage {results['preempted']['stage']} at step {results['preempted']['step']} "
+              f"(pre-empted) in {recipe.run_dir}; run the same command to resume")
+        return 0
     print(markdown(results))
     return 0
 
@@ -115,7 +119,9 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
             else:
                 print(f"{label} ({_progress(stages, i, time.perf_counter() - started)})", flush=True)
                 t0 = time.perf_counter()
-                _run_stage(command, config, stage, resolve)
+                stopped_at = _run_stage(command, config, stage, resolve)
+                if stopped_at:  # a later stage must not start from an unfinished model
+                    return dict(results, preempted={"stage": name, "step": stopped_at})
                 if evaluation is not None:
                     eval_cli.run(evaluation, where)
                 seconds = time.perf_counter() - t0
@@ -135,16 +141,18 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
         lock.release()
 
 
-def _run_stage(command: str, config: Any, stage: dict[str, Any], resolve: Any) -> None:
+def _run_stage(command: str, config: Any, stage: dict[str, Any], resolve: Any) -> int | None:
+    """Runs one stage; the step a pre-empted train stage stopped at (None otherwise)."""
     if command == "tokenizer":
         os.makedirs(config.run_dir, exist_ok=True)
         tokenizers.resolve(ConfigDict(dict(config.data.to_dict(), tokenizer="train")), config.run_dir)
     elif command == "train":
-        trainer.train(config)
+        return trainer.train(config).get("preempted_at")
     elif command == "generate":
         rejection.run(config)
     else:
         eval_cli.run(config, resolve(stage["checkpoint"]))
+    return None
 
 
 def _evaluation(stage: dict[str, Any], where: str, resolve: Any) -> Any:

@@ -50,6 +50,10 @@ def main(argv: list[str]) -> int:
             print(shlex.join(["kiln", "train", f"--config={sweep.base}", *args]))
         return 0
     results = run(sweep, runs)
+    if "preempted" in results:
+        print(f"stopped the sweep in {results['preempted']['run_dir']} at step {results['preempted']['step']} "
+              "(pre-empted); run the same command to resume")
+        return 0
     print(markdown(results))
     return 0
 
@@ -115,7 +119,9 @@ def run(sweep: Any, runs: list[tuple[str, int, list[str]]]) -> dict[str, Any]:
                 print(f"{label}: finished earlier, skipped", flush=True)
             else:
                 print(f"{label} (sweep {(time.perf_counter() - started) / 60:.1f} min so far)", flush=True)
-                trainer.train(config)
+                stopped_at = trainer.train(config).get("preempted_at")
+                if stopped_at:  # the machine is going away: the later runs wait for the resume
+                    return {"preempted": {"run_dir": config.run_dir, "step": stopped_at}}
             done[config.run_dir] = train_metrics(config.run_dir)
             results = summarise(sweep, runs, done)
             records.write_json_atomic(os.path.join(sweep.run_dir, "results.json"), results)

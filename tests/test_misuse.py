@@ -271,3 +271,17 @@ def test_sample_names_the_line_of_a_prompts_file_that_is_not_utf8(tmp_path, caps
     (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')
     line = one_error_line(capsys, ["sample", f"--checkpoint={tmp_path}", f"--prompts={tmp_path / 'p.jsonl'}"])
     assert line == f"kiln sample: error: {tmp_path / 'p.jsonl'} line 2: not UTF-8 text (invalid start byte at byte 12)"
+
+
+def test_a_preempted_run_stops_the_sweep(tmp_path, capsys, monkeypatch):
+    """A pre-empted run saves and returns; the sweep went on to the next run on a machine being taken
+    away, and tabulated the stopped run's metrics as if it had finished."""
+    monkeypatch.chdir(ROOT)
+    calls = []
+    monkeypatch.setattr(sweep.trainer, "train", lambda config: calls.append(config.run_dir) or {"preempted_at": 2})
+    spec = write_sweep(tmp_path, points=({"optim.lr": 0.1}, {"optim.lr": 0.2}))
+    assert kiln.main(["sweep", f"--config={spec}"]) == 0
+    assert calls == [f"{tmp_path}/out/lr=0.1/seed_0"]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"stopped the sweep in {calls[0]} at step 2 (pre-empted); run the same command to resume")
+    assert not os.path.exists(tmp_path / "out" / "results.json")

@@ -56,6 +56,7 @@ class Fake:
             f.write(str(config.train.steps))
         self.seen[config.run_dir] = config
         self._done(config.run_dir)
+        return {}
 
     def generate(self, config):
         os.makedirs(config.run_dir, exist_ok=True)
@@ -243,3 +244,17 @@ def test_train_metrics_drop_a_torn_last_row_and_name_a_damaged_one(tmp_path):
     message = f"{tmp_path}/metrics.jsonl line 1: not a JSON row; delete the line"
     with pytest.raises(ValueError, match=re.escape(message)):
         pipeline.train_metrics(str(tmp_path))
+
+
+def test_a_preempted_stage_stops_the_pipeline(fake, tmp_path, monkeypatch, capsys):
+    """SIGTERM pre-empts the running stage, which saves and returns: the pipeline went on to the next
+    stage, from the unfinished model, and a re-run then skipped that stage as finished, its model
+    built on the pre-empted one for good."""
+    real = fake.train
+    monkeypatch.setattr(pipeline.trainer, "train", lambda config: (
+        {"preempted_at": 3} if config.stage == "reward" else real(config)))
+    assert pipeline.main([f"--config={recipe_file(tmp_path)}"]) == 0
+    assert fake.calls == ["pretrain", "pretrain/eval"]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"stopped the pipeline in stage rm at step 3 (pre-empted) in {fake.root}; run the same command to resume")
+    assert [r["stage"] for r in pipeline._read_results(fake.root)] == ["pretrain"]
