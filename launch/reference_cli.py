@@ -40,6 +40,8 @@ def main(argv: list[str]) -> int:
     if unknown:
         raise ConfigError(f"unknown argument(s) {' '.join(unknown)}; expected --config.KEY=VALUE overrides")
     config = load_config(args.config, rest)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # found now, not once the model is loaded
+        raise ConfigError(f"--out {args.out} is a file; name the directory to write the reference log-probs into")
     if not config.model.init_from:
         raise ConfigError("kiln data reference: model.init_from names no reference model")
     config.data.tokenizer = tokenizer_name(config)

@@ -285,3 +285,26 @@ def test_a_preempted_run_stops_the_sweep(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"stopped the sweep in {calls[0]} at step 2 (pre-empted); run the same command to resume")
     assert not os.path.exists(tmp_path / "out" / "results.json")
+
+
+def test_a_step_a_checkpoint_directory_lacks_is_named_with_the_steps_it_has(tmp_path):
+    """`kiln convert --step 7` of a run without step 7 said "not a Kiln checkpoint (no model_config item)"."""
+    import orbax.checkpoint as ocp
+
+    from train import checkpoint
+
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mgr:
+        for step in (2, 4):
+            mgr.save(step, args=ocp.args.Composite(model_config=ocp.args.JsonSave({})))
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt has no step 7 \(its steps: 2, 4\)"):
+        checkpoint.read_model_config(str(tmp_path / "ckpt"), 7)
+
+
+def test_data_reference_checks_its_out_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    """`kiln data reference --out=FILE` loaded the policy first, then failed with "[Errno 17] File exists"."""
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "f").write_text("mine")
+    line = one_error_line(capsys, ["data", "reference", "--config=configs/dpo.py:smoke", f"--out={tmp_path / 'f'}",
+                                   f"--config.model.init_from={tmp_path / 'missing'}"])
+    assert line == f"kiln data: error: --out {tmp_path / 'f'} is a file; name the directory to write the reference " \
+                   "log-probs into"

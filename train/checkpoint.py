@@ -151,6 +151,9 @@ def read_model_config(path: str, step: int | None = None) -> ModelConfig:
     directory = locate(path)[0]
     step = latest_step(path) if step is None else step
     with ocp.CheckpointManager(directory) as mgr:
+        if not os.path.isdir(os.path.join(directory, str(step))):
+            held = ", ".join(map(str, mgr.all_steps())) or "none"
+            raise CheckpointError(f"{directory} has no step {step} (its steps: {held})")
         if not os.path.isdir(os.path.join(directory, str(step), "model_config")):
             raise CheckpointError(f"{directory}/{step}: not a Kiln checkpoint (no model_config item)")
         try:
