@@ -75,8 +75,9 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     return config
 
 
-def apply_override(config: ConfigDict, item: str) -> None:
-    """Applies one `--config.a.b=value` (or `a.b=value`), parsing the value by the field's type."""
+def apply_override(config: ConfigDict, item: str, keys_in: str = "configs/base.py") -> None:
+    """Applies one `--config.a.b=value` (or `a.b=value`), parsing the value by the field's type;
+    `keys_in` is the file that lists the keys (a recipe's or sweep's own), named when one is unknown."""
     text = item[2:] if item.startswith("--") else item
     if not text.startswith("config.") or "=" not in text:
         raise ConfigError(f"cannot read argument {item!r}; expected --config.KEY=VALUE")
@@ -84,7 +85,7 @@ def apply_override(config: ConfigDict, item: str) -> None:
     try:
         current = _get(config, key)
     except KeyError:
-        raise ConfigError(f"unknown config key {key!r} (from {item!r}); every key is listed in configs/base.py") from None
+        raise ConfigError(f"unknown config key {key!r} (from {item!r}); every key is listed in {keys_in}") from None
     if isinstance(current, ConfigDict):
         raise ConfigError(f"config key {key!r} is a group; set one of its fields: {', '.join(current.keys())}")
     parent_key, _, leaf = key.rpartition(".")

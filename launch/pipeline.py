@@ -65,7 +65,7 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
     module = load_module(path, "recipe", ("get_config", "stages"))
     config = module.get_config(variant) if variant else module.get_config()
     for item in overrides:
-        apply_override(config, item)
+        apply_override(config, item, keys_in=f"{path}'s get_config")
     stages = list(module.stages(config))
     names: set[str] = set()
     for i, stage in enumerate(stages):

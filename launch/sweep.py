@@ -63,7 +63,7 @@ def load_sweep(spec: str, overrides: list[str]) -> Any:
     path, _, variant = spec.partition(":")
     config = load_module(path, "sweep", ("get_config",)).get_config(variant)
     for item in overrides:
-        apply_override(config, item)
+        apply_override(config, item, keys_in=f"{path}'s get_config")
     for key in ("run_dir", "base", "seeds", "metrics"):
         if key not in config or config[key] in ("", (), None):
             raise ConfigError(f"{path}: a sweep sets {key!r}")

@@ -308,3 +308,14 @@ def test_data_reference_checks_its_out_before_loading_a_model(tmp_path, capsys, 
                                    f"--config.model.init_from={tmp_path / 'missing'}"])
     assert line == f"kiln data: error: --out {tmp_path / 'f'} is a file; name the directory to write the reference " \
                    "log-probs into"
+
+
+def test_an_unknown_recipe_key_points_to_the_recipe(tmp_path, capsys, monkeypatch):
+    """A recipe's or sweep's keys are its own: the error sent the user to configs/base.py."""
+    monkeypatch.chdir(ROOT)
+    spec = write_sweep(tmp_path, points=({"optim.lr": 0.1},))
+    for argv, listed in ((["pipeline", "--config=configs/recipes/lifecycle.py:smoke"], "configs/recipes/lifecycle.py"),
+                         (["sweep", f"--config={spec}"], spec)):
+        line = one_error_line(capsys, [*argv, "--config.run_dri=x"])
+        assert line.endswith(f"unknown config key 'run_dri' (from '--config.run_dri=x'); every key is listed in "
+                             f"{listed}'s get_config"), line
