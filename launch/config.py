@@ -206,6 +206,8 @@ def check_peft(config: ConfigDict) -> None:
 
 def validate(config: ConfigDict) -> None:
     """Checks choices, ranges and unconnected keys; raises ConfigError naming the key."""
+    if not str(config.run_dir).strip():  # "" would make the current directory the run directory
+        raise ConfigError("config key 'run_dir' is empty; name the run's directory")
     check_connected(config)
     check_loss(config)
     check_peft(config)

@@ -58,6 +58,7 @@ def test_bad_overrides_are_named(override, message):
     ("pretrain.py:smoke", ["checkpoint.keep=0"], "config key 'checkpoint.keep' must be positive, got 0"),
     # Each of these trained on in silence (a NaN or negative rate, warm-up, evaluation period), or was a
     # ZeroDivisionError's traceback (a mesh axis of 0).
+    ("pretrain.py:smoke", ["run_dir="], "config key 'run_dir' is empty; name the run's directory"),
     ("pretrain.py:smoke", ["optim.lr=nan"], "config key 'optim.lr' must be 0 or more, got nan"),
     ("pretrain.py:smoke", ["optim.lr=-1e-3"], "config key 'optim.lr' must be 0 or more, got -0.001"),
     ("pretrain.py:smoke", ["optim.warmup_steps=-1"], "config key 'optim.warmup_steps' must be 0 or more"),
