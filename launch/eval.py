@@ -53,7 +53,7 @@ def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat
         chat: bool | None = None) -> dict[str, Any]:
     """Evaluates `checkpoint_path` as `config` says; returns (and writes) the results."""
     if jax.process_index() == 0:  # a run_dir that cannot be written fails now, not after the evaluation
-        rundir.make_run_dir(config.run_dir)
+        rundir.check_run_dir(config.run_dir)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, dcn_data=config.mesh.dcn_data,
                      dcn_fsdp=config.mesh.dcn_fsdp)
     started = time.perf_counter()
@@ -78,6 +78,7 @@ def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat
     results = {"checkpoint": os.path.abspath(checkpoint_path), "chat": use_chat, "metrics": text, "tasks": rows,
                "seconds": time.perf_counter() - started}
     if jax.process_index() == 0:
+        rundir.make_run_dir(config.run_dir)
         records.write_text_atomic(os.path.join(config.run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
         records.write_text_atomic(os.path.join(config.run_dir, "results.md"), markdown(results) + "\n")
     return results

@@ -248,7 +248,10 @@ def test_a_run_dir_that_is_a_file_is_named_before_any_work(tmp_path, capsys, mon
     (tmp_path / "f").write_text("mine")
     line = one_error_line(capsys, [*argv, f"--config.run_dir={tmp_path / 'f'}"])
     assert line == f"kiln {argv[0]}: error: run directory {tmp_path / 'f'} is a file; choose another --config.run_dir"
-    assert (tmp_path / "f").read_text() == "mine"
+    line = one_error_line(capsys, [*argv, f"--config.run_dir={tmp_path / 'f' / 'sub'}"])
+    assert line == f"kiln {argv[0]}: error: run directory {tmp_path / 'f' / 'sub'} cannot be created: {tmp_path / 'f'} " \
+                   "is a file; choose another --config.run_dir"
+    assert os.listdir(tmp_path) == ["f"] and (tmp_path / "f").read_text() == "mine"
 
 
 @pytest.mark.parametrize("out, message", [

@@ -77,10 +77,19 @@ class RunLock:
         self.release()
 
 
+def check_run_dir(run_dir: str) -> None:
+    """RunDirError if `run_dir`, or the nearest of its parents that exists, is a file; creates nothing."""
+    path = os.path.abspath(run_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        what = "" if path == os.path.abspath(run_dir) else f" cannot be created: {path}"
+        raise RunDirError(f"run directory {run_dir}{what} is a file; choose another --config.run_dir")
+
+
 def make_run_dir(run_dir: str) -> None:
     """Creates `run_dir` (and its parents); RunDirError when it, or a parent, is a file or cannot be created."""
-    if os.path.isfile(run_dir):
-        raise RunDirError(f"run directory {run_dir} is a file; choose another --config.run_dir")
+    check_run_dir(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
