@@ -73,6 +73,8 @@ def load_sweep(spec: str, overrides: list[str]) -> Any:
     if "grid" in config and (not config.grid or any(not values for _, values in config.grid)):
         raise ConfigError(f"{path}: the sweep's grid is empty; give each key at least one value, as "
                           "grid=((KEY, (VALUE, ...)), ...)")
+    if len(set(config.seeds)) != len(config.seeds):  # one run directory per seed: a repeat would count twice
+        raise ConfigError(f"{path}: the sweep's seeds repeat ({', '.join(map(str, config.seeds))}); list each once")
     if "points" in config and not config.points:
         raise ConfigError(f"{path}: the sweep's points are empty; give at least one {{KEY: VALUE}} point")
     return config

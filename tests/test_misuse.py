@@ -40,7 +40,7 @@ def test_a_broken_config_file_is_one_line_naming_it(tmp_path, capsys, text, vari
 def write_sweep(tmp_path, **fields):
     path = tmp_path / "sweep_file.py"
     settings = dict(run_dir=str(tmp_path / "out"), base="configs/pretrain.py:smoke", overrides=(),
-                    seeds=(0,), metrics=("eval/loss",), **fields)
+                    metrics=("eval/loss",), **{"seeds": (0,), **fields})
     path.write_text("from ml_collections import ConfigDict\n"
                     f"def get_config(variant=''):\n    return ConfigDict({settings!r})\n")
     return str(path)
@@ -50,10 +50,12 @@ def write_sweep(tmp_path, **fields):
     (dict(points=()), "the sweep's points are empty"),
     (dict(grid=()), "the sweep's grid is empty"),
     (dict(grid=(("optim.lr", (0.1, 0.2)), ("seed", ()))), "the sweep's grid is empty"),
+    (dict(points=({"optim.lr": 0.1},), seeds=(0, 1, 0)), r"the sweep's seeds repeat \(0, 1, 0\); list each once"),
 ])
 def test_an_empty_sweep_is_refused(tmp_path, fields, message):
     """Empty points crashed after the last run with an UnboundLocalError; an empty grid ran the base
-    config alone under the sweep's name, and a key without values planned no run and said nothing."""
+    config alone under the sweep's name, and a key without values planned no run and said nothing.
+    Repeated seeds shared one run directory, counted twice in the mean and std."""
     with pytest.raises(ConfigError, match=message):
         sweep.load_sweep(write_sweep(tmp_path, **fields), [])
 
