@@ -89,9 +89,11 @@ def points(sweep: Any) -> list[tuple[str, dict[str, Any]]]:
         found = [dict(zip(keys, values)) for values in itertools.product(*(v for _, v in sweep.grid))]
     labels = list(sweep.get("labels", ())) or [
         "_".join(f"{k.split('.')[-1]}={v}" for k, v in p.items()) or "base" for p in found]
-    if len(labels) != len(found) or len(set(labels)) != len(labels):
-        raise ConfigError(f"a sweep's labels name each of its {len(found)} points once")
-    return [(re.sub(r"[^A-Za-z0-9=._-]", "-", label), p) for label, p in zip(labels, found)]
+    names = [re.sub(r"[^A-Za-z0-9=._-]", "-", label) for label in labels]  # each a directory name
+    if len(labels) != len(found) or len(set(names)) != len(names):
+        raise ConfigError(f"a sweep's labels name each of its {len(found)} points once (as directory names: "
+                          f"{', '.join(names)})")
+    return list(zip(names, found))
 
 
 def plan(sweep: Any) -> list[tuple[str, int, list[str]]]:

@@ -51,13 +51,16 @@ def write_sweep(tmp_path, **fields):
     (dict(grid=()), "the sweep's grid is empty"),
     (dict(grid=(("optim.lr", (0.1, 0.2)), ("seed", ()))), "the sweep's grid is empty"),
     (dict(points=({"optim.lr": 0.1},), seeds=(0, 1, 0)), r"the sweep's seeds repeat \(0, 1, 0\); list each once"),
+    (dict(points=({"optim.lr": 0.1}, {"optim.lr": 0.2}), labels=("lr 1", "lr/1")),
+     r"labels name each of its 2 points once \(as directory names: lr-1, lr-1\)"),
 ])
-def test_an_empty_sweep_is_refused(tmp_path, fields, message):
+def test_an_empty_or_self_colliding_sweep_is_refused(tmp_path, fields, message):
     """Empty points crashed after the last run with an UnboundLocalError; an empty grid ran the base
     config alone under the sweep's name, and a key without values planned no run and said nothing.
-    Repeated seeds shared one run directory, counted twice in the mean and std."""
+    Repeated seeds, or labels that differ only in characters a directory name cannot hold, shared one
+    run directory: the second run was skipped as finished and the first counted twice."""
     with pytest.raises(ConfigError, match=message):
-        sweep.load_sweep(write_sweep(tmp_path, **fields), [])
+        sweep.plan(sweep.load_sweep(write_sweep(tmp_path, **fields), []))
 
 
 def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
