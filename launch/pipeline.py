@@ -74,6 +74,10 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
             raise ConfigError(f"{where}: command must be one of {', '.join(COMMANDS)}, got {stage.get('command')!r}")
         if not stage.get("name") or stage["name"] in names:
             raise ConfigError(f"{where}: every stage needs a name of its own")
+        # The name is the stage's directory in run_dir and what @NAME refers to.
+        if not _REF.fullmatch(f"@{stage['name']}") or stage["name"] == rundir.SUPERSEDED_DIR:
+            raise ConfigError(f"{where}: a stage's name is its directory: letters, digits, _ and - only, and not "
+                              f"{rundir.SUPERSEDED_DIR!r}")
         if (stage["command"] == "eval") != ("checkpoint" in stage):
             raise ConfigError(f"{where}: an eval stage names its `checkpoint`, and only an eval stage does")
         evaluate = stage.get("evaluate", {})

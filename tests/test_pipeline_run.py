@@ -185,6 +185,15 @@ def test_finished_means_the_last_step_reached(fake, tmp_path):
     assert pipeline.finished("tokenizer", config) and not pipeline.finished("generate", config)
 
 
+@pytest.mark.parametrize("name", ["..", "a/b", "superseded", "sft v2"])
+def test_a_stage_name_is_a_directory_name_of_its_own(tmp_path, name):
+    """A stage named ".." ran in the pipeline's parent directory, "a/b" in a nested one, and
+    "superseded" in the folder where earlier records are set aside."""
+    stages = [dict(name=name, command="train", config="configs/pretrain.py:smoke")]
+    with pytest.raises(ConfigError, match=r"a stage's name is its directory: letters, digits, _ and - only"):
+        pipeline.load_recipe(recipe_file(tmp_path, stages), [])
+
+
 def test_a_stage_cannot_name_itself(tmp_path):
     stages = [dict(name="a", command="train", config="c", overrides=["model.init_from=@a"])]
     with pytest.raises(ConfigError, match="@a names no earlier stage"):
