@@ -118,7 +118,7 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
             label = f"[{i + 1}/{len(stages)}] {name}: kiln {command} {stage['config']}"
             evaluation = _evaluation(stage, where, resolve)
             if finished(command, config) and (evaluation is None or finished("eval", evaluation)):
-                print(f"{label}: finished earlier, skipped", flush=True)
+                print(f"{label}: finished earlier{changed_since(config)}, skipped", flush=True)
                 seconds = done[name]["seconds"] if name in done else 0.0
             else:
                 print(f"{label} ({_progress(stages, i, time.perf_counter() - started)})", flush=True)
@@ -217,6 +217,27 @@ def finished(command: str, config: Any) -> bool:
         except (checkpoint.CheckpointError, FileNotFoundError):
             return False
     return os.path.isfile(os.path.join(config.run_dir, "results.json"))
+
+
+def changed_since(config: Any) -> str:
+    """For a finished run that a re-run skips: "" when its config.json matches `config`, else a note
+    of what differs (optimizer, steps, evaluation: its results stand, from other settings). ConfigError
+    when the model, stage, loss, data or seed differ: the recipe would build on another model than it
+    names."""
+    started_with = rundir.read_config(config.run_dir)
+    if started_with is None:
+        return ""
+    config = config.copy_and_resolve_references()
+    try:
+        config.data.tokenizer = trainer.tokenizer_name(config)  # as the run recorded it: "auto" made concrete
+    except ValueError:  # the source cannot say (any more): compared as written
+        pass
+    free, guarded, fixed = rundir.config_changes(started_with, config.to_dict())
+    if fixed or guarded:
+        raise ConfigError(f"{config.run_dir} finished with other settings ({(fixed + guarded)[0]}), which the run "
+                          f"it is reused for would not have; move {config.run_dir} aside to run it again, or undo "
+                          "the change")
+    return f" with other settings ({'; '.join(free)}; move {config.run_dir} aside to run it again)" if free else ""
 
 
 def _metrics(command: str, run_dir: str) -> dict[str, float]:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from launch.config import ConfigError, apply_override, load_config, load_module
-from launch.pipeline import finished, train_metrics
+from launch.pipeline import changed_since, finished, train_metrics
 from launch.train import split_args
 from train import records, rundir, trainer
 
@@ -120,7 +120,7 @@ def run(sweep: Any, runs: list[tuple[str, int, list[str]]]) -> dict[str, Any]:
             config = load_config(sweep.base, args)
             label = f"[{i + 1}/{len(runs)}] {name} seed {seed}"
             if finished("train", config):
-                print(f"{label}: finished earlier, skipped", flush=True)
+                print(f"{label}: finished earlier{changed_since(config)}, skipped", flush=True)
             else:
                 print(f"{label} (sweep {(time.perf_counter() - started) / 60:.1f} min so far)", flush=True)
                 stopped_at = trainer.train(config).get("preempted_at")

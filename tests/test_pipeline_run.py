@@ -267,3 +267,25 @@ def test_a_preempted_stage_stops_the_pipeline(fake, tmp_path, monkeypatch, capsy
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"stopped the pipeline in stage rm at step 3 (pre-empted) in {fake.root}; run the same command to resume")
     assert [r["stage"] for r in pipeline._read_results(fake.root)] == ["pretrain"]
+
+
+def test_a_finished_stage_with_other_settings_is_named(fake, tmp_path, capsys):
+    """A re-run after editing a finished stage's overrides skipped it in silence: the table then showed
+    results of settings the recipe no longer names, and later stages built on that model. Optimizer or
+    step changes are noted; model, data or seed changes stop the pipeline."""
+    pipeline.run(*pipeline.load_recipe(recipe_file(tmp_path), []))
+    rm = os.path.join(fake.root, "rm")
+    with open(os.path.join(rm, "config.json"), "w") as f:  # what the real trainer writes
+        json.dump(fake.seen[rm].to_dict(), f)
+    lr = fake.seen[rm].optim.lr
+
+    def edited(override):
+        return [dict(s, overrides=[*s["overrides"], override]) if s["name"] == "rm" else s for s in STAGES]
+    fake.calls.clear()
+    capsys.readouterr()
+    pipeline.run(*pipeline.load_recipe(recipe_file(tmp_path, edited("optim.lr=0.5")), []))
+    assert fake.calls == []
+    assert (f"[2/5] rm: kiln train configs/reward.py:smoke: finished earlier with other settings (optim.lr: {lr!r} -> "
+            f"0.5; move {rm} aside to run it again), skipped") in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=re.escape(f"{rm} finished with other settings (seed: 0 -> 7), which the run")):
+        pipeline.run(*pipeline.load_recipe(recipe_file(tmp_path, edited("seed=7")), []))
