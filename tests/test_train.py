@@ -203,6 +203,33 @@ def test_reward_smoke_learns_pairs_and_reports_held_out_accuracy(tmp_path):
     assert last["eval/accuracy"] in (0.0, 1.0)  # problems [19, 20): one held-out pair
 
 
+def test_throughput_counts_each_steps_time_and_leaves_evaluation_out(tmp_path, monkeypatch):
+    """On a fake clock where a step costs 10 s and an evaluation 1000 s, every logged row says 10 s a step:
+    the interval that holds an evaluation keeps the steps before it (restarting the clock after it
+    made steps 2-4 look like 3 steps in 20 s) and drops the evaluation's time."""
+    clock = [0.0]
+    check_batch, evaluate_ = trainer._check_batch, trainer._eval
+
+    def step_costs_10s(*args):
+        clock[0] += 10.0
+        return check_batch(*args)
+
+    def eval_costs_1000s(*args):
+        clock[0] += 1000.0
+        return evaluate_(*args)
+
+    monkeypatch.setattr(trainer, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(trainer, "_check_batch", step_costs_10s)
+    monkeypatch.setattr(trainer, "_eval", eval_costs_1000s)
+    cfg = config("pretrain", str(tmp_path), "--config.train.steps=4", "--config.train.log_every=4",
+                 "--config.train.eval_every=2")
+    trainer.train(cfg)
+    train_rows = [r for r in rows(str(tmp_path)) if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 4]  # the first step, then every log_every
+    assert all(r["step_time_s"] == 10.0 for r in train_rows)
+    assert all(r["tokens_per_s"] == cfg.data.batch_size * cfg.data.seq_len / 10.0 for r in train_rows)
+
+
 def test_dpo_smoke_starts_at_ln2_and_learns_its_pairs(tmp_path):
     cfg = config("dpo", str(tmp_path), "--config.data.synthetic.num_examples=20", "--config.optim.lr=3e-3",
                  "--config.train.steps=30", "--config.train.eval_every=30", "--config.train.log_every=1")

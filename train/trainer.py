@@ -387,8 +387,10 @@ def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointe
             interval_start, interval_steps = time.perf_counter(), 0
         logger.advance()
         if config.train.eval_every > 0 and (step + 1) % config.train.eval_every == 0 and step + 1 < config.train.steps:
+            eval_start = time.perf_counter()
             last.update(_eval(run, kind, step + 1, logger))
-            interval_start = time.perf_counter()
+            # The interval's throughput leaves the evaluation out but keeps the steps before it.
+            interval_start += time.perf_counter() - eval_start
         if config.checkpoint.every > 0 and (step + 1) % config.checkpoint.every == 0:
             ckpt.save(run.state, data_iter.get_state(), run.model_cfg)
         if preemption.reached(step + 1) and getattr(data_iter, "at_boundary", True):
