@@ -225,12 +225,19 @@ def test_adapters_keep_the_base_step_they_trained_on(run, tmp_path):
     saved = save_steps(str(tmp_path / "base"), run, [2])
     adapters = checkpoint.Checkpointer(str(tmp_path / "lora"), async_save=False, base=str(tmp_path / "base"))
     item = adapters.base_item()
-    adapters.close()
     assert item == {"init_from": str(tmp_path / "base"), "step": 2}
     save_steps(str(tmp_path / "base"), run, [4])  # the base run trains on
     values = checkpoint._base_values(item, run.model_cfg, None, None, "lora")
     for got, want in zip(jax.tree.leaves(values), jax.tree.leaves(saved[2].params)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Adapters continued from these (the trainer takes their base from base_of) stay on step 2 as well.
+    adapters.save(run.state, DATA, run.model_cfg)
+    adapters.close()
+    assert checkpoint.base_of(str(tmp_path / "lora")) == str(tmp_path / "base" / "checkpoints" / "2")
+    continued = checkpoint.Checkpointer(str(tmp_path / "more"), async_save=False,
+                                        base=checkpoint.base_of(str(tmp_path / "lora")))
+    assert continued.base_item() == {"init_from": str(tmp_path / "base" / "checkpoints" / "2"), "step": 2}
+    continued.close()
     shutil.rmtree(tmp_path / "base" / "checkpoints" / "2")  # retention removed the step
     with pytest.raises(checkpoint.CheckpointError, match=r"lora holds adapters trained on .*base/checkpoints/2, "
                                                          "which no longer exists"):

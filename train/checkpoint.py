@@ -208,9 +208,7 @@ def _base_values(item: dict[str, Any], cfg: ModelConfig, mesh: Mesh | None, rule
                  where: str) -> dict[str, Any]:
     """The frozen weights (pure dict, without adapters) that the adapters of checkpoint `where` were
     trained on: the `base` item's directory, at the step it names (older checkpoints: its latest)."""
-    base, step = item["init_from"], item.get("step")
-    if step is not None and os.path.exists(base):
-        base = os.path.join(locate(base)[0], str(step))
+    base = _base_path(item)
     if not os.path.exists(base):
         raise CheckpointError(f"{where} holds adapters trained on {base}, which no longer exists; restore that "
                               "base directory, or merge the adapters while it is there (kiln convert --to-hf)")
@@ -223,13 +221,21 @@ def _base_values(item: dict[str, Any], cfg: ModelConfig, mesh: Mesh | None, rule
 
 
 def base_of(path: str) -> str:
-    """The frozen base a checkpoint of adapters points to ("" for a checkpoint of a whole model)."""
+    """The frozen base a checkpoint of adapters points to, as the step directory it trained on for a Kiln
+    base ("" for a checkpoint of a whole model)."""
     directory = locate(path)[0]
     step = latest_step(path)
     if not _has_item(directory, step, "base"):
         return ""
     with ocp.CheckpointManager(directory) as mgr:
-        return mgr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]["init_from"]
+        return _base_path(mgr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"])
+
+
+def _base_path(item: dict[str, Any]) -> str:
+    """The directory an adapters' `base` item names: for a Kiln run still there, the step they trained on
+    (older checkpoints name no step: the run itself)."""
+    base, step = item["init_from"], item.get("step")
+    return os.path.join(locate(base)[0], str(step)) if step is not None and os.path.exists(base) else base
 
 
 def is_hf_dir(path: str) -> bool:
