@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         if checkpoint.run_config(args.to) is not None:
             raise ValueError(f"--to {args.to} is a training run's directory; write the converted checkpoint into a "
                              "new directory")
-        cfg, model = checkpoint.load_hf(args.from_hf, dtype=args.dtype or "float32")
+        cfg, model = hf.load(args.from_hf, dtype=args.dtype or "float32")
         step = args.step or 0
         checkpoint.save_params(args.to, step, model, cfg)
         print(f"wrote Kiln checkpoint {args.to} step {step}: {cfg.family}, {_count(model):,} parameters")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from model import lora
@@ -239,8 +239,9 @@ class _Reader:
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise HFFormatError(f"{index}: no weight_map; the file is damaged or incomplete, copy or export it again")
         elif os.path.isfile(single):
             weight_map = None
         else:
@@ -257,13 +258,33 @@ class _Reader:
 
     def _open(self, file: str):
         if file not in self.files:
-            self.files[file] = safe_open(file, framework="numpy")
+            self.files[file] = _safetensors(file, lambda: safe_open(file, framework="numpy"))
         return self.files[file]
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.where:
             raise HFFormatError(f"tensor {name!r} is missing from the checkpoint")
-        return self._open(self.where[name]).get_tensor(name)
+        file = self.where[name]
+        return _safetensors(file, lambda: self._open(file).get_tensor(name))
+
+
+def _safetensors(file: str, read: Callable[[], Any]) -> Any:
+    """`read()`, with a damaged safetensors file reported as an HFFormatError naming it."""
+    try:
+        return read()
+    except SafetensorError as e:
+        raise HFFormatError(f"{file} cannot be read ({str(e).splitlines()[0]}); it is damaged or incomplete, copy "
+                            "or export it again") from None
+
+
+def _read_json(file: str) -> Any:
+    """The JSON in `file`; HFFormatError naming the file if it does not parse."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise HFFormatError(f"{file}: not valid JSON ({e}); the file is damaged or incomplete, copy or export it "
+                            "again") from None
 
 
 def load(path: str, dtype: DType | None = None, param_dtype: DType | None = None,
@@ -277,8 +298,7 @@ def load(path: str, dtype: DType | None = None, param_dtype: DType | None = None
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise HFFormatError(f"{path}: no config.json (is this a Hugging Face model directory?)")
-    with open(cfg_file) as f:
-        cfg = config_from_hf(json.load(f), where=cfg_file)
+    cfg = config_from_hf(_read_json(cfg_file), where=cfg_file)
     dtype = dtype_name(dtype or "float32")
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype_name(param_dtype or dtype), **overrides)
     reader = _Reader(path)

@@ -156,18 +156,25 @@ LLAMA = ('{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden
 @pytest.mark.parametrize("config, weights, message", [
     ('{"model_type": "lla', b"", r"hf/config.json: not valid JSON \(Unterminated string"),
     (LLAMA, b"\x08\x00\x00\x00\x00\x00\x00\x00{",
-     r"hf: a .safetensors file cannot be read \(Error while deserializing"),
+     r"hf/model.safetensors cannot be read \(Error while deserializing"),
+    (LLAMA.replace("}", ', "tie_word_embeddings": true}'), None, r"hf/model.safetensors.index.json: not valid JSON"),
 ])
 def test_a_damaged_hugging_face_directory_is_one_line_naming_it(tmp_path, config, weights, message):
-    """A truncated model.safetensors was a SafetensorError traceback; a damaged config.json a bare JSON
-    message naming no file (kiln convert --from-hf, kiln sample, model.init_from all read it here)."""
+    """A truncated model.safetensors was a SafetensorError traceback; a damaged config.json or shard index
+    a bare JSON message naming no file (kiln convert --from-hf, kiln sample, model.init_from and
+    model.hf.load all read them there)."""
+    from model import hf
     from train import checkpoint
 
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(config)
-    (tmp_path / "hf" / "model.safetensors").write_bytes(weights)
-    with pytest.raises(checkpoint.CheckpointError, match=message):
-        checkpoint.load_model(str(tmp_path / "hf"))
+    if weights is None:
+        (tmp_path / "hf" / "model.safetensors.index.json").write_text('{"weight_map": {')
+    else:
+        (tmp_path / "hf" / "model.safetensors").write_bytes(weights)
+    for load in (hf.load, checkpoint.load_model):
+        with pytest.raises(hf.HFFormatError, match=message):
+            load(str(tmp_path / "hf"))
 
 
 def test_a_checkpoint_path_that_is_a_file_or_lacks_config_json_says_so(tmp_path):

@@ -22,7 +22,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import SafetensorError
 
 from data import pipeline
 from data.sources import expand_path
@@ -278,27 +277,8 @@ def load_model(path: str, *, mesh: Mesh | None = None, rules: Rules | None = Non
     """The model in `path`: a Hugging Face directory (read in `param_dtype`, default float32) or a
     Kiln run, checkpoints or step directory (parameters as saved)."""
     if is_hf_dir(path):
-        return load_hf(path, dtype=param_dtype, param_dtype=param_dtype)
+        return hf.load(path, dtype=param_dtype, param_dtype=param_dtype)
     return load_params(path, mesh=mesh, rules=rules)
-
-
-def load_hf(path: str, **kwargs: Any) -> tuple[ModelConfig, Transformer]:
-    """`hf.load`, with a damaged JSON or safetensors file reported as one CheckpointError naming it."""
-    for name in ("config.json", "model.safetensors.index.json"):
-        file = os.path.join(path, name)
-        try:
-            with open(file) as f:
-                json.load(f)
-        except FileNotFoundError:
-            continue
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-            raise CheckpointError(f"{file}: not valid JSON ({_one_line(e)}); the file is damaged or incomplete, "
-                                  "copy or export it again") from None
-    try:
-        return hf.load(path, **kwargs)
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: a .safetensors file cannot be read ({_one_line(e)}); it is damaged or "
-                              "incomplete, copy or export it again") from None
 
 
 # -- full training state -----------------------------------------------------------------------------
