@@ -7,6 +7,7 @@ import os
 import jax
 from flax import nnx
 
+from data.sources import expand_path
 from model import hf, hf_peft, lora
 from model.config import DTYPES
 from train import checkpoint
@@ -60,10 +61,32 @@ def main(argv: list[str]) -> int:
                 what = f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}"
             print(f"wrote PEFT adapter directory {args.to_hf}: {what}")
             return 0
-        hf.save(model, cfg, args.to_hf, dtype=args.dtype)
+        tokenizer, said = tokenizer_files(args.from_kiln)
+        hf.save(model, cfg, args.to_hf, dtype=args.dtype, files=tokenizer)
         merged = " (LoRA adapters merged)" if lora.adapters(model) else ""
-        print(f"wrote Hugging Face directory {args.to_hf}: {cfg.family}, {_count(model):,} parameters{merged}")
+        print(f"wrote Hugging Face directory {args.to_hf}: {cfg.family}, {_count(model):,} parameters{merged}; {said}")
     return 0
+
+
+# A Hugging Face directory's tokenizer files, exported with the weights when the tokenizer is one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
+
+
+def tokenizer_files(source: str) -> tuple[dict[str, str], str]:
+    """The files of the tokenizer the Kiln checkpoint `source` was trained with, named as an export holds
+    them (where Kiln's tokenizer loader finds them: kiln sample, eval, init_from), and a line saying so."""
+    name = checkpoint.tokenizer_of(source)
+    if name is None:
+        return {}, "no tokenizer: the checkpoint names none (pass --tokenizer when sampling from the export)"
+    if name == "byte":
+        return {}, "tokenizer: Kiln's byte tokenizer, which has no file (pass --tokenizer=byte when sampling from it)"
+    path = expand_path(name, "the run's data.tokenizer")
+    if os.path.isdir(path):
+        files = {f: os.path.join(path, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))}
+    else:  # one file, under the name the directory loader looks for
+        files = {"tokenizer.json" if path.endswith(".json") else "tokenizer.model": path}
+    return files, f"tokenizer from {path} ({', '.join(files)})"
 
 
 def check_target(target: str, source: str, flag: str) -> None:

@@ -343,9 +343,10 @@ def hf_tensors(model: Transformer, cfg: ModelConfig, dtype: DType | None = None)
 
 
 def save(model: Transformer, config: ModelConfig, path: str, dtype: DType | None = None,
-         max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+         max_shard_bytes: int = MAX_SHARD_BYTES, files: dict[str, str] | None = None) -> None:
     """Writes `model` as a Hugging Face directory at `path` (atomically: all or nothing); LoRA
-    adapters are merged into the weights they adapt."""
+    adapters are merged into the weights they adapt. `files` are copied in beside the weights (name in
+    the directory -> source file), e.g. the tokenizer's."""
     dtype = dtype_name(dtype or config.param_dtype)
     if config.prefix is not None:
         raise HFFormatError("a prompt- or prefix-tuned model has no merged Hugging Face weight layout; export it as a "
@@ -378,6 +379,8 @@ def save(model: Transformer, config: ModelConfig, path: str, dtype: DType | None
         hf_cfg["torch_dtype"] = dtype
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, os.path.join(tmp, name))
 
 
 @contextlib.contextmanager

@@ -302,6 +302,41 @@ def test_kiln_convert_round_trip(tmp_path):
     np.testing.assert_array_equal(torch_logits(back.float().eval()), torch_logits(model))  # same weights: measured 0
 
 
+@pytest.mark.parametrize("kind", ["train", "hf_dir", "byte"])
+def test_kiln_convert_exports_the_runs_tokenizer(tmp_path, capsys, kind):
+    """An export held the weights alone: `kiln sample --checkpoint=EXPORT` then failed for want of a
+    tokenizer. The run's tokenizer goes into the export under the names Kiln's and transformers'
+    loaders look for (a trained sentencepiece model as tokenizer.model; a tokenizer directory's files),
+    and the export encodes as the run did; the byte tokenizer has no file, and the line says so."""
+    from flax import nnx
+
+    from data import spm, tokenizer
+    from model.transformer import Transformer
+    from test_tokenizer import CORPUS, hf_dir
+    from train import checkpoint
+
+    run, cfg = tmp_path / "run", presets.get("tiny", vocab_size=400)
+    checkpoint.save_params(str(run / "checkpoints"), 3, Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
+    names = {"train": str(run / "tokenizer.model"), "byte": "byte"}
+    if kind == "train":
+        spm.train(CORPUS, names["train"], vocab_size=400, model_type="bpe")
+    elif kind == "hf_dir":
+        (tmp_path / "tok").mkdir()
+        names["hf_dir"] = hf_dir(tmp_path / "tok", ["<|endoftext|>"], {"eos_token": "<|endoftext|>"})
+    (run / "config.json").write_text(json.dumps({"data": {"tokenizer": "train" if kind == "train" else names[kind]}}))
+    assert cli.main(["convert", "--from-kiln", str(run), "--to-hf", str(tmp_path / "out")]) == 0
+    written = sorted(os.listdir(tmp_path / "out"))
+    line = capsys.readouterr().out
+    if kind == "byte":
+        assert written == ["config.json", "model.safetensors"] and "pass --tokenizer=byte" in line
+        return
+    want = {"train": ["tokenizer.model"], "hf_dir": ["tokenizer.json", "tokenizer_config.json"]}[kind]
+    assert written == sorted(["config.json", "model.safetensors", *want]) and ", ".join(want) in line
+    text = CORPUS[7]
+    assert checkpoint.tokenizer_of(str(tmp_path / "out")) == str(tmp_path / "out")
+    assert tokenizer.load(str(tmp_path / "out")).encode(text) == tokenizer.load(names[kind]).encode(text)
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "bert"}))
