@@ -34,6 +34,10 @@ def train_losses(run_dir):
     return {r["step"]: r["loss"] for r in rows(run_dir) if "loss" in r}
 
 
+def latest_step_dir(run_dir):
+    return os.path.join(os.path.abspath(run_dir), "checkpoints", str(checkpoint.latest_step(run_dir)))
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("pretrain"))
@@ -118,7 +122,7 @@ def test_lora_smoke_trains_only_the_adapters(lora_run, pretrained):
     # The checkpoint holds the adapters and a pointer to the base; loading it rebuilds the whole model,
     # whose frozen weights are the pre-trained ones (in the run's bfloat16) and whose adapters moved.
     source, _ = pretrained
-    assert checkpoint.base_of(run_dir) == os.path.abspath(source)
+    assert checkpoint.base_of(run_dir) == latest_step_dir(source)  # the weights the adapters trained on
     cfg_loaded, model = checkpoint.load_params(run_dir)
     _, base_model = checkpoint.load_params(source)
     assert cfg_loaded.lora.targets == ("q", "k", "v", "o", "gate", "up", "down") and cfg_loaded.lora.dropout == 0.05
@@ -327,7 +331,7 @@ def test_prompt_and_prefix_tuning_smoke(pretrained, tmp_path, method, extra, cap
     run = trainer.setup(cfg)
     shapes = sorted(x.shape for x in jax.tree.leaves(run.state.params))
     assert shapes == ([(20, 64)] if method == "prompt_tuning" else sorted([(20, 64), (64, 16), (16,), (16, 128), (128,)]))
-    assert checkpoint.base_of(str(tmp_path)) == os.path.abspath(source)
+    assert checkpoint.base_of(str(tmp_path)) == latest_step_dir(source)
     tuned_cfg, tuned = checkpoint.load_params(str(tmp_path))  # the prompt, on the base it points to
     _, base = checkpoint.load_params(source)
     assert tuned_cfg.prefix.kind == method.split("_")[0]
@@ -337,7 +341,7 @@ def test_prompt_and_prefix_tuning_smoke(pretrained, tmp_path, method, extra, cap
     from launch import main
     assert main.main(["convert", "--from-kiln", str(tmp_path), "--to-hf", str(tmp_path / "peft"), "--adapter-only"]) == 0
     written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert written["peft_type"] == method.upper() and written["base_model_name_or_path"] == os.path.abspath(source)
+    assert written["peft_type"] == method.upper() and written["base_model_name_or_path"] == latest_step_dir(source)
 
 
 def test_resume_is_bit_identical(pretrained, tmp_path, monkeypatch):
