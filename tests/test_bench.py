@@ -2,7 +2,10 @@
 import json
 import os
 import subprocess
+import sys
+import types
 
+import numpy as np
 import pytest
 
 from launch import main as kiln
@@ -82,3 +85,167 @@ def test_every_benchmark_has_help(name, capsys):
     except SystemExit as stop:  # argparse's help
         code = stop.code
     assert code == 0 and "kiln bench" in capsys.readouterr().out
+
+
+class FakeClock:
+    """perf_counter and sleep of a benchmark module: time moves only when a stand-in says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_train_step_figures_are_medians_of_interleaved_rounds(monkeypatch):
+    """Stand-in steps with known durations: after one untimed torch step, the sides alternate round by
+    round; step time is the median over every timed step of a side (not the mean, not one round's),
+    tokens/s = batch x seq / step, MFU = tokens/s x FLOPs per token / peak, and ratio = torch step /
+    kiln step (kiln's speed-up)."""
+    from benchmarks import train_step as ts
+    from train import flops
+
+    clock, calls = FakeClock(), []
+    kiln_steps = [0.25, 0.25, 0.25, 0.25, 0.5, 2.0]  # median 0.25, mean 0.58, last round's median 0.5
+    torch_steps = [8.0, 0.5, 0.5, 0.5, 0.5, 1.0, 4.0]  # the first is untimed
+
+    class Kiln:
+        def __init__(self, cfg, host, grad_accum):
+            assert host["tokens"].shape == (2, 8) and grad_accum == 1
+            assert (host["targets"][:, :-1] == host["tokens"][:, 1:]).all()  # next-token targets
+            self.model, self.mesh, self.loss, self.first_loss = "weights", ts.make_mesh(1, -1, 1), 2.0, 3.0
+
+        def compile_seconds(self):
+            return 4.0
+
+        def memory_mb(self):
+            return 12.0
+
+        def run(self):
+            calls.append("kiln")
+            clock.now += kiln_steps.pop(0)
+
+    class Torch:
+        torch = types.SimpleNamespace(get_num_threads=lambda: 2)
+        loss, first_loss = 2.5, 3.0
+
+        def __init__(self, model, cfg, host, dtype):
+            assert model == "weights" and dtype == "float32"
+
+        def run(self):
+            calls.append("torch")
+            clock.now += torch_steps.pop(0)
+
+    monkeypatch.setattr(ts, "KilnStep", Kiln)
+    monkeypatch.setattr(ts, "TorchStep", Torch)
+    monkeypatch.setattr(ts, "time", clock)
+    monkeypatch.setattr(ts.flops, "total_peak_flops", lambda dtype, devices: 1e9)
+    monkeypatch.setattr(ts, "versions", dict)
+    row = ts.measure("tiny", 2, 8, "float32", steps=3, remat="none", untied=True, reference="torch", rounds=2)
+    assert calls == ["torch"] + ["kiln"] * 3 + ["torch"] * 3 + ["kiln"] * 3 + ["torch"] * 3
+    assert row["step_s"] == 0.25 and row["reference_step_s"] == 0.5 and row["ratio"] == 2.0
+    assert row["tokens_per_s"] == row["kiln_tokens_per_s"] == 64.0 and row["reference_tokens_per_s"] == 32.0
+    per_token = flops.flops_per_token(ts.model_config("tiny", 8, "float32", "none", True), 8)
+    assert row["tflops_per_s"] == pytest.approx(64 * per_token / 1e12)
+    assert row["mfu"] == pytest.approx(64 * per_token / 1e9) and row["peak_tflops"] == 1e-3
+    assert (row["compile_s"], row["peak_memory_mb"], row["loss"], row["first_loss"]) == (4.0, 12.0, 2.0, 3.0)
+    assert (row["reference_loss"], row["torch_threads"], row["tied"]) == (2.5, 2, False)
+
+
+def test_train_step_compile_time_and_memory(monkeypatch):
+    """Compile time is the first call less the second (never below 0); memory is arguments + outputs +
+    temporaries less the donated bytes the outputs reuse, in MiB."""
+    from benchmarks import train_step as ts
+
+    clock = FakeClock()
+    kiln = object.__new__(ts.KilnStep)
+    durations = [5.0, 1.5, 1.0, 2.0]
+    monkeypatch.setattr(kiln, "run", lambda: clock.sleep(durations.pop(0)), raising=False)
+    monkeypatch.setattr(ts, "time", clock)
+    assert kiln.compile_seconds() == 3.5
+    assert kiln.compile_seconds() == 0.0  # a second call slower than the first
+    analysis = types.SimpleNamespace(argument_size_in_bytes=3 * 2 ** 20, output_size_in_bytes=2 ** 20,
+                                     temp_size_in_bytes=5 * 2 ** 20, alias_size_in_bytes=2 * 2 ** 20)
+    compiled = types.SimpleNamespace(memory_analysis=lambda: analysis)
+    kiln.mesh, kiln.state, kiln.frozen, kiln.data = ts.make_mesh(1, -1, 1), None, None, None
+    kiln.step = types.SimpleNamespace(lower=lambda *args: types.SimpleNamespace(compile=lambda: compiled))
+    assert kiln.memory_mb() == 7.0
+
+
+def test_sampling_best_time_and_ratio(monkeypatch):
+    """best_time: the first run untimed, then the fastest of the repeats and the last output; measure's
+    ratio is hf seconds / kiln seconds, tokens/s are batch x new tokens / seconds, and agreement is
+    the share of equal greedy tokens."""
+    from benchmarks import sampling
+
+    clock = FakeClock()
+    monkeypatch.setattr(sampling, "time", clock)
+    durations, outputs = [5.0, 3.0, 1.0, 2.0], iter("abcd")
+    assert sampling.best_time(lambda: (clock.sleep(durations.pop(0)), next(outputs))[1], 3) == (5.0, 1.0, "d")
+    timings = [(9.0, 0.5, np.array([[1, 2], [3, 4]])), (7.0, 2.0, np.array([[1, 2], [3, 5]]))]
+    monkeypatch.setattr(sampling, "best_time", lambda run, repeats: timings.pop(0))
+    monkeypatch.setattr(sampling, "Transformer", lambda cfg, rngs: "weights")
+    monkeypatch.setattr(sampling.hf, "save", lambda model, cfg, d: None)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(  # what measure uses of torch, transformers
+        float32="float32", bfloat16="bfloat16", from_numpy=lambda a: a, get_num_threads=lambda: 3))
+    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(AutoModelForCausalLM=types.SimpleNamespace(
+        from_pretrained=lambda d, dtype: types.SimpleNamespace(eval=lambda: None))))
+    row = sampling.measure("tiny", batch=2, prompt_len=3, new_tokens=2, dtype="float32", repeats=1)
+    assert (row["kiln_tokens_per_s"], row["hf_tokens_per_s"], row["ratio"]) == (8.0, 2.0, 4.0)
+    assert (row["kiln_s"], row["hf_s"], row["kiln_first_s"], row["hf_first_s"]) == (0.5, 2.0, 9.0, 7.0)
+    assert row["greedy_agreement"] == 0.75 and row["torch_threads"] == 3
+
+
+def test_data_throughput_counts_non_padding_tokens_after_the_first_batch(monkeypatch):
+    """The first batch is setup; tokens/s counts the segment ids above 0 of the later batches over their
+    time, padding is the rest's share."""
+    from benchmarks import data_throughput
+
+    clock = FakeClock()
+
+    def batches(data_cfg, kind, tok, seed):
+        while True:
+            clock.sleep(1.0)
+            yield {"segment_ids": np.array([[1, 1, 0, 0], [1, 2, 2, 0]])}
+
+    monkeypatch.setattr(data_throughput.pipeline, "train_iterator", batches)
+    monkeypatch.setattr(data_throughput, "time", clock)
+    assert data_throughput.measure(None, "pretrain", None, batches=2) == {
+        "tokens_per_s": 5.0, "setup_s": 1.0, "padding": 0.375}
+
+
+def test_shakespeare_stamps_evals_and_keeps_the_last_within_budget(monkeypatch, tmp_path):
+    """A stand-in `kiln train` writing metrics.jsonl in three bursts 100 s apart (one row torn across
+    two): each eval is stamped when read, the result is the last eval, the verdict the last at or before the budget,
+    tokens/s and MFU are the medians of the train rows, and the overrides come last (they win)."""
+    from benchmarks import shakespeare
+
+    clock, run_dir = FakeClock(), str(tmp_path)
+    with open(tmp_path / "env.json", "w") as f:
+        json.dump({"device_kind": "cpu", "packages": {"jax": "0"}}, f)
+    bursts = ['{"step": 1, "tokens_per_s": 100, "mfu": 0.1}\n{"step": 2, "eval/bits_per_byte": 3.0}\n',
+              '{"step": 3, "tokens_per_s": 400, "mfu": 0.4}\n{"step": 4, "eval/bits_per_byte": 2.5}\n{"step": 5, ',
+              '"tokens_per_s": 300, "mfu": 0.3}\n{"step": 6, "eval/bits_per_byte": 2.75}\n']
+
+    class Train:
+        returncode = 0
+
+        def __init__(self, cmd, cwd):
+            assert cmd[-2:] == ["--config.train.progress=false", "--config.train.steps=6"]
+            assert f"--config.run_dir={run_dir}" in cmd
+
+        def poll(self):
+            with open(tmp_path / "metrics.jsonl", "a") as f:
+                f.write(bursts.pop(0))
+            return None if bursts else 0
+
+    monkeypatch.setattr(shakespeare.subprocess, "Popen", Train)
+    monkeypatch.setattr(shakespeare, "time", clock)
+    row = shakespeare.measure(100.0, ["--config.train.steps=6"], run_dir, poll_s=100.0)
+    assert row["evals"] == [dict(step=2, wall_s=0.0, bits_per_byte=3.0), dict(step=4, wall_s=100.0, bits_per_byte=2.5),
+                            dict(step=6, wall_s=200.0, bits_per_byte=2.75)]
+    assert (row["bits_per_byte"], row["bits_per_byte_within_budget"], row["wall_s"], row["steps"]) == (2.75, 2.5, 200.0, 6)
+    assert (row["kiln_tokens_per_s"], row["mfu"], row["device"]) == (300.0, 0.3, "cpu")

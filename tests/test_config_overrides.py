@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from launch.config import ConfigError, load_config
+from launch.config import ConfigError, load_config, parse_value
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +32,8 @@ def test_values_take_their_fields_type():
     c = load("sft.py:smoke", "--config.peft.method=lora", "--config.peft.lora_targets=('q', 'v')",
              "--config.peft.lora_targets=['gate', 'up']")
     assert c.peft.lora_targets == ("gate", "up")
+    # A list field (a sweep's or recipe's own settings) likewise takes one value as a 1-list.
+    assert parse_value("'q'", list) == ["q"] and parse_value("('q', 'v')", list) == ["q", "v"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -59,14 +61,22 @@ def test_bad_overrides_are_named(override, message):
     # Each of these trained on in silence (a NaN or negative rate, warm-up, evaluation period), or was a
     # ZeroDivisionError's traceback (a mesh axis of 0).
     ("pretrain.py:smoke", ["run_dir="], "config key 'run_dir' is empty; name the run's directory"),
+    ("pretrain.py:smoke", ["run_dir=  "], "config key 'run_dir' is empty"),  # blanks: the current directory too
     ("pretrain.py:smoke", ["optim.lr=nan"], "config key 'optim.lr' must be 0 or more, got nan"),
     ("pretrain.py:smoke", ["optim.lr=-1e-3"], "config key 'optim.lr' must be 0 or more, got -0.001"),
     ("pretrain.py:smoke", ["optim.warmup_steps=-1"], "config key 'optim.warmup_steps' must be 0 or more"),
     ("pretrain.py:smoke", ["train.eval_every=-5"], "config key 'train.eval_every' must be 0 or more, got -5"),
+    ("pretrain.py:smoke", ["train.eval_steps=-1"], "config key 'train.eval_steps' must be 0 or more, got -1"),
+    ("pretrain.py:smoke", ["optim.weight_decay=-0.1"], "config key 'optim.weight_decay' must be 0 or more"),
+    ("pretrain.py:smoke", ["optim.clip_norm=-1.0"], "config key 'optim.clip_norm' must be 0 or more, got -1.0"),
+    ("pretrain.py:smoke", ["checkpoint.every=-1"], "config key 'checkpoint.every' must be 0 or more, got -1"),
+    ("pretrain.py:smoke", ["checkpoint.keep_every=-1"], "config key 'checkpoint.keep_every' must be 0 or more"),
     ("pretrain.py:smoke", ["mesh.data=0"], "config key 'mesh.data' must be a device count of 1 or more (or -1: the "
                                           "rest), got 0"),
     ("pretrain.py:smoke", ["mesh.dcn_data=-1"], "config key 'mesh.dcn_data' must be a device count of 1 or more, "
                                                 "got -1"),
+    ("pretrain.py:smoke", ["mesh.dcn_fsdp=0"], "config key 'mesh.dcn_fsdp' must be a device count of 1 or more, "
+                                               "got 0"),
     ("pretrain.py:smoke", ["optim.grad_accum=3"], "data.batch_size=8 is not divisible by optim.grad_accum=3"),
     ("pretrain.py:smoke", ["data.sources.train.weight=-0.5"], "data.sources.train.weight must be >= 0, got -0.5"),
     ("pretrain.py:smoke", ["data.sources.train.weight=0"], "data.sources weights sum to zero"),
@@ -89,6 +99,8 @@ def test_bad_overrides_are_named(override, message):
     ("ppo.py:smoke", ["rollout.advantage=rloo"], "config key 'rollout.advantage' is set but stage is 'ppo'; it is "
                                                   "read by stage=grpo"),
     ("grpo.py:smoke", ["rollout.num_prompts=4"], "config key 'rollout.num_prompts' is set but stage is 'grpo'"),
+    ("grpo.py:smoke", ["rollout.min_reward=0.5"], "config key 'rollout.min_reward' is set but stage is 'grpo'; it "
+                                                   "is read by stage=rejection_sampling"),
     ("grpo.py:smoke", ["rollout.gamma=0.9"], "config key 'rollout.gamma' is set but stage is 'grpo'; it is read "
                                              "by stage=ppo"),
 ])
@@ -99,6 +111,7 @@ def test_each_check_names_its_key(spec, overrides, message):
 
 @pytest.mark.parametrize("spec, overrides", [
     ("pretrain.py:smoke", ["optim.grad_accum=4", "model.remat=save_out_proj"]),
+    ("pretrain.py:smoke", ["mesh.fsdp=1", "mesh.tensor=-1"]),  # -1 on any of data, fsdp, tensor: the rest
     ("anneal.py:smoke", ["data.sources.quality.weight=0.0"]),
     ("pretrain.py:smoke", ["model.rope_scaling.type=linear", "model.rope_scaling.factor=4.0"]),
     ("dpo.py:smoke", ["loss.preference_type=robust", "loss.label_smoothing=0.1"]),

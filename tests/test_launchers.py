@@ -130,6 +130,8 @@ def test_slurm_bad_input(capsys):
         "--time='90' is not HH:MM:SS or D-HH:MM:SS")
     assert "invalid choice: 'host'" in error(slurm.main, ["--nodes=1", "--gpus_per_node=8", "--per=host", "--", *KILN],
                                              capsys)
+    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=0", "--", *KILN], capsys).endswith(
+        "--nodes and --gpus_per_node must be at least 1")
 
 
 @pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
@@ -182,6 +184,8 @@ def test_multinode_bad_input(capsys):
         "--coordinator='h' is not HOST:PORT")
     assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=h:port", "--", *KILN], capsys).endswith(
         "--coordinator='h:port' is not HOST:PORT")
+    assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=:8476", "--", *KILN], capsys).endswith(
+        "--coordinator=':8476' is not HOST:PORT")
     assert error(multinode.main, [*args, "--node_rank=0", "--processes_per_node=8", "--mesh=4x8xh100", "--", *KILN],
                  capsys).endswith("this starts 16 processes: use --processes_per_node=1")
 
@@ -196,6 +200,36 @@ def test_multinode_runs_and_supervises_its_processes(tmp_path, capsys):
     assert status == 3 and time.time() - start < 10
     assert (tmp_path / "process_1.log").read_text() == "process 1\n"
     assert "a process exited with status 3" in capsys.readouterr().err
+
+
+def test_supervise_returns_the_first_failure_in_process_order(monkeypatch):
+    """Stand-in processes: 0 and 1 fail in the same poll (3, then 4), 2 runs until signalled. The status
+    is process 0's, SIGTERM goes to the running process only, and each gets its variables on top of
+    this environment."""
+    from launch import launcher
+
+    class Process:
+        def __init__(self, command, env, stdout, stderr):
+            self.id, self.returncode, self.polls, self.signals = int(env["JAX_PROCESS_ID"]), None, 0, []
+            assert command == KILN and env["PATH"] == os.environ["PATH"]
+            started.append(self)
+
+        def poll(self):
+            self.polls += 1
+            if self.returncode is None and self.polls == 2 and self.id < 2:
+                self.returncode = 3 + self.id
+            return self.returncode
+
+        def send_signal(self, signum):
+            self.signals.append(signum)
+            self.returncode = -signum
+
+    started = []
+    monkeypatch.setattr(launcher.subprocess, "Popen", Process)
+    monkeypatch.setattr(launcher.time, "sleep", lambda s: None)
+    envs = [{"JAX_PROCESS_ID": str(i)} for i in range(3)]
+    assert launcher.supervise(KILN, envs, [None] * 3) == 3
+    assert [p.signals for p in started] == [[], [], [signal.SIGTERM]]
 
 
 # -- local ----------------------------------------------------------------------------------------
