@@ -68,3 +68,45 @@ def test_eval_checks_every_prompt_fits_before_computing_anything(tmp_path):
                                          r"\d+ tokens, .*max_new_tokens=200.*max_seq_len=512; lower"):
         kiln_eval.run(config, str(tmp_path / "ckpt"), tokenizer="byte", chat=False)
     assert not (tmp_path / "eval").exists()
+
+
+def test_eval_runs_each_distinct_setting_once_and_tabulates_it(tmp_path, monkeypatch):
+    """Stand-ins for the sampler, the text metrics and the task accuracy, on a clock the accuracy
+    advances: with chat prompts the two 0-shot settings are one computation reported under both,
+    1-shot runs with and without a chain of thought, plain text runs all four; results.md holds
+    each row's accuracy, correct / n and seconds as computed here."""
+    import types
+
+    now, calls = [0.0], []
+
+    def accuracy(sampler, evaluated, shots, *, cot, chat, max_new_tokens, batch_size):
+        calls.append((len(shots), cot))
+        now[0] += 1.5
+        return {"accuracy": len(shots) / 4 + cot / 8, "correct": 2 * len(shots) + cot, "n": 8, "examples": []}
+
+    problems, shot = ["q"] * 8, ["example"]
+    runs = [("arithmetic", k, cot, problems, shot * k) for k in (0, 1) for cot in (True, False)]
+    sampler = types.SimpleNamespace(model=None, tokenizer=None)
+    monkeypatch.setattr(kiln_eval.generate, "load_sampler", lambda path, **kw: (sampler, kw["chat"]))
+    monkeypatch.setattr(kiln_eval, "_task_runs", lambda config, s, chat: runs)
+    monkeypatch.setattr(kiln_eval.nnx, "split", lambda model, *filters: (None, None, None))
+    monkeypatch.setattr(kiln_eval.evaluate, "make_eval_step", lambda graphdef: lambda *a: None)
+    monkeypatch.setattr(kiln_eval.evaluate, "evaluate_sources", lambda *a: {"eval/arithmetic/bits_per_byte": 2.5})
+    monkeypatch.setattr(kiln_eval.tasks, "accuracy", accuracy)
+    monkeypatch.setattr(kiln_eval.time, "perf_counter", lambda: now[0])
+    config = load_config(os.path.join(ROOT, "configs/eval.py:smoke"), [f"--config.run_dir={tmp_path / 'eval'}"])
+    results = kiln_eval.run(config, str(tmp_path / "ckpt"), chat=True)
+    assert calls == [(0, True), (1, True), (1, False)]
+    assert [(r["shots"], r["chain_of_thought"], r["accuracy"], r["seconds"]) for r in results["tasks"]] == [
+        (0, True, 0.125, 1.5), (0, False, 0.125, 0.0), (1, True, 0.375, 1.5), (1, False, 0.25, 1.5)]
+    assert results["seconds"] == 4.5 and results["checkpoint"] == str(tmp_path / "ckpt")
+    assert (tmp_path / "eval" / "results.md").read_text() == "\n".join([
+        f"Evaluation of `{tmp_path / 'ckpt'}` (chat prompts)", "",
+        "| metric | value |", "|---|---|", "| eval/arithmetic/bits_per_byte | 2.5000 |", "",
+        "| task | shots | chain of thought | accuracy | correct / n | seconds |", "|---|---|---|---|---|---|",
+        "| arithmetic | 0 | yes | 0.125 | 1 / 8 | 1.5 |", "| arithmetic | 0 | no | 0.125 | 1 / 8 | 0.0 |",
+        "| arithmetic | 1 | yes | 0.375 | 3 / 8 | 1.5 |", "| arithmetic | 1 | no | 0.250 | 2 / 8 | 1.5 |"]) + "\n"
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["tasks"] == results["tasks"]
+    calls.clear()
+    assert not kiln_eval.run(config, str(tmp_path / "ckpt"), chat=False)["chat"]
+    assert calls == [(0, True), (0, False), (1, True), (1, False)]  # plain text: the 0-shot prompts differ
