@@ -130,7 +130,7 @@ def test_slurm_bad_input(capsys):
         "--time='90' is not HH:MM:SS or D-HH:MM:SS")
     assert "invalid choice: 'host'" in error(slurm.main, ["--nodes=1", "--gpus_per_node=8", "--per=host", "--", *KILN],
                                              capsys)
-    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=0", "--", *KILN], capsys).endswith(
+    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=0", "--dry-run", "--", *KILN], capsys).endswith(
         "--nodes and --gpus_per_node must be at least 1")
 
 
@@ -184,8 +184,8 @@ def test_multinode_bad_input(capsys):
         "--coordinator='h' is not HOST:PORT")
     assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=h:port", "--", *KILN], capsys).endswith(
         "--coordinator='h:port' is not HOST:PORT")
-    assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=:8476", "--", *KILN], capsys).endswith(
-        "--coordinator=':8476' is not HOST:PORT")
+    assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=:8476", "--dry-run", "--", *KILN],
+                 capsys).endswith("--coordinator=':8476' is not HOST:PORT")
     assert error(multinode.main, [*args, "--node_rank=0", "--processes_per_node=8", "--mesh=4x8xh100", "--", *KILN],
                  capsys).endswith("this starts 16 processes: use --processes_per_node=1")
 
