@@ -194,6 +194,15 @@ def test_a_stage_name_is_a_directory_name_of_its_own(tmp_path, name):
         pipeline.load_recipe(recipe_file(tmp_path, stages), [])
 
 
+def test_a_hyphenated_stage_name_is_referred_to_whole(fake, tmp_path, monkeypatch):
+    """`@pre-train` names the stage pre-train (a '-' is a directory name's letter), not a stage `pre`."""
+    monkeypatch.setitem(SECONDS, "pre-train", 60)
+    stages = [dict(name="pre-train", command="train", config="configs/pretrain.py:smoke"),
+              dict(name="sft", command="train", config="configs/sft.py:smoke", overrides=["model.init_from=@pre-train"])]
+    pipeline.run(*pipeline.load_recipe(recipe_file(tmp_path, stages), []))
+    assert fake.seen[os.path.join(fake.root, "sft")].model.init_from == os.path.join(fake.root, "pre-train")
+
+
 def test_a_stage_cannot_name_itself(tmp_path):
     stages = [dict(name="a", command="train", config="c", overrides=["model.init_from=@a"])]
     with pytest.raises(ConfigError, match="@a names no earlier stage"):
