@@ -1,6 +1,7 @@
 """`kiln sweep`: a 2-point, 1-seed ablation end to end (table, JSON, plot), re-runs skip finished
 points, --print lists the commands, and malformed sweeps are one clear error."""
 import json
+import math
 import os
 
 import pytest
@@ -52,6 +53,7 @@ def test_print_lists_one_train_command_per_point_and_seed(in_root, capsys):
 
 @pytest.mark.parametrize("override, message", [
     ("--config.seeds=()", "a sweep sets 'seeds'"),
+    ("--config.metrics=()", "a sweep sets 'metrics'"),
     ("--config.labels=('a','a')", "labels name each of its 2 points once"),
     ("--config.overrides=('optim.lrr=1',)", "optim.lrr"),
 ])
@@ -128,3 +130,12 @@ def test_summary_is_the_mean_and_sample_std_over_seeds(in_root, tmp_path):
     assert (hi["point"], len(hi["runs"]), hi["mean"], hi["std"]) == ("hi", 1, {"eval/loss": 4.0}, {"eval/loss": 0.0})
     assert sweep.markdown(results).splitlines()[2:] == ["| lo | 2 | 1.5000 ± 0.7071 |", "| hi | 1 | 4.0000 ± 0.0000 |"]
     assert sweep.summarise(s, runs, {})["points"] == []
+    # A run that never logged a metric counts as NaN (not 0): the point's mean says so.
+    lo = sweep.summarise(s, runs, {dirs[0]: {"eval/loss": 1.0}, dirs[1]: {}})["points"][0]
+    assert [r["metrics"]["eval/loss"] for r in lo["runs"]][0] == 1.0 and math.isnan(lo["mean"]["eval/loss"])
+
+
+def test_a_point_that_sets_nothing_is_named_base(in_root, tmp_path):
+    """An empty point (the base config alone, beside the variations) runs in run_dir/base."""
+    s = sweep.load_sweep(write_sweep(tmp_path, points=({}, {"optim.lr": 0.1})), [])
+    assert sweep.points(s) == [("base", {}), ("lr=0.1", {"optim.lr": 0.1})]
