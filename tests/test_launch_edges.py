@@ -1,12 +1,14 @@
-"""The launch commands' own logic around the work they hand off, with a stand-in for that work:
-`kiln sample`'s batches of prompts, their seeds, the options passed on and the rows written."""
+"""The launch commands' own logic around the work they hand off, with stand-ins for that work:
+`kiln sample`'s batches of prompts, their seeds, the options passed on and the rows written;
+`kiln tokenizer`'s input files."""
 import json
 import types
 
 import jax
 import pytest
 
-from launch import sample
+from data.sources import DataError
+from launch import sample, tokenizer_cli
 
 
 class Sampler:
@@ -56,3 +58,16 @@ def test_sample_refuses_chat_messages_without_a_chat_template(tmp_path, monkeypa
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(ValueError, match="the prompts hold chat messages but tokenizer byte has no chat control"):
         sample.main(["--checkpoint=ck", f"--prompts={tmp_path / 'prompts.jsonl'}"])
+
+
+def test_tokenizer_inputs_are_each_pattern_matches_sorted_in_the_order_given(tmp_path):
+    """Comma-separated parts in the order given, each glob's matches sorted (the same inputs give the
+    same model), blank parts ignored; a part matching nothing, or no part at all, is an error."""
+    for name in ("b2.txt", "b1.txt", "a.txt"):
+        (tmp_path / name).write_text("x")
+    assert tokenizer_cli.input_paths(f"{tmp_path}/b*.txt, ,{tmp_path}/a.txt,") == [
+        f"{tmp_path}/b1.txt", f"{tmp_path}/b2.txt", f"{tmp_path}/a.txt"]
+    with pytest.raises(DataError, match=r"--input '.*/c\*.txt' matches no file"):
+        tokenizer_cli.input_paths(f"{tmp_path}/a.txt,{tmp_path}/c*.txt")
+    with pytest.raises(DataError, match="--input names no file"):
+        tokenizer_cli.input_paths(" , ")
