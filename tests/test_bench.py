@@ -250,3 +250,28 @@ def test_shakespeare_stamps_evals_and_keeps_the_last_within_budget(monkeypatch, 
     assert (row["bits_per_byte"], row["bits_per_byte_within_budget"], row["wall_s"]) == (2.75, 2.5, 200.0)
     assert row["steps"] == 6
     assert (row["kiln_tokens_per_s"], row["mfu"], row["device"]) == (300.0, 0.3, "cpu")
+
+
+def test_memory_figures_from_the_compilers_analysis(monkeypatch, capsys):
+    """A stand-in compiled step's analysis: per device = arguments + outputs + temporaries - donated
+    bytes (the outputs reuse those), in GiB and MiB; a figure exactly at --limit_gib fits."""
+    import jax
+
+    from benchmarks import memory
+
+    gib = 2 ** 30
+    analysis = types.SimpleNamespace(argument_size_in_bytes=3 * gib, output_size_in_bytes=2 * gib,
+                                     temp_size_in_bytes=6 * gib, alias_size_in_bytes=1 * gib)
+    compiled = types.SimpleNamespace(memory_analysis=lambda: analysis)
+    step = types.SimpleNamespace(lower=lambda *args: types.SimpleNamespace(compile=lambda: compiled))
+    monkeypatch.setattr(jax, "jit", lambda f, **kw: step)
+    row = memory.measure("tiny", batch=8, seq=64, fsdp=1, tensor=1, dtype="float32", remat="none", logits_chunk=0,
+                         attention="einsum")
+    assert (row["argument_gib"], row["output_gib"], row["temp_gib"], row["alias_gib"]) == (3.0, 2.0, 6.0, 1.0)
+    assert row["per_device_gib"] == 10.0 and row["peak_memory_mb"] == 10 * 1024 and row["devices"] == 1
+    monkeypatch.setattr(memory, "measure", lambda *a: dict(row))
+    assert memory.main(["--fsdp=1", "--limit_gib=10"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["fits"] and out["limit_gib"] == 10.0
+    assert memory.main(["--fsdp=1", "--limit_gib=9.5"]) == 0
+    assert not json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fits"]
