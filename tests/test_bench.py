@@ -275,3 +275,30 @@ def test_memory_figures_from_the_compilers_analysis(monkeypatch, capsys):
     assert out["fits"] and out["limit_gib"] == 10.0
     assert memory.main(["--fsdp=1", "--limit_gib=9.5"]) == 0
     assert not json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fits"]
+
+
+def test_gpu_check_reports_a_failed_size_and_goes_on(monkeypatch, capsys):
+    """Each train-step size runs (10 steps, the preset's tied embeddings); one that fails is a row
+    with its error, and the sizes after it still run."""
+    from benchmarks import gpu_check
+
+    calls = []
+
+    def measure(preset, batch, seq, dtype, *, steps, remat, untied):
+        calls.append((preset, batch, seq, dtype, steps, remat, untied))
+        if preset == "small" and dtype == "float32":
+            raise RuntimeError("out of memory")
+        return dict(preset=preset, tokens_per_s=1000.0, tflops_per_s=1.0, mfu=0.5, compile_s=2.0)
+
+    monkeypatch.setattr(gpu_check, "precision_check", lambda: {"bf16_rel_err": 0.01,
+                                                                "bf16_decode_vs_forward_rel_err": 0.02})
+    monkeypatch.setattr(gpu_check, "measure", measure)
+    assert gpu_check.main([]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert calls == [("small", 32, 1024, "bfloat16", 10, "none", False), ("small", 8, 256, "float32", 10, "none", False),
+                     ("llama3.2_1b", 8, 2048, "bfloat16", 10, "full", False)]
+    assert figures["bf16_rel_err"] == 0.01 and [r["preset"] for r in figures["train_step"]] == [
+        "small", "small", "llama3.2_1b"]
+    assert figures["train_step"][1] == {"preset": "small", "batch": 8, "seq": 256, "dtype": "float32",
+                                        "error": "RuntimeError('out of memory')"}
+    assert gpu_check.main(["--help"]) == 0 and gpu_check.main(["--steps=3"]) == 2
