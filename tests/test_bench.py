@@ -302,3 +302,32 @@ def test_gpu_check_reports_a_failed_size_and_goes_on(monkeypatch, capsys):
     assert figures["train_step"][1] == {"preset": "small", "batch": 8, "seq": 256, "dtype": "float32",
                                         "error": "RuntimeError('out of memory')"}
     assert gpu_check.main(["--help"]) == 0 and gpu_check.main(["--steps=3"]) == 2
+
+
+def test_data_throughput_rows_and_their_json_keys(monkeypatch, capsys):
+    """Six rows, each pipeline with the byte tokenizer and a BPE trained on its source: the config
+    each row measures and the JSON key its rounded tokens/s goes under."""
+    from benchmarks import data_throughput
+
+    seen = []
+
+    def measure(data_cfg, kind, tok, batches):
+        seen.append((kind, data_cfg.sources.train.path.rsplit("/", 1)[1], data_cfg.seq_len, data_cfg.batch_size,
+                     data_cfg.text_separator, data_cfg.tokenizer, tok, batches))
+        return {"tokens_per_s": 1000.4 * len(seen), "setup_s": 0.5, "padding": 0.25}
+
+    monkeypatch.setenv("KILN_DATA_DIR", "/data")
+    monkeypatch.setattr(data_throughput, "measure", measure)
+    monkeypatch.setattr(data_throughput.tokenizers, "load", lambda name: name)
+    monkeypatch.setattr(data_throughput.tokenizers, "resolve", lambda data_cfg, scratch: "bpe")
+    assert data_throughput.main(["--batches=3"]) == 0
+    assert seen == [(kind, path, seq, 16, sep, tokenizer, tok, 3)
+                    for kind, path, seq, sep in (("pretrain", "tinyshakespeare.txt", 256, ""),
+                                                 ("pretrain", "tinyshakespeare.txt", 256, "\n\n"),
+                                                 ("sft", "train.jsonl", 1024, ""))
+                    for tokenizer, tok in (("auto", "byte"), ("train", "bpe"))]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
+        "pretrain_tinyshakespeare_byte_tokens_per_s": 1000, "pretrain_tinyshakespeare_bpe2048_tokens_per_s": 2001,
+        "pretrain_tinyshakespeare_paragraphs_byte_tokens_per_s": 3001,
+        "pretrain_tinyshakespeare_paragraphs_bpe2048_tokens_per_s": 4002,
+        "sft_gsm8k_byte_tokens_per_s": 5002, "sft_gsm8k_bpe2048_tokens_per_s": 6002}
