@@ -228,7 +228,7 @@ def test_shakespeare_stamps_evals_and_keeps_the_last_within_budget(monkeypatch, 
         json.dump({"device_kind": "cpu", "packages": {"jax": "0"}}, f)
     bursts = ['{"step": 1, "tokens_per_s": 100, "mfu": 0.1}\n{"step": 2, "eval/bits_per_byte": 3.0}\n',
               '{"step": 3, "tokens_per_s": 400, "mfu": 0.4}\n{"step": 4, "eval/bits_per_byte": 2.5}\n{"step": 5, ',
-              '"tokens_per_s": 300, "mfu": 0.3}\n{"step": 6, "eval/bits_per_byte": 2.75}\n']
+              '"tokens_per_s": 300, "mfu": 0.3}\n{"step": 12, "eval/bits_per_byte": 2.75}\n']
 
     class Train:
         returncode = 0
@@ -246,9 +246,9 @@ def test_shakespeare_stamps_evals_and_keeps_the_last_within_budget(monkeypatch, 
     monkeypatch.setattr(shakespeare, "time", clock)
     row = shakespeare.measure(100.0, ["--config.train.steps=6"], run_dir, poll_s=100.0)
     assert row["evals"] == [dict(step=2, wall_s=0.0, bits_per_byte=3.0), dict(step=4, wall_s=100.0, bits_per_byte=2.5),
-                            dict(step=6, wall_s=200.0, bits_per_byte=2.75)]
+                            dict(step=12, wall_s=200.0, bits_per_byte=2.75)]
     assert (row["bits_per_byte"], row["bits_per_byte_within_budget"], row["wall_s"]) == (2.75, 2.5, 200.0)
-    assert row["steps"] == 6
+    assert row["steps"] == 12  # the last row's step, not the count of rows (6)
     assert (row["kiln_tokens_per_s"], row["mfu"], row["device"]) == (300.0, 0.3, "cpu")
 
 
