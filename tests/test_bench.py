@@ -152,7 +152,7 @@ def test_train_step_figures_are_medians_of_interleaved_rounds(monkeypatch):
     assert row["tflops_per_s"] == pytest.approx(64 * per_token / 1e12)
     assert row["mfu"] == pytest.approx(64 * per_token / 1e9) and row["peak_tflops"] == 1e-3
     assert (row["compile_s"], row["peak_memory_mb"], row["loss"], row["first_loss"]) == (4.0, 12.0, 2.0, 3.0)
-    assert (row["reference_loss"], row["torch_threads"], row["tied"]) == (2.5, 2, False)
+    assert (row["reference_loss"], row["torch_threads"], row["tied"], row["scan_layers"]) == (2.5, 2, False, False)
 
 
 def test_train_step_compile_time_and_memory(monkeypatch):
@@ -173,6 +173,20 @@ def test_train_step_compile_time_and_memory(monkeypatch):
     kiln.mesh, kiln.state, kiln.frozen, kiln.data = ts.make_mesh(1, -1, 1), None, None, None
     kiln.step = types.SimpleNamespace(lower=lambda *args: types.SimpleNamespace(compile=lambda: compiled))
     assert kiln.memory_mb() == 7.0
+
+
+def test_train_step_keeps_the_first_steps_loss():
+    """`first_loss` is the loss of the first step run (the two sides' losses before any update
+    agree), `loss` the latest."""
+    from benchmarks import train_step as ts
+
+    kiln, losses = object.__new__(ts.KilnStep), iter([2.0, 1.5, 1.25])
+    kiln.mesh, kiln.state, kiln.frozen, kiln.data = ts.make_mesh(1, -1, 1), None, None, None
+    kiln.loss = kiln.first_loss = float("nan")
+    kiln.step = lambda state, frozen, data: (state, {"loss": next(losses)})
+    for _ in range(3):
+        kiln.run()
+    assert (kiln.first_loss, kiln.loss) == (2.0, 1.25)
 
 
 def test_sampling_best_time_and_ratio(monkeypatch):
