@@ -1,6 +1,6 @@
 """The launch commands' own logic around the work they hand off, with stand-ins for that work:
 `kiln sample`'s batches of prompts, their seeds, the options passed on and the rows written;
-`kiln tokenizer`'s input files."""
+`kiln tokenizer`'s input files; what `kiln convert` asks of the loaders and writers."""
 import json
 import types
 
@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from data.sources import DataError
-from launch import sample, tokenizer_cli
+from launch import convert, sample, tokenizer_cli
 
 
 class Sampler:
@@ -71,3 +71,58 @@ def test_tokenizer_inputs_are_each_pattern_matches_sorted_in_the_order_given(tmp
         tokenizer_cli.input_paths(f"{tmp_path}/a.txt,{tmp_path}/c*.txt")
     with pytest.raises(DataError, match="--input names no file"):
         tokenizer_cli.input_paths(" , ")
+
+
+@pytest.fixture
+def converted(monkeypatch):
+    """Stand-ins for the checkpoint and Hugging Face readers and writers; the calls they got."""
+    calls = []
+    cfg = types.SimpleNamespace(family="llama", prefix=None, lora=types.SimpleNamespace(rank=4, targets=("q", "v")))
+    monkeypatch.setattr(convert.hf, "load", lambda path, dtype: calls.append(("hf.load", path, dtype)) or (cfg, "m"))
+    monkeypatch.setattr(convert.hf, "save", lambda model, c, path, dtype, files: calls.append(
+        ("hf.save", path, dtype, files)))
+    monkeypatch.setattr(convert.hf_peft, "save_adapter", lambda model, path, base_model_name_or_path: calls.append(
+        ("save_adapter", path, base_model_name_or_path)))
+    monkeypatch.setattr(convert.checkpoint, "save_params", lambda path, step, model, c: calls.append(
+        ("save_params", path, step)))
+    monkeypatch.setattr(convert.checkpoint, "load_params", lambda path, step: calls.append(
+        ("load_params", path, step)) or (cfg, "m"))
+    monkeypatch.setattr(convert.checkpoint, "run_config", lambda path: None)
+    monkeypatch.setattr(convert.checkpoint, "base_of", lambda path: f"{path}/base")
+    monkeypatch.setattr(convert.checkpoint, "tokenizer_of", lambda path: "byte")
+    monkeypatch.setattr(convert, "_count", lambda model: 7)
+    monkeypatch.setattr(convert.lora, "adapters", lambda model: [])
+    return calls
+
+
+def test_convert_passes_on_its_dtype_step_and_adapter_flags(tmp_path, converted):
+    """--from-hf reads float32 unless --dtype says otherwise and writes step 0 unless --step does;
+    --from-kiln writes --dtype (None: as stored) with the run's tokenizer files; --adapter-only
+    writes the adapter naming the base model, and refuses a --dtype."""
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    assert convert.main(["--from-hf", src, "--to", out]) == 0
+    assert convert.main(["--from-hf", src, "--to", out, "--dtype=bfloat16", "--step=5"]) == 0
+    assert converted == [("hf.load", src, "float32"), ("save_params", out, 0),
+                         ("hf.load", src, "bfloat16"), ("save_params", out, 5)]
+    converted.clear()
+    assert convert.main(["--from-kiln", src, "--to-hf", out, "--step=3", "--dtype=float16"]) == 0
+    assert convert.main(["--from-kiln", src, "--to-hf", out, "--adapter-only"]) == 0
+    assert converted == [("load_params", src, 3), ("hf.save", out, "float16", {}),
+                         ("load_params", src, None), ("save_adapter", out, f"{src}/base")]
+    with pytest.raises(SystemExit):
+        convert.main(["--from-kiln", src, "--to-hf", out, "--adapter-only", "--dtype=float32"])
+
+
+def test_convert_exports_the_runs_tokenizer_files(tmp_path, monkeypatch):
+    """A tokenizer directory's files that exist, under their own names; one file under the name the
+    loader looks for (a .json as tokenizer.json, else tokenizer.model); none for the byte tokenizer."""
+    (tmp_path / "tok").mkdir()
+    for name in ("tokenizer.json", "chat_template.jinja", "notes.txt"):
+        (tmp_path / "tok" / name).write_text("x")
+    for name, files in ((str(tmp_path / "tok"), {f: str(tmp_path / "tok" / f) for f in ("tokenizer.json",
+                                                                                       "chat_template.jinja")}),
+                        (str(tmp_path / "spm.model"), {"tokenizer.model": str(tmp_path / "spm.model")}),
+                        (str(tmp_path / "hf.json"), {"tokenizer.json": str(tmp_path / "hf.json")}),
+                        ("byte", {}), (None, {})):
+        monkeypatch.setattr(convert.checkpoint, "tokenizer_of", lambda path: name)
+        assert convert.tokenizer_files("run")[0] == files
