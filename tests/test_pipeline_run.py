@@ -216,6 +216,16 @@ def test_a_stage_cannot_name_itself(tmp_path):
         pipeline.load_recipe(recipe_file(tmp_path, stages), [])
 
 
+@pytest.mark.parametrize("owner", ["a", "b"])
+def test_a_helper_is_part_of_a_later_stage(tmp_path, owner):
+    """A helper's figures join a stage that uses them, which runs after it: part_of naming an earlier
+    stage (or the helper itself) would file them under a row already written."""
+    stages = [dict(name="a", command="train", config="configs/pretrain.py:smoke"),
+              dict(name="b", command="generate", config="configs/rejection_sampling.py:smoke", part_of=owner)]
+    with pytest.raises(ConfigError, match=f"stage 1 \\(b\\): part_of='{owner}' names no later stage"):
+        pipeline.load_recipe(recipe_file(tmp_path, stages), [])
+
+
 @pytest.mark.parametrize("where, message", [
     ("overrides", "stage 3 (sft): unknown config key 'train.stepz'"),
     ("evaluate", "stage 0 (pretrain): unknown config key 'eval.num_problemz'"),
