@@ -1,6 +1,7 @@
 """`kiln data preview` and the SFT / preference stage configs."""
 import json
 import re
+import types
 
 import numpy as np
 import pytest
@@ -117,3 +118,38 @@ def test_source_stats_count_statuses_and_pair_lengths_by_hand(tmp_path):
     assert (got.examples, got.statuses, got.tokens) == (3, {"ok": 2, "too_long": 1}, [16, 13])
     assert got.line().endswith(": 3 examples: ok 2, truncated 0, too_long 1, empty_mask 0, bad_record 0; bad records "
                                "skipped on load 0; tokens per example mean 14.5, min 13, max 16")
+
+
+def test_reference_scores_pairs_in_padded_batches_and_counts_the_dropped(monkeypatch):
+    """`kiln data reference`'s loop with stand-ins for the source, the encoder and the model: pairs go
+    to the model `width` at a time, the last batch padded with empty rows whose scores are dropped;
+    each kept record gets its two scores (old ones replaced), in order; a pair training would drop,
+    or a record that cannot be read, is counted instead."""
+    from launch import reference_cli
+
+    records = [dict(prompt="p0", chosen="c", rejected="r", ref_chosen_logps=9.0), None,
+               dict(prompt="p2", chosen="c", rejected="r"), dict(prompt="long", chosen="c", rejected="r"),
+               dict(prompt="p4", chosen="c", rejected="r")]
+    monkeypatch.setattr(reference_cli.sources, "load", lambda where, src, data, kind: types.SimpleNamespace(
+        records=records))
+    monkeypatch.setattr(reference_cli.pipeline, "_pair_row", lambda seq_len, pad, example: {
+        "chosen_tokens": np.array([example]), "rejected_tokens": np.array([10 * example]), "margin": 0})
+    monkeypatch.setattr(reference_cli.pipeline, "_empty_row", lambda kind, seq_len, pad: {
+        "chosen_tokens": np.array([-1]), "rejected_tokens": np.array([-1]), "margin": 0})
+    batches = []
+
+    def score(batch):
+        batches.append({k: v.tolist() for k, v in batch.items()})
+        return -batch["chosen_tokens"][:, 0], -batch["rejected_tokens"][:, 0]
+
+    def encode(kind, record):
+        return (None, "too long") if record["prompt"] == "long" else (int(record["prompt"][1]) + 1, "")
+
+    config = types.SimpleNamespace(data=types.SimpleNamespace(seq_len=8))
+    kept, dropped = reference_cli._score_source("data.sources.train", None, config, encode, score, 2, 0)
+    assert batches == [{"chosen_tokens": [[1], [3]], "rejected_tokens": [[10], [30]]},
+                       {"chosen_tokens": [[5], [-1]], "rejected_tokens": [[50], [-1]]}]
+    assert kept == [dict(prompt="p0", chosen="c", rejected="r", ref_chosen_logps=-1.0, ref_rejected_logps=-10.0),
+                    dict(prompt="p2", chosen="c", rejected="r", ref_chosen_logps=-3.0, ref_rejected_logps=-30.0),
+                    dict(prompt="p4", chosen="c", rejected="r", ref_chosen_logps=-5.0, ref_rejected_logps=-50.0)]
+    assert dropped == 2
