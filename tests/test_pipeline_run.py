@@ -226,6 +226,13 @@ def test_a_helper_is_part_of_a_later_stage(tmp_path, owner):
         pipeline.load_recipe(recipe_file(tmp_path, stages), [])
 
 
+def test_only_an_eval_stage_names_a_checkpoint(tmp_path):
+    """A train stage's `checkpoint` would be ignored in silence (it trains from model.init_from)."""
+    stages = [dict(name="a", command="train", config="configs/pretrain.py:smoke", checkpoint="runs/x")]
+    with pytest.raises(ConfigError, match="an eval stage names its `checkpoint`, and only an eval stage does"):
+        pipeline.load_recipe(recipe_file(tmp_path, stages), [])
+
+
 @pytest.mark.parametrize("where, message", [
     ("overrides", "stage 3 (sft): unknown config key 'train.stepz'"),
     ("evaluate", "stage 0 (pretrain): unknown config key 'eval.num_problemz'"),
