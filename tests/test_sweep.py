@@ -146,3 +146,46 @@ def test_a_point_that_sets_nothing_is_named_base(in_root, tmp_path):
     """An empty point (the base config alone, beside the variations) runs in run_dir/base."""
     s = sweep.load_sweep(write_sweep(tmp_path, points=({}, {"optim.lr": 0.1})), [])
     assert sweep.points(s) == [("base", {}), ("lr=0.1", {"optim.lr": 0.1})]
+
+
+def test_a_rerun_skips_finished_runs_and_tabulates_them(in_root, tmp_path, monkeypatch, capsys):
+    """Stand-in training (it writes metrics.jsonl and its last step): the first run trains every
+    (point, seed), a re-run trains none and tabulates the same figures; the plot draws the metric
+    `plot.y` names against `plot.x`."""
+    from launch import pipeline
+
+    trained = []
+
+    def train(config):
+        os.makedirs(config.run_dir, exist_ok=True)
+        with open(os.path.join(config.run_dir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 2, "loss": 1.0, "eval/loss": 10 * config.optim.lr + config.seed}) + "\n")
+        with open(os.path.join(config.run_dir, "step"), "w") as f:
+            f.write("2")
+        trained.append((config.optim.lr, config.seed))
+        return {}
+
+    def latest_step(run_dir):
+        with open(os.path.join(run_dir, "step")) as f:  # FileNotFoundError: no checkpoint yet
+            return int(f.read())
+
+    from matplotlib.figure import Figure
+    drawn, savefig = [], Figure.savefig
+    monkeypatch.setattr(sweep.trainer, "train", train)
+    monkeypatch.setattr(pipeline.checkpoint, "latest_step", latest_step)
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: drawn.append(fig) or savefig(fig, *a, **kw))
+    spec = write_sweep(tmp_path, points=({"optim.lr": 0.1}, {"optim.lr": 0.2}),
+                       plot={"x": "optim.lr", "y": ("eval/loss",), "series": ""})
+    argv = [f"--config={spec}", "--config.overrides=('train.steps=2',)", "--config.metrics=('eval/loss','train/loss')"]
+    assert sweep.main(argv) == 0
+    first = capsys.readouterr().out
+    assert trained == [(0.1, 0), (0.1, 3), (0.2, 0), (0.2, 3)]
+    assert sweep.main(argv) == 0
+    again = capsys.readouterr().out
+    assert len(trained) == 4 and again.count("finished earlier, skipped") == 4
+    assert first.splitlines()[-4:] == again.splitlines()[-4:] == [
+        "| point | seeds | eval/loss | train/loss |", "|---|---|---|---|",
+        "| lr=0.1 | 2 | 2.5000 ± 2.1213 | 1.0000 ± 0.0000 |", "| lr=0.2 | 2 | 3.5000 ± 2.1213 | 1.0000 ± 0.0000 |"]
+    [ax] = drawn[-1].axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("optim.lr", "eval/loss")
+    assert ax.lines[0].get_xydata().tolist() == [[0.1, 2.5], [0.2, 3.5]]
