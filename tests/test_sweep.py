@@ -137,7 +137,8 @@ def test_summary_is_the_mean_and_sample_std_over_seeds(in_root, tmp_path):
 
 def test_runs_go_point_by_point_then_seed_by_seed_in_the_order_given(in_root, tmp_path):
     """`--config.seeds=(3, 0)` runs seed 3 first at each point: the sweep's own order, not a sorted one."""
-    s = sweep.load_sweep(write_sweep(tmp_path, points=({"optim.lr": 0.1}, {"optim.lr": 0.2})), ["--config.seeds=(3, 0)"])
+    spec = write_sweep(tmp_path, points=({"optim.lr": 0.1}, {"optim.lr": 0.2}))
+    s = sweep.load_sweep(spec, ["--config.seeds=(3, 0)"])
     assert [(name, seed) for name, seed, _ in sweep.plan(s)] == [("lr=0.1", 3), ("lr=0.1", 0), ("lr=0.2", 3),
                                                                  ("lr=0.2", 0)]
 
