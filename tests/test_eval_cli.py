@@ -108,8 +108,10 @@ def test_eval_runs_each_distinct_setting_once_and_tabulates_it(tmp_path, monkeyp
         "| arithmetic | 1 | yes | 0.375 | 3 / 8 | 1.5 |", "| arithmetic | 1 | no | 0.250 | 2 / 8 | 1.5 |"]) + "\n"
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["tasks"] == results["tasks"]
     calls.clear()
-    assert not kiln_eval.run(config, str(tmp_path / "ckpt"), chat=False)["chat"]
+    monkeypatch.chdir(tmp_path)
+    plain = kiln_eval.run(config, "ckpt", chat=False)
     assert calls == [(0, True), (0, False), (1, True), (1, False)]  # plain text: the 0-shot prompts differ
+    assert not plain["chat"] and plain["checkpoint"] == str(tmp_path / "ckpt")  # a relative path made absolute
 
 
 def test_a_prompt_that_exactly_fills_the_context_fits(tmp_path, monkeypatch):
