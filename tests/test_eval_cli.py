@@ -112,23 +112,25 @@ def test_eval_runs_each_distinct_setting_once_and_tabulates_it(tmp_path, monkeyp
     plain = kiln_eval.run(config, "ckpt", chat=False)
     assert calls == [(0, True), (0, False), (1, True), (1, False)]  # plain text: the 0-shot prompts differ
     assert not plain["chat"] and plain["checkpoint"] == str(tmp_path / "ckpt")  # a relative path made absolute
+    assert (tmp_path / "eval" / "results.md").read_text().startswith(f"Evaluation of `{tmp_path / 'ckpt'}` (plain-text")
 
 
 def test_a_prompt_that_exactly_fills_the_context_fits(tmp_path, monkeypatch):
     """The longest prompt (100 tokens, a stand-in) plus eval.max_new_tokens may reach max_seq_len
-    (132) exactly; one token more is refused."""
+    (132) exactly; one token more is refused. The shots are drawn with eval.shot_seed."""
     import types
 
     monkeypatch.setattr(kiln_eval.tasks, "items", lambda where, spec, data, n=None: ["problem"])
-    monkeypatch.setattr(kiln_eval.tasks, "choose_shots", lambda pool, k, evaluated, seed: pool[:k])
+    monkeypatch.setattr(kiln_eval.tasks, "choose_shots", lambda pool, k, evaluated, seed: pool[:k] * (seed == 7))
     monkeypatch.setattr(kiln_eval.tasks, "longest_prompt", lambda sampler, evaluated, shots, cot, chat: 100)
     sampler = types.SimpleNamespace(model=types.SimpleNamespace(cfg=types.SimpleNamespace(max_seq_len=132)))
     for new_tokens, fits in ((32, True), (33, False)):
         config = load_config(os.path.join(ROOT, "configs/eval.py:smoke"), [
-            f"--config.run_dir={tmp_path}", "--config.eval.shots=(0,)", f"--config.eval.max_new_tokens={new_tokens}"])
+            f"--config.run_dir={tmp_path}", "--config.eval.shots=(0, 1)", f"--config.eval.max_new_tokens={new_tokens}",
+            "--config.eval.shot_seed=7"])
         if fits:
-            assert [run[:3] for run in kiln_eval._task_runs(config, sampler, False)] == [
-                ("arithmetic", 0, cot) for cot in config.eval.chain_of_thought]
+            assert [(*run[:3], run[4]) for run in kiln_eval._task_runs(config, sampler, False)] == [
+                ("arithmetic", k, cot, ["problem"] * k) for k in (0, 1) for cot in config.eval.chain_of_thought]
         else:
             with pytest.raises(ValueError, match="is 100 tokens, and with eval.max_new_tokens=33 it exceeds"):
                 kiln_eval._task_runs(config, sampler, False)
