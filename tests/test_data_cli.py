@@ -153,3 +153,34 @@ def test_reference_scores_pairs_in_padded_batches_and_counts_the_dropped(monkeyp
                     dict(prompt="p2", chosen="c", rejected="r", ref_chosen_logps=-3.0, ref_rejected_logps=-30.0),
                     dict(prompt="p4", chosen="c", rejected="r", ref_chosen_logps=-5.0, ref_rejected_logps=-50.0)]
     assert dropped == 2
+
+
+def test_rows_render_by_hand():
+    """A packed row: a segment's first input then its targets, its trained run bracketed, and one
+    position of padding counted; a prompt row counts its left padding."""
+    tok = tk.load("byte")
+    a, b, c, d = tok.encode("abcd")
+    pad = tok.pad_id
+    row = {"tokens": np.array([[a, b, c, pad]]), "targets": np.array([[b, c, d, pad]]),
+           "loss_mask": np.array([[0, 1, 1, 0]]), "segment_ids": np.array([[1, 1, 1, 0]])}
+    assert data_cli.render_row(row, 0, "pretrain", tok) == (
+        "[segment 1: 3 positions, 2 trained]\nab⟦cd⟧\n[padding: 1 positions]")
+    h, i = tok.encode("hi")
+    prompt = {"prompt_tokens": np.array([[pad, pad, pad, h, i]]), "prompt_segment_ids": np.array([[0, 0, 0, 1, 1]]),
+              "answer": ["42"]}
+    assert data_cli.render_row(prompt, 0, "prompts", tok) == "[3 left-padding positions]\nhi\n[reference answer: '42']"
+
+
+def test_preview_reads_enough_batches_for_its_rows_from_the_configs_seed(capsys, monkeypatch):
+    """9 rows of batches of 2 need 5 batches (rounded up); the iterator is seeded with the config's
+    seed; 0 rows is refused."""
+    seeds, iterator = [], pipeline.train_iterator
+    monkeypatch.setattr(data_cli.pipeline, "train_iterator",
+                        lambda *a, seed: seeds.append(seed) or iterator(*a, seed=seed))
+    code, out, _ = preview(capsys, "--config=configs/pretrain.py:smoke", "--config.data.batch_size=2",
+                           "--config.seed=5", "--num_examples=9", "--max_stat_examples=10")
+    headers = re.findall(r"=== batch (\d+), row (\d+) ===", out)
+    assert code == 0 and headers == [(str(b), str(r)) for b in range(5) for r in range(2)][:9]
+    assert "batches 5 x 2:" in out and seeds == [5]
+    code, _, err = preview(capsys, "--config=configs/pretrain.py:smoke", "--num_examples=0")
+    assert code == 1 and "--num_examples must be positive, got 0" in err
