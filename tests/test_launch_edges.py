@@ -1,6 +1,7 @@
 """The launch commands' own logic around the work they hand off, with stand-ins for that work:
 `kiln sample`'s batches of prompts, their seeds, the options passed on and the rows written;
-`kiln tokenizer`'s input files; what `kiln convert` asks of the loaders and writers."""
+`kiln tokenizer`'s input files; what `kiln convert` asks of the loaders and writers; the `kiln`
+command's own argument splitting and error line."""
 import json
 import types
 
@@ -8,7 +9,8 @@ import jax
 import pytest
 
 from data.sources import DataError
-from launch import convert, sample, tokenizer_cli
+from launch import bench, convert, main as kiln, sample, tokenizer_cli
+from launch.train import split_args
 
 
 class Sampler:
@@ -50,6 +52,13 @@ def test_sample_batches_prompts_with_a_seed_each_and_writes_every_sample(tmp_pat
                     {"prompt": "b", "sample": 0, "text": "b/0"}, {"prompt": "b", "sample": 1, "text": "b/1"},
                     {"messages": messages, "sample": 0, "text": "chat/0"},
                     {"messages": messages, "sample": 1, "text": "chat/1"}]
+
+
+def test_sample_takes_prompts_from_one_place(tmp_path):
+    """--prompt and --prompts together would drop one of them in silence."""
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match="give prompts with --prompt=TEXT .* or --prompts=FILE.jsonl, not both"):
+        sample.main(["--checkpoint=ck", "--prompt=b", f"--prompts={tmp_path / 'prompts.jsonl'}"])
 
 
 def test_sample_refuses_chat_messages_without_a_chat_template(tmp_path, monkeypatch):
@@ -126,3 +135,19 @@ def test_convert_exports_the_runs_tokenizer_files(tmp_path, monkeypatch):
                         ("byte", {}), (None, {})):
         monkeypatch.setattr(convert.checkpoint, "tokenizer_of", lambda path: name)
         assert convert.tokenizer_files("run")[0] == files
+
+
+def test_config_arguments_split_at_their_first_equals_sign():
+    """A config path may hold '=' (a directory named a=b); the override values keep theirs too."""
+    assert split_args(["--config=runs/a=b/c.py:v", "--config.data.sources.train.path=x=y", "--other=1"], "kiln x") == (
+        "runs/a=b/c.py:v", ["--config.data.sources.train.path=x=y"], ["--other=1"])
+    assert split_args(["--config", "c.py"], "kiln x")[0] == "c.py"
+
+
+def test_a_key_error_is_one_line_without_its_quotes(monkeypatch, capsys):
+    """A KeyError's message is printed as given (str() of a KeyError adds quotes)."""
+    def fail(argv):
+        raise KeyError("no tokenizer named 'x'")
+    monkeypatch.setattr(bench, "main", fail)
+    assert kiln.main(["bench"]) == 1
+    assert capsys.readouterr().err == "kiln bench: error: no tokenizer named 'x'\n"

@@ -72,6 +72,9 @@ def test_tpu_pod_stops_at_the_first_failure(monkeypatch, capsys):
     assert [c[:5] for c in calls] == [["git", "-C", ROOT, "archive", "--format=tar.gz"],
                                       ["gcloud", "compute", "tpus", "tpu-vm", "scp"]]
     assert capsys.readouterr().err.strip() == "launch.tpu_pod: step 2 of 4 exited with status 3"
+    calls.clear()  # status 1, the commonest failure, stops it too
+    monkeypatch.setattr(tpu_pod.subprocess, "call", lambda step: calls.append(step) or (1 if len(calls) == 3 else 0))
+    assert tpu_pod.main(["--tpu=pod", "--zone=z", "--", *KILN]) == 1 and len(calls) == 3
 
 
 def test_tpu_pod_names_a_missing_program(monkeypatch, capsys):
@@ -130,6 +133,8 @@ def test_slurm_bad_input(capsys):
         "--time='90' is not HH:MM:SS or D-HH:MM:SS")
     assert "invalid choice: 'host'" in error(slurm.main, ["--nodes=1", "--gpus_per_node=8", "--per=host", "--", *KILN],
                                              capsys)
+    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=8", "--job_name=my run", "--dry-run", "--", *KILN],
+                 capsys).endswith("--job_name='my run': use letters, digits, '_', '.' and '-'")
     assert error(slurm.main, ["--nodes=1", "--gpus_per_node=0", "--dry-run", "--", *KILN], capsys).endswith(
         "--nodes and --gpus_per_node must be at least 1")
 
