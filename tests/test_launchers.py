@@ -18,6 +18,7 @@ from launch.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILN = ["kiln", "train", "--config=configs/pretrain.py"]
+DRY = ["--dry-run", "--", *KILN]
 V4_32 = ("--config.mesh.data=1 --config.mesh.fsdp=16 --config.mesh.tensor=1 --config.mesh.dcn_data=1 "
          "--config.mesh.dcn_fsdp=1")
 
@@ -126,16 +127,16 @@ def test_slurm_writes_the_script_and_prints_sbatch(tmp_path, capsys):
 
 
 def test_slurm_bad_input(capsys):
-    assert error(slurm.main, ["--nodes=4", "--gpus_per_node=8", "--mesh=4x8xh100", "--", *KILN], capsys).endswith(
+    """Each refusal is a dry run: a launcher that failed to refuse would print, not write a script."""
+    assert error(slurm.main, ["--nodes=4", "--gpus_per_node=8", "--mesh=4x8xh100", *DRY], capsys).endswith(
         "--mesh=4x8xh100 spans 4 nodes over the network, one process each, but this starts 32 processes: "
         "use --per=node")
-    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=8", "--time=90", "--", *KILN], capsys).endswith(
+    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=8", "--time=90", *DRY], capsys).endswith(
         "--time='90' is not HH:MM:SS or D-HH:MM:SS")
-    assert "invalid choice: 'host'" in error(slurm.main, ["--nodes=1", "--gpus_per_node=8", "--per=host", "--", *KILN],
-                                             capsys)
-    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=8", "--job_name=my run", "--dry-run", "--", *KILN],
-                 capsys).endswith("--job_name='my run': use letters, digits, '_', '.' and '-'")
-    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=0", "--dry-run", "--", *KILN], capsys).endswith(
+    assert "invalid choice: 'host'" in error(slurm.main, ["--nodes=1", "--gpus_per_node=8", "--per=host", *DRY], capsys)
+    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=8", "--job_name=my run", *DRY], capsys).endswith(
+        "--job_name='my run': use letters, digits, '_', '.' and '-'")
+    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=0", *DRY], capsys).endswith(
         "--nodes and --gpus_per_node must be at least 1")
 
 
@@ -182,16 +183,17 @@ def test_multinode_sets_each_process_variables(capsys):
 
 
 def test_multinode_bad_input(capsys):
+    """Each refusal is a dry run: a launcher that failed to refuse would print, not start kiln train."""
     args = ["--nodes=2", "--coordinator=h:1"]
-    assert error(multinode.main, [*args, "--node_rank=2", "--", *KILN], capsys).endswith(
+    assert error(multinode.main, [*args, "--node_rank=2", *DRY], capsys).endswith(
         "--nodes and --processes_per_node must be at least 1, and --node_rank in [0, nodes)")
-    assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=h", "--", *KILN], capsys).endswith(
+    assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=h", *DRY], capsys).endswith(
         "--coordinator='h' is not HOST:PORT")
-    assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=h:port", "--", *KILN], capsys).endswith(
+    assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=h:port", *DRY], capsys).endswith(
         "--coordinator='h:port' is not HOST:PORT")
-    assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=:8476", "--dry-run", "--", *KILN],
-                 capsys).endswith("--coordinator=':8476' is not HOST:PORT")
-    assert error(multinode.main, [*args, "--node_rank=0", "--processes_per_node=8", "--mesh=4x8xh100", "--", *KILN],
+    assert error(multinode.main, ["--nodes=2", "--node_rank=0", "--coordinator=:8476", *DRY], capsys).endswith(
+        "--coordinator=':8476' is not HOST:PORT")
+    assert error(multinode.main, [*args, "--node_rank=0", "--processes_per_node=8", "--mesh=4x8xh100", *DRY],
                  capsys).endswith("this starts 16 processes: use --processes_per_node=1")
 
 
