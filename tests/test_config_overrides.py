@@ -45,6 +45,7 @@ def test_values_take_their_fields_type():
     ("--config.data.sources.training.weight=1", "unknown config key 'data.sources.training.weight'"),
     ("--model.d_model=3", "cannot read argument '--model.d_model=3'; expected --config.KEY=VALUE"),
     ("--config.model.d_model", "expected --config.KEY=VALUE"),
+    ("-config.model.d_model=3", "cannot read argument '-config.model.d_model=3'; expected --config.KEY=VALUE"),
     # A tuple that Python cannot read was a SyntaxError's traceback, unquoted names an AST dump.
     ("--config.peft.lora_targets=(q,", "bad value '(q,' for config key 'peft.lora_targets': expected a Python tuple"),
     ("--config.peft.lora_targets=(q,k)", "expected a Python tuple literal such as \"('q', 'v')\" (strings quoted"),
@@ -83,6 +84,7 @@ def test_bad_overrides_are_named(override, message):
     ("pretrain.py:smoke", ["model.rope_scaling.factor=4.0"],
      "config key 'model.rope_scaling.factor' is set but model.rope_scaling.type is 'none'"),
     ("pretrain.py:smoke", ["model.remat=everything"], "config key 'model.remat' = 'everything'"),
+    ("pretrain.py:smoke", ["model.dtype=none"], "config key 'model.dtype' = 'none'; expected one of float32"),
     ("pretrain.py:smoke", ["loss.beta=0.5"], "config key 'loss.beta' is set but loss.type is 'next_token'; it is "
                                              "read by loss.type=dpo or grpo or ppo"),
     ("dpo.py:smoke", ["loss.preference_type=hinge", "loss.label_smoothing=0.1"],

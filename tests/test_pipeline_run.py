@@ -295,6 +295,20 @@ def test_a_preempted_stage_stops_the_pipeline(fake, tmp_path, monkeypatch, capsy
     assert [r["stage"] for r in pipeline._read_results(fake.root)] == ["pretrain"]
 
 
+def test_rows_of_stages_not_reached_keep_their_figures(fake, tmp_path, monkeypatch):
+    """A re-run pre-empted in rm leaves results.json with the later rows as the first run wrote them:
+    sft's row with its helper's figures once prefixed (gen/kept_fraction), its time gen's included."""
+    first = pipeline.run(*pipeline.load_recipe(recipe_file(tmp_path), []))
+    os.remove(os.path.join(fake.root, "rm", "step"))  # rm must run again
+    real = fake.train
+    monkeypatch.setattr(pipeline.trainer, "train", lambda config: (
+        {"preempted_at": 1} if config.stage == "reward" else real(config)))
+    pipeline.run(*pipeline.load_recipe(recipe_file(tmp_path), []))
+    rows = {r["stage"]: r for r in pipeline._read_results(fake.root)}
+    sft = next(r for r in first["stages"] if r["stage"] == "sft")
+    assert (rows["sft"]["metrics"], rows["sft"]["seconds"]) == (sft["metrics"], sft["seconds"])
+
+
 def test_a_finished_stage_with_other_settings_is_named(fake, tmp_path, capsys):
     """A re-run after editing a finished stage's overrides skipped it in silence: the table then showed
     results of settings the recipe no longer names, and later stages built on that model. Optimizer or
