@@ -3,13 +3,15 @@
 `kiln tokenizer`'s input files; what `kiln convert` asks of the loaders and writers; the `kiln`
 command's own argument splitting and error line."""
 import json
+import os
 import types
 
 import jax
 import pytest
 
 from data.sources import DataError
-from launch import bench, convert, main as kiln, sample, tokenizer_cli
+from launch import bench, convert, generate, main as kiln, sample, tokenizer_cli
+from launch.config import ConfigError
 from launch.train import split_args
 
 
@@ -122,6 +124,15 @@ def test_convert_passes_on_its_dtype_step_and_adapter_flags(tmp_path, converted)
         convert.main(["--from-kiln", src, "--to-hf", out, "--adapter-only", "--dtype=float32"])
 
 
+def test_convert_never_replaces_a_run_that_holds_a_config_json(tmp_path, converted):
+    """A directory with config.json beside checkpoints/ is a Kiln run, not an earlier export."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a directory holding other files"):
+        convert.main(["--from-kiln", str(tmp_path / "src"), "--to-hf", str(tmp_path / "run")])
+    assert converted == []
+
+
 def test_convert_exports_the_runs_tokenizer_files(tmp_path, monkeypatch):
     """A tokenizer directory's files that exist, under their own names; one file under the name the
     loader looks for (a .json as tokenizer.json, else tokenizer.model); none for the byte tokenizer."""
@@ -151,3 +162,11 @@ def test_a_key_error_is_one_line_without_its_quotes(monkeypatch, capsys):
     monkeypatch.setattr(bench, "main", fail)
     assert kiln.main(["bench"]) == 1
     assert capsys.readouterr().err == "kiln bench: error: no tokenizer named 'x'\n"
+
+
+def test_generate_runs_rejection_sampling_only(monkeypatch):
+    """`kiln generate` on another stage's config is refused before anything runs (kiln train runs it)."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.setattr(generate.rejection, "run", lambda config: pytest.fail("rejection sampling ran"))
+    with pytest.raises(ConfigError, match=r"kiln generate runs stage rejection_sampling, not 'sft' \(use kiln train\)"):
+        generate.main(["--config=configs/sft.py:smoke"])

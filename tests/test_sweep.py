@@ -54,6 +54,7 @@ def test_print_lists_one_train_command_per_point_and_seed(in_root, capsys):
 @pytest.mark.parametrize("override, message", [
     ("--config.seeds=()", "a sweep sets 'seeds'"),
     ("--config.metrics=()", "a sweep sets 'metrics'"),
+    ("--steps=3", "unknown argument '--steps=3'; sweep values are set with --config.KEY=VALUE, --print prints"),
     ("--config.labels=('a','a')", "labels name each of its 2 points once"),
     ("--config.overrides=('optim.lrr=1',)", "optim.lrr"),
 ])
