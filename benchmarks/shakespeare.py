@@ -57,7 +57,8 @@ def measure(budget_s: float, overrides: list[str], run_dir: str, poll_s: float =
         raise RuntimeError(f"kiln train exited with {proc.returncode}: {' '.join(cmd)}")
     train_rows = [r for r in rows if r.get("tokens_per_s")]
     within = [e for e in evals if e["wall_s"] <= budget_s]
-    env = json.load(open(os.path.join(run_dir, "env.json")))
+    with open(os.path.join(run_dir, "env.json")) as f:
+        env = json.load(f)
     return dict(config=CONFIG, overrides=overrides, budget_s=budget_s, wall_s=wall,
                 bits_per_byte=evals[-1]["bits_per_byte"] if evals else None,
                 bits_per_byte_within_budget=within[-1]["bits_per_byte"] if within else None,

@@ -231,6 +231,7 @@ def test_data_throughput_counts_non_padding_tokens_after_the_first_batch(monkeyp
         "tokens_per_s": 5.0, "setup_s": 1.0, "padding": 0.375}
 
 
+@pytest.mark.filterwarnings("error")  # env.json was read through a file left open (a ResourceWarning)
 def test_shakespeare_stamps_evals_and_keeps_the_last_within_budget(monkeypatch, tmp_path):
     """A stand-in `kiln train` writing metrics.jsonl in three bursts 100 s apart (one row torn across
     two): each eval is stamped when read, the result is the last eval, the verdict the last at or before the budget,
