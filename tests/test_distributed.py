@@ -58,12 +58,25 @@ def test_the_environment_says_how_to_join(env, want):
 @pytest.mark.parametrize("env, message", [
     ({"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID not"),
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"not in \[0, JAX_NUM_PROC"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "-1"}, r"-1 is not in \[0, JAX"),
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "must be integers"),
 ])
 def test_a_half_described_run_is_named(env, message):
     with pytest.raises(distributed.DistributedError, match=message):
         distributed.describe(env)
 
+
+
+def test_sigterm_is_noted_inside_the_block_and_the_previous_handler_restored():
+    """One process: SIGTERM inside `with Preemption()` only marks the step to stop at (the process lives on),
+    and leaving the block puts back the handler that was there before."""
+    before = signal.getsignal(signal.SIGTERM)
+    with distributed.Preemption() as preemption:
+        assert not preemption.reached(3)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+        assert preemption.reached(4)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 def test_dry_run_prints_one_command_per_process(tmp_path):
     out = finish(local(3, *SMOKE, options=("--dry-run", "--port=2345", f"--log_dir={tmp_path}")))

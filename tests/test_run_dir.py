@@ -90,6 +90,27 @@ def test_memory_floor_by_hand():
                          "attention scores of one layer": 4 * (16 // 4) * 4 * 32 * 32}  # x heads x T x T
 
 
+
+def test_shape_checks_at_their_boundaries(monkeypatch):
+    """A sequence exactly the model's max_seq_len fits; memory exactly the floor fits, a page less does not;
+    the batch must split over the processes as well as the devices (8 rows over 3 processes do not)."""
+    from model.sharding import make_mesh
+    cfg, model = config("/nonexistent", "--config.data.seq_len=256"), presets.get("tiny")
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    assert model.max_seq_len == 256
+    preflight.check_shapes(cfg, model, mesh)
+    need = sum(preflight.memory_floor(cfg, model).values())
+    assert need == 4 * 106_816 * 4 + 4 * 8 * 256 * 256 + 4 * 8 * 4 * 256 * 256  # as in test_memory_floor_by_hand
+    for have in (need - 1, need):  # the host's memory, as pages of one byte
+        monkeypatch.setattr(preflight.os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE" else int(have))
+        if have < need:
+            with pytest.raises(ValueError, match="needs at least .* but this host has"):
+                preflight.check_shapes(cfg, model, mesh)
+    preflight.check_shapes(cfg, model, mesh)
+    monkeypatch.setattr(preflight.jax, "process_count", lambda: 3)
+    with pytest.raises(ValueError, match="data.batch_size=8 does not split over 3 processes"):
+        preflight.check_shapes(cfg, model, mesh)
+
 @pytest.mark.parametrize("override, message", [
     ("--config.peft.prefix_hidden=16", "'peft.prefix_hidden' is set but peft.method is 'none'; it is read by "
                                        "peft.method=prefix_tuning"),
@@ -127,6 +148,28 @@ def test_a_run_directory_in_use_is_refused_and_a_stale_lock_is_not(tmp_path):
     with pytest.raises(rundir.RunDirError, match="'gs://b/run' is a URL; .* mount the bucket"):
         rundir.RunLock("gs://b/run")  # not a local folder named "gs:"
 
+
+
+def test_a_longer_stale_lock_record_is_overwritten_whole(tmp_path):
+    """The lock file of a dead holder whose record was longer than this process's (a longer pid or host) is
+    cut before the new record is written, so the file names this process, and only it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text(json.dumps({"pid": 1, "host": "h" * 300, "started": "2026-01-01 00:00:00"}))
+    with rundir.RunLock(str(run_dir)):
+        assert json.load(open(run_dir / ".lock"))["pid"] == os.getpid()
+
+
+def test_a_lock_is_released_when_its_block_raises(tmp_path):
+    """An exception inside `with RunLock` drops the lock: the next run on the directory is not refused; and
+    releasing twice is harmless."""
+    with pytest.raises(KeyError):
+        with rundir.RunLock(str(tmp_path)):
+            raise KeyError("the run failed")
+    lock = rundir.RunLock(str(tmp_path))
+    lock.acquire()  # flock is per open file: a lock still held would refuse this
+    lock.release()
+    lock.release()  # a second release is harmless (it must not close a descriptor it no longer owns)
 
 # -- the disk ---------------------------------------------------------------------------------------------
 def test_unwritable_checkpoints_fail_at_the_start(tmp_path):
@@ -223,11 +266,11 @@ def test_set_aside_within_one_second_gets_distinct_directories(tmp_path, monkeyp
 
 def test_config_changes_are_sorted_into_free_guarded_and_fixed():
     old = {"run_dir": "a", "seed": 0, "stage": "sft", "model": {"dtype": "float32", "remat": "none", "n_layers": 2,
-                                                               "init_from": "x", "rope_theta": 1e4},
+                                                               "init_from": "x", "rope_theta": 1e4, "d_ff": None},
            "optim": {"lr": 1e-3}, "data": {"seq_len": 64, "eval_sources": {"t": {"path": "p"}}, "num_workers": 0},
            "peft": {"method": "none"}, "loss": {"type": "next_token", "z_loss": 0.0}, "mesh": {"rules": [["a", "b"]]}}
     new = {"run_dir": "b", "seed": 1, "stage": "sft", "model": {"dtype": "bfloat16", "remat": "full", "n_layers": 3,
-                                                               "init_from": "y", "rope_theta": 1e5},
+                                                               "init_from": "y", "rope_theta": 1e5, "d_ff": None},
            "optim": {"lr": 2e-3}, "data": {"seq_len": 32, "eval_sources": {"t": {"path": "q"}}, "num_workers": 2},
            "peft": {"method": "lora"}, "loss": {"type": "next_token", "z_loss": 1e-4}, "mesh": {"rules": (("a", "c"),)},
            "train": {"steps": 5}}
@@ -240,6 +283,20 @@ def test_config_changes_are_sorted_into_free_guarded_and_fixed():
     assert "train.steps: '(unset)' -> 5" in free and "seed: 0 -> 1" in guarded
     assert rundir.config_changes(old, dict(old)) == ([], [], [])
 
+
+
+def test_checkpoint_layout_and_eval_settings_are_free_and_the_stage_and_loss_fixed():
+    """Retention, scan_layers and `eval.*` only change how the run is saved, laid out or evaluated; the stage
+    and the loss type make it another run. An empty dict that gains a key reports that key."""
+    old = {"stage": "sft", "loss": {"type": "next_token"}, "checkpoint": {"keep": 3}, "model": {"scan_layers": True},
+           "eval": {"tasks": ["a"]}, "data": {"sources": {}}}
+    new = {"stage": "dpo", "loss": {"type": "dpo"}, "checkpoint": {"keep": 5}, "model": {"scan_layers": False},
+           "eval": {"tasks": ["a", "b"]}, "data": {"sources": {"s": 1}}}
+    free, guarded, fixed = rundir.config_changes(old, new)
+    key = lambda lines: [line.split(":")[0] for line in lines]  # noqa: E731
+    assert key(free) == ["checkpoint.keep", "eval.tasks", "model.scan_layers"]
+    assert guarded == ["data.sources: {} -> '(unset)'", "data.sources.s: '(unset)' -> 1"]
+    assert key(fixed) == ["loss.type", "stage"]
 
 def test_init_from_expands_paths_and_takes_a_step_directory(finished, monkeypatch):
     parent, name = os.path.split(finished)
