@@ -93,6 +93,10 @@ def test_wsd_warmup_stable_decay():
     # decay_fraction 1 without warmup: no stable phase, a linear decay from step 0 (-0.036 per step over 10).
     lr = optim.schedule(cfg(schedule="wsd", decay_fraction=1.0, warmup_steps=0), 10)
     np.testing.assert_allclose(values(lr, [0, 1, 5, 10]), [0.4, 0.364, 0.22, 0.04], **TOL)
+    # A decay longer than what the warmup leaves (10 steps asked, 6 left after warmup 4) is cut to those 6
+    # steps (-0.06 per step), so the run still ends at the floor rather than at 0.184.
+    lr = optim.schedule(cfg(schedule="wsd", decay_fraction=1.0), 10)
+    np.testing.assert_allclose(values(lr, [3, 4, 5, 7, 10]), [0.3, 0.4, 0.34, 0.22, 0.04], **TOL)
 
 
 def test_warmup_edge_cases():

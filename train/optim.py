@@ -27,8 +27,9 @@ def schedule(cfg: Any, total_steps: int) -> optax.Schedule:
     elif cfg.schedule == "linear":
         after = optax.linear_schedule(lr, end, rest)
     elif cfg.schedule == "wsd":
-        decay = max(int(round(total_steps * cfg.decay_fraction)), 1)
-        stable = max(rest - decay, 0)
+        # The decay ends at the end of the run, so it is cut to what the warmup leaves.
+        decay = min(max(int(round(total_steps * cfg.decay_fraction)), 1), rest)
+        stable = rest - decay
         after = optax.join_schedules([optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)], [stable])
     else:
         raise ValueError(f"unknown optim.schedule {cfg.schedule!r}")
