@@ -5,6 +5,7 @@ The state is the tiny model's real TrainState with every field made distinctive 
 moments, an unusual step, RNG and counters), so a field that is not saved, or restored into the wrong
 place, shows as a difference.
 """
+import json
 import os
 import shutil
 
@@ -148,6 +149,16 @@ def test_nonfinite_parameters_are_refused(run, tmp_path):
         checkpoint.Checkpointer(str(tmp_path)).restore(0, run.state)
 
 
+
+def test_nonfinite_values_of_every_float_type_are_refused():
+    """bfloat16 and float16 parameters (a run with param_dtype=bfloat16) are checked for finiteness as float32
+    ones are; integer arrays (the step, counters) have nothing to check."""
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        tree = {"params": {"w": jnp.array([1.0, jnp.nan], dtype)}, "train_state": {"step": jnp.int32(7)}}
+        with pytest.raises(checkpoint.CheckpointError, match="here: params/w holds non-finite values"):
+            checkpoint.verify(tree, checkpoint.fingerprint(tree), "here")
+    checkpoint.verify({"step": jnp.int32(-1)}, None, "here")
+
 def test_checksum_sees_values_and_positions():
     tree = {"a": jnp.arange(6, dtype=jnp.float32).reshape(2, 3), "b": jnp.array([1, 2], jnp.int32),
             "c": jnp.ones((4,), jnp.bfloat16)}
@@ -161,6 +172,23 @@ def test_checksum_sees_values_and_positions():
             checkpoint.verify(bad, expected, "here")
     with pytest.raises(checkpoint.CheckpointError, match="here: b does not match"):
         checkpoint.verify({"a": tree["a"], "c": tree["c"]}, expected, "here")  # a missing array
+
+
+
+def test_checksums_by_hand():
+    """The checksum's formula is part of the format: every saved checkpoint is verified against it, so a
+    change would refuse them all. Per array: the sum of its bits as uint32 words, and the sum weighted by
+    position (1 + i x 2654435761), both mod 2**32; bf16 and bool widen to one word each."""
+    K, M = 2654435761, 2 ** 32
+    one = 0x3F800000  # float32 1.0; bf16 1.0 is its top half, 0x3F80
+    tree = {"i": jnp.array([3, 5, 7], jnp.int32), "f": jnp.array([[1.0, -0.0]], jnp.float32),
+            "h": jnp.array([1.0, 2.0], jnp.bfloat16), "b": jnp.array([True, False, True])}
+    weighted = lambda words: sum(w * (1 + i * K) for i, w in enumerate(words)) % M  # noqa: E731
+    assert checkpoint.fingerprint(tree) == {
+        "i": [15, weighted([3, 5, 7])],
+        "f": [(one + 0x80000000) % M, weighted([one, 0x80000000])],
+        "h": [0x3F80 + 0x4000, weighted([0x3F80, 0x4000])],
+        "b": [2, weighted([1, 0, 1])]}
 
 
 def test_a_checksum_missing_on_either_side_is_a_mismatch():
@@ -259,3 +287,43 @@ def test_resuming_adapters_on_a_base_that_trained_on_is_refused(run, tmp_path):
                                                          f"step 4; .*init_from={tmp_path}/base/checkpoints/2"):
         moved.restore_latest(run.state, print)
     assert not os.path.exists(tmp_path / "lora" / "checkpoints.corrupt")
+
+
+def test_adapters_saved_without_a_base_step_resume_on_the_base_run(tmp_path):
+    """Adapters saved before the base's step was recorded name only the base run: they resume on it (its
+    latest step, as they always did) rather than being refused, and their base is the run itself. A base
+    that is gone is named as it was given, not as a step directory inside it."""
+    base, lora = str(tmp_path / "base"), str(tmp_path / "lora")
+    with ocp.CheckpointManager(os.path.join(base, "checkpoints")) as mgr:
+        mgr.save(4, args=ocp.args.Composite(model_config=ocp.args.JsonSave({})))
+    with ocp.CheckpointManager(os.path.join(lora, "checkpoints")) as mgr:
+        mgr.save(6, args=ocp.args.Composite(base=ocp.args.JsonSave({"init_from": base})))
+    resumed = checkpoint.Checkpointer(lora, base=base)
+    resumed._check_same_base()
+    resumed.close()
+    assert checkpoint.base_of(lora) == base
+    assert checkpoint._base_path({"init_from": base, "step": 4}) == os.path.join(base, "checkpoints", "4")
+    assert checkpoint._base_path({"init_from": str(tmp_path / "gone"), "step": 4}) == str(tmp_path / "gone")
+
+
+def test_adapters_on_a_hugging_face_base_record_its_directory_alone(tmp_path):
+    """A Hugging Face directory has no steps: the base item is its path, with no step to check on resume."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    adapters = checkpoint.Checkpointer(str(tmp_path / "lora"), base=str(tmp_path / "hf"))
+    assert adapters.base_item() == {"init_from": str(tmp_path / "hf")}
+    adapters.close()
+
+
+def test_run_config_is_the_runs_own_never_a_parent_folders(tmp_path):
+    """A run's config.json is found from the run, its checkpoints or a step directory; a bare checkpoint
+    directory has none, even inside a folder that holds another run's config.json."""
+    run_dir = tmp_path / "run"
+    for path in (run_dir / "checkpoints" / "2" / "params", tmp_path / "bare" / "2" / "params"):
+        path.mkdir(parents=True)
+    for folder in (run_dir, tmp_path):
+        (folder / "config.json").write_text(json.dumps({"seed": 3}))
+    for path in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "2"):
+        assert checkpoint.run_config(str(path)) == {"seed": 3, "run_dir": str(run_dir)}
+    assert checkpoint.run_config(str(tmp_path / "bare")) is None
+    assert checkpoint.run_config(str(tmp_path / "bare" / "2")) is None

@@ -333,6 +333,36 @@ def test_logger_survives_any_metric_value(tmp_path, capsys):
     assert "step 3: eval/loss=nan, eval/bits_per_byte=nan" in capsys.readouterr().out
 
 
+
+def test_logger_appends_and_sends_only_numbers_to_tensorboard(tmp_path):
+    """A resumed run's logger continues metrics.jsonl; booleans stay booleans, numpy numbers become floats;
+    TensorBoard gets every finite number but the step, and no text, booleans or missing values."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    logger = records.MetricsLogger(str(tmp_path), total_steps=4, start_step=1, progress=False)
+    scalars = []
+    logger.tb.close()
+    logger.tb = type("Scalars", (), {"add_scalar": lambda self, *a: scalars.append(a), "close": lambda self: None})()
+    logger.log(2, {"loss": np.float32(1.5), "clipped": np.bool_(True), "note": "x", "mfu": float("nan"),
+                   "n": np.int32(3)})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines == ['{"step": 1, "loss": 2.0}',
+                     '{"step": 2, "loss": 1.5, "clipped": true, "note": "x", "mfu": null, "n": 3.0}']
+    assert scalars == [("loss", 1.5, 2), ("n", 3.0, 2)]
+
+
+@pytest.mark.parametrize("head, status, expected", [
+    ((0, "abc123\n"), "", "abc123"),
+    ((0, "abc123\n"), " M train/trainer.py\n", "abc123+dirty"),
+    ((128, ""), "", "unknown"),  # not a git checkout
+])
+def test_git_revision_says_whether_the_tree_was_edited(monkeypatch, head, status, expected):
+    def run(args, **kwargs):
+        code, out = head if args[1] == "rev-parse" else (0, status)
+        return subprocess.CompletedProcess(args, code, out, "")
+    monkeypatch.setattr(records.subprocess, "run", run)
+    assert records.git_revision() == expected
+
 @pytest.mark.parametrize("fault, message", [
     ("--config.stage=bogus", "kiln train: error: unknown stage 'bogus'"),
     ("checkpoints is a file", "kiln train: error: checkpoint directory .*/checkpoints is not writable"),

@@ -234,3 +234,59 @@ def test_metrics_after_the_restored_step_and_torn_lines_are_dropped(tmp_path):
     assert open(old).read() == before
     trainer._truncate_metrics(str(tmp_path), 4)  # nothing to drop: nothing moves
     assert len(os.listdir(tmp_path / rundir.SUPERSEDED_DIR)) == 1 and path.read_text() == "".join(lines[:4])
+
+
+# -- around the loop --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("start, init_from, stop, evals, saves", [
+    (0, "", None, [10], [10]),  # from scratch: no evaluation at step 0; the final evaluation and save
+    (0, "/some/run", None, [0, 10], [10]),  # a loaded model is evaluated before it trains
+    (4, "/some/run", None, [10], [10]),  # a resumed run is not evaluated at its start again
+    (10, "/some/run", None, [], []),  # resumed when finished: nothing left to do, the last step saved already
+    (0, "", 6, [], []),  # pre-empted: the loop saved its step; no final evaluation or save
+])
+def test_run_evaluates_and_saves_around_the_loop(monkeypatch, start, init_from, stop, evals, saves):
+    from model.sharding import make_mesh
+    cfg = config("pretrain", "/nonexistent", "--config.train.steps=10", "--config.train.eval_every=5")
+    cfg.model.init_from = init_from  # never read: setup is not run here
+    state = types.SimpleNamespace(params={"w": np.zeros(3)}, step=start)
+    run = types.SimpleNamespace(config=cfg, state=state, frozen={"f": np.zeros(1)}, mesh=make_mesh(1, -1, 1),
+                                tokenizer=None, model_cfg=types.SimpleNamespace(dtype="float32"))
+    done = []
+
+    def fake_loop(run, kind, data_iter, ckpt, logger, start, peak, preemption):
+        run.state = types.SimpleNamespace(params=run.state.params, step=stop or 10)
+        return {"loss": 1.0, **({"preempted_at": stop} if stop else {})}
+
+    class Ckpt(Saves):
+        directory = "/nonexistent/checkpoints"
+
+        def save(self, state, data_state, model_cfg):
+            self.steps.append(int(state.step))
+
+        def wait(self):
+            done.append("waited")
+
+    monkeypatch.setattr(trainer.pipeline, "train_iterator", lambda *a, **k: Stream())
+    monkeypatch.setattr(trainer, "_resume", lambda run, ckpt, data_iter: start)
+    monkeypatch.setattr(trainer, "_start_records", lambda config, start: None)
+    monkeypatch.setattr(trainer.records, "MetricsLogger", lambda *a: types.SimpleNamespace(
+        message=lambda text: None, close=lambda: done.append("closed")))
+    monkeypatch.setattr(trainer, "_loop", fake_loop)
+    evaluated = []
+    monkeypatch.setattr(trainer, "_eval", lambda run, kind, step, logger: evaluated.append(step) or {})
+    ckpt = Ckpt()
+    ckpt.steps = [start] if start else []  # the checkpoint a resumed run restored
+    out = trainer._run(run, "pretrain", ckpt)
+    assert evaluated == evals and ckpt.steps == ([start] if start else []) + saves
+    assert done == ["waited", "closed"] and out.get("preempted_at") == stop
+
+
+def test_a_fresh_models_vocabulary_is_the_tokenizers_rounded_up_to_128():
+    """Rounded up for even sharding, never down, and not past a multiple it already is; a model.vocab_size
+    smaller than the tokenizer's is refused."""
+    cfg = config("pretrain", "/nonexistent")
+    assert [trainer.model_config(cfg, n).vocab_size for n in (1, 256, 257, 384)] == [128, 256, 384, 384]
+    cfg.model.vocab_size = 256
+    assert trainer.model_config(cfg, 200).vocab_size == 256
+    with pytest.raises(ValueError, match="the model's vocab_size=256 is smaller than the tokenizer's 300"):
+        trainer.model_config(cfg, 300)
