@@ -229,6 +229,18 @@ def test_resume_notes_free_changes_and_records_them(finished, tmp_path, capsys):
     assert open(old).read() == before
 
 
+
+def test_resume_none_sets_the_earlier_checkpoints_aside(finished, tmp_path, monkeypatch):
+    """checkpoint.resume=none starts over: the finished run's steps 2 and 4 move to superseded/ before the
+    checkpointer opens the directory, so none of them is resumed from or mixed with the new run's."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(finished, run_dir)
+    monkeypatch.setattr(trainer, "_run", lambda run, kind, ckpt: {"latest": ckpt.latest_step()})  # no training
+    assert trainer.train(config(run_dir)) == {"latest": 4}
+    assert trainer.train(config(run_dir, "--config.checkpoint.resume=none")) == {"latest": None}
+    [moved] = superseded(run_dir, "checkpoints")
+    assert sorted(os.listdir(moved)) == ["2", "4"]
+
 @pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests
 def test_resume_refuses_data_changes_unless_allowed(finished, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
