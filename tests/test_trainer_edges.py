@@ -290,3 +290,20 @@ def test_a_fresh_models_vocabulary_is_the_tokenizers_rounded_up_to_128():
     assert trainer.model_config(cfg, 200).vocab_size == 256
     with pytest.raises(ValueError, match="the model's vocab_size=256 is smaller than the tokenizer's 300"):
         trainer.model_config(cfg, 300)
+
+
+@pytest.mark.parametrize("stage, overrides, passes", [
+    ("pretrain", [], "train"),
+    ("dpo", [], "train + reference"),
+    ("dpo", ["--config.loss.preference_type=simpo"], "train"),  # reference-free: no reference pass
+    ("ppo", [], "2 x train"),
+])
+def test_flops_per_token_count_every_pass_a_step_makes(stage, overrides, passes, tmp_path):
+    """MFU's flops per token: the policy's forward and backward pass; plus the frozen reference's forward
+    pass for DPO with a reference; twice the policy's for PPO, whose value model (the policy's shape with a
+    scalar head, run at the same length) trains beside it."""
+    from train import flops
+    run = trainer.setup(config(stage, str(tmp_path), *overrides))
+    T, cfg = run.config.data.seq_len, run.model_cfg
+    train, reference = flops.flops_per_token(cfg, T), flops.forward_flops_per_token(cfg, T)
+    assert run.flops_per_token == {"train": train, "train + reference": train + reference, "2 x train": 2 * train}[passes]
