@@ -306,4 +306,5 @@ def test_flops_per_token_count_every_pass_a_step_makes(stage, overrides, passes,
     run = trainer.setup(config(stage, str(tmp_path), *overrides))
     T, cfg = run.config.data.seq_len, run.model_cfg
     train, reference = flops.flops_per_token(cfg, T), flops.forward_flops_per_token(cfg, T)
-    assert run.flops_per_token == {"train": train, "train + reference": train + reference, "2 x train": 2 * train}[passes]
+    expected = {"train": train, "train + reference": train + reference, "2 x train": 2 * train}[passes]
+    assert run.flops_per_token == expected
