@@ -234,6 +234,18 @@ def test_metrics_after_the_restored_step_and_torn_lines_are_dropped(tmp_path):
     assert open(old).read() == before
     trainer._truncate_metrics(str(tmp_path), 4)  # nothing to drop: nothing moves
     assert len(os.listdir(tmp_path / rundir.SUPERSEDED_DIR)) == 1 and path.read_text() == "".join(lines[:4])
+    path.unlink()
+    trainer._truncate_metrics(str(tmp_path), 4)  # a run killed before it logged: no file, nothing to do
+    assert not path.exists()
+
+
+def test_an_evaluation_is_logged_only_when_it_has_rows(monkeypatch):
+    """An evaluation with nothing to report (no eval sources) writes no row of a bare step number."""
+    logger = Logger()
+    for rows in ({}, {"eval/loss": 1.5}):
+        monkeypatch.setattr(trainer, "evaluate", lambda run, kind: rows)
+        assert trainer._eval(None, "pretrain", 8, logger) == rows
+    assert logger.rows == [(8, {"eval/loss": 1.5})]
 
 
 # -- around the loop --------------------------------------------------------------------------------------
@@ -269,8 +281,9 @@ def test_run_evaluates_and_saves_around_the_loop(monkeypatch, start, init_from, 
     monkeypatch.setattr(trainer.pipeline, "train_iterator", lambda *a, **k: Stream())
     monkeypatch.setattr(trainer, "_resume", lambda run, ckpt, data_iter: start)
     monkeypatch.setattr(trainer, "_start_records", lambda config, start: None)
+    messages = []
     monkeypatch.setattr(trainer.records, "MetricsLogger", lambda *a: types.SimpleNamespace(
-        message=lambda text: None, close=lambda: done.append("closed")))
+        message=messages.append, close=lambda: done.append("closed")))
     monkeypatch.setattr(trainer, "_loop", fake_loop)
     evaluated = []
     monkeypatch.setattr(trainer, "_eval", lambda run, kind, step, logger: evaluated.append(step) or {})
@@ -279,6 +292,8 @@ def test_run_evaluates_and_saves_around_the_loop(monkeypatch, start, init_from, 
     out = trainer._run(run, "pretrain", ckpt)
     assert evaluated == evals and ckpt.steps == ([start] if start else []) + saves
     assert done == ["waited", "closed"] and out.get("preempted_at") == stop
+    assert messages == [f"resumed from step {start} in {ckpt.directory}"] * bool(start) + [
+        "training 3 of 4 parameters (75%)"]
 
 
 def test_a_fresh_models_vocabulary_is_the_tokenizers_rounded_up_to_128():
