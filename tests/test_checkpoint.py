@@ -111,6 +111,18 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run, tmp_path,
     assert all(os.path.isdir(os.path.join(run_dir, "checkpoints.corrupt", m, "params")) for m in moved)
 
 
+
+def test_a_checkpoint_without_checksums_still_restores(run, tmp_path):
+    """Checkpoints written before checksums were saved have no fingerprint item: they restore (checked for
+    finiteness only), through the trainer's path and the init_from path alike."""
+    saved = save_steps(str(tmp_path), run, [5])[5]
+    shutil.rmtree(tmp_path / "checkpoints" / "5" / "fingerprint")
+    state, data = checkpoint.Checkpointer(str(tmp_path)).restore(5, run.state)
+    assert_same_state(state, saved)
+    assert data == DATA
+    model = checkpoint.load_params(str(tmp_path))[1]
+    np.testing.assert_array_equal(np.asarray(model.embed.table[...]), np.asarray(saved.params["embed"]["table"][...]))
+
 def test_damage_that_still_decodes_is_caught_by_the_checksum(run, tmp_path):
     """Bytes that decode: other (finite, well-formed) parameters written over step 3's. Orbax restores them
     without complaint, as it restored random bytes in an uncompressed chunk as finite garbage (measured:

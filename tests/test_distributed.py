@@ -100,6 +100,26 @@ def test_an_unreachable_coordinator_is_one_line(tmp_path):
         "port are reachable"]
 
 
+
+def test_a_coordinator_that_starts_late_is_waited_for():
+    """Process 1 may start before process 0 listens: it retries until the address answers, within the timeout."""
+    import socket
+    import threading
+    port = distributed_free_port()
+    server = socket.socket()
+
+    def listen_late():
+        time.sleep(0.2)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+    threading.Thread(target=listen_late).start()
+    try:
+        start = time.monotonic()
+        distributed._wait_for(f"127.0.0.1:{port}", 1, 2, timeout_s=30)
+        assert 0.2 <= time.monotonic() - start < 10
+    finally:
+        server.close()
+
 def distributed_free_port():
     from launch.local import free_port
     return free_port()
