@@ -91,6 +91,16 @@ def test_every_field_of_the_train_state_round_trips(run, tmp_path):
         assert got.sharding == like.sharding
 
 
+
+def test_retention_keeps_the_latest_keep_and_every_keep_every(run, tmp_path):
+    """keep=1, keep_every=2 over steps 1-4: the latest step (4) and the multiples of 2 (2, 4); step 3 goes
+    when step 4 is written, step 1 when step 2 is."""
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, keep_every=2, async_save=False)
+    for step in range(1, 5):
+        ckpt.save(run.state._replace(step=jnp.asarray(step, jnp.int32)), DATA, run.model_cfg)
+    ckpt.close()
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2, 4]
+
 @pytest.mark.parametrize("how", ["random bytes", "truncated"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run, tmp_path, how):
     run_dir = str(tmp_path)
