@@ -16,6 +16,7 @@ from train import checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests; a stand-in eval test covers the combinations
 def test_eval_writes_every_combination(tmp_path):
     cfg = presets.get("tiny", vocab_size=384, max_seq_len=2048)  # room for 2-shot prompts of bytes
     checkpoint.save_params(str(tmp_path / "ckpt"), 0, Transformer(cfg, rngs=nnx.Rngs(0)), cfg)

@@ -4,7 +4,6 @@ function it reaches before any model or data is built, so all of them are fast."
 import os
 
 import pytest
-from ml_collections import ConfigDict
 
 from launch import main as kiln, sweep
 from launch.config import ConfigError

@@ -311,6 +311,7 @@ def test_dpo_on_precomputed_reference_logps_matches_the_in_step_reference(pretra
         trainer.train(config("dpo", str(tmp_path / "y"), *common, "--config.loss.reference=data"))
 
 
+@pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests; test_prefix covers the mechanics
 @pytest.mark.parametrize("method, extra", [
     ("prompt_tuning", ["--config.optim.lr=1e-2", "--config.peft.prompt_init=vocab"]),
     ("prefix_tuning", ["--config.optim.lr=3e-2", "--config.peft.prefix_hidden=16"]),
@@ -376,6 +377,7 @@ def test_resume_is_bit_identical(pretrained, tmp_path, monkeypatch):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests; test_checkpoint pins retention directly
 def test_checkpoint_retention(tmp_path):
     trainer.train(config("pretrain", str(tmp_path), "--config.checkpoint.every=4", "--config.checkpoint.keep=2",
                          "--config.checkpoint.keep_every=8", "--config.train.eval_every=0", "--config.train.steps=22"))
