@@ -91,11 +91,10 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
                 raise ConfigError(f"{where}: @{ref} names no earlier stage")
         names.add(stage["name"])
     # A typo in a late stage's settings stops the pipeline now, not after the stages before it ran.
-    resolve = lambda text: _REF.sub(lambda m: os.path.join(config.run_dir, m.group(1)), text)  # noqa: E731
     for i, stage in enumerate(stages):
         for spec in (stage, stage["evaluate"]) if "evaluate" in stage else (stage,):
             try:
-                load_config(spec["config"], [f"--config.{resolve(o)}" for o in spec.get("overrides", ())])
+                load_config(spec["config"], _overrides(spec, config.run_dir))
             except ConfigError as e:
                 raise ConfigError(f"{path}: stage {i} ({stage['name']}): {e}") from None
     return config, stages
@@ -112,18 +111,16 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
         started = time.perf_counter()
         for i, stage in enumerate(stages):
             name, command, where = stage["name"], stage["command"], os.path.join(root, stage["name"])
-            resolve = lambda text: _REF.sub(lambda m: os.path.join(root, m.group(1)), text)  # noqa: E731
-            config = load_config(stage["config"], [f"--config.{resolve(o)}" for o in stage.get("overrides", ())]
-                                 + [f"--config.run_dir={where}"])
+            config = load_config(stage["config"], _overrides(stage, root) + [f"--config.run_dir={where}"])
             label = f"[{i + 1}/{len(stages)}] {name}: kiln {command} {stage['config']}"
-            evaluation = _evaluation(stage, where, resolve)
+            evaluation = _evaluation(stage, where, root)
             if finished(command, config) and (evaluation is None or finished("eval", evaluation)):
                 print(f"{label}: finished earlier{changed_since(config)}, skipped", flush=True)
                 seconds = done[name]["seconds"] if name in done else 0.0
             else:
                 print(f"{label} ({_progress(stages, i, time.perf_counter() - started)})", flush=True)
                 t0 = time.perf_counter()
-                stopped_at = _run_stage(command, config, stage, resolve)
+                stopped_at = _run_stage(command, config, stage, root)
                 if stopped_at:  # a later stage must not start from an unfinished model
                     return dict(results, preempted={"stage": name, "step": stopped_at})
                 if evaluation is not None:
@@ -145,7 +142,7 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
         lock.release()
 
 
-def _run_stage(command: str, config: Any, stage: dict[str, Any], resolve: Any) -> int | None:
+def _run_stage(command: str, config: Any, stage: dict[str, Any], root: str) -> int | None:
     """Runs one stage; the step a pre-empted train stage stopped at (None otherwise)."""
     if command == "tokenizer":
         os.makedirs(config.run_dir, exist_ok=True)
@@ -155,17 +152,26 @@ def _run_stage(command: str, config: Any, stage: dict[str, Any], resolve: Any) -
     elif command == "generate":
         rejection.run(config)
     else:
-        eval_cli.run(config, resolve(stage["checkpoint"]))
+        eval_cli.run(config, _resolve(stage["checkpoint"], root))
     return None
 
 
-def _evaluation(stage: dict[str, Any], where: str, resolve: Any) -> Any:
+def _evaluation(stage: dict[str, Any], where: str, root: str) -> Any:
     """The eval config of a stage's `evaluate` (None without one), writing into NAME/eval."""
     if "evaluate" not in stage:
         return None
     spec = stage["evaluate"]
-    return load_config(spec["config"], [f"--config.{resolve(o)}" for o in spec.get("overrides", ())]
-                       + [f"--config.run_dir={os.path.join(where, 'eval')}"])
+    return load_config(spec["config"], _overrides(spec, root) + [f"--config.run_dir={os.path.join(where, 'eval')}"])
+
+
+def _overrides(spec: dict[str, Any], root: str) -> list[str]:
+    """A stage's (or its evaluation's) overrides as --config flags, each @NAME made the stage's directory."""
+    return [f"--config.{_resolve(o, root)}" for o in spec.get("overrides", ())]
+
+
+def _resolve(text: str, root: str) -> str:
+    """`text` with every @NAME replaced by root/NAME, the directory stage NAME runs in."""
+    return _REF.sub(lambda m: os.path.join(root, m.group(1)), text)
 
 
 def _progress(stages: list[dict[str, Any]], i: int, elapsed: float) -> str:

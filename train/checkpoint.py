@@ -227,7 +227,12 @@ def base_of(path: str) -> str:
     if not _has_item(directory, step, "base"):
         return ""
     with ocp.CheckpointManager(directory) as mgr:
-        return _base_path(mgr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"])
+        return _base_path(_base_item(mgr, step))
+
+
+def _base_item(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The `base` item that step `step` of a checkpoint of adapters was saved with."""
+    return mgr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
 
 
 def _base_path(item: dict[str, Any]) -> str:
@@ -433,14 +438,13 @@ class Checkpointer:
         if self.base_step is None or step is None or not _has_item(self.directory, step, "base"):
             return
         try:
-            saved = self.manager.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
+            saved = _base_item(self.manager, step)
         except Exception:  # a damaged step: restore_latest's fallback deals with it
             return
         if saved.get("step") not in (None, self.base_step):
-            trained_on = os.path.join(locate(saved["init_from"])[0], str(saved["step"]))
             raise CheckpointError(f"the adapters in {self.directory} were trained on step {saved['step']} of "
                                   f"{saved['init_from']}, which now gives step {self.base_step}; resume on the same "
-                                  f"weights with --config.model.init_from={trained_on}")
+                                  f"weights with --config.model.init_from={_base_path(saved)}")
 
     def wait(self) -> None:
         """Blocks until the pending save is written; CheckpointError if it failed."""
