@@ -46,10 +46,10 @@ def load(path: str) -> Tokenizer:
 def resolve(data_cfg: Any, run_dir: str) -> Tokenizer:
     """The tokenizer that `data_cfg.tokenizer` names. "train" trains a sentencepiece model on the
     text of the training sources into `{run_dir}/tokenizer.model` (reused when it is already there).
-    "auto" depends on the model a run starts from: `train.trainer.tokenizer_name` makes it concrete first."""
+    "auto" depends on the model a run starts from: `train.build.tokenizer_name` makes it concrete first."""
     if data_cfg.tokenizer == "auto":
         raise TokenizerError('data.tokenizer="auto" names no tokenizer by itself (it means model.init_from\'s, '
-                             'else "byte"); resolve it with train.trainer.tokenizer_name(config)')
+                             'else "byte"); resolve it with train.build.tokenizer_name(config)')
     if data_cfg.tokenizer != "train":
         return load(data_cfg.tokenizer if data_cfg.tokenizer == "byte" else
                     sources.expand_path(data_cfg.tokenizer, "data.tokenizer"))

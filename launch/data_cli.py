@@ -19,7 +19,7 @@ import numpy as np
 from data import pipeline, stats, tokenizer as tokenizers
 from data.tokenizer import Tokenizer
 from launch.config import ConfigError, load_config
-from train.trainer import tokenizer_name
+from train.build import tokenizer_name
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 SPECIAL_OPEN, SPECIAL_CLOSE = "⟪", "⟫"

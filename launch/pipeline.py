@@ -39,7 +39,7 @@ from ml_collections import ConfigDict
 from data import tokenizer as tokenizers
 from launch.config import ConfigError, apply_override, load_config, load_module
 from launch.train import split_args
-from train import checkpoint, records, rejection, rundir, trainer
+from train import build, checkpoint, records, rejection, rundir, trainer
 
 COMMANDS = ("tokenizer", "train", "generate", "eval")
 _REF = re.compile(r"@([A-Za-z0-9_\-]+)")
@@ -235,7 +235,7 @@ def changed_since(config: Any) -> str:
         return ""
     config = config.copy_and_resolve_references()
     try:
-        config.data.tokenizer = trainer.tokenizer_name(config)  # as the run recorded it: "auto" made concrete
+        config.data.tokenizer = build.tokenizer_name(config)  # as the run recorded it: "auto" made concrete
     except ValueError:  # the source cannot say (any more): compared as written
         pass
     free, guarded, fixed = rundir.config_changes(started_with, config.to_dict())

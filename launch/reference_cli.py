@@ -27,7 +27,7 @@ from launch.config import ConfigError, load_config
 from model.sharding import make_mesh, use_rules
 from train import records
 from train.losses.dpo import sequence_logps
-from train.trainer import build_model, model_config, tokenizer_name
+from train.build import build_model, model_config, tokenizer_name
 
 
 def main(argv: list[str]) -> int:

@@ -277,14 +277,18 @@ def _safetensors(file: str, read: Callable[[], Any]) -> Any:
                             "or export it again") from None
 
 
-def _read_json(file: str) -> Any:
-    """The JSON in `file`; HFFormatError naming the file if it does not parse."""
+def _read_json(file: str) -> dict[str, Any]:
+    """The JSON object in `file`; HFFormatError naming the file if it does not parse or is not an object."""
     try:
         with open(file, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise HFFormatError(f"{file}: not valid JSON ({e}); the file is damaged or incomplete, copy or export it "
                             "again") from None
+    if not isinstance(data, dict):
+        raise HFFormatError(f"{file}: holds a JSON {type(data).__name__}, not an object; the file is damaged or "
+                            "not a Hugging Face file, copy or export it again")
+    return data
 
 
 def load(path: str, dtype: DType | None = None, param_dtype: DType | None = None,

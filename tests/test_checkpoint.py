@@ -18,7 +18,7 @@ from flax import nnx
 
 from launch.config import load_config
 from model.sharding import make_mesh, var_sharding
-from train import checkpoint, trainer
+from train import checkpoint, checksums, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = {"sources": {"train": {"epoch": 3, "position": 17}}}  # stands in for the data iterator's state
@@ -178,17 +178,17 @@ def test_nonfinite_values_of_every_float_type_are_refused():
     for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
         tree = {"params": {"w": jnp.array([1.0, jnp.nan], dtype)}, "train_state": {"step": jnp.int32(7)}}
         with pytest.raises(checkpoint.CheckpointError, match="here: params/w holds non-finite values"):
-            checkpoint.verify(tree, checkpoint.fingerprint(tree), "here")
+            checkpoint.verify(tree, checksums.fingerprint(tree), "here")
     checkpoint.verify({"step": jnp.int32(-1)}, None, "here")
 
 def test_checksum_sees_values_and_positions():
     tree = {"a": jnp.arange(6, dtype=jnp.float32).reshape(2, 3), "b": jnp.array([1, 2], jnp.int32),
             "c": jnp.ones((4,), jnp.bfloat16)}
-    expected = checkpoint.fingerprint(tree)
+    expected = checksums.fingerprint(tree)
     checkpoint.verify(tree, expected, "here")  # the same arrays pass
     one_bit = dict(tree, c=tree["c"].at[2].set(jnp.bfloat16(1.0078125)))  # the next bf16 above 1
     swapped = dict(tree, a=tree["a"][:, ::-1])  # same values, other places: the plain sum is blind to it
-    assert checkpoint.fingerprint(swapped)["a"][0] == expected["a"][0]
+    assert checksums.fingerprint(swapped)["a"][0] == expected["a"][0]
     for bad, key in ((one_bit, "c"), (swapped, "a")):
         with pytest.raises(checkpoint.CheckpointError, match=f"here: {key} does not match the checksum"):
             checkpoint.verify(bad, expected, "here")
@@ -206,7 +206,7 @@ def test_checksums_by_hand():
     tree = {"i": jnp.array([3, 5, 7], jnp.int32), "f": jnp.array([[1.0, -0.0]], jnp.float32),
             "h": jnp.array([1.0, 2.0], jnp.bfloat16), "b": jnp.array([True, False, True])}
     weighted = lambda words: sum(w * (1 + i * K) for i, w in enumerate(words)) % M  # noqa: E731
-    assert checkpoint.fingerprint(tree) == {
+    assert checksums.fingerprint(tree) == {
         "i": [15, weighted([3, 5, 7])],
         "f": [(one + 0x80000000) % M, weighted([one, 0x80000000])],
         "h": [0x3F80 + 0x4000, weighted([0x3F80, 0x4000])],
@@ -215,7 +215,7 @@ def test_checksums_by_hand():
 
 def test_a_checksum_missing_on_either_side_is_a_mismatch():
     tree = {"params": {"a": jnp.arange(4.0), "b": jnp.ones((2, 3), jnp.bfloat16)}, "train_state": {"step": jnp.int32(7)}}
-    sums = checkpoint.fingerprint(tree)
+    sums = checksums.fingerprint(tree)
     assert sorted(sums) == ["params/a", "params/b", "train_state/step"]
     checkpoint.verify(tree, sums, "here")
     for key in sums:  # an array without its checksum, or a checksum without its array

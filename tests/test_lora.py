@@ -15,7 +15,7 @@ import hf_models
 from model import hf, hf_peft, lora, presets
 from model.config import LORA_TARGETS, LoraConfig
 from model.transformer import Transformer, trainable
-from train import optim, trainer
+from train import build, optim
 
 ALL = LoraConfig(rank=4, alpha=8.0, targets=LORA_TARGETS)
 TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 200, (2, 24)))
@@ -23,7 +23,7 @@ TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 200, (2, 24)))
 
 def with_adapters(base: Transformer, lora_cfg: LoraConfig, seed: int = 0, b_scale: float = 0.0) -> Transformer:
     """`base` with fresh adapters; b_scale > 0 moves B away from zero so the adapters change the outputs."""
-    model = trainer._with_config(base, base.cfg.replace(lora=lora_cfg), seed)
+    model = build.with_config(base, base.cfg.replace(lora=lora_cfg), seed)
     if b_scale:
         keys = iter(jax.random.split(jax.random.key(seed + 1), 16))
         for adapter in lora.adapters(model).values():
@@ -38,7 +38,7 @@ def base():
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_fresh_adapters_reproduce_the_base_exactly(base, scan):
-    plain = trainer._with_config(base, base.cfg.replace(scan_layers=scan), 0)
+    plain = build.with_config(base, base.cfg.replace(scan_layers=scan), 0)
     model = with_adapters(plain, ALL)
     assert set(lora.adapters(model)) == set(LORA_TARGETS)
     np.testing.assert_array_equal(model(TOKENS), plain(TOKENS))  # B = 0: exactly the base, not merely close
@@ -92,7 +92,7 @@ def test_merged_weights_equal_the_adapted_model(base, rslora):
 def test_merge_into_a_wider_dtype_keeps_the_update_over_a_bfloat16_base(base):
     """merge(model, dtype) stores W + s·AB in `dtype`: float32 over a bfloat16 base keeps the update unrounded
     (hf.save merges this way when it writes float32 files); by default the merge keeps the base's dtype."""
-    bf16 = trainer._with_config(base, base.cfg.replace(param_dtype="bfloat16"), 0)
+    bf16 = build.with_config(base, base.cfg.replace(param_dtype="bfloat16"), 0)
     model = with_adapters(bf16, LoraConfig(rank=4, alpha=8.0, targets=("q",)), b_scale=0.1)
     q = lora.adapters(model)["q"]
     a, b = (np.asarray(p[...], np.float64) for p in (q.a, q.b))
@@ -106,7 +106,7 @@ def test_merge_into_a_wider_dtype_keeps_the_update_over_a_bfloat16_base(base):
 
 def test_scanned_and_unrolled_adapters_agree(base):
     model = with_adapters(base, ALL, b_scale=0.3)
-    unrolled = trainer._with_config(model, model.cfg.replace(scan_layers=False), 0)
+    unrolled = build.with_config(model, model.cfg.replace(scan_layers=False), 0)
     np.testing.assert_array_equal(unrolled(TOKENS), model(TOKENS))  # measured: identical
 
 

@@ -157,6 +157,8 @@ LLAMA = ('{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden
     (LLAMA, b"\x08\x00\x00\x00\x00\x00\x00\x00{",
      r"hf/model.safetensors cannot be read \(Error while deserializing"),
     (LLAMA.replace("}", ', "tie_word_embeddings": true}'), None, r"hf/model.safetensors.index.json: not valid JSON"),
+    ('["llama"]', b"", r"hf/config.json: holds a JSON list, not an object"),
+    (LLAMA, "[]", r"hf/model.safetensors.index.json: holds a JSON list, not an object"),
 ])
 def test_a_damaged_hugging_face_directory_is_one_line_naming_it(tmp_path, config, weights, message):
     """A truncated model.safetensors was a SafetensorError traceback; a damaged config.json or shard index
@@ -167,8 +169,8 @@ def test_a_damaged_hugging_face_directory_is_one_line_naming_it(tmp_path, config
 
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(config)
-    if weights is None:
-        (tmp_path / "hf" / "model.safetensors.index.json").write_text('{"weight_map": {')
+    if weights is None or isinstance(weights, str):
+        (tmp_path / "hf" / "model.safetensors.index.json").write_text(weights or '{"weight_map": {')
     else:
         (tmp_path / "hf" / "model.safetensors").write_bytes(weights)
     for load in (hf.load, checkpoint.load_model):

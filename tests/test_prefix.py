@@ -10,7 +10,7 @@ from model import hf, hf_peft, prefix
 from model import presets
 from model.config import PrefixConfig
 from model.transformer import KVCache, Transformer, trainable
-from train import trainer
+from train import build
 
 CFG = presets.get("tiny", sliding_window=9, window_layers=(1,))  # one windowed layer: the prefix can fall out of it
 TEXT = [11, 22, 33, 44, 55]
@@ -32,7 +32,7 @@ def prepended(base, tokens):
 def tuned(base, kind, hidden=0, scan=True):
     """`base` with a prompt (the embeddings of TEXT) or prefix (TEXT's keys and values) that stands for TEXT."""
     cfg = base.cfg.replace(prefix=PrefixConfig(kind=kind, num_tokens=N, hidden=hidden), scan_layers=scan)
-    model = trainer._with_config(base, cfg, 0)
+    model = build.with_config(base, cfg, 0)
     if kind == "prompt":
         prefix.init_prompt(model, "text", TEXT, jax.random.key(0))
     elif not hidden:
@@ -213,7 +213,7 @@ def test_peft_loads_our_prompt_and_prefix_onto_the_transformers_base(tmp_path, k
     hf_models.build("llama_gqa4_yarn_headdim").save_pretrained(str(tmp_path / "base"))  # GQA, YaRN's attention factor
     _, hf_base = hf.load(str(tmp_path / "base"))
     cfg = hf_base.cfg.replace(prefix=PrefixConfig(kind=kind, num_tokens=N, hidden=hidden))
-    model = trainer._with_config(hf_base, cfg, 0)  # random prompt / prefix (an MLP's, folded on export)
+    model = build.with_config(hf_base, cfg, 0)  # random prompt / prefix (an MLP's, folded on export)
     tokens = np.asarray(X) % hf_base.cfg.vocab_size
     ours = np.asarray(model(jnp.asarray(tokens)))
     hf_peft.save_adapter(model, str(tmp_path / "adapter"), base_model_name_or_path=str(tmp_path / "base"))

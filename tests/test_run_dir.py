@@ -16,7 +16,7 @@ from data import pipeline
 from launch.config import ConfigError, load_config
 from test_train import poisoned
 from model import presets
-from train import checkpoint, preflight, records, rundir, trainer
+from train import build, checkpoint, preflight, records, rundir, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.train.eval_every=0",
@@ -406,11 +406,11 @@ def test_auto_tokenizer_is_the_one_init_from_was_trained_with(tmp_path):
     bare.mkdir(parents=True)
 
     def resolved(init_from, *extra):
-        return trainer.tokenizer_name(config(str(tmp_path / "new"), f"--config.model.init_from={init_from}", *extra,
+        return build.tokenizer_name(config(str(tmp_path / "new"), f"--config.model.init_from={init_from}", *extra,
                                              stage="sft"))
 
     assert config(str(tmp_path / "new"), stage="sft").data.tokenizer == "auto"
-    assert trainer.tokenizer_name(config(str(tmp_path / "new"), stage="sft")) == "byte"  # from scratch
+    assert build.tokenizer_name(config(str(tmp_path / "new"), stage="sft")) == "byte"  # from scratch
     assert resolved(bpe) == os.path.join(bpe, "tokenizer.model")
     assert resolved(os.path.join(bpe, "checkpoints", "20")) == os.path.join(bpe, "tokenizer.model")
     assert resolved(named) == "$KILN_DATA_DIR/some.model"

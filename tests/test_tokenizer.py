@@ -376,7 +376,7 @@ def test_resolve_expands_variables_and_passes_the_training_options(tmp_path, mon
     os.rename(both / "tokenizer.json", both / "llama.json")  # any .json file is a tokenizer.json
     assert isinstance(tk.load(str(both / "llama.json")), tk.HFTokenizer)
     cfg.tokenizer = "auto"
-    with pytest.raises(tk.TokenizerError, match="resolve it with train.trainer.tokenizer_name"):
+    with pytest.raises(tk.TokenizerError, match="resolve it with train.build.tokenizer_name"):
         tk.resolve(cfg, str(tmp_path / "run"))
 
 

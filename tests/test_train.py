@@ -14,7 +14,7 @@ from data import pipeline
 from launch.config import load_config
 from model import presets
 from model.transformer import Transformer, param_count
-from train import checkpoint, flops, trainer
+from train import build, checkpoint, flops, trainer
 from train.losses.dpo import sequence_logps as dpo_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,8 +62,8 @@ def test_pretrain_smoke(pretrained):
 
 
 def test_model_dropout_key_reaches_the_model(tmp_path):
-    assert trainer.model_config(config("pretrain", tmp_path, "--config.model.dropout=0.2"), 256).dropout == 0.2
-    assert trainer.model_config(config("pretrain", tmp_path), 256).dropout == 0.0
+    assert build.model_config(config("pretrain", tmp_path, "--config.model.dropout=0.2"), 256).dropout == 0.2
+    assert build.model_config(config("pretrain", tmp_path), 256).dropout == 0.0
 
 
 @pytest.mark.parametrize("stage", [pytest.param("context_extension", marks=pytest.mark.slow), "anneal", "continue"])
@@ -186,7 +186,7 @@ def test_reward_model_from_pretrained_gets_a_new_head_and_the_rest_loaded(pretra
 def test_policy_started_from_a_reward_model_leaves_its_head_behind():
     reward_cfg = presets.get("tiny", reward_head=True, n_layers=1)
     reward_model = Transformer(reward_cfg, rngs=nnx.Rngs(0))
-    policy = trainer._with_config(reward_model, reward_cfg.replace(reward_head=False), seed=1)
+    policy = build.with_config(reward_model, reward_cfg.replace(reward_head=False), seed=1)
     assert not hasattr(policy, "score") and not policy.cfg.reward_head
     mine, theirs = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (policy, reward_model))
     theirs.pop("score")

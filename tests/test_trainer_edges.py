@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from test_train import config
-from train import rundir, trainer
+from train import build, rundir, trainer
 
 
 class Stream:
@@ -300,11 +300,11 @@ def test_a_fresh_models_vocabulary_is_the_tokenizers_rounded_up_to_128():
     """Rounded up for even sharding, never down, and not past a multiple it already is; a model.vocab_size
     smaller than the tokenizer's is refused."""
     cfg = config("pretrain", "/nonexistent")
-    assert [trainer.model_config(cfg, n).vocab_size for n in (1, 256, 257, 384)] == [128, 256, 384, 384]
+    assert [build.model_config(cfg, n).vocab_size for n in (1, 256, 257, 384)] == [128, 256, 384, 384]
     cfg.model.vocab_size = 256
-    assert trainer.model_config(cfg, 200).vocab_size == 256
+    assert build.model_config(cfg, 200).vocab_size == 256
     with pytest.raises(ValueError, match="the model's vocab_size=256 is smaller than the tokenizer's 300"):
-        trainer.model_config(cfg, 300)
+        build.model_config(cfg, 300)
 
 
 @pytest.mark.parametrize("stage, overrides, passes", [

@@ -1,12 +1,11 @@
 """Kiln checkpoints: an orbax CheckpointManager directory of numbered steps.
 
 Each step holds the item `params` (the model's parameters as a pure dict), `model_config` (JSON of
-the ModelConfig), so a checkpoint alone rebuilds its model, and `fingerprint` (JSON: a checksum of
-every array, taken before the write). A run that trains adapters only (LoRA) saves only them, plus
-the item `base` (JSON: the frozen base's directory), from which loading rebuilds the rest. Orbax checks neither the bytes nor the values it reads back,
-so random bytes in a data file restore as finite garbage; every restore recomputes the checksums
-and compares. Restoring goes onto an abstract, sharded target, so a checkpoint saved on one mesh
-loads onto another.
+the ModelConfig), so a checkpoint alone rebuilds its model, and `fingerprint` (JSON: `checksums` of
+every array, taken before the write and compared on every restore). A run that trains adapters only
+(LoRA) saves only them, plus the item `base` (JSON: the frozen base's directory and step), from
+which loading rebuilds the rest. Restoring goes onto an abstract, sharded target, so a checkpoint
+saved on one mesh loads onto another.
 """
 from __future__ import annotations
 
@@ -17,8 +16,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
@@ -29,7 +26,7 @@ from model import hf, lora
 from model.config import DType, ModelConfig
 from model.sharding import Rules, var_sharding
 from model.transformer import Transformer, trainable
-from train import distributed
+from train import checksums, distributed
 
 CORRUPT_DIR = "checkpoints.corrupt"  # beside checkpoints/: unreadable steps are moved here, never deleted
 
@@ -67,47 +64,11 @@ def locate(path: str) -> tuple[str, int | None]:
     return (inner if os.path.isdir(inner) else path), None
 
 
-# -- checksums -----------------------------------------------------------------------------------------
-def _as_uint32(x: jax.Array) -> jax.Array:
-    """The bits of `x` as uint32 words (narrower types widened, 8-byte types split in two)."""
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
-
-
-def _checksum(x: jax.Array) -> jax.Array:
-    """Two uint32 sums of the array's bits, plain and position-weighted. Unsigned integer sums
-    wrap and are exact in any order, so the result does not depend on the mesh."""
-    bits = _as_uint32(x).reshape(-1)
-    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
-    return jnp.stack([jnp.sum(bits), jnp.sum(bits * weights)])
-
-
-_checksums = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
-_all_finite = jax.jit(lambda flat: {k: jnp.all(jnp.isfinite(v)) for k, v in flat.items()
-                                    if jnp.issubdtype(v.dtype, jnp.floating)})
-
-
-def fingerprint(tree: dict[str, Any]) -> dict[str, list[int]]:
-    """{"item/path/to/leaf": [sum, weighted sum]} for every array of `tree`."""
-    sums = jax.device_get(_checksums(_flat(tree)))
-    return {k: [int(v) for v in np.asarray(s)] for k, s in sums.items()}
-
-
 def verify(tree: dict[str, Any], expected: dict[str, list[int]] | None, where: str) -> None:
     """Raises CheckpointError if a restored array differs from its checksum or a float is not finite."""
-    flat = _flat(tree)
-    if expected is not None:
-        got = fingerprint(tree)
-        for key in sorted(set(got) | set(expected)):
-            if got.get(key) != expected.get(key):
-                raise CheckpointError(f"{where}: {key} does not match the checksum taken when it was saved "
-                                      "(the file is damaged)")
-    finite = jax.device_get(_all_finite(flat))
-    bad = sorted(k for k, ok in finite.items() if not ok)
-    if bad:
-        raise CheckpointError(f"{where}: {bad[0]} holds non-finite values")
+    problem = checksums.problem(tree, expected)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
 
 
 # -- parameters only (init_from, kiln convert) -------------------------------------------------------------
@@ -122,7 +83,7 @@ def save_params(path: str, step: int, model: Transformer, cfg: ModelConfig) -> N
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         mgr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(cfg.to_dict()),
-            fingerprint=ocp.args.JsonSave(fingerprint({"params": params}))))
+            fingerprint=ocp.args.JsonSave(checksums.fingerprint({"params": params}))))
         mgr.wait_until_finished()
 
 
@@ -287,24 +248,6 @@ def load_model(path: str, *, mesh: Mesh | None = None, rules: Rules | None = Non
 
 
 # -- full training state -----------------------------------------------------------------------------
-def _flat(tree: Any) -> dict[str, Any]:
-    """A pytree as {"path/to/leaf": leaf}, a layout orbax stores for any pytree."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key(k) for k in path) or "_": leaf for path, leaf in leaves}
-
-
-def _key(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _unflat(target: Any, flat: dict[str, Any]) -> Any:
-    paths, treedef = jax.tree_util.tree_flatten_with_path(target)
-    return jax.tree_util.tree_unflatten(treedef, [flat["/".join(_key(k) for k in p) or "_"] for p, _ in paths])
-
-
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -364,13 +307,13 @@ class Checkpointer:
         """Starts writing `state` (asynchronously unless disabled); a failed write raises CheckpointError."""
         step = int(state.step)
         ensure_writable(self.directory)
-        params, rest = _split_value(nnx.to_pure_dict(state.params)), _flat(_rest(state))
-        checksums = fingerprint(dict(params, train_state=rest))
+        params, rest = _split_value(nnx.to_pure_dict(state.params)), checksums.flat(_rest(state))
+        sums = checksums.fingerprint(dict(params, train_state=rest))
         # Every process's iterator position (orbax writes a JSON item from process 0 only).
         data_state = pipeline.combine_states(distributed.gather_json(data_state))
         items = dict({k: ocp.args.StandardSave(v) for k, v in params.items()}, train_state=ocp.args.StandardSave(rest),
                      data=ocp.args.JsonSave(data_state), model_config=ocp.args.JsonSave(model_config.to_dict()),
-                     fingerprint=ocp.args.JsonSave(checksums))
+                     fingerprint=ocp.args.JsonSave(sums))
         if self.base:
             items["base"] = ocp.args.JsonSave(self.base_item())
         try:
@@ -387,7 +330,7 @@ class Checkpointer:
         checksums; CheckpointError if it cannot be read or does not match."""
         rest, like_params = _rest(like), _split_value(nnx.to_pure_dict(like.params))
         items = dict({k: ocp.args.StandardRestore(_abstract(v)) for k, v in like_params.items()},
-                     train_state=ocp.args.StandardRestore(_abstract(_flat(rest))), data=ocp.args.JsonRestore())
+                     train_state=ocp.args.StandardRestore(_abstract(checksums.flat(rest))), data=ocp.args.JsonRestore())
         if _has_item(self.directory, step, "fingerprint"):
             items["fingerprint"] = ocp.args.JsonRestore()
         where = f"checkpoint step {step} in {self.directory}"
@@ -402,7 +345,7 @@ class Checkpointer:
             data_state = pipeline.process_state(out["data"], jax.process_index(), jax.process_count())
         except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from None
-        return type(like)(params=params, **_unflat(rest, out["train_state"])), data_state
+        return type(like)(params=params, **checksums.unflat(rest, out["train_state"])), data_state
 
     def restore_latest(self, like: Any, warn: Callable[[str], None]) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, data state) of the latest step that restores and verifies; None if there is

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from train import distributed, generate, records, rewards
-from train.trainer import init_source
+from train.build import init_source
 
 OUTPUTS = ("sft.jsonl", "pairs.jsonl", "results.json")
 
