@@ -199,13 +199,19 @@ def test_whiten_uses_the_valid_tokens_only():
 
 
 def test_needs_old_logps_and_the_loss_config():
-    def config(stage, epochs, beta):
-        return ConfigDict(dict(stage=stage, rollout=dict(epochs=epochs, temperature=0.6, max_new_tokens=12),
-                               loss=dict(beta=beta), data=dict(seq_len=64)))
+    """The rollout's log-probs are needed whenever a rollout feeds more than one train step: with 4 x 2 replies
+    in mini-batches of 4, the second step's policy has moved and its ratio must be against the sampling one
+    (GRPO's default 8 x 8 replies in batches of 16 is four steps of one epoch)."""
+    def config(stage, epochs, beta, batch_size=8):
+        return ConfigDict(dict(stage=stage, rollout=dict(epochs=epochs, temperature=0.6, max_new_tokens=12,
+                                                         batch_prompts=4, num_samples=2),
+                               loss=dict(beta=beta), data=dict(seq_len=64, batch_size=batch_size)))
     assert not rollout.needs_old_logps(config("grpo", 1, 0.04))  # one update: the loss's own pass
     assert rollout.needs_old_logps(config("grpo", 2, 0.0))
+    assert rollout.needs_old_logps(config("grpo", 1, 0.0, batch_size=4))  # two mini-batches of one epoch
     assert rollout.needs_old_logps(config("ppo", 1, 0.05))  # PPO's KL reward reads them
     assert not rollout.needs_old_logps(config("ppo", 1, 0.0))
+    assert rollout.needs_old_logps(config("ppo", 1, 0.0, batch_size=2))
     cfg = rollout.loss_config(config("grpo", 1, 0.04))
     assert cfg.temperature == 0.6 and cfg.max_len == 12 and cfg.beta == 0.04
 

@@ -63,9 +63,14 @@ def reference(config: Any, graphdef: nnx.GraphDef, params: nnx.State, frozen: nn
 
 
 def needs_old_logps(config: Any) -> bool:
-    """Whether the loss reads the sampling policy's log-probs (several updates per rollout, or PPO's
-    KL reward); with one update the loss takes them from its own forward pass."""
-    return config.rollout.epochs > 1 or (config.stage == "ppo" and config.loss.beta > 0)
+    """Whether the loss reads the sampling policy's log-probs: when a rollout feeds several train steps
+    (several mini-batches or epochs: every step after the first sees a policy that has moved since
+    the rollout, and PPO's ratio is against the policy that sampled), or for PPO's KL reward. With one
+    train step per rollout the policy is still the sampling one and the loss takes them from its own
+    forward pass."""
+    ro = config.rollout
+    steps = ro.batch_prompts * ro.num_samples // config.data.batch_size * ro.epochs
+    return steps > 1 or (config.stage == "ppo" and config.loss.beta > 0)
 
 
 def sample(sampler: generate.Sampler, chats: list[list[dict[str, str]]], ro: Any, key: jax.Array
