@@ -71,7 +71,10 @@ def orpo_loss(chosen_avg_logps: jax.Array, rejected_avg_logps: jax.Array, *, lam
     chosen reply's NLL (the stage's NLL term with coefficient 1)."""
     def log_odds(avg_logp: jax.Array) -> jax.Array:
         logp = jnp.minimum(jnp.asarray(avg_logp, jnp.float32), -1e-6)  # P < 1, so log(1 - P) is finite
-        return logp - jnp.log1p(-jnp.exp(logp))
+        # log(1 − P) without cancellation (Mächler's log1mexp): 1 − exp(logp) loses its digits as P → 1
+        # (a confident reply), so near 0 take log(−expm1(logp)), and log1p(−exp(logp)) elsewhere.
+        log1m = jnp.where(logp > -jnp.log(2.0), jnp.log(-jnp.expm1(logp)), jnp.log1p(-jnp.exp(logp)))
+        return logp - log1m
     return -lam * jax.nn.log_sigmoid(log_odds(chosen_avg_logps) - log_odds(rejected_avg_logps))
 
 
