@@ -34,10 +34,24 @@ def lm():
     return KilnLM(sampler=Sampler(model, BYTE), batch_size=3, max_length=32)
 
 
+_FORWARDS = {}
+
+
+def log_softmax(model, ids):
+    """[len(ids) - 1, V] next-token log-probs after each of ids[:-1], from one plain forward of them
+    right-padded to 64 tokens, which a causal model never reads (one compiled program for every length)."""
+    if id(model) not in _FORWARDS:
+        graphdef, state = nnx.split(model)
+        _FORWARDS[id(model)] = (model, state, jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)))
+    _, state, forward = _FORWARDS[id(model)]
+    inputs = np.zeros((1, 64), np.int32)
+    inputs[0, :len(ids) - 1] = ids[:-1]
+    return np.asarray(jax.nn.log_softmax(forward(state, jnp.asarray(inputs)), axis=-1)[0, :len(ids) - 1])
+
+
 def reference(model, ids):
-    """log P(ids[t] | ids[:t]) for t >= 1, from one plain forward."""
-    logp = jax.nn.log_softmax(model(jnp.asarray([ids[:-1]])), axis=-1)[0]
-    return np.asarray(logp[np.arange(len(ids) - 1), np.asarray(ids[1:])])
+    """log P(ids[t] | ids[:t]) for t >= 1."""
+    return log_softmax(model, ids)[np.arange(len(ids) - 1), np.asarray(ids[1:])]
 
 
 def test_loglikelihood_equals_the_models_own(lm):
@@ -47,8 +61,8 @@ def test_loglikelihood_equals_the_models_own(lm):
         ctx, cont = BYTE.encode(context, add_bos=True), BYTE.encode_text(continuation)
         want = reference(lm.sampler.model, ctx + cont)[-len(cont):]
         assert abs(score - float(want.sum())) < 1e-5  # measured 0: the padded batch computes the same sums
-        logits = lm.sampler.model(jnp.asarray([(ctx + cont)[:-1]]))[0, -len(cont):]
-        assert greedy == bool(np.all(np.asarray(jnp.argmax(logits, -1)) == np.asarray(cont)))
+        logp = log_softmax(lm.sampler.model, ctx + cont)[-len(cont):]
+        assert greedy == bool(np.all(np.argmax(logp, -1) == np.asarray(cont)))
 
 
 def test_loglikelihood_of_a_long_context_keeps_its_last_max_length_inputs(lm):
@@ -70,14 +84,77 @@ def test_the_models_own_greedy_continuation_is_greedy(lm):
     assert greedy and not other
 
 
+def harness_windows(ids, prefix, max_length):
+    """lm-eval's own rolling windows of `ids` (context_len 1, made disjoint), as its models score a text."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    return [make_disjoint_window(w) for w in get_rolling_token_windows(ids, prefix, max_length, 1)]
+
+
 def test_loglikelihood_rolling_sums_every_token(lm):
     short = "Ava has 3 apples."
     ids = BYTE.encode(short, add_bos=True)
     assert abs(lm.loglikelihood_rolling([Request(short)])[0] - float(reference(lm.sampler.model, ids).sum())) < 1e-4
-    long = "Ben finds 12 more marbles and gives 5 to Chloe. " * 2  # 98 bytes: four windows of at most 32
-    ids = BYTE.encode(long, add_bos=True)
-    want = sum(float(reference(lm.sampler.model, ids[s - 1:s + 32]).sum()) for s in range(1, len(ids), 32))
-    assert abs(lm.loglikelihood_rolling([Request(long)])[0] - want) < 1e-3
+    long = "Ben finds 12 more marbles and gives 5 to Chloe. " * 2 + "Done."  # 101 bytes: four windows
+    windows = harness_windows(BYTE.encode_text(long), BYTE.bos_id, 32)
+    # Three full windows conditioned on one token each; the last five bytes on the 28 before them (a 33-id row).
+    assert [(len(c), len(p)) for c, p in windows] == [(1, 32), (1, 32), (1, 32), (28, 5)]
+    want = sum(float(reference(lm.sampler.model, c + p)[-len(p):].sum()) for c, p in windows)
+    assert abs(lm.loglikelihood_rolling([Request(long)])[0] - want) < 1e-3  # measured 1.2e-5 (of -540)
+
+
+def harness_split(tok, context, continuation):
+    """lm-eval's own split of a request (TemplateLM._encode_pair, a causal model whose encoding adds BOS)."""
+    from lm_eval.api.model import TemplateLM
+
+    model = types.SimpleNamespace(backend="causal", tok_encode=lambda text: tok.encode(text, add_bos=True))
+    return TemplateLM._encode_pair(model, context, continuation)
+
+
+def test_loglikelihood_splits_context_and_continuation_as_the_harness_does(lm):
+    """A context's trailing space belongs to the continuation (" 7" is scored, not "7" after a lone space);
+    the byte tokenizer splits nowhere else, so both sides are checked against lm-eval's split and the model."""
+    pairs = [("Answer: ", "7"), ("The sum is  \n", "42.")]
+    got = lm.loglikelihood([Request(c, k) for c, k in pairs])
+    for (context, continuation), (score, _) in zip(pairs, got):
+        ctx, cont = harness_split(BYTE, context, continuation)
+        assert abs(score - float(reference(lm.sampler.model, ctx + cont)[-len(cont):].sum())) < 1e-5
+        assert lm.encode_pair(context, continuation) == (ctx, cont)
+    assert harness_split(BYTE, *pairs[0])[1] == BYTE.encode_text(" 7")
+
+
+@pytest.fixture(scope="module")
+def bpe_lm(tmp_path_factory):
+    """A byte-level BPE tokenizer without BOS (as Qwen2's: EOS is the prefix token) and a model for it."""
+    from test_tokenizer import hf_dir
+
+    tok = tokenizers.load(hf_dir(tmp_path_factory.mktemp("bpe"), ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                 {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    model = Transformer(presets.get("tiny", vocab_size=400), rngs=nnx.Rngs(1))
+    return KilnLM(sampler=Sampler(model, tok), batch_size=4, max_length=16)
+
+
+def test_loglikelihood_with_merging_tokens_and_no_bos(bpe_lm):
+    """BPE merges across the boundary ("is " + "42" is not "is" + " 42" token by token): the continuation is
+    the tokens of the whole after the context's, as lm-eval takes them. Without BOS an empty context is EOS,
+    and a rolling text starts from EOS too, so its first token is scored."""
+    tok, model = bpe_lm.tok, bpe_lm.sampler.model
+    context, continuation = "The answer is ", "42 apples"
+    assert tok.encode_text(context) + tok.encode_text(continuation) != tok.encode_text(context + continuation)
+    ctx, cont = harness_split(tok, context, continuation)
+    short = "Ben has 12 more marbles."
+    (score, _), (empty, _) = bpe_lm.loglikelihood([Request(context, continuation), Request("", short)])
+    assert abs(score - float(reference(model, ctx + cont)[-len(cont):].sum())) < 1e-5
+    assert tok.bos_id is None and abs(empty - float(reference(model, [tok.eos_id] + tok.encode_text(short)).sum())) < 1e-5
+    assert bpe_lm.encode_pair(context, continuation) == (ctx, cont) and bpe_lm.prefix_id == tok.eos_id
+    text = "Ben has 12 more marbles than Ava, who has 5. How many does Ben have?"
+    ids = tok.encode_text(text)
+    windows = harness_windows(ids, tok.eos_id, 16)
+    assert [(len(c), len(p)) for c, p in windows] == [(1, 16), (3, 14)]  # the second window reads 2 more tokens
+    want = sum(float(reference(model, c + p)[-len(p):].sum()) for c, p in windows)
+    assert abs(bpe_lm.loglikelihood_rolling([Request(text)])[0] - want) < 1e-4
+    with pytest.raises(ValueError, match=r"continuation of \d+ tokens does not fit max_length=16"):
+        bpe_lm.loglikelihood([Request("Q:", " " + text)])  # scored 0 (an empty slice) before
 
 
 def test_generate_until_is_the_samplers_greedy_text(lm):

@@ -2,10 +2,14 @@
 
 `KilnLM` implements the harness's `LM` interface on any checkpoint `kiln sample` reads:
 - `loglikelihood`: log P(continuation | context) summed over the continuation's tokens, and
-  whether greedy decoding would have produced exactly those tokens;
-- `loglikelihood_rolling`: the log-likelihood of a whole text (BOS first), in disjoint windows of
-  `max_length` predicted tokens, each conditioned on the token before it (as the harness's own
-  models do, so that every forward fits the context);
+  whether greedy decoding would have produced exactly those tokens. The pair is split as the
+  harness's own models split it: the context's trailing whitespace moves to the continuation, and
+  the continuation's tokens are those of context + continuation (BOS first) after the context's;
+  an empty context is the prefix token (BOS, or EOS for a tokenizer without one);
+- `loglikelihood_rolling`: the log-likelihood of a whole text (the prefix token first), in disjoint
+  windows of `max_length` predicted tokens; as the harness's rolling windows, a full window is
+  conditioned on the token before it, and the last, shorter one on as many earlier tokens as fit
+  `max_length` inputs (the text itself is encoded without a BOS of its own);
 - `generate_until`: greedy (or sampled, if the request asks) generation through Kiln's sampler,
   cut at the request's stop strings, `batch_size` prompts per sampler call.
 Registered as the harness model "kiln": `lm_eval --model kiln --model_args checkpoint=RUN_DIR --tasks ...`.
@@ -49,6 +53,10 @@ class KilnLM(LM):
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(sum of log P(continuation tokens), greedy?) for (context ids, continuation ids) pairs."""
         out: list[tuple[float, bool]] = []
+        longest = max((len(cont) for _, cont in pairs), default=0)
+        if longest > self.max_length:
+            raise ValueError(f"a continuation of {longest} tokens does not fit max_length={self.max_length} "
+                             "predicted tokens (loglikelihood_rolling scores long texts in windows)")
         for lo in range(0, len(pairs), self.batch_size):
             chunk = pairs[lo:lo + self.batch_size]
             rows = [(ctx + cont)[-(self.max_length + 1):] for ctx, cont in chunk]
@@ -64,22 +72,37 @@ class KilnLM(LM):
                 out.append((float(logp[i, end - n:end].sum()), bool(greedy[i, end - n:end].all())))
         return out
 
+    @property
+    def prefix_id(self) -> int:
+        """The token an empty context (and a rolling text) starts from: BOS, else EOS (the harness's choice)."""
+        return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) split as the harness does (see the module docstring)."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if not context:
+            return [self.prefix_id], self.tok.encode_text(continuation)
+        ctx = self.tok.encode(context, add_bos=True)
+        return ctx, self.tok.encode(context + continuation, add_bos=True)[len(ctx):]
+
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
         pairs = []
         for request in requests:
             context, continuation = request.args
-            # The harness puts a separating space at the start of the continuation; keep it there.
-            pairs.append((self.tok.encode(context, add_bos=True), self.tok.encode_text(continuation)))
+            pairs.append(self.encode_pair(context, continuation))
             if not pairs[-1][1]:
-                raise ValueError(f"empty continuation for context {context[-40:]!r}")
+                raise ValueError(f"empty continuation {continuation!r} for context {context[-40:]!r}")
         return self._score(pairs)
 
     def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
         results = []
         for request in requests:
-            ids = self.tok.encode(request.args[0], add_bos=True)
-            windows = [(ids[start - 1:start], ids[start:start + self.max_length])
-                       for start in range(1, len(ids), self.max_length)]
+            ids = [self.prefix_id] + self.tok.encode_text(request.args[0])
+            ends = [min(start + self.max_length, len(ids)) for start in range(1, len(ids), self.max_length)]
+            windows = [(ids[max(end - 1 - self.max_length, 0):start], ids[start:end])
+                       for start, end in zip(range(1, len(ids), self.max_length), ends)]
             results.append(sum(score for score, _ in self._score(windows)))
         return results
 
