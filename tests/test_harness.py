@@ -145,7 +145,8 @@ def test_loglikelihood_with_merging_tokens_and_no_bos(bpe_lm):
     short = "Ben has 12 more marbles."
     (score, _), (empty, _) = bpe_lm.loglikelihood([Request(context, continuation), Request("", short)])
     assert abs(score - float(reference(model, ctx + cont)[-len(cont):].sum())) < 1e-5
-    assert tok.bos_id is None and abs(empty - float(reference(model, [tok.eos_id] + tok.encode_text(short)).sum())) < 1e-5
+    assert tok.bos_id is None
+    assert abs(empty - float(reference(model, [tok.eos_id] + tok.encode_text(short)).sum())) < 1e-5
     assert bpe_lm.encode_pair(context, continuation) == (ctx, cont) and bpe_lm.prefix_id == tok.eos_id
     text = "Ben has 12 more marbles than Ava, who has 5. How many does Ben have?"
     ids = tok.encode_text(text)
