@@ -177,14 +177,18 @@ def decode_phases(max_new_tokens: int) -> list[int]:
 
 def _filter(logits_BV: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
     """Logits outside the top k and outside the top-p nucleus set to -inf (ties with the last kept value
-    are kept). The nucleus is the smallest set of most likely tokens whose probability reaches top_p."""
+    are kept). The nucleus is the smallest set of most likely tokens whose probability reaches top_p,
+    under the distribution that top-k left (as transformers' TopKLogitsWarper then TopPLogitsWarper)."""
     if top_k:
         vals_BK = jax.lax.top_k(logits_BV, top_k)[0]  # sorted, largest first
     else:
         vals_BK = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)
     threshold_B1 = vals_BK[:, -1:]
     if top_p is not None:
-        probs_BK = jax.nn.softmax(vals_BK, axis=-1)
+        # Normalised over every token top-k kept: tokens tied with the k-th value hold mass that the k
+        # sorted values alone would miss.
+        log_z_B1 = jax.nn.logsumexp(jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV), axis=-1, keepdims=True)
+        probs_BK = jnp.exp(vals_BK - log_z_B1)
         # A token is in the nucleus when the mass of the tokens before it is still below top_p.
         keep_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK < top_p
         threshold_B1 = jnp.min(jnp.where(keep_BK, vals_BK, jnp.inf), axis=-1, keepdims=True)

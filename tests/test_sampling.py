@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from data.tokenizer import ByteTokenizer
 from launch import sample as sample_cli
@@ -122,12 +124,11 @@ def test_row_r_draws_step_s_with_fold_in_of_fold_in_of_the_seed():
     forward's logits with those keys, are the sampler's."""
     out = generate(seed=7, **SAMPLED)
     rows = [p for p in PROMPTS for _ in range(2)]
-    sample = jax.jit(sampling.sample_logits, static_argnames=("greedy", "top_k", "use_top_p"))
     for step in range(2):
         logits = forward_logits(MODEL, [p + out.tokens[r, :step].tolist() for r, p in enumerate(rows)])
         last = np.stack([logits[r, len(p) + step - 1] for r, p in enumerate(rows)])
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(jax.random.key(7), r), step) for r in range(6)])
-        tok, _ = sample(jnp.asarray(last), keys, SAMPLED["temperature"], SAMPLED["top_p"], top_k=SAMPLED["top_k"],
+        tok, _ = SAMPLE(jnp.asarray(last), keys, SAMPLED["temperature"], SAMPLED["top_p"], top_k=SAMPLED["top_k"],
                         use_top_p=True)
         np.testing.assert_array_equal(out.tokens[:, step], np.asarray(tok), err_msg=f"step {step}")
 
@@ -139,6 +140,26 @@ def test_top_k_one_and_tiny_top_p_are_greedy(greedy):
 
 # -- sampling statistics on crafted logits ---------------------------------------------------------
 PROBS = np.asarray([0.45, 0.25, 0.15, 0.1, 0.05])
+SAMPLE = jax.jit(sampling.sample_logits, static_argnames=("greedy", "top_k", "use_top_p"))
+
+
+def draw(probs, temperature, top_k, top_p, seed=0, n=20000):
+    """(token ids [n], log-probs [n]) drawn by `sample_logits` from n rows of logits log(probs), the token
+    ids shuffled so that sorting is really exercised, with each row's count of every entry of probs."""
+    order = np.asarray([3, 0, 4, 1, 2])
+    logits = np.zeros((n, 5), np.float32)
+    logits[:, order] = np.log(probs)
+    keys = jax.random.split(jax.random.key(seed), n)
+    tok, logp = SAMPLE(jnp.asarray(logits), keys, temperature, top_p, top_k=top_k, use_top_p=top_p < 1)
+    tok = np.asarray(tok)
+    return tok, np.asarray(logp), np.bincount(tok, minlength=5)[order]
+
+
+def assert_frequencies(counts, expect):
+    """Each count is binomial(n, p): within 4.5 standard deviations (a false alarm once in ~10^5 runs)."""
+    n = counts.sum()
+    tolerance = 4.5 * np.sqrt(n * expect * (1 - expect)) + 0.5
+    assert np.all(np.abs(counts - n * expect) <= tolerance), (counts, n * expect)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,expect", [
@@ -155,33 +176,38 @@ PROBS = np.asarray([0.45, 0.25, 0.15, 0.1, 0.05])
     (0.5, 0, 0.6, np.r_[1.0, 0, 0, 0, 0]),
 ])
 def test_sampling_frequencies_match_the_filtered_softmax(temperature, top_k, top_p, expect):
-    n = 20000
-    order = np.asarray([3, 0, 4, 1, 2])  # token ids shuffled, so that sorting is really exercised
-    logits = np.zeros((n, 5), np.float32)
-    logits[:, order] = np.log(PROBS)
-    keys = jax.random.split(jax.random.key(0), n)
-    tok, logp = jax.jit(sampling.sample_logits, static_argnames=("greedy", "top_k", "use_top_p"))(
-        jnp.asarray(logits), keys, temperature, top_p, top_k=top_k, use_top_p=top_p < 1)
-    counts = np.bincount(np.asarray(tok), minlength=5)[order]
-    # Each count is binomial(n, p): within 4.5 standard deviations (a false alarm once in ~10^5 runs).
-    tolerance = 4.5 * np.sqrt(n * expect * (1 - expect)) + 0.5
-    assert np.all(np.abs(counts - n * expect) <= tolerance), (counts, n * expect)
-    np.testing.assert_allclose(np.asarray(logp), np.log(PROBS[np.argsort(order)])[np.asarray(tok)], atol=1e-6)
+    tok, logp, counts = draw(PROBS, temperature, top_k, top_p)
+    assert_frequencies(counts, expect)
+    np.testing.assert_allclose(logp, np.log(PROBS[np.argsort([3, 0, 4, 1, 2])])[tok], atol=1e-6)
+
+
+@pytest.mark.parametrize("probs,temperature,top_k,top_p", [
+    ([0.4, 0.3, 0.1, 0.1, 0.1], 1.0, 3, 1.0),  # the k-th value ties with two more: all five are kept
+    # Top-p on what top-k kept, ties included: 0.5 leaves 0.5 < 0.6 before 0.2, so 0.2 is in the nucleus (the
+    # three top values alone, renormalised to 0.625 and 0.25, would stop at 0.5).
+    ([0.5, 0.2, 0.1, 0.1, 0.1], 1.0, 3, 0.6),
+    ([0.5, 0.2, 0.1, 0.1, 0.1], 2.0, 3, 0.4),  # the same at T = 2: 0.336 < 0.4 before the second token
+])
+def test_ties_at_the_kth_value_sample_as_hugging_faces_warpers(probs, temperature, top_k, top_p):
+    """Transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper in the order `generate` applies
+    them give the distribution to draw from. Top-k keeps every token tied with the k-th value, and top-p's
+    nucleus is of that whole set renormalised (no tie here at the nucleus's own boundary, where transformers
+    keeps whichever tied token its sort puts first)."""
+    scores = TopKLogitsWarper(top_k)(None, TemperatureLogitsWarper(temperature)(None, torch.log(torch.tensor([probs]))))
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    expect = torch.softmax(scores, dim=-1)[0].double().numpy()
+    assert_frequencies(draw(np.asarray(probs), temperature, top_k, top_p)[2], expect)
 
 
 def test_top_p_boundary_a_nucleus_that_reaches_top_p_exactly_is_complete():
     """Probabilities 1/2, 1/4, 1/8, 1/16, 1/16 are exact in float32: the mass before the third token is exactly
-    0.75, so top_p=0.75 keeps two tokens (they reach it) and never draws a third; a hair above keeps three."""
-    n = 20000  # the shapes of the frequency tests above: their compiled program
+    0.75, so top_p=0.75 keeps two tokens (they reach it) and never draws a third; a hair above keeps three.
+    At 0.9 the nucleus ends at the first 1/16 (0.875 before it), and the other, tied with it, is kept too:
+    which of two equal tokens to drop would depend on their ids (transformers keeps the one its sort puts first)."""
     probs = np.asarray([0.5, 0.25, 0.125, 0.0625, 0.0625])
-    order = np.asarray([2, 4, 0, 3, 1])
-    logits = np.zeros((n, 5), np.float32)
-    logits[:, order] = np.log(probs)
-    keys = jax.random.split(jax.random.key(1), n)
-    sample = jax.jit(sampling.sample_logits, static_argnames=("greedy", "top_k", "use_top_p"))
-    for top_p, kept in ((0.75, 2), (0.7501, 3)):
-        tok, _ = sample(jnp.asarray(logits), keys, 1.0, top_p, use_top_p=True)
-        counts = np.bincount(np.asarray(tok), minlength=5)[order]
+    for top_p, kept in ((0.75, 2), (0.7501, 3), (0.9, 5)):
+        counts = draw(probs, 1.0, 0, top_p, seed=1)[2]
         assert np.all(counts[:kept] > 0) and np.all(counts[kept:] == 0), (top_p, counts)
 
 
