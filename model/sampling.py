@@ -67,19 +67,21 @@ class _Plan:
 
 
 def generate(model: nnx.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+             temperature: float = 1.0, top_k: int | None = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
              stop_sequences: Sequence[Sequence[int]] = (), seed: int | jax.Array = 0, num_samples: int = 1,
              pad_id: int | None = None, mesh: Mesh | None = None, rules: Rules | None = None) -> SampleBatch:
     """Samples `num_samples` continuations of each prompt (token ids, at least one each).
 
-    temperature 0 is greedy decoding (top-k and top-p are then moot). A row stops after a token in
-    `stop_ids` or after the tokens of one of `stop_sequences`, which are kept in its output. `seed`
-    is an int or a `jax.random.key`; row r draws from fold_in(key, r), so a row's samples depend on
-    the seed and its place in the batch only. With `mesh`, the batch is split over the mesh axes that
-    `rules` (default `DEFAULT_RULES`) map "batch" to, and heads over those of "act_kv_heads"; the
-    model's parameters should already be placed on the mesh (`model.sharding.shard_module`).
+    temperature 0 is greedy decoding (top-k and top-p are then moot); top_k 0 or None is off. A row
+    stops after a token in `stop_ids` or after the tokens of one of `stop_sequences`, which are kept
+    in its output. `seed` is an int or a `jax.random.key`; row r draws from fold_in(key, r), so a
+    row's samples depend on the seed and its place in the batch only. With `mesh`, the batch is split
+    over the mesh axes that `rules` (default `DEFAULT_RULES`) map "batch" to, and heads over those of
+    "act_kv_heads"; the model's parameters should already be placed on the mesh
+    (`model.sharding.shard_module`).
     """
     cfg = model.cfg
+    top_k = top_k or 0  # None: off, as in transformers
     _check(cfg, prompt_ids, max_new_tokens, temperature, top_k, top_p, num_samples)
     # Hashable (the rule table keys the compiled program): config files give lists.
     rules = tuple((name, target if target is None or isinstance(target, str) else tuple(target))

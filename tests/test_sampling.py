@@ -138,6 +138,13 @@ def test_top_k_one_and_tiny_top_p_are_greedy(greedy):
     np.testing.assert_array_equal(generate(temperature=1.5, top_p=1e-6, seed=1).tokens, greedy.tokens)
 
 
+def test_top_k_none_is_off_as_zero(greedy):
+    """None switches top-k off, as 0 does (transformers' convention): it runs the very program of top_k=0."""
+    before = sampling._sample._cache_size()
+    np.testing.assert_array_equal(generate(top_k=None).tokens, greedy.tokens)
+    assert sampling._sample._cache_size() == before
+
+
 # -- sampling statistics on crafted logits ---------------------------------------------------------
 PROBS = np.asarray([0.45, 0.25, 0.15, 0.1, 0.05])
 SAMPLE = jax.jit(sampling.sample_logits, static_argnames=("greedy", "top_k", "use_top_p"))

@@ -76,7 +76,7 @@ class Sampler:
         return render(list(prompt), self.tokenizer, self.chat_template, add_generation_prompt=True)[0]
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 256, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] | None = None,
+                 top_k: int | None = 0, top_p: float = 1.0, stop_ids: Sequence[int] | None = None,
                  stop_sequences: Sequence[Sequence[int]] = (), seed: int | jax.Array = 0,
                  num_samples: int = 1) -> SampleBatch:
         """Samples from token ids (`model.sampling.generate`); `stop_ids` None: `self.stop_ids()`."""
@@ -90,7 +90,7 @@ class Sampler:
                         pad_id=self.tokenizer.pad_id, mesh=self.mesh, rules=self.rules)
 
     def complete(self, prompts: Sequence[Prompt], *, stop: Sequence[str] = (), max_new_tokens: int = 256,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | jax.Array = 0,
+                 temperature: float = 1.0, top_k: int | None = 0, top_p: float = 1.0, seed: int | jax.Array = 0,
                  num_samples: int = 1, chat: bool | None = None) -> list[dict[str, Any]]:
         """One dict per (prompt, sample), prompt-major: `prompt_index`, `sample_index`, `text` (cut
         before the first stop string), `token_ids` and `logprobs` (the reply's tokens, the stop id or
