@@ -11,6 +11,9 @@ says (`train.generate.load_sampler`). Text prompts become a user turn of the tem
 by default they do for a run whose stage trained on conversations (sft, dpo, ...), not for
 pre-training runs or Hugging Face directories (whose config cannot say whether the model was
 instruction-tuned). `messages` records always use the template.
+
+Prompts are sampled `--batch_size` at a time, the batch starting at prompt i drawing from
+fold_in(key(--seed), i): the same seed and batch size give the same samples.
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ as every row has stopped (a stop id, a stop sequence, or `max_new_tokens`). The 
 through `model.decode` and `model.cfg`, so adapters and virtual tokens inside the model need nothing
 here.
 
-Log-probs are those of the model's own distribution (before temperature, top-k and top-p): what
-RL and rejection sampling score tokens with.
+Log-probs are those of the model's own distribution (before temperature, top-k and top-p), which
+does not change with the sampling settings. The RL losses do not read them: they score the tokens
+again with the policy's forward at the rollout's temperature (`train.losses.rl.token_logps`).
 """
 from __future__ import annotations
 
