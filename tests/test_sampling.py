@@ -378,6 +378,12 @@ def test_complete_reports_a_stop_whenever_it_cuts_the_text():
     assert (free["text"], free["token_ids"], free["finish_reason"]) == ("ab\n\ncd", ids, "length")
 
 
+def test_complete_refuses_one_string_for_a_list_of_prompts():
+    """A string is a sequence too: taken as the list of prompts, "hi" would sample from "h" and from "i"."""
+    with pytest.raises(ValueError, match="a list of prompts, not one string"):
+        Sampler(MODEL, BYTE).complete("hi", max_new_tokens=N, temperature=0.0)
+
+
 def test_chat_prompts_end_in_the_assistant_header_and_stop_at_end_of_turn():
     sampler = Sampler(MODEL, BYTE, chat_template="kiln")
     ids = sampler.encode("hi")
