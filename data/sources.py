@@ -22,6 +22,7 @@ with its file and line number (or skipped and counted under `data.skip_bad_recor
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import gzip
@@ -232,6 +233,8 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
 def _read_json_lines(path: str, view: Callable[[dict], dict], skip_bad: bool) -> tuple[list[dict], int]:
     records, skipped = [], 0
     for line_no, raw in _open_lines(path):
+        if line_no == 1 and raw.startswith(codecs.BOM_UTF8):  # as Windows editors save UTF-8
+            raw = raw[len(codecs.BOM_UTF8):]
         if not raw.strip():
             continue
         try:
@@ -309,14 +312,23 @@ def _jsonl_view(src: Any, kind: str) -> Callable[[dict], dict]:
             return {"messages": prompt + [{"role": "assistant", "content": _field(r, f["completion_field"])}]}
         prompt = _chat(_field(r, f["prompt_field"], (str, list)), f["prompt_field"])
         if kind == "preference":
-            pair = {"prompt": prompt, "chosen": _field(r, f["chosen_field"]), "rejected": _field(r, f["rejected_field"])}
+            pair = _pair(prompt, _field(r, f["chosen_field"]), _field(r, f["rejected_field"]))
             given = [k for k in REFERENCE_FIELDS if k in r]
             if given and len(given) < len(REFERENCE_FIELDS):
                 raise RecordError(f"field {given[0]!r} without {[k for k in REFERENCE_FIELDS if k not in r][0]!r}: "
                                   "precomputed reference log-probs come in pairs")
             return dict(pair, **{k: float(_field(r, k, (int, float))) for k in PAIR_FIELDS if k in r})
+        if not any(m["content"].strip() for m in prompt):
+            raise RecordError(f"field {f['prompt_field']!r} is empty: there is nothing to reply to")
         return {"prompt": prompt, "answer": _field(r, f["answer_field"]) if f["answer_field"] else ""}
     return view
+
+
+def _pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, Any]:
+    """A preference record; RecordError for a pair whose replies are the same text (its loss has no gradient)."""
+    if chosen == rejected:
+        raise RecordError("chosen and rejected are the same reply: the pair prefers nothing")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def _gsm8k_view(src: Any, kind: str) -> Callable[[dict], dict]:
@@ -365,6 +377,6 @@ def _hh_view(kind: str) -> Callable[[dict], dict]:
             return {"text": chosen.strip() if kind == "pretrain" else f"{chosen}\n{rejected}"}
         prompt, good, bad = split_hh(chosen, rejected)
         return {"sft": lambda: {"messages": prompt + [{"role": "assistant", "content": good}]},
-                "preference": lambda: {"prompt": prompt, "chosen": good, "rejected": bad},
+                "preference": lambda: _pair(prompt, good, bad),
                 "prompts": lambda: {"prompt": prompt, "answer": ""}}[kind]()
     return view
