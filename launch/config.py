@@ -204,6 +204,41 @@ def check_peft(config: ConfigDict) -> None:
         raise ConfigError("peft.prompt_init=text and peft.prompt_init_text go together: set both or neither")
 
 
+def check_post_training(config: ConfigDict) -> None:
+    """ConfigError for a post-training or evaluation setting out of its range, before any model is built
+    (the loss, the LoRA or prefix module and the sampler refused them only once the model was loaded, naming
+    no config key; a negative GRPO beta, rollout.num_prompts or eval.num_problems ran on in silence)."""
+    loss, peft, ro, ev = config.loss, config.peft, config.rollout, config.eval
+    dpo = loss.type == "dpo"  # beta is DPO's temperature; RL's KL coefficient may be 0 (no reference)
+    rules = (("loss.beta", loss.beta > 0 if dpo else loss.beta >= 0, "positive" if dpo else "0 or more"),
+             ("peft.lora_rank", peft.lora_rank >= 1, "positive"),
+             ("peft.lora_dropout", 0 <= peft.lora_dropout < 1, "in [0, 1)"),
+             ("peft.num_virtual_tokens", peft.num_virtual_tokens >= 1, "positive"),
+             ("peft.prefix_hidden", peft.prefix_hidden >= 0, "0 (learned directly) or more"),
+             ("rollout.num_samples", ro.num_samples >= 1, "positive"),
+             ("rollout.max_new_tokens", ro.max_new_tokens >= 1, "positive"),
+             ("rollout.num_prompts", ro.num_prompts >= 0, "0 (all) or more"),
+             ("rollout.temperature", ro.temperature >= 0, "0 or more"),
+             ("rollout.top_p", 0 < ro.top_p <= 1, "in (0, 1]"),
+             ("rollout.top_k", ro.top_k >= 0, "0 (off) or more"),
+             ("eval.num_problems", ev.num_problems >= 0, "0 (all) or more"),
+             ("eval.max_new_tokens", ev.max_new_tokens >= 1, "positive"),
+             ("eval.batch_size", ev.batch_size >= 1, "positive"))
+    for key, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"config key {key!r} must be {rule}, got {_get(config, key)}")
+    if not ev.tasks:
+        return
+    hints = {"eval.shots": "the numbers of few-shot examples, such as (0, 4)",
+             "eval.chain_of_thought": "(True, False), (True,) or (False,)"}
+    for key, hint in hints.items():
+        if not tuple(_get(config, key)):  # every setting of every task is a (shots, chain of thought) pair
+            raise ConfigError(f"config key {key!r} is empty, so no setting of eval.tasks would be scored; list {hint}")
+    if any(k < 0 for k in ev.shots):
+        raise ConfigError(f"config key 'eval.shots' = {tuple(ev.shots)}: each is a number of few-shot examples, "
+                          "0 or more")
+
+
 def validate(config: ConfigDict) -> None:
     """Checks choices, ranges and unconnected keys; raises ConfigError naming the key."""
     if not str(config.run_dir).strip():  # "" would make the current directory the run directory
@@ -211,6 +246,7 @@ def validate(config: ConfigDict) -> None:
     check_connected(config)
     check_loss(config)
     check_peft(config)
+    check_post_training(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:

@@ -2,9 +2,13 @@
 eval tasks and recipes. Each is one clear error naming what is wrong and where, before any model is
 built or any stage runs, never a traceback or a run that trains (or scores) nothing in silence. Each
 test calls the function the input reaches first, so all of them are fast."""
+import re
+
 import pytest
 
 from data import sources
+from launch.config import ConfigError
+from test_config_overrides import load
 from test_data_sources import data_cfg, records, write_jsonl
 
 
@@ -23,7 +27,7 @@ def test_a_jsonl_file_saved_with_a_byte_order_mark_reads(tmp_path):
 def test_a_pair_whose_replies_are_the_same_is_refused(tmp_path, fmt, row):
     """Chosen == rejected gives DPO and the reward model a loss of log 2 with no gradient: a file of such
     pairs trained for its whole run on nothing, and a few of them diluted every batch, in silence."""
-    good = {"prompt": "2+2?", "chosen": "4", "rejected": "5"} if fmt == "jsonl" else dict(row, rejected=row["chosen"] + "5")
+    good = dict(row, rejected="5") if fmt == "jsonl" else dict(row, rejected=row["chosen"] + "5")
     path = write_jsonl(tmp_path / "pairs.jsonl", [good, row])
     with pytest.raises(sources.DataError, match=f"{path}:2: chosen and rejected are the same reply: the pair "
                                                 "prefers nothing"):
@@ -35,6 +39,32 @@ def test_a_pair_whose_replies_are_the_same_is_refused(tmp_path, fmt, row):
 @pytest.mark.parametrize("prompt", ["", "  \n", [{"role": "system", "content": ""}, {"role": "user", "content": " "}]])
 def test_an_empty_prompt_to_sample_from_is_refused(tmp_path, prompt):
     """RL and rejection sampling sampled replies to an empty user turn and trained on them."""
-    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "2+2?", "answer": "4"}, {"prompt": prompt, "answer": "4"}])
+    rows = [{"prompt": "2+2?", "answer": "4"}, {"prompt": prompt, "answer": "4"}]
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
     with pytest.raises(sources.DataError, match=f"{path}:2: field 'prompt' is empty: there is nothing to reply to"):
         records(path, "jsonl", "prompts")
+
+
+@pytest.mark.parametrize("spec, overrides, message", [
+    ("dpo.py:smoke", ["loss.beta=0"], "config key 'loss.beta' must be positive, got 0"),
+    ("grpo.py:smoke", ["loss.beta=-0.1"], "config key 'loss.beta' must be 0 or more, got -0.1"),
+    ("sft.py:smoke", ["peft.method=lora", "peft.lora_rank=0"], "config key 'peft.lora_rank' must be positive, got 0"),
+    ("sft.py:smoke", ["peft.method=prompt_tuning", "peft.num_virtual_tokens=0"],
+     "config key 'peft.num_virtual_tokens' must be positive, got 0"),
+    ("grpo.py:smoke", ["rollout.max_new_tokens=0"], "config key 'rollout.max_new_tokens' must be positive, got 0"),
+    ("grpo.py:smoke", ["rollout.top_p=0"], "config key 'rollout.top_p' must be in (0, 1], got 0"),
+    ("rejection_sampling.py:smoke", ["rollout.num_prompts=-1"],
+     "config key 'rollout.num_prompts' must be 0 (all) or more, got -1"),
+    ("eval.py:smoke", ["eval.num_problems=-1"], "config key 'eval.num_problems' must be 0 (all) or more, got -1"),
+    ("eval.py:smoke", ["eval.shots=(-1,)"], "config key 'eval.shots' = (-1,): each is a number of few-shot examples"),
+    ("eval.py:smoke", ["eval.shots=()"], "config key 'eval.shots' is empty, so no setting of eval.tasks would be "
+                                         "scored; list the numbers of few-shot examples, such as (0, 4)"),
+])
+def test_post_training_settings_out_of_range_are_named_before_any_model(spec, overrides, message):
+    """A negative GRPO beta (a reward for leaving the reference), rollout.num_prompts=-1 (every prompt but
+    the last) and eval.num_problems=-1 (all) ran on in silence; eval.shots=() scored no task and (-1,) was
+    "Sample larger than population or is negative"; the others were refused only once the model was
+    loaded, in words naming no config key ("beta must be positive", "prefix kind must be prompt or prefix
+    with num_tokens > 0 ...")."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(spec, *[f"--config.{o}" for o in overrides])
