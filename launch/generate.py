@@ -14,7 +14,7 @@ import jax
 
 from launch.config import ConfigError, load_config
 from launch.train import split_args
-from train import distributed, rejection, rundir
+from train import distributed, preflight, rejection, rundir
 
 
 def main(argv: list[str]) -> int:
@@ -26,6 +26,7 @@ def main(argv: list[str]) -> int:
     distributed.check_same("config", config.to_json(sort_keys=True))
     if config.stage != "rejection_sampling":
         raise ConfigError(f"kiln generate runs stage rejection_sampling, not {config.stage!r} (use kiln train)")
+    preflight.check_sampling(config)
     lock = rundir.RunLock(config.run_dir) if jax.process_index() == 0 else None  # process 0 writes the outputs
     if lock:
         lock.acquire()

@@ -8,8 +8,11 @@ import pytest
 
 from data import sources
 from launch.config import ConfigError
+from model import presets
 from test_config_overrides import load
 from test_data_sources import data_cfg, records, write_jsonl
+from test_misuse import ROOT, one_error_line
+from train import preflight
 
 
 def test_a_jsonl_file_saved_with_a_byte_order_mark_reads(tmp_path):
@@ -68,3 +71,54 @@ def test_post_training_settings_out_of_range_are_named_before_any_model(spec, ov
     with num_tokens > 0 ...")."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(spec, *[f"--config.{o}" for o in overrides])
+
+
+def test_greedy_sampling_where_replies_must_differ_is_refused(capsys, monkeypatch):
+    """At rollout.temperature=0 a prompt's replies are one reply repeated: GRPO's advantages were all 0 and
+    its loss NaN, and rejection sampling's best of 4 was the one reply. (The policy named here does not
+    exist: the check comes before it is loaded.) One greedy sample per prompt is fine."""
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match=r"rollout.temperature=0 samples greedily, and RL learns from sampled "
+                                         r"replies: set a positive rollout.temperature$"):
+        preflight.stage_kind(load("grpo.py:smoke", "--config.rollout.temperature=0"))
+    argv = ["generate", "--config=configs/rejection_sampling.py:smoke", "--config.model.init_from=/nonexistent/policy",
+            "--config.rollout.temperature=0"]
+    assert one_error_line(capsys, argv) == (
+        "kiln generate: error: rollout.temperature=0 samples greedily, and the rollout.num_samples=4 replies to each "
+        "prompt would be one reply 4 times: set a positive rollout.temperature (or rollout.num_samples=1)")
+    preflight.check_sampling(load("rejection_sampling.py:smoke", "--config.rollout.temperature=0",
+                                  "--config.rollout.num_samples=1"))
+
+
+@pytest.mark.parametrize("answer", ["", "Two and two make four.\n#### 4"])
+def test_prompts_whose_answers_the_verifier_cannot_match_are_refused(tmp_path, capsys, monkeypatch, answer):
+    """An empty reference answer (or a worked solution in the answer field) is never equal to a reply's final
+    '#### N': every reply scored 0, and GRPO and rejection sampling ran to the end on no signal."""
+    monkeypatch.chdir(ROOT)
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": answer}])
+    message = (f"data.sources.train ({path}), prompt 2: rollout.reward=verifier compares a reply's final '#### ANSWER' "
+               f"line with the reference answer, and {answer!r} can never match one; give each prompt its final "
+               "answer alone, or score with a reward model or MODULE:FUNCTION")
+    source = [f"--config.data.sources.train.path={path}", "--config.data.sources.train.format=jsonl"]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        preflight.stage_kind(load("grpo.py:smoke", *source))
+    assert one_error_line(capsys, ["generate", "--config=configs/rejection_sampling.py:smoke", *source,
+                                   "--config.model.init_from=/nonexistent/policy"]) == f"kiln generate: error: {message}"
+    preflight.check_sampling(load("grpo.py:smoke", *source, "--config.rollout.reward=tests/rl_reward.py:digits"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["peft.method=lora", "peft.lora_rank=65"], "peft.lora_rank=65 is above the model's d_model=64, the most rank"),
+    (["peft.method=prompt_tuning", "peft.num_virtual_tokens=256"],
+     "peft.num_virtual_tokens=256: the virtual tokens sit at positions -N..-1, and the model's RoPE table reaches "
+     "max_seq_len=256; use fewer than 256"),
+])
+def test_peft_sizes_the_model_cannot_use_are_refused(overrides, message):
+    """A LoRA rank above d_model trained a bigger adapter than any update can use; prompt tuning's virtual
+    tokens beyond the RoPE table were all given its last position, in silence. d_model (and so rank 64) and
+    255 virtual tokens are fine."""
+    model = presets.get("tiny")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        preflight.check_peft(load("sft.py:smoke", *[f"--config.{o}" for o in overrides]), model)
+    for fits in (["peft.method=lora", "peft.lora_rank=64"], ["peft.method=prompt_tuning", "peft.num_virtual_tokens=255"]):
+        preflight.check_peft(load("sft.py:smoke", *[f"--config.{o}" for o in fits]), model)

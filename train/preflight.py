@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from data import pipeline
+from data import pipeline, sources, synthetic
 from model.config import ModelConfig
 from model.transformer import param_count
 from train import losses
@@ -69,6 +69,37 @@ def check_rollout(config: Any) -> None:
     if config.data.eval_sources:
         raise ValueError("RL stages are evaluated by `kiln eval` (held-out accuracy) on their run directory; "
                          "leave data.eval_sources empty")
+    check_sampling(config)
+
+
+def check_sampling(config: Any) -> None:
+    """What RL and rejection sampling (`kiln generate`) sample and score: replies that differ (a positive
+    temperature), and, for the verifier, a reference answer it can compare with every prompt's reply."""
+    ro = config.rollout
+    if ro.temperature == 0 and (config.stage != "rejection_sampling" or ro.num_samples > 1):
+        learn = ("RL learns from sampled replies" if config.stage != "rejection_sampling" else
+                 f"the rollout.num_samples={ro.num_samples} replies to each prompt would be one reply {ro.num_samples} "
+                 "times")
+        raise ValueError(f"rollout.temperature=0 samples greedily, and {learn}: set a positive rollout.temperature"
+                         f"{' (or rollout.num_samples=1)' if config.stage == 'rejection_sampling' else ''}")
+    if ro.reward == "verifier":
+        check_answers(config)
+
+
+def check_answers(config: Any) -> None:
+    """ValueError naming the first prompt whose reference answer the verifier could never match: empty (HH-RLHF's
+    prompts have none), or text that a reply's final `#### ANSWER` line cannot equal (a worked solution)."""
+    for name, src in config.data.sources.items():
+        if not src.weight or src.format in ("synthetic", "gsm8k"):  # answers: the final '#### N' value
+            continue
+        loaded = sources.load(f"data.sources.{name}", src, config.data, "prompts")
+        for i in range(len(loaded.records)):
+            record = loaded.records[i]
+            if record is not None and not synthetic.verify(f"#### {record['answer']}", record["answer"]):
+                raise ValueError(
+                    f"data.sources.{name} ({loaded.where}), prompt {i + 1}: rollout.reward=verifier compares a reply's "
+                    f"final '#### ANSWER' line with the reference answer, and {record['answer']!r} can never match one; "
+                    "give each prompt its final answer alone, or score with a reward model or MODULE:FUNCTION")
 
 
 def check_shapes(config: Any, cfg: ModelConfig, mesh: Mesh) -> None:
@@ -78,6 +109,7 @@ def check_shapes(config: Any, cfg: ModelConfig, mesh: Mesh) -> None:
         raise ValueError(f"data.seq_len={data.seq_len} is longer than the model's max_seq_len={cfg.max_seq_len}; "
                          "lower data.seq_len, or raise model.max_seq_len (with model.rope_scaling to extend a "
                          "trained model's context)")
+    check_peft(config, cfg)
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = data.batch_size // config.optim.grad_accum
     if micro % split:
@@ -87,6 +119,21 @@ def check_shapes(config: Any, cfg: ModelConfig, mesh: Mesh) -> None:
     if data.batch_size % jax.process_count():
         raise ValueError(f"data.batch_size={data.batch_size} does not split over {jax.process_count()} processes")
     check_memory(config, cfg, mesh)
+
+
+def check_peft(config: Any, cfg: ModelConfig) -> None:
+    """PEFT sizes against the model: a LoRA rank above d_model (every target matrix has d_model on one side,
+    so an update's rank cannot exceed it), and prompt tuning's virtual tokens beyond the RoPE table (they
+    sit at positions -N..-1, and distances of max_seq_len or more are clamped to max_seq_len - 1)."""
+    peft = config.peft
+    if peft.method == "lora" and peft.lora_rank > cfg.d_model:
+        raise ValueError(f"peft.lora_rank={peft.lora_rank} is above the model's d_model={cfg.d_model}, the most rank "
+                         f"an update of its matrices can have: the rest adds parameters and nothing else; use at most "
+                         f"{cfg.d_model}")
+    if peft.method == "prompt_tuning" and peft.num_virtual_tokens >= cfg.max_seq_len:
+        raise ValueError(f"peft.num_virtual_tokens={peft.num_virtual_tokens}: the virtual tokens sit at positions "
+                         f"-N..-1, and the model's RoPE table reaches max_seq_len={cfg.max_seq_len}; use fewer than "
+                         f"{cfg.max_seq_len}")
 
 
 def memory_floor(config: Any, cfg: ModelConfig) -> dict[str, float]:
