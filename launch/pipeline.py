@@ -39,10 +39,15 @@ from ml_collections import ConfigDict
 from data import tokenizer as tokenizers
 from launch.config import ConfigError, apply_override, load_config, load_module
 from launch.train import split_args
-from train import build, checkpoint, records, rejection, rundir, trainer
+from train import build, checkpoint, preflight, records, rejection, rundir, trainer
 
 COMMANDS = ("tokenizer", "train", "generate", "eval")
+STAGE_FIELDS = ("name", "command", "config", "overrides", "checkpoint", "evaluate", "part_of", "minutes")
+EVALUATE_FIELDS = ("config", "overrides")
+# The files a stage of each command writes into its directory (a train stage's directory is its run).
+WRITES = {"tokenizer": ("tokenizer.model",), "generate": rejection.OUTPUTS, "eval": ("results.json", "results.md")}
 _REF = re.compile(r"@([A-Za-z0-9_\-]+)")
+_FILE_REF = re.compile(r"@([A-Za-z0-9_\-]+)/([^/\s]+)")
 
 
 def main(argv: list[str]) -> int:
@@ -66,13 +71,23 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
     config = module.get_config(variant) if variant else module.get_config()
     for item in overrides:
         apply_override(config, item, keys_in=f"{path}'s get_config")
-    stages = list(module.stages(config))
-    names: set[str] = set()
+    stages = module.stages(config)
+    if not isinstance(stages, (list, tuple)):
+        raise ConfigError(f"{path}: stages(config) must return a list of stage dicts, got {type(stages).__name__}")
+    stages = list(stages)
+    commands: dict[str, str] = {}
     for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            raise ConfigError(f"{path}: stage {i} is {type(stage).__name__}, not a dict of stage fields")
         where = f"{path}: stage {i} ({stage.get('name', '?')})"
+        _check_fields(where, stage, STAGE_FIELDS)
+        if "evaluate" in stage:
+            if not isinstance(stage["evaluate"], dict):
+                raise ConfigError(f"{where}: `evaluate` must be a dict of {' and '.join(EVALUATE_FIELDS)}")
+            _check_fields(f"{where}: evaluate", stage["evaluate"], EVALUATE_FIELDS)
         if stage.get("command") not in COMMANDS:
             raise ConfigError(f"{where}: command must be one of {', '.join(COMMANDS)}, got {stage.get('command')!r}")
-        if not stage.get("name") or stage["name"] in names:
+        if not stage.get("name") or stage["name"] in commands:
             raise ConfigError(f"{where}: every stage needs a name of its own")
         # The name is the stage's directory in run_dir and what @NAME refers to.
         if not _REF.fullmatch(f"@{stage['name']}") or stage["name"] == rundir.SUPERSEDED_DIR:
@@ -87,9 +102,13 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
             raise ConfigError(f"{where}: part_of={stage['part_of']!r} names no later stage")
         refs = " ".join([*stage.get("overrides", ()), *evaluate.get("overrides", ()), stage.get("checkpoint", "")])
         for ref in _REF.findall(refs):
-            if ref not in names:
+            if ref not in commands:
                 raise ConfigError(f"{where}: @{ref} names no earlier stage")
-        names.add(stage["name"])
+        for ref, name in _FILE_REF.findall(refs):  # a typo here would fail only once the stages before had run
+            if commands[ref] in WRITES and name not in WRITES[commands[ref]]:
+                raise ConfigError(f"{where}: @{ref}/{name} is no file of stage {ref}, whose kiln {commands[ref]} "
+                                  f"writes {', '.join(WRITES[commands[ref]])}")
+        commands[stage["name"]] = stage["command"]
     # A typo in a late stage's settings stops the pipeline now, not after the stages before it ran.
     for i, stage in enumerate(stages):
         for spec in (stage, stage["evaluate"]) if "evaluate" in stage else (stage,):
@@ -98,6 +117,20 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
             except ConfigError as e:
                 raise ConfigError(f"{path}: stage {i} ({stage['name']}): {e}") from None
     return config, stages
+
+
+def _check_fields(where: str, spec: dict[str, Any], fields: tuple[str, ...]) -> None:
+    """ConfigError for a stage (or its `evaluate`) with a field it does not know (a misspelt one was ignored,
+    and the stage ran without what it set), without its `config`, or with overrides that are not a list of
+    KEY=VALUE strings."""
+    unknown = [k for k in spec if k not in fields]
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(fields)}")
+    if not isinstance(spec.get("config"), str) or not spec["config"]:
+        raise ConfigError(f"{where}: `config` must name a config file, such as configs/sft.py:smoke")
+    overrides = spec.get("overrides", ())
+    if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{where}: `overrides` must be a list of 'KEY=VALUE' strings, got {overrides!r}")
 
 
 def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -150,6 +183,7 @@ def _run_stage(command: str, config: Any, stage: dict[str, Any], root: str) -> i
     elif command == "train":
         return trainer.train(config).get("preempted_at")
     elif command == "generate":
+        preflight.check_sampling(config)  # as `kiln generate` does, now that the earlier stages' files exist
         rejection.run(config)
     else:
         eval_cli.run(config, _resolve(stage["checkpoint"], root))

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from data import sources
+from launch import pipeline
 from launch.config import ConfigError
 from model import presets
 from test_config_overrides import load
@@ -102,8 +103,8 @@ def test_prompts_whose_answers_the_verifier_cannot_match_are_refused(tmp_path, c
     source = [f"--config.data.sources.train.path={path}", "--config.data.sources.train.format=jsonl"]
     with pytest.raises(ValueError, match=re.escape(message)):
         preflight.stage_kind(load("grpo.py:smoke", *source))
-    assert one_error_line(capsys, ["generate", "--config=configs/rejection_sampling.py:smoke", *source,
-                                   "--config.model.init_from=/nonexistent/policy"]) == f"kiln generate: error: {message}"
+    argv = ["generate", "--config=configs/rejection_sampling.py:smoke", *source, "--config.model.init_from=/no/p"]
+    assert one_error_line(capsys, argv) == f"kiln generate: error: {message}"
     preflight.check_sampling(load("grpo.py:smoke", *source, "--config.rollout.reward=tests/rl_reward.py:digits"))
 
 
@@ -120,5 +121,47 @@ def test_peft_sizes_the_model_cannot_use_are_refused(overrides, message):
     model = presets.get("tiny")
     with pytest.raises(ValueError, match=re.escape(message)):
         preflight.check_peft(load("sft.py:smoke", *[f"--config.{o}" for o in overrides]), model)
-    for fits in (["peft.method=lora", "peft.lora_rank=64"], ["peft.method=prompt_tuning", "peft.num_virtual_tokens=255"]):
+    for fits in (["peft.method=lora", "peft.lora_rank=64"],
+                 ["peft.method=prompt_tuning", "peft.num_virtual_tokens=255"]):
         preflight.check_peft(load("sft.py:smoke", *[f"--config.{o}" for o in fits]), model)
+
+
+PRE = {"name": "pre", "command": "train", "config": "configs/pretrain.py:smoke", "overrides": ["train.steps=1"]}
+RS = {"name": "rs", "command": "generate", "config": "configs/rejection_sampling.py:smoke"}
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([dict(PRE, overides=["train.steps=1"])],
+     "stage 0 (pre): unknown field 'overides'; the fields are name, command, config, overrides, checkpoint, evaluate, "
+     "part_of, minutes"),
+    ([dict(PRE, evaluate={"config": "configs/eval.py:smoke", "overides": []})],
+     "stage 0 (pre): evaluate: unknown field 'overides'; the fields are config, overrides"),
+    ([{"name": "pre", "command": "train"}], "stage 0 (pre): `config` must name a config file"),
+    ([dict(PRE, overrides="train.steps=1")], "stage 0 (pre): `overrides` must be a list of 'KEY=VALUE' strings, got "
+                                             "'train.steps=1'"),
+    ({"pre": PRE}, "stages(config) must return a list of stage dicts, got dict"),
+    ([PRE, "rs"], "stage 1 is str, not a dict of stage fields"),
+    ([RS, dict(PRE, name="sft", overrides=["data.sources.train.path=@rs/sft.json"])],
+     "stage 1 (sft): @rs/sft.json is no file of stage rs, whose kiln generate writes sft.jsonl, pairs.jsonl, "
+     "results.json"),
+])
+def test_a_recipe_stage_with_a_field_it_does_not_have_is_named(tmp_path, stages, message):
+    """A misspelt field of a stage (`overides`, `evalute`) was ignored: the stage ran without it, in silence. A
+    stage without `config` was "error: config", overrides given as one string were read letter by letter,
+    stages returned as a dict were an AttributeError's traceback, and a misspelt file of an earlier stage
+    failed only once every stage before it had run."""
+    path = tmp_path / "recipe.py"
+    path.write_text("from ml_collections import ConfigDict\n"
+                    "def get_config(variant=''):\n    return ConfigDict(dict(run_dir='x'))\n"
+                    f"def stages(c):\n    return {stages!r}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        pipeline.load_recipe(str(path), [])
+
+
+def test_a_recipes_rejection_sampling_stage_checks_its_sampling_before_loading_the_policy(monkeypatch):
+    """`kiln pipeline` called rejection sampling directly, past the checks `kiln generate` makes."""
+    monkeypatch.chdir(ROOT)
+    config = load("rejection_sampling.py:smoke", "--config.rollout.temperature=0",
+                  "--config.model.init_from=/nonexistent/policy")
+    with pytest.raises(ValueError, match="rollout.temperature=0 samples greedily"):
+        pipeline._run_stage("generate", config, RS, "/nonexistent")

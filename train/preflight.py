@@ -87,8 +87,8 @@ def check_sampling(config: Any) -> None:
 
 
 def check_answers(config: Any) -> None:
-    """ValueError naming the first prompt whose reference answer the verifier could never match: empty (HH-RLHF's
-    prompts have none), or text that a reply's final `#### ANSWER` line cannot equal (a worked solution)."""
+    """ValueError naming the first prompt whose reference answer the verifier could never match: empty
+    (HH-RLHF's prompts have none), or text that a reply's final `#### ANSWER` line cannot equal (a worked solution)."""
     for name, src in config.data.sources.items():
         if not src.weight or src.format in ("synthetic", "gsm8k"):  # answers: the final '#### N' value
             continue
@@ -98,8 +98,8 @@ def check_answers(config: Any) -> None:
             if record is not None and not synthetic.verify(f"#### {record['answer']}", record["answer"]):
                 raise ValueError(
                     f"data.sources.{name} ({loaded.where}), prompt {i + 1}: rollout.reward=verifier compares a reply's "
-                    f"final '#### ANSWER' line with the reference answer, and {record['answer']!r} can never match one; "
-                    "give each prompt its final answer alone, or score with a reward model or MODULE:FUNCTION")
+                    f"final '#### ANSWER' line with the reference answer, and {record['answer']!r} can never match "
+                    "one; give each prompt its final answer alone, or score with a reward model or MODULE:FUNCTION")
 
 
 def check_shapes(config: Any, cfg: ModelConfig, mesh: Mesh) -> None:
