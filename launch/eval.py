@@ -91,6 +91,9 @@ def _task_runs(config: Any, sampler: generate.Sampler, chat: bool) -> list[tuple
     for name, task in config.eval.tasks.items():
         evaluated = tasks.items(f"eval.tasks.{name}.eval", task.eval, config.data, config.eval.num_problems)
         pool = tasks.items(f"eval.tasks.{name}.shots", task.shots, config.data)
+        _check_answers(f"eval.tasks.{name}.eval", evaluated)
+        if max(config.eval.shots) > 0:
+            _check_answers(f"eval.tasks.{name}.shots", pool)
         for k in config.eval.shots:
             shots = tasks.choose_shots(pool, k, evaluated, seed=config.eval.shot_seed)
             for cot in config.eval.chain_of_thought:
@@ -102,6 +105,17 @@ def _task_runs(config: Any, sampler: generate.Sampler, chat: bool) -> list[tuple
                         f"model's max_seq_len={max_len}; lower eval.max_new_tokens or eval.shots")
                 runs.append((name, k, cot, evaluated, shots))
     return runs
+
+
+def _check_answers(where: str, problems: list[tasks.Item]) -> None:
+    """ValueError naming the first problem whose solution has no final answer: it could never be scored
+    correct (nor show a few-shot answer), and its task's accuracy would be 0 in silence."""
+    for i, problem in enumerate(problems):
+        if not problem.answer:
+            raise ValueError(f"{where}: problem {i + 1} has no answer to score: its solution "
+                             f"{problem.solution[:60]!r} lacks a final '#### ANSWER' line (a task's records are a "
+                             "question and its worked solution: prompt and completion, or one user and one assistant "
+                             "message)")
 
 
 def markdown(results: dict[str, Any]) -> str:

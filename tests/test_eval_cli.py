@@ -121,7 +121,8 @@ def test_a_prompt_that_exactly_fills_the_context_fits(tmp_path, monkeypatch):
     (132) exactly; one token more is refused. The shots are drawn with eval.shot_seed."""
     import types
 
-    monkeypatch.setattr(kiln_eval.tasks, "items", lambda where, spec, data, n=None: ["problem"])
+    problem = kiln_eval.tasks.Item("1+1?", "#### 2", "2")
+    monkeypatch.setattr(kiln_eval.tasks, "items", lambda where, spec, data, n=None: [problem])
     monkeypatch.setattr(kiln_eval.tasks, "choose_shots", lambda pool, k, evaluated, seed: pool[:k] * (seed == 7))
     monkeypatch.setattr(kiln_eval.tasks, "longest_prompt", lambda sampler, evaluated, shots, cot, chat: 100)
     sampler = types.SimpleNamespace(model=types.SimpleNamespace(cfg=types.SimpleNamespace(max_seq_len=132)))
@@ -131,7 +132,7 @@ def test_a_prompt_that_exactly_fills_the_context_fits(tmp_path, monkeypatch):
             "--config.eval.shot_seed=7"])
         if fits:
             assert [(*run[:3], run[4]) for run in kiln_eval._task_runs(config, sampler, False)] == [
-                ("arithmetic", k, cot, ["problem"] * k) for k in (0, 1) for cot in config.eval.chain_of_thought]
+                ("arithmetic", k, cot, [problem] * k) for k in (0, 1) for cot in config.eval.chain_of_thought]
         else:
             with pytest.raises(ValueError, match="is 100 tokens, and with eval.max_new_tokens=33 it exceeds"):
                 kiln_eval._task_runs(config, sampler, False)
