@@ -18,7 +18,8 @@ from data import chat
 from data.tokenizer_base import Tokenizer
 
 OK, TRUNCATED, TOO_LONG, EMPTY_MASK, BAD_RECORD = "ok", "truncated", "too_long", "empty_mask", "bad_record"
-STATUSES = (OK, TRUNCATED, TOO_LONG, EMPTY_MASK, BAD_RECORD)
+SAME_REPLIES = "same_replies"  # a preference pair whose sides are one token sequence (cut before they differ)
+STATUSES = (OK, TRUNCATED, TOO_LONG, EMPTY_MASK, SAME_REPLIES, BAD_RECORD)
 Example = dict[str, Any]
 
 
@@ -77,7 +78,8 @@ class Encoder:
         return self._fit(self._render(record["messages"]))
 
     def preference(self, record: dict[str, Any]) -> tuple[Example | None, str]:
-        """Chosen and rejected replies after one shared prompt; each trained on its reply only."""
+        """Chosen and rejected replies after one shared prompt; each trained on its reply only. A pair that
+        truncation leaves as one token sequence twice (replies that differ only past seq_len) is dropped."""
         pair, statuses = {}, []
         for side in ("chosen", "rejected"):
             messages = record["prompt"] + [{"role": "assistant", "content": record[side]}]
@@ -86,6 +88,8 @@ class Encoder:
                 return None, status
             pair.update({f"{side}_{k}": v for k, v in example.items()})
             statuses.append(status)
+        if all(np.array_equal(pair[f"chosen_{k}"], pair[f"rejected_{k}"]) for k in ("targets", "loss_mask")):
+            return None, SAME_REPLIES  # cut before the replies differ: its loss has no gradient, its accuracy is 0
         # Precomputed reference log-probs (computed on these same encodings) and margins ride along.
         pair.update({k: np.float32(record[k]) for k in ("ref_chosen_logps", "ref_rejected_logps", "margin") if k in record})
         return pair, TRUNCATED if TRUNCATED in statuses else OK

@@ -116,7 +116,8 @@ def test_source_stats_count_statuses_and_pair_lengths_by_hand(tmp_path):
     cfg.seq_len, cfg.truncate = 12, False
     [got] = stats.summarize(cfg, "preference", tk.load("byte"))
     assert (got.examples, got.statuses, got.tokens) == (3, {"ok": 2, "too_long": 1}, [16, 13])
-    assert got.line().endswith(": 3 examples: ok 2, truncated 0, too_long 1, empty_mask 0, bad_record 0; bad records "
+    assert got.line().endswith(": 3 examples: ok 2, truncated 0, too_long 1, empty_mask 0, same_replies 0, bad_record 0; "
+                               "bad records "
                                "skipped on load 0; tokens per example mean 14.5, min 13, max 16")
 
 

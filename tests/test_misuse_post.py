@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from data import sources
+from configs import base
+from data import examples, sources
 from launch import pipeline
 from launch.config import ConfigError
 from model import presets
@@ -38,6 +39,24 @@ def test_a_pair_whose_replies_are_the_same_is_refused(tmp_path, fmt, row):
         records(path, fmt, "preference")
     got, src = records(path, fmt, "preference", data_cfg(skip_bad_records=True))
     assert [r["rejected"] for r in got] == ["5" if fmt == "jsonl" else "45"] and src.skipped == 1
+
+
+def test_a_pair_cut_before_its_replies_differ_is_dropped_and_counted(tmp_path):
+    """Replies that differ only past data.seq_len were truncated into one token sequence twice: a pair with no
+    gradient and an accuracy of 0. The built-in task's pairs (the same steps, one slip) all were at
+    data.seq_len=128 with the byte tokenizer, and DPO trained on nothing in silence."""
+    from data import pipeline, tokenizer
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "Same steps, then 5.",
+                                                   "rejected": "Same steps, then 6."}] * 3)
+    [pair, *_], _ = records(path, "jsonl", "preference")
+    # BOS <|user|> q <|end|> <|assistant|> "Same steps, then ": the replies' targets first differ at position 21
+    statuses = [examples.Encoder(tokenizer.load("byte"), n).preference(pair)[1] for n in (21, 22, 24)]
+    assert statuses == [examples.SAME_REPLIES, examples.TRUNCATED, examples.OK]
+    cfg = data_cfg(seq_len=21, sources={"p": base.source(str(path), "jsonl")})
+    with pytest.raises(sources.DataError, match=r"the first 3 examples were all dropped \(same_replies: 3\); "
+                                                "data.seq_len=21 may be too short"):
+        pipeline.train_iterator(cfg, "preference", tokenizer.load("byte"), seed=0)
 
 
 @pytest.mark.parametrize("prompt", ["", "  \n", [{"role": "system", "content": ""}, {"role": "user", "content": " "}]])

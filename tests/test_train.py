@@ -290,7 +290,8 @@ def test_dpo_on_precomputed_reference_logps_matches_the_in_step_reference(pretra
     common = [f"--config.model.init_from={source}", "--config.data.synthetic.num_examples=80"]
     assert main.main(["data", "reference", "--config=configs/dpo.py:smoke", f"--out={out}", *common]) == 0
     train_pairs = [json.loads(line) for line in open(out / "train.train.jsonl")]
-    assert len(train_pairs) == 76 and all(r["ref_chosen_logps"] < 0 for r in train_pairs)  # problems [0, 76)
+    # problems [0, 76) but the 6 whose slip comes past data.seq_len: cut there, their two replies are the same
+    assert len(train_pairs) == 70 and all(r["ref_chosen_logps"] < 0 for r in train_pairs)
     assert len(open(out / "eval.heldout.jsonl").readlines()) == 4
     printed = capsys.readouterr().out.split("train on them with: ")[1].split()
     on_files = [*common, *printed, "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=4"]
