@@ -277,6 +277,13 @@ def _field(record: dict[str, Any], key: str, types: tuple[type, ...] = (str,)) -
     return value
 
 
+def _number(record: dict[str, Any], key: str) -> float:
+    value = float(_field(record, key, (int, float)))
+    if not math.isfinite(value):  # JSON as Python writes it may hold NaN and Infinity
+        raise RecordError(f"field {key!r} is {value}; expected a finite number")
+    return value
+
+
 def _chat(value: Any, key: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
@@ -307,7 +314,10 @@ def _jsonl_view(src: Any, kind: str) -> Callable[[dict], dict]:
             return {"text": "\n".join(_strings(r))}
         if kind == "sft":
             if f["messages_field"] in r:
-                return {"messages": _chat(r[f["messages_field"]], f["messages_field"])}
+                messages = _chat(r[f["messages_field"]], f["messages_field"])
+                if not any(m["role"] == "assistant" for m in messages):
+                    raise RecordError(f"field {f['messages_field']!r} has no assistant message: nothing to train on")
+                return {"messages": messages}
             prompt = _chat(_field(r, f["prompt_field"], (str, list)), f["prompt_field"])
             return {"messages": prompt + [{"role": "assistant", "content": _field(r, f["completion_field"])}]}
         prompt = _chat(_field(r, f["prompt_field"], (str, list)), f["prompt_field"])
@@ -317,7 +327,7 @@ def _jsonl_view(src: Any, kind: str) -> Callable[[dict], dict]:
             if given and len(given) < len(REFERENCE_FIELDS):
                 raise RecordError(f"field {given[0]!r} without {[k for k in REFERENCE_FIELDS if k not in r][0]!r}: "
                                   "precomputed reference log-probs come in pairs")
-            return dict(pair, **{k: float(_field(r, k, (int, float))) for k in PAIR_FIELDS if k in r})
+            return dict(pair, **{k: _number(r, k) for k in PAIR_FIELDS if k in r})
         if not any(m["content"].strip() for m in prompt):
             raise RecordError(f"field {f['prompt_field']!r} is empty: there is nothing to reply to")
         return {"prompt": prompt, "answer": _field(r, f["answer_field"]) if f["answer_field"] else ""}

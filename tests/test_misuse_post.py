@@ -25,6 +25,28 @@ def test_a_jsonl_file_saved_with_a_byte_order_mark_reads(tmp_path):
     assert got == [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
 
 
+@pytest.mark.parametrize("messages", [[{"role": "user", "content": "2+2?"}],
+                                      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2?"}]])
+def test_a_conversation_without_an_assistant_message_is_refused(tmp_path, messages):
+    """SFT trains the assistant's turns; a conversation with none was dropped as "empty_mask", and a file of
+    them stopped with "data.seq_len=512 may be too short", sending the user to the wrong setting."""
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"prompt": "1+1?", "completion": "2"}, {"messages": messages}])
+    with pytest.raises(sources.DataError, match=f"{path}:2: field 'messages' has no assistant message: nothing to "
+                                                "train on"):
+        records(path, "jsonl", "sft")
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_precomputed_reference_log_probs_that_are_not_finite_are_refused(tmp_path, value):
+    """Python's JSON reads NaN and Infinity: a pair carrying one made every DPO step it was in non-finite."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        b'{"prompt": "q", "chosen": "a", "rejected": "b", "ref_chosen_logps": -2.5, "ref_rejected_logps": -3}',
+        f'{{"prompt": "q", "chosen": "a", "rejected": "b", "ref_chosen_logps": {value}, "ref_rejected_logps": -3}}'
+        .encode()])
+    with pytest.raises(sources.DataError, match=f"{path}:2: field 'ref_chosen_logps' is {value.lower()[:3]}"):
+        records(path, "jsonl", "preference")
+
+
 @pytest.mark.parametrize("fmt, row", [
     ("jsonl", {"prompt": "2+2?", "chosen": "4", "rejected": "4"}),
     ("hh_rlhf", {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 4 "}),
