@@ -191,6 +191,9 @@ def check_loss(config: ConfigDict) -> None:
         raise ConfigError(f"loss.label_smoothing applies to preference_type sigmoid, robust or simpo, not {kind!r}")
     if loss.simpo_gamma != defaults.simpo_gamma and kind != "simpo":
         raise ConfigError(f"loss.simpo_gamma is read by preference_type simpo, not {kind!r}")
+    if loss.reference != defaults.reference and kind in ("simpo", "orpo"):
+        raise ConfigError(f"loss.reference={loss.reference!r} is read by preference types with a reference model "
+                          f"(sigmoid, hinge, ipo, robust), not {kind!r}, which compares the policy with no reference")
     if kind == "orpo" and not loss.nll_coef:
         raise ConfigError("ORPO's loss is the chosen reply's NLL plus its odds-ratio term: set loss.nll_coef "
                           "(1.0 in the paper; loss.beta is its lambda)")

@@ -42,6 +42,9 @@ def main(argv: list[str]) -> int:
     config = load_config(args.config, rest)
     if os.path.exists(args.out) and not os.path.isdir(args.out):  # found now, not once the model is loaded
         raise ConfigError(f"--out {args.out} is a file; name the directory to write the reference log-probs into")
+    if config.loss.preference_type in ("simpo", "orpo"):
+        raise ConfigError(f"loss.preference_type={config.loss.preference_type} compares the policy with no reference: "
+                          "there are no reference log-probs to precompute")
     if not config.model.init_from:
         raise ConfigError("kiln data reference: model.init_from names no reference model")
     config.data.tokenizer = tokenizer_name(config)

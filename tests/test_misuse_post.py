@@ -228,3 +228,16 @@ def test_an_eval_task_whose_problems_have_no_answer_is_refused(tmp_path, row):
     with pytest.raises(ValueError, match=re.escape(f"eval.tasks.arithmetic.eval: problem 2 has no answer to score: its "
                                                    f"solution {solution!r} lacks a final '#### ANSWER' line")):
         eval_cli._task_runs(config, no_model, chat=True)
+
+
+def test_a_reference_for_a_preference_type_that_has_none_is_refused(tmp_path, capsys, monkeypatch):
+    """SimPO and ORPO compare the policy with no reference: `loss.reference=data` was ignored (the log-probs
+    in the pairs unread), and `kiln data reference` loaded a model to compute log-probs nothing would read."""
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match="loss.reference='data' is read by preference types with a reference model "
+                                          r"\(sigmoid, hinge, ipo, robust\), not 'simpo'"):
+        load("dpo.py:smoke", "--config.loss.preference_type=simpo", "--config.loss.reference=data")
+    argv = ["data", "reference", "--config=configs/dpo.py:smoke", "--config.loss.preference_type=simpo",
+            f"--out={tmp_path / 'ref'}", "--config.model.init_from=/nonexistent/policy"]
+    assert one_error_line(capsys, argv) == ("kiln data: error: loss.preference_type=simpo compares the policy with no "
+                                            "reference: there are no reference log-probs to precompute")
