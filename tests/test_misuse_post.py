@@ -2,6 +2,7 @@
 eval tasks and recipes. Each is one clear error naming what is wrong and where, before any model is
 built or any stage runs, never a traceback or a run that trains (or scores) nothing in silence. Each
 test calls the function the input reaches first, so all of them are fast."""
+import os
 import re
 
 import pytest
@@ -241,3 +242,17 @@ def test_a_reference_for_a_preference_type_that_has_none_is_refused(tmp_path, ca
             f"--out={tmp_path / 'ref'}", "--config.model.init_from=/nonexistent/policy"]
     assert one_error_line(capsys, argv) == ("kiln data: error: loss.preference_type=simpo compares the policy with no "
                                             "reference: there are no reference log-probs to precompute")
+
+
+def test_evaluating_a_reward_model_as_a_policy_is_refused(tmp_path, capsys, monkeypatch):
+    """`kiln eval` of a reward-model run sampled from its language-model head, which reward training leaves
+    behind, and reported an accuracy for it. The run's config.json says what it is before anything loads."""
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "rm" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "rm" / "config.json").write_text('{"stage": "reward"}')
+    argv = ["eval", f"--checkpoint={tmp_path / 'rm'}", "--config=configs/eval.py:smoke",
+            f"--config.run_dir={tmp_path / 'eval'}"]
+    assert one_error_line(capsys, argv) == (f"kiln eval: error: {tmp_path / 'rm'} is a reward model (stage reward): "
+                                            "it scores replies and writes none; evaluate the policy it scores, and use "
+                                            "it as rollout.reward")
+    assert sorted(os.listdir(tmp_path)) == ["rm"]
