@@ -69,6 +69,11 @@ def check_rollout(config: Any) -> None:
     if config.data.eval_sources:
         raise ValueError("RL stages are evaluated by `kiln eval` (held-out accuracy) on their run directory; "
                          "leave data.eval_sources empty")
+    value_from = ro.value_from and sources.expand_path(ro.value_from, "rollout.value_from")
+    if config.stage == "ppo" and value_from and not os.path.exists(value_from):  # was named model.init_from
+        raise ValueError(f"rollout.value_from={ro.value_from!r} does not exist; name the reward-model run "
+                         "(configs/reward.py) to start PPO's value model from, or leave it empty to start it from "
+                         "the policy")
     check_sampling(config)
 
 
