@@ -68,16 +68,35 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     if not isinstance(config, ConfigDict):
         raise ConfigError(f"{path}: get_config returned {type(config).__name__}, not an ml_collections ConfigDict "
                           "(start from configs.base.get_config())")
-    for item in overrides:
-        apply_override(config, item)
+    keys = {apply_override(config, item) for item in overrides}
+    check_slices(config, keys)
     validate(config)
     config.lock()
     return config
 
 
-def apply_override(config: ConfigDict, item: str, keys_in: str = "configs/base.py") -> None:
-    """Applies one `--config.a.b=value` (or `a.b=value`), parsing the value by the field's type;
-    `keys_in` is the file that lists the keys (a recipe's or sweep's own), named when one is unknown."""
+def check_slices(config: ConfigDict, keys: set[str]) -> None:
+    """ConfigError for a data source pointed at another file (its path or format overridden) that keeps the
+    config file's slice of its records: configs/sft.py's end=0.95 is the built-in task's training split, and
+    on the user's own file (or rejection sampling's sft.jsonl) it left the last 5% out in silence."""
+    groups = [("data.sources", config.data.sources), ("data.eval_sources", config.data.eval_sources)]
+    groups += [(f"eval.tasks.{name}", task) for name, task in config.eval.tasks.items()]
+    for group, entries in groups:
+        for name, src in entries.items():
+            where = f"{group}.{name}"
+            moved = sorted({f"{where}.path", f"{where}.format"} & keys)
+            kept = [f"--config.{where}.{k}={full}" for k, full in (("start", 0.0), ("end", 1.0))
+                    if src.get(k, full) != full and f"{where}.{k}" not in keys]
+            if moved and kept and src.format != "synthetic":  # the built-in task reads no file
+                raise ConfigError(f"{moved[0]} is set, but {where} keeps its slice [start={src.get('start', 0.0)}, "
+                                  f"end={src.get('end', 1.0)}] of the records from the config file, where it split "
+                                  f"other data; add {' '.join(kept)} to read all of the new file, or set the slice "
+                                  "you want")
+
+
+def apply_override(config: ConfigDict, item: str, keys_in: str = "configs/base.py") -> str:
+    """Applies one `--config.a.b=value` (or `a.b=value`), parsing the value by the field's type, and returns
+    the key; `keys_in` is the file that lists the keys (a recipe's or sweep's own), named when one is unknown."""
     text = item[2:] if item.startswith("--") else item
     if not text.startswith("config.") or "=" not in text:
         raise ConfigError(f"cannot read argument {item!r}; expected --config.KEY=VALUE")
@@ -94,6 +113,7 @@ def apply_override(config: ConfigDict, item: str, keys_in: str = "configs/base.p
         set_path(config, key, parse_value(raw, parent.get_type(leaf)))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad value {raw!r} for config key {key!r}: {e}") from None
+    return key
 
 
 def _get(config: ConfigDict, key: str) -> Any:

@@ -68,7 +68,7 @@ def test_preview_reports_bad_data_in_one_line(capsys, tmp_path, monkeypatch):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n{oops\n")
     code, out, err = preview(capsys, "--config=configs/sft.py:smoke", f"--config.data.sources.train.path={path}",
-                             "--config.data.sources.train.format=jsonl")
+                             "--config.data.sources.train.format=jsonl", "--config.data.sources.train.end=1.0")
     assert code == 1 and err.strip() == (f"kiln data: error: {path}:2: malformed JSON: Expecting property name "
                                          "enclosed in double quotes (column 2) (set data.skip_bad_records=true to "
                                          "skip such records)")
@@ -79,7 +79,7 @@ def test_preview_reports_bad_data_in_one_line(capsys, tmp_path, monkeypatch):
 
 
 HH_RLHF = ["--config=configs/sft.py", "--kind=preference", "--config.data.seq_len=1024",
-           "--config.data.sources.train.format=hh_rlhf",
+           "--config.data.sources.train.format=hh_rlhf", "--config.data.sources.train.end=1.0",
            "--config.data.sources.train.path=$KILN_DATA_DIR/hh-rlhf/harmless-base-test.jsonl.gz"]
 
 

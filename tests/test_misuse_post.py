@@ -10,7 +10,7 @@ import pytest
 from configs import base
 from data import examples, sources
 from launch import pipeline
-from launch.config import ConfigError
+from launch.config import ConfigError, _get as config_value
 from model import presets
 from test_config_overrides import load
 from test_data_sources import data_cfg, records, write_jsonl
@@ -142,7 +142,8 @@ def test_prompts_whose_answers_the_verifier_cannot_match_are_refused(tmp_path, c
     message = (f"data.sources.train ({path}), prompt 2: rollout.reward=verifier compares a reply's final '#### ANSWER' "
                f"line with the reference answer, and {answer!r} can never match one; give each prompt its final "
                "answer alone, or score with a reward model or MODULE:FUNCTION")
-    source = [f"--config.data.sources.train.path={path}", "--config.data.sources.train.format=jsonl"]
+    source = [f"--config.data.sources.train.path={path}", "--config.data.sources.train.format=jsonl",
+              "--config.data.sources.train.end=1.0"]
     with pytest.raises(ValueError, match=re.escape(message)):
         preflight.stage_kind(load("grpo.py:smoke", *source))
     argv = ["generate", "--config=configs/rejection_sampling.py:smoke", *source, "--config.model.init_from=/no/p"]
@@ -266,3 +267,19 @@ def test_a_ppo_value_model_start_that_does_not_exist_is_named_by_its_key(tmp_pat
         preflight.stage_kind(load("ppo.py:smoke", f"--config.rollout.value_from={tmp_path}/rm"))
     (tmp_path / "rm").mkdir()
     preflight.stage_kind(load("ppo.py:smoke", f"--config.rollout.value_from={tmp_path}/rm"))
+
+
+@pytest.mark.parametrize("spec, group, keep", [("sft.py:smoke", "data.sources.train", "end=1.0"),
+                                               ("eval.py:smoke", "eval.tasks.arithmetic.eval", "start=0.0")])
+def test_a_source_pointed_at_another_file_does_not_keep_the_stage_files_slice(spec, group, keep):
+    """configs/sft.py and dpo.py train on the built-in task's first 95% (end=0.95): pointed at the user's file,
+    or at rejection sampling's sft.jsonl and pairs.jsonl in the lifecycle recipe, they left its last 5% out in
+    silence; an eval task's start=0.95 read a small file's last problem alone."""
+    moved = [f"--config.{group}.path=/data/mine.jsonl", f"--config.{group}.format=jsonl"]
+    with pytest.raises(ConfigError, match=re.escape(f"{group}.format is set, but {group} keeps its slice [start=")):
+        load(spec, *moved)
+    with pytest.raises(ConfigError, match=re.escape(f"; add --config.{group}.{keep} to read all of the new file, or "
+                                                    "set the slice you want")):
+        load(spec, *moved)
+    key, value = keep.split("=")
+    assert config_value(load(spec, *moved, f"--config.{group}.{keep}"), f"{group}.{key}") == float(value)

@@ -23,7 +23,7 @@ STAGES = [
     dict(name="gen", command="generate", config="configs/rejection_sampling.py:smoke", part_of="sft", minutes=1,
          overrides=["model.init_from=@pretrain", "rollout.reward=@rm"]),
     dict(name="sft", command="train", config="configs/sft.py:smoke", minutes=3,
-         overrides=["model.init_from=@pretrain", "data.sources.train.format=jsonl",
+         overrides=["model.init_from=@pretrain", "data.sources.train.format=jsonl", "data.sources.train.end=1.0",
                     "data.sources.train.path=@gen/sft.jsonl", "train.steps=4"]),
     dict(name="final", command="eval", config="configs/eval.py:smoke", checkpoint="@sft"),
 ]

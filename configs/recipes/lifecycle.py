@@ -78,6 +78,9 @@ def stages(c: ConfigDict) -> list[dict]:
     pairs = [f"data.seq_len={c.pair_len}", f"train.eval_steps={c.pair_eval_batches}"]
     minutes = lambda m: m * c.time_scale  # noqa: E731
     scorer = "@reward" if c.scorer == "reward_model" else "verifier"
+    # Rejection sampling's files, read whole (the stage files' end=0.95 is the built-in task's training split).
+    samples = lambda name: ["data.sources.train.format=jsonl", "data.sources.train.end=1.0",  # noqa: E731
+                            f"data.sources.train.path=@rs_generate/{name}"]
     # Pre-training documents: worksheets of 4 problems, about a 256-token row.
     worksheets = ["data.synthetic.problems_per_document=4"]
     return [
@@ -109,12 +112,11 @@ def stages(c: ConfigDict) -> list[dict]:
                                               f"rollout.max_new_tokens={c.max_new_tokens}",
                                               f"rollout.min_reward={c.min_reward}"]),
         dict(name="rejection_sampling", command="train", config=cfg("sft"), evaluate=evaluate, minutes=minutes(0.9),
-             overrides=[*downstream, "model.init_from=@sft", *short, "data.sources.train.format=jsonl",
-                        "data.sources.train.path=@rs_generate/sft.jsonl",
+             overrides=[*downstream, "model.init_from=@sft", *short, *samples("sft.jsonl"),
                         *steps(c.rs_steps, c.batch_size, c.sft_lr / 2)]),
         dict(name="dpo", command="train", config=cfg("dpo"), evaluate=evaluate, minutes=minutes(1.0),
-             overrides=[*downstream, "model.init_from=@rejection_sampling", *pairs, "data.sources.train.format=jsonl",
-                        "data.sources.train.path=@rs_generate/pairs.jsonl", *steps(c.dpo_steps, c.batch_size, c.dpo_lr)]),
+             overrides=[*downstream, "model.init_from=@rejection_sampling", *pairs, *samples("pairs.jsonl"),
+                        *steps(c.dpo_steps, c.batch_size, c.dpo_lr)]),
         dict(name="grpo", command="train", config=cfg("grpo"), evaluate=evaluate, minutes=minutes(1.5),
              overrides=[*downstream, "model.init_from=@dpo", *short, f"rollout.batch_prompts={c.grpo_prompts}",
                         f"rollout.max_new_tokens={c.max_new_tokens}",

@@ -85,8 +85,10 @@ def stages(c: ConfigDict) -> list[dict]:
                   [f"model.init_from={policy}", f"rollout.reward={scorer}", f"rollout.min_reward={c.min_reward}",
                    f"seed={r}"]),
             stage(f"sft_{r}", "train", "sft", [f"model.init_from={policy}", "data.sources.train.format=jsonl",
+                                               "data.sources.train.end=1.0",
                                                f"data.sources.train.path=@rejection_sampling_{r}/sft.jsonl", *steps]),
             stage(f"dpo_{r}", "train", "dpo", [f"model.init_from=@sft_{r}", "data.sources.train.format=jsonl",
+                                               "data.sources.train.end=1.0",
                                                f"data.sources.train.path=@rejection_sampling_{r}/pairs.jsonl", *steps]),
             stage(f"eval_{r}", "eval", "eval", [], checkpoint=f"@dpo_{r}"),
         ]
