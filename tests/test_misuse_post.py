@@ -224,7 +224,8 @@ def test_an_eval_task_whose_problems_have_no_answer_is_refused(tmp_path, row):
 
     path = write_jsonl(tmp_path / "task.jsonl", [{"prompt": "1+1?", "completion": "#### 2"}, row])
     config = load("eval.py:smoke", f"--config.eval.tasks.arithmetic.eval.path={path}",
-                  "--config.eval.tasks.arithmetic.eval.format=jsonl", "--config.eval.tasks.arithmetic.eval.start=0.0")
+                  "--config.eval.tasks.arithmetic.eval.format=jsonl", "--config.eval.tasks.arithmetic.eval.start=0.0",
+                  "--config.data.synthetic.num_examples=40")  # the shots' pool: its first 95%
     no_model = types.SimpleNamespace(model=types.SimpleNamespace(cfg=types.SimpleNamespace(max_seq_len=256)))
     solution = row.get("completion", "2+2?")
     with pytest.raises(ValueError, match=re.escape(f"eval.tasks.arithmetic.eval: problem 2 has no answer to score: its "
