@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import sys
 from typing import Any
 
 from ml_collections import ConfigDict
@@ -69,29 +70,34 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         raise ConfigError(f"{path}: get_config returned {type(config).__name__}, not an ml_collections ConfigDict "
                           "(start from configs.base.get_config())")
     keys = {apply_override(config, item) for item in overrides}
-    check_slices(config, keys)
+    read_moved_files_whole(config, keys)
     validate(config)
     config.lock()
     return config
 
 
-def check_slices(config: ConfigDict, keys: set[str]) -> None:
-    """ConfigError for a data source pointed at another file (its path or format overridden) that keeps the
-    config file's slice of its records: configs/sft.py's end=0.95 is the built-in task's training split, and
-    on the user's own file (or rejection sampling's sft.jsonl) it left the last 5% out in silence."""
+def read_moved_files_whole(config: ConfigDict, keys: set[str]) -> None:
+    """A data source (or eval task split) pointed at another file, by overriding its path or format, reads all
+    of it unless the overrides give its slice too: the config file's slice split that file's own data
+    (configs/sft.py's end=0.95 is the built-in task's training split), and on the user's file, or on
+    rejection sampling's sft.jsonl, it left the last 5% out in silence. Says so on stderr. A source without
+    the `start` / `end` keys reads [0, 1) already."""
     groups = [("data.sources", config.data.sources), ("data.eval_sources", config.data.eval_sources)]
     groups += [(f"eval.tasks.{name}", task) for name, task in config.eval.tasks.items()]
     for group, entries in groups:
         for name, src in entries.items():
             where = f"{group}.{name}"
             moved = sorted({f"{where}.path", f"{where}.format"} & keys)
-            kept = [f"--config.{where}.{k}={full}" for k, full in (("start", 0.0), ("end", 1.0))
-                    if src.get(k, full) != full and f"{where}.{k}" not in keys]
-            if moved and kept and src.format != "synthetic":  # the built-in task reads no file
-                raise ConfigError(f"{moved[0]} is set, but {where} keeps its slice [start={src.get('start', 0.0)}, "
-                                  f"end={src.get('end', 1.0)}] of the records from the config file, where it split "
-                                  f"other data; add {' '.join(kept)} to read all of the new file, or set the slice "
-                                  "you want")
+            if not moved or src.format == "synthetic":  # the built-in task reads no file
+                continue
+            reset = {k: whole for k, whole in (("start", 0.0), ("end", 1.0))
+                     if src.get(k, whole) != whole and f"{where}.{k}" not in keys}
+            if reset:
+                old = f"[start={src.get('start', 0.0)}, end={src.get('end', 1.0)}]"
+                for k, whole in reset.items():
+                    src[k] = whole
+                print(f"note: {moved[0]} is set, so {where} reads the whole new file, not the config file's slice "
+                      f"{old} of its own data (give the slice with the path to keep one)", file=sys.stderr)
 
 
 def apply_override(config: ConfigDict, item: str, keys_in: str = "configs/base.py") -> str:

@@ -270,17 +270,17 @@ def test_a_ppo_value_model_start_that_does_not_exist_is_named_by_its_key(tmp_pat
     preflight.stage_kind(load("ppo.py:smoke", f"--config.rollout.value_from={tmp_path}/rm"))
 
 
-@pytest.mark.parametrize("spec, group, keep", [("sft.py:smoke", "data.sources.train", "end=1.0"),
-                                               ("eval.py:smoke", "eval.tasks.arithmetic.eval", "start=0.0")])
-def test_a_source_pointed_at_another_file_does_not_keep_the_stage_files_slice(spec, group, keep):
+@pytest.mark.parametrize("spec, group, bound", [("sft.py:smoke", "data.sources.train", "end"),
+                                                ("eval.py:smoke", "eval.tasks.arithmetic.eval", "start")])
+def test_a_source_pointed_at_another_file_reads_it_whole(spec, group, bound, capsys):
     """configs/sft.py and dpo.py train on the built-in task's first 95% (end=0.95): pointed at the user's file,
     or at rejection sampling's sft.jsonl and pairs.jsonl in the lifecycle recipe, they left its last 5% out in
-    silence; an eval task's start=0.95 read a small file's last problem alone."""
+    silence; an eval task's start=0.95 read a small file's last problem alone. A slice given with the new
+    path is kept."""
     moved = [f"--config.{group}.path=/data/mine.jsonl", f"--config.{group}.format=jsonl"]
-    with pytest.raises(ConfigError, match=re.escape(f"{group}.format is set, but {group} keeps its slice [start=")):
-        load(spec, *moved)
-    with pytest.raises(ConfigError, match=re.escape(f"; add --config.{group}.{keep} to read all of the new file, or "
-                                                    "set the slice you want")):
-        load(spec, *moved)
-    key, value = keep.split("=")
-    assert config_value(load(spec, *moved, f"--config.{group}.{keep}"), f"{group}.{key}") == float(value)
+    src = config_value(load(spec, *moved), group)
+    assert (src.get("start", 0.0), src.get("end", 1.0)) == (0.0, 1.0)
+    assert f"note: {group}.format is set, so {group} reads the whole new file, not the config file's slice" \
+        in capsys.readouterr().err
+    assert config_value(load(spec, *moved, f"--config.{group}.{bound}=0.5"), f"{group}.{bound}") == 0.5
+    assert "note:" not in capsys.readouterr().err
