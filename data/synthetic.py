@@ -14,7 +14,8 @@ import re
 NAMES = ("Ava", "Ben", "Chloe", "Diego", "Emma", "Farah", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena",
          "Mateo", "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tariq")
 ITEMS = ("apples", "marbles", "stickers", "coins", "books", "pencils", "cookies", "stamps", "shells", "cards")
-_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
+# A number at the start of an answer (GSM8K's own "#### (-?[0-9.,]+)"), `$` allowed before it.
+_NUMBER = re.compile(r"\$?\s*(-?\$?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+))")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +93,13 @@ def _normalize(answer: str) -> str:
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer after the last `####` (commas, `$` and a final period removed), or None."""
-    found = _ANSWER.findall(text)
-    answer = _normalize(found[-1]) if found else ""
+    """The final answer after the last `####` (commas, `$` and a final period removed), or None: the
+    number the line starts with, as GSM8K's answers are read ("#### 12 apples" is 12), else the line."""
+    if "####" not in text:
+        return None
+    line = text.rsplit("####", 1)[1].split("\n", 1)[0]
+    number = _NUMBER.match(line.strip())
+    answer = _normalize(number.group(1) if number else line)
     return answer or None
 
 

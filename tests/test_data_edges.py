@@ -117,6 +117,15 @@ def test_answers_compare_as_numbers_after_dollars_and_commas():
     assert synthetic.extract_answer("#### .5.") == ".5" and synthetic.verify("#### .5", "0.5")
 
 
+def test_the_answer_is_the_number_its_line_starts_with():
+    """GSM8K's answers are read as the number after `####` (its regex `#### (-?[0-9.,]+)`): a model writing
+    "#### 12 apples" answered 12, and the text after a second `####` on the line is not part of the first."""
+    assert synthetic.extract_answer("so\n#### 12 apples") == "12" and synthetic.verify("#### 12 apples.", "12")
+    assert synthetic.extract_answer("#### 7 then #### 8") == "8"
+    assert synthetic.extract_answer("#### -$5 each") == "-5" and synthetic.verify("#### 3.0 in all", "3")
+    assert synthetic.extract_answer("#### yes") == "yes"  # not a number: the line, as before
+
+
 def test_encoder_from_config_takes_template_masking_and_truncation():
     cfg = data_cfg(mask_special_tokens=True, seq_len=8, truncate=False)
     chat_ = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ab"}]}
