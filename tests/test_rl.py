@@ -159,6 +159,15 @@ def test_python_reward_function_and_a_bad_one(tmp_path):
     (tmp_path / "short.py").write_text("def first_only(prompts, replies, answers):\n    return [1.0]\n")
     with pytest.raises(ValueError, match=r"returned scores of shape \(1,\) for 2 replies"):
         rewards.scorer(f"{tmp_path / 'short.py'}:first_only")([[]] * 2, ["a", "b"], ["", ""])
+    # A NaN score poisoned every advantage of its group; words, or the function's own error, named no key.
+    (tmp_path / "bad.py").write_text("def nan(p, r, a):\n    return [1.0, float('nan')]\n"
+                                     "def words(p, r, a):\n    return ['good', 'bad']\n"
+                                     "def lookup(p, r, a):\n    return [{}['x'] for _ in r]\n")
+    for name, message in [("nan", r"returned nan for reply 1 of 2; scores must be finite"),
+                          ("words", r"returned scores that are not numbers \(could not convert"),
+                          ("lookup", r"bad.py:lookup' failed on 2 replies \(KeyError: 'x'\); run with --debug")]:
+        with pytest.raises(ValueError, match=message):
+            rewards.scorer(f"{tmp_path / 'bad.py'}:{name}")([[]] * 2, ["a", "b"], ["", ""])
     # A directory that holds no reward-model run is named as such.
     with pytest.raises(ValueError, match="is neither 'verifier', a Kiln reward-model run nor MODULE:FUNCTION"):
         rewards.scorer(str(tmp_path))

@@ -66,10 +66,23 @@ def _python_scorer(reward: str) -> Scorer:
                          "name MODULE:FUNCTION or path/to/file.py:FUNCTION") from None
 
     def score(chats, replies, answers):
-        out = np.asarray(fn(list(chats), list(replies), list(answers)), np.float32)
+        try:
+            scores = fn(list(chats), list(replies), list(answers))
+        except Exception as e:  # the user's code: named, its traceback under `kiln --debug`
+            raise ValueError(f"rollout.reward={reward!r} failed on {len(replies)} replies ({type(e).__name__}: {e}); "
+                             "run with --debug for its traceback") from e
+        try:
+            out = np.asarray(scores, np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"rollout.reward={reward!r} returned scores that are not numbers ({e}); it must "
+                             "return one number per reply") from None
         if out.shape != (len(replies),):
             raise ValueError(f"rollout.reward={reward!r} returned scores of shape {out.shape} for {len(replies)} "
                              "replies; it must return one number per reply")
+        if not np.all(np.isfinite(out)):
+            bad = int(np.flatnonzero(~np.isfinite(out))[0])
+            raise ValueError(f"rollout.reward={reward!r} returned {out[bad]} for reply {bad} of {len(replies)}; "
+                             "scores must be finite (they become advantages)")
         return out
 
     return score
