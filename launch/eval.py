@@ -24,7 +24,7 @@ from flax import nnx
 from data import loader
 from launch.config import load_config
 from model.sharding import make_mesh, use_rules
-from train import checkpoint, distributed, evaluate, generate, records, rundir, tasks
+from train import distributed, evaluate, generate, records, rundir, tasks
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,10 +54,6 @@ def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat
     """Evaluates `checkpoint_path` as `config` says; returns (and writes) the results."""
     if jax.process_index() == 0:  # a run_dir that cannot be written fails now, not after the evaluation
         rundir.check_run_dir(config.run_dir)
-    trained = checkpoint.run_config(checkpoint_path)
-    if trained is not None and trained.get("stage") == "reward":
-        raise ValueError(f"{checkpoint_path} is a reward model (stage reward): it scores replies and writes none; "
-                         "evaluate the policy it scores, and use it as rollout.reward")
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, dcn_data=config.mesh.dcn_data,
                      dcn_fsdp=config.mesh.dcn_fsdp)
     started = time.perf_counter()

@@ -255,8 +255,8 @@ def test_evaluating_a_reward_model_as_a_policy_is_refused(tmp_path, capsys, monk
     argv = ["eval", f"--checkpoint={tmp_path / 'rm'}", "--config=configs/eval.py:smoke",
             f"--config.run_dir={tmp_path / 'eval'}"]
     assert one_error_line(capsys, argv) == (f"kiln eval: error: {tmp_path / 'rm'} is a reward model (stage reward): "
-                                            "it scores replies and writes none; evaluate the policy it scores, and use "
-                                            "it as rollout.reward")
+                                            "it scores replies and writes none; sample from (or evaluate) the policy it "
+                                            "scores, and use it as rollout.reward")
     assert sorted(os.listdir(tmp_path)) == ["rm"]
 
 

@@ -452,6 +452,28 @@ def test_load_sampler_chats_for_conversation_stages_with_the_tokenizers_template
     assert load_sampler(str(run_dir), chat=False)[1] is False  # an explicit choice wins
 
 
+def test_load_sampler_refuses_a_reward_model_and_another_tokenizer(run_dir, tmp_path):
+    """`kiln sample` of a reward-model run sampled from the language-model head reward training leaves behind;
+    a --tokenizer other than the run's (the right size or not) fed the model ids it was not trained on."""
+    from tests.test_tokenizer import hf_dir
+
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "checkpoints").symlink_to(run_dir / "checkpoints")
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({"stage": "reward", "data": {"tokenizer": "byte"}}))
+    with pytest.raises(ValueError, match=r"rm is a reward model \(stage reward\): it scores replies"):
+        load_sampler(str(tmp_path / "rm"))
+    (tmp_path / "bpe").mkdir()
+    bpe = hf_dir(tmp_path / "bpe", ["<|endoftext|>"], {"eos_token": "<|endoftext|>"})  # 400 tokens > 264
+    with pytest.raises(ValueError, match=r"tokenizer '.*bpe' \(400 tokens\) is not the one the model in .* was "
+                                         r"trained with \(byte, 264 tokens\); drop --tokenizer"):
+        load_sampler(str(run_dir), tokenizer=bpe)
+    assert load_sampler(str(run_dir), tokenizer="byte")[0].tokenizer.name == "byte"  # the same one: fine
+    small = Transformer(presets.get("tiny", vocab_size=128), rngs=nnx.Rngs(0))  # no tokenizer recorded with it
+    hf.save(small, small.cfg, str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=r"tokenizer byte has 264 tokens, more than the 128 of the model in"):
+        load_sampler(str(tmp_path / "hf"), tokenizer="byte")
+
+
 def test_cli_samples_a_hugging_face_directory(tmp_path, capsys):
     hf.save(MODEL, CFG, str(tmp_path / "hf"))
     rows = run_cli([f"--checkpoint={tmp_path / 'hf'}", "--tokenizer=byte", "--prompt=hi", "--prompt=yo",

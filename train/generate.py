@@ -146,6 +146,9 @@ def load_sampler(path: str, *, tokenizer: str | None = None, chat_template: str 
     if not os.path.exists(path):
         raise ValueError(f"checkpoint {path}: no such directory")
     run_config = checkpoint.run_config(path)
+    if run_config is not None and run_config.get("stage") == "reward":
+        raise ValueError(f"{path} is a reward model (stage reward): it scores replies and writes none; "
+                         "sample from (or evaluate) the policy it scores, and use it as rollout.reward")
     tok = _tokenizer(tokenizer, path)
     if chat_template is None and run_config is not None:
         chat_template = run_config.get("data", {}).get("chat_template")
@@ -157,13 +160,36 @@ def load_sampler(path: str, *, tokenizer: str | None = None, chat_template: str 
         raise ValueError(f"chat prompts: tokenizer {tok.name} has no chat control tokens that Kiln knows; name a "
                          f"chat template ({', '.join(FORMATS)})")
     model = checkpoint.load_model(path, mesh=mesh, rules=rules)[1]
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens, more than the {model.cfg.vocab_size} of "
+                         f"the model in {path}; use the tokenizer it was trained with")
     if mesh is not None:
         shard_module(model, mesh, rules)
     return Sampler(model, tok, mesh=mesh, rules=rules, chat_template=chat_template), chat
 
 
 def _tokenizer(name: str | None, path: str) -> Tokenizer:
-    name = name or checkpoint.tokenizer_of(path)
-    if name is None:
+    """`name`'s tokenizer, else the one `path` records; ValueError if `name` splits text otherwise than the
+    recorded one (the model would read other tokens than it was trained on)."""
+    recorded = checkpoint.tokenizer_of(path)
+    if (name or recorded) is None:
         raise ValueError(f"{path} holds no config.json naming its tokenizer; pass a tokenizer (--tokenizer)")
+    tok = _load_tokenizer(name or recorded)
+    if name and recorded:
+        try:
+            trained = _load_tokenizer(recorded)
+        except (OSError, ValueError):  # moved or gone: --tokenizer stands in for it
+            trained = None
+        if trained is not None and _splits(trained) != _splits(tok):
+            raise ValueError(f"tokenizer {name!r} ({tok.vocab_size} tokens) is not the one the model in {path} was "
+                             f"trained with ({recorded}, {trained.vocab_size} tokens); drop --tokenizer to use it")
+    return tok
+
+
+def _splits(tok: Tokenizer) -> tuple[int, list[int]]:
+    """What tells two tokenizers apart: their size and how they split a probe text."""
+    return tok.vocab_size, tok.encode_text("Kiln's probe: 12 + 30 = 42, then Überprüfung.")
+
+
+def _load_tokenizer(name: str) -> Tokenizer:
     return tokenizers.load(name if name == "byte" else expand_path(name, "tokenizer"))
