@@ -24,6 +24,22 @@ def test_items_carry_question_solution_and_answer():
     assert item.question.endswith("?") and len(split(0.95, 1.0)) == 10 and len(split(0.0, 0.95, limit=7)) == 7
 
 
+def test_items_of_conversations_are_the_first_question_and_the_last_solution(tmp_path):
+    """A task record that opens with a system message was read as (system text, question): the question
+    became the solution and no answer was found; a record without a user turn is named."""
+    import json
+
+    path = tmp_path / "task.jsonl"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
+             {"role": "assistant", "content": "1+1=2\n#### 2"}]
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    src = base.source(str(path), "jsonl")
+    assert tasks.items("t", src, DATA) == [tasks.Item("1+1?", "1+1=2\n#### 2", "2")]
+    path.write_text(json.dumps({"messages": [turns[0], turns[2]]}) + "\n")
+    with pytest.raises(ValueError, match=r"t: record 0 of .*task.jsonl has no user turn"):
+        tasks.items("t", src, DATA)
+
+
 def test_shots_never_include_an_evaluated_problem():
     evaluated, pool = split(0.95, 1.0), split(0.0, 0.95)
     shots = tasks.choose_shots(pool, 4, evaluated, seed=0)
@@ -31,7 +47,7 @@ def test_shots_never_include_an_evaluated_problem():
     assert shots != tasks.choose_shots(pool, 4, evaluated, seed=1)
     with pytest.raises(ValueError, match="also an evaluated problem"):
         tasks.choose_shots(evaluated, 2, evaluated)
-    with pytest.raises(ValueError, match="need 300 examples"):
+    with pytest.raises(ValueError, match="eval.shots asks for 300-shot prompts, which need 300 examples"):
         tasks.choose_shots(pool, 300, evaluated)
     # One evaluated problem (the last) slipped into the pool: drawing the whole pool shows it.
     with pytest.raises(ValueError, match="also an evaluated problem"):

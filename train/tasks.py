@@ -33,11 +33,18 @@ class Item:
 def items(name: str, src: Any, data_cfg: Any, limit: int = 0) -> list[Item]:
     """The problems of source `src` (the first `limit`; 0: all)."""
     out = []
-    for record in sources.load(name, src, data_cfg, "sft").records:
+    for i, record in enumerate(sources.load(name, src, data_cfg, "sft").records):
         if record is None:
             continue
-        question, solution = record["messages"][0]["content"], record["messages"][1]["content"]
-        out.append(Item(question, solution, synthetic.extract_answer(solution) or ""))
+        # The question is the first user turn and the solution the last assistant turn (a system
+        # message or a longer conversation shifts neither).
+        users = [m["content"] for m in record["messages"] if m["role"] == "user"]
+        replies = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        if not users or not replies:
+            raise ValueError(f"{name}: record {i} of {src.get('path') or src.format} has no "
+                             f"{'user' if not users else 'assistant'} turn; a task record is a question and its "
+                             "worked solution")
+        out.append(Item(users[0], replies[-1], synthetic.extract_answer(replies[-1]) or ""))
         if limit and len(out) == limit:
             break
     return out
@@ -46,7 +53,8 @@ def items(name: str, src: Any, data_cfg: Any, limit: int = 0) -> list[Item]:
 def choose_shots(pool: Sequence[Item], k: int, evaluated: Sequence[Item], seed: int = 0) -> list[Item]:
     """k examples drawn from `pool` with `seed`; ValueError if one of them is an evaluated problem."""
     if k > len(pool):
-        raise ValueError(f"{k}-shot prompts need {k} examples but the shots source has {len(pool)}")
+        raise ValueError(f"eval.shots asks for {k}-shot prompts, which need {k} examples, but the shots source has "
+                         f"{len(pool)}")
     shots = random.Random(seed).sample(list(pool), k)
     leaked = {s.question for s in shots} & {e.question for e in evaluated}
     if leaked:
