@@ -210,26 +210,21 @@ def test_a_recipes_rejection_sampling_stage_checks_its_sampling_before_loading_t
         pipeline._run_stage("generate", config, RS, "/nonexistent")
 
 
-@pytest.mark.parametrize("row", [{"prompt": "2+2?", "completion": "Four."},
-                                 {"messages": [{"role": "system", "content": "Be brief."},
-                                               {"role": "user", "content": "2+2?"},
-                                               {"role": "assistant", "content": "#### 4"}]}])
-def test_an_eval_task_whose_problems_have_no_answer_is_refused(tmp_path, row):
-    """A task file whose solutions lack a final '#### N' (or whose conversations open with a system message,
-    read as the question) was scored: accuracy 0 for every setting, in silence. The check comes before any
-    prompt is measured against the model, so no model is needed here."""
+def test_an_eval_task_whose_problems_have_no_answer_is_refused(tmp_path):
+    """A task file whose solutions lack a final '#### N' was scored: accuracy 0 for every setting, in silence.
+    The check comes before any prompt is measured against the model, so no model is needed here."""
     import types
 
     from launch import eval as eval_cli
 
-    path = write_jsonl(tmp_path / "task.jsonl", [{"prompt": "1+1?", "completion": "#### 2"}, row])
+    path = write_jsonl(tmp_path / "task.jsonl", [{"prompt": "1+1?", "completion": "#### 2"},
+                                                 {"prompt": "2+2?", "completion": "Four."}])
     config = load("eval.py:smoke", f"--config.eval.tasks.arithmetic.eval.path={path}",
                   "--config.eval.tasks.arithmetic.eval.format=jsonl", "--config.eval.tasks.arithmetic.eval.start=0.0",
                   "--config.data.synthetic.num_examples=40")  # the shots' pool: its first 95%
     no_model = types.SimpleNamespace(model=types.SimpleNamespace(cfg=types.SimpleNamespace(max_seq_len=256)))
-    solution = row.get("completion", "2+2?")
-    with pytest.raises(ValueError, match=re.escape(f"eval.tasks.arithmetic.eval: problem 2 has no answer to score: its "
-                                                   f"solution {solution!r} lacks a final '#### ANSWER' line")):
+    with pytest.raises(ValueError, match=re.escape("eval.tasks.arithmetic.eval: problem 2 has no answer to score: its "
+                                                   "solution 'Four.' lacks a final '#### ANSWER' line")):
         eval_cli._task_runs(config, no_model, chat=True)
 
 
