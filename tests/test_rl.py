@@ -3,6 +3,7 @@ with a non-zero gradient, and the grpo / ppo smoke runs: metrics logged, resume 
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from ml_collections import ConfigDict
 from model import presets
 from model.transformer import Transformer
 from launch.config import ConfigError
-from train import checkpoint, flops, preflight, rewards, trainer
+from train import checkpoint, flops, preflight, rewards, rollout, trainer
 from train.losses import rl
 from train.rollout import token_rows
 from test_train import config as stage_config, rows
@@ -148,6 +149,17 @@ def test_token_rows_mask_the_reply_and_truncated_replies():
     assert token_rows([[1, 5, 6]], replies, 2, 6, 0, False)["targets"][1].tolist() == [5, 6, 9, 9, 9, 9]
     with pytest.raises(ValueError, match="data.seq_len=5"):
         token_rows([[1, 5, 6]], replies, 2, 5, 0, False)
+
+
+def test_a_rollout_whose_replies_are_all_masked_as_truncated_is_named():
+    """With rollout.mask_truncated, a rollout whose every reply ran to max_new_tokens gave the trainer a batch
+    without loss tokens, reported as a data source's masks; one reply that ended is enough to go on."""
+    ro = SimpleNamespace(mask_truncated=True, max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"rollout 3: all 2 replies ran to rollout.max_new_tokens=4 and "
+                                         r"rollout.mask_truncated=true drops them all"):
+        rollout.check_truncation(np.array([True, True]), ro, 3)
+    rollout.check_truncation(np.array([True, False]), ro, 3)
+    rollout.check_truncation(np.array([True, True]), SimpleNamespace(mask_truncated=False, max_new_tokens=4), 3)
 
 
 def test_python_reward_function_and_a_bad_one(tmp_path):

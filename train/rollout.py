@@ -104,6 +104,15 @@ def token_rows(prompt_ids: list[list[int]], replies: list[dict[str, Any]], num_s
     return rows
 
 
+def check_truncation(truncated: np.ndarray, ro: Any, k: int) -> None:
+    """ValueError when `rollout.mask_truncated` drops every reply of rollout k from the loss (each ran to
+    max_new_tokens), which left the train step nothing to learn from."""
+    if ro.mask_truncated and truncated.all():
+        raise ValueError(f"rollout {k}: all {truncated.size} replies ran to rollout.max_new_tokens={ro.max_new_tokens} "
+                         "and rollout.mask_truncated=true drops them all from the loss; raise rollout.max_new_tokens "
+                         "(or set rollout.mask_truncated=false)")
+
+
 class RolloutSource:
     """Mini-batches of rollouts of `run`'s current policy (see the module docstring); `metrics` holds
     the latest rollout's figures (reward/mean, reward/std, completion_length, ...)."""
@@ -176,6 +185,7 @@ class RolloutSource:
         sampled = time.perf_counter()
         G = ro.num_samples
         truncated = np.array([r["finish_reason"] == "length" for r in replies])
+        check_truncation(truncated, ro, k)
         scores = self.score([c for c in chats for _ in range(G)], [r["text"] for r in replies],
                             [p["answer"] for p in chosen for _ in range(G)]) - ro.format_penalty * truncated
         rows = token_rows(prompt_ids, replies, G, config.data.seq_len, run.tokenizer.pad_id, ro.mask_truncated)
