@@ -231,7 +231,8 @@ def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointe
             last = _finish(run, pending, logger)
         pending = (step + 1, metrics)
         interval_steps += 1
-        if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.steps or step == start:
+        last_step = step + 1 == config.train.steps
+        if (step + 1) % config.train.log_every == 0 or last_step or step == start:
             jax.block_until_ready(metrics)
             elapsed = time.perf_counter() - interval_start
             tps = tokens_per_step * interval_steps / elapsed
@@ -246,7 +247,9 @@ def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointe
             last.update(_eval(run, kind, step + 1, logger))
             # The interval's throughput leaves the evaluation out but keeps the steps before it.
             interval_start += time.perf_counter() - eval_start
-        if config.checkpoint.every > 0 and (step + 1) % config.checkpoint.every == 0:
+        # The last step's checkpoint is _run's, after the final evaluation: a checkpoint at train.steps says
+        # the run is finished, so a run killed while it evaluates must resume (and evaluate) from an earlier one.
+        if config.checkpoint.every > 0 and (step + 1) % config.checkpoint.every == 0 and not last_step:
             ckpt.save(run.state, data_iter.get_state(), run.model_cfg)
         if preemption.reached(step + 1) and getattr(data_iter, "at_boundary", True):
             if ckpt.latest_step() != step + 1:

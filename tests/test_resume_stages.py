@@ -1,0 +1,124 @@
+"""A killed run resumes bit for bit in every stage and training mode, not only pre-training
+(test_train.test_resume_is_bit_identical) and GRPO (test_rl): the metrics rows and the final
+checkpointed state (parameters, optimizer moments, step, RNG, non-finite counters, data-iterator
+state) equal those of the same run never interrupted."""
+import inspect
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from data import pipeline
+from model import presets
+from model.transformer import Transformer
+from train import checkpoint, trainer
+from test_rl import REWARD
+from test_train import config, rows
+
+# Figures that measure the machine, not the run.
+TIMING = {"tokens_per_s", "mfu", "step_time_s", "rollout/tokens_per_s", "rollout/seconds"}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A fresh tiny model saved as a Kiln checkpoint (the smoke pre-training's shapes): a base to start from."""
+    path = str(tmp_path_factory.mktemp("base"))
+    cfg = presets.get("tiny", vocab_size=384)
+    checkpoint.save_params(path, 0, Transformer(cfg, rngs=nnx.Rngs(7)), cfg)
+    return path
+
+
+def kill(monkeypatch, name, at):
+    """Makes trainer.NAME (a function of a `step`) raise KeyboardInterrupt, as a kill would, when called
+    for step `at`; returns the real function."""
+    real = getattr(trainer, name)
+
+    def crash(*args):
+        if inspect.signature(real).bind(*args).arguments["step"] == at:
+            raise KeyboardInterrupt(f"simulated kill in {name} at step {at}")
+        return real(*args)
+
+    monkeypatch.setattr(trainer, name, crash)
+    return real
+
+
+def killed_and_resumed(tmp_path, monkeypatch, stage, overrides, killed_in="_check_batch", at=4):
+    """Trains `stage` uninterrupted, then again killed in trainer.KILLED_IN at step `at` and resumed with
+    the same command; returns both run directories and the config."""
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    trainer.train(config(stage, whole, *overrides))
+    real = kill(monkeypatch, killed_in, at)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config(stage, split, *overrides))
+    monkeypatch.setattr(trainer, killed_in, real)
+    cfg = config(stage, split, *overrides)
+    assert checkpoint.latest_step(split) >= 2  # the resumed run starts from a checkpoint
+    trainer.train(cfg)
+    return whole, split, cfg
+
+
+def assert_same_run(whole, split, cfg):
+    """Equal metrics rows (timings aside; NaN equals NaN) and equal final states, every array of them."""
+    def logged(run_dir):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rows(run_dir)]
+
+    np.testing.assert_equal(logged(split), logged(whole))
+    steps = cfg.train.steps
+    assert checkpoint.latest_step(split) == checkpoint.latest_step(whole) == steps
+    like = trainer.setup(cfg).state
+    (a, data_a), (b, data_b) = (checkpoint.Checkpointer(d).restore(steps, like) for d in (split, whole))
+    assert data_a == data_b
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)),
+                            strict=True):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+SHORT = ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.train.log_every=1",
+         "--config.train.eval_every=0", "--config.data.seq_len=128"]
+LORA = ["--config.peft.method=lora", "--config.optim.lr=1e-2"]
+BASE = "@base"  # starts from the `base` fixture
+
+
+def case(name, stage, *overrides, killed_in="_check_batch", slow=True):
+    """A run of `stage` killed in trainer.KILLED_IN at step 4. The default run stays under 15 minutes:
+    most cases are slow (.ci/run runs them too)."""
+    return pytest.param(stage, list(overrides), killed_in, id=name, marks=[pytest.mark.slow] if slow else [])
+
+
+CASES = [
+    # LoRA SFT, dropout on the adapters and in the model, killed in its final evaluation (after the
+    # last step's checkpoint): the resumed run must still evaluate the final model.
+    case("lora_dropout_final_eval", "sft", *SHORT, BASE, *LORA, "--config.peft.lora_dropout=0.1",
+         "--config.model.dropout=0.1", "--config.train.eval_every=2", "--config.train.eval_steps=1",
+         killed_in="_eval", slow=False),
+    # Policy and value model in one state, rollouts sampled from the restored policy, the adaptive KL
+    # coefficient in the data state: test_rl's smoke run (2 train steps per rollout, a checkpoint every 2).
+    case("ppo", "ppo", REWARD, "--config.rollout.kl_target=0.01", slow=False),
+    case("sft_packed", "sft", *SHORT),
+    case("sft_dropout_accum", "sft", *SHORT, "--config.model.dropout=0.1", "--config.optim.grad_accum=2",
+         "--config.mesh.fsdp=4", "--config.mesh.tensor=2"),
+    case("lora_model_dropout", "sft", *SHORT, BASE, *LORA, "--config.peft.lora_dropout=0.1",
+         "--config.model.dropout=0.1"),
+    case("prompt_tuning", "sft", *SHORT, BASE, "--config.peft.method=prompt_tuning", "--config.peft.prompt_init=vocab",
+         "--config.optim.lr=1e-2"),
+    case("prefix_tuning", "sft", *SHORT, BASE, "--config.peft.method=prefix_tuning", "--config.peft.prefix_hidden=16",
+         "--config.optim.lr=3e-2"),
+    case("reward", "reward", *SHORT),
+    # The reference is the start, not the restored weights: in the loss and in the evaluations.
+    case("dpo", "dpo", *SHORT, BASE, "--config.optim.lr=1e-2", "--config.train.eval_every=2"),
+    case("dpo_lora_dropout_accum", "dpo", *SHORT, BASE, *LORA, "--config.peft.lora_dropout=0.1",
+         "--config.optim.grad_accum=2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"),
+    case("ppo_lora", "ppo", REWARD, BASE, *LORA, "--config.peft.lora_dropout=0.1", "--config.rollout.kl_target=0.01",
+         "--config.rollout.epochs=1", "--config.train.steps=6"),
+    case("grpo_lora", "grpo", REWARD, BASE, *LORA, "--config.peft.lora_dropout=0.1"),
+]
+
+
+@pytest.mark.parametrize("stage, overrides, killed_in", CASES)
+def test_killed_run_resumes_bit_for_bit(stage, overrides, killed_in, base, tmp_path, monkeypatch):
+    if BASE in overrides:
+        overrides = [f"--config.model.init_from={base}", "--config.data.tokenizer=byte",
+                     *(o for o in overrides if o != BASE)]
+    whole, split, cfg = killed_and_resumed(tmp_path, monkeypatch, stage, overrides, killed_in)
+    assert_same_run(whole, split, cfg)
