@@ -58,11 +58,13 @@ def killed_and_resumed(tmp_path, monkeypatch, stage, overrides, killed_in="_chec
     return whole, split, cfg
 
 
-def assert_same_run(whole, split, cfg):
-    """Equal metrics rows (timings aside; NaN equals NaN) and equal final states, every array of them."""
-    def logged(run_dir):
-        return [{k: v for k, v in r.items() if k not in TIMING} for r in rows(run_dir)]
+def logged(run_dir):
+    """The metrics rows without the timings."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows(run_dir)]
 
+
+def assert_same_run(whole, split, cfg):
+    """Equal metrics rows (NaN equals NaN) and equal final states, every array of them."""
     np.testing.assert_equal(logged(split), logged(whole))
     steps = cfg.train.steps
     assert checkpoint.latest_step(split) == checkpoint.latest_step(whole) == steps
@@ -122,3 +124,46 @@ def test_killed_run_resumes_bit_for_bit(stage, overrides, killed_in, base, tmp_p
                      *(o for o in overrides if o != BASE)]
     whole, split, cfg = killed_and_resumed(tmp_path, monkeypatch, stage, overrides, killed_in)
     assert_same_run(whole, split, cfg)
+
+
+def nan_batches(monkeypatch, positions):
+    """Makes the training stream's batches at `positions` (counted from 1 in the stream's own state, so a
+    resumed stream knows where it is) carry a NaN loss mask: their steps are non-finite and skipped."""
+    real = pipeline.train_iterator
+
+    class Poisoned:
+        def __init__(self, it):
+            self.it, self.n = it, 0
+
+        def __next__(self):
+            batch, self.n = next(self.it), self.n + 1
+            return dict(batch, loss_mask=batch["loss_mask"] * np.nan) if self.n in positions else batch
+
+        def get_state(self):
+            return {"stream": self.it.get_state(), "batches": self.n}
+
+        def set_state(self, state):
+            self.it.set_state(state["stream"])
+            self.n = state["batches"]
+
+    monkeypatch.setattr(pipeline, "train_iterator", lambda *args, **kwargs: Poisoned(real(*args, **kwargs)))
+
+
+def test_a_nonfinite_streak_counts_on_across_a_resume(tmp_path, monkeypatch):
+    """Steps 9, 10 and 11 are non-finite: with train.max_nonfinite_steps=3 the run stops at step 11. Killed
+    before step 11 and resumed from the step-10 checkpoint (which holds a streak of 2), it must stop there
+    too, with the same rows: a streak restarted at 0 would train on. (The smoke pre-training's programs.)"""
+    nan_batches(monkeypatch, {9, 10, 11})
+    overrides = ["--config.train.max_nonfinite_steps=3", "--config.train.log_every=1"]
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    stopped = "3 consecutive non-finite steps up to step 11"
+    with pytest.raises(trainer.TrainingError, match=stopped):
+        trainer.train(config("pretrain", whole, *overrides))
+    real = kill(monkeypatch, "_check_batch", 11)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config("pretrain", split, *overrides))
+    monkeypatch.setattr(trainer, "_check_batch", real)
+    with pytest.raises(trainer.TrainingError, match=stopped):
+        trainer.train(config("pretrain", split, *overrides))
+    np.testing.assert_equal(logged(split), logged(whole))
+    assert [r["skipped"] for r in logged(split) if "loss" in r] == [0.0] * 8 + [1.0, 1.0]
