@@ -3,6 +3,8 @@
 checkpointed state (parameters, optimizer moments, step, RNG, non-finite counters, data-iterator
 state) equal those of the same run never interrupted."""
 import inspect
+import os
+import signal
 
 import jax
 import numpy as np
@@ -166,3 +168,21 @@ def test_a_nonfinite_streak_counts_on_across_a_resume(tmp_path, monkeypatch):
         trainer.train(config("pretrain", split, *overrides))
     np.testing.assert_equal(logged(split), logged(whole))
     assert [r["skipped"] for r in logged(split) if "loss" in r] == [0.0] * 8 + [1.0, 1.0]
+
+
+def test_a_notice_during_the_last_step_still_evaluates_and_saves_it(tmp_path, monkeypatch):
+    """A pre-emption notice (SIGTERM) that arrives during the last step: the run is finished, so it evaluates
+    and saves as without one, and still says it was pre-empted (a pipeline stops there). Saving the last step
+    and stopping left a run that the same command found finished, its final evaluation never made."""
+    real = trainer._check_batch
+
+    def notice(batch, step):
+        if step == 20:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(batch, step)
+
+    monkeypatch.setattr(trainer, "_check_batch", notice)
+    out = trainer.train(config("pretrain", str(tmp_path)))  # the smoke pre-training: 20 steps, evaluated every 10
+    assert out["preempted_at"] == 20 and "eval/loss" in out
+    assert [r["step"] for r in rows(str(tmp_path)) if "eval/loss" in r] == [10, 20]
+    assert checkpoint.latest_step(str(tmp_path)) == 20

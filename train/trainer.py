@@ -142,7 +142,7 @@ def _run(run: Run, kind: str, ckpt: checkpoint.Checkpointer) -> dict[str, Any]:
                 last.update(_eval(run, kind, 0, logger))
             with distributed.Preemption() as preemption:
                 last.update(_loop(run, kind, data_iter, ckpt, logger, start, peak, preemption))
-            if "preempted_at" in last:
+            if last.get("preempted_at", config.train.steps) < config.train.steps:
                 ckpt.wait()
                 return last
             if config.train.eval_every > 0 and config.data.eval_sources and start < config.train.steps:
@@ -252,10 +252,12 @@ def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointe
         if config.checkpoint.every > 0 and (step + 1) % config.checkpoint.every == 0 and not last_step:
             ckpt.save(run.state, data_iter.get_state(), run.model_cfg)
         if preemption.reached(step + 1) and getattr(data_iter, "at_boundary", True):
+            preempted_at = step + 1
+            if last_step:  # finished: the final evaluation and checkpoint are _run's, as without a notice
+                break
             if ckpt.latest_step() != step + 1:
                 ckpt.save(run.state, data_iter.get_state(), run.model_cfg)
             _say(f"pre-empted: saved step {step + 1} in {config.run_dir}; the same command resumes from it")
-            preempted_at = step + 1
             break
     if pending is not None:
         last = _finish(run, pending, logger)
