@@ -91,11 +91,15 @@ def case(name, stage, *overrides, killed_in="_check_batch", slow=True):
 
 
 CASES = [
-    # LoRA SFT, dropout on the adapters and in the model, killed in its final evaluation: the resumed run
-    # must evaluate the final model too (it found the last step's checkpoint and did nothing: one row short).
-    case("lora_dropout_final_eval", "sft", *SHORT, BASE, *LORA, "--config.peft.lora_dropout=0.1",
+    # DPO on LoRA adapters, dropout on them and in the model, killed in its final evaluation: the
+    # reference is the base with the adapters off, not the restored adapters, in the loss and the
+    # evaluation; and the resumed run evaluates the final model too (it found the last step's
+    # checkpoint, written before the evaluation, and did nothing: one row short).
+    case("dpo_lora_dropout_final_eval", "dpo", *SHORT, BASE, *LORA, "--config.peft.lora_dropout=0.1",
          "--config.model.dropout=0.1", "--config.train.eval_every=4", "--config.train.eval_steps=1",
          killed_in="_eval", slow=False),
+    case("sft_lora_dropout", "sft", *SHORT, BASE, *LORA, "--config.peft.lora_dropout=0.1",
+         "--config.model.dropout=0.1"),
     # Policy and value model in one state, rollouts sampled from the restored policy, the adaptive KL
     # coefficient in the data state: test_rl's smoke run (2 train steps per rollout, a checkpoint every 2).
     # Slow (~25 s): test_rl's GRPO run resumes through the same rollout source in the default run.
