@@ -96,6 +96,29 @@ def loop(run, start=0, kind="pretrain", stream=None, notice=None):
     return out, logger, saves, stream
 
 
+class MaskedAt(Stream):
+    """A stream whose batch `at` has no loss tokens."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def __next__(self):
+        batch = super().__next__()
+        return dict(batch, loss_mask=batch["loss_mask"] * (self.n != self.at))
+
+
+def test_a_batch_without_loss_tokens_stops_a_data_stage_but_not_an_rl_one(monkeypatch):
+    """A data source whose masks leave nothing to learn from is an error; a rollout mini-batch of replies that
+    rollout.mask_truncated dropped is not (the step skips it), or one such mini-batch ended an RL run."""
+    run, _ = fake_run(monkeypatch, "--config.train.steps=4")
+    with pytest.raises(trainer.TrainingError, match="step 2: the batch has no loss tokens"):
+        loop(run, stream=MaskedAt(2))
+    run, _ = fake_run(monkeypatch, "--config.train.steps=4")
+    run.config.unlock().stage = "grpo"
+    assert loop(run, stream=MaskedAt(2))[3].n == 4
+
+
 def test_a_resumed_run_logs_its_first_step_then_every_log_every_and_the_last(monkeypatch):
     """A run resumed at step 3 logs step 4 (its first), 5 and 10 (every 5th) and 11 (the last): the first
     step is the resumed one, not step 1, which this run never takes."""

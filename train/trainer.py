@@ -225,7 +225,10 @@ def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointe
     interval_start, interval_steps, last = time.perf_counter(), 0, {}
     for step in range(start, config.train.steps):
         batch = next(data_iter)
-        _check_batch(batch, step + 1)
+        # A rollout's mini-batch may hold only replies that rollout.mask_truncated drops: the step skips
+        # it (counted with the non-finite ones), and a rollout without a reply to learn from is named there.
+        if config.stage not in rollout.RL_STAGES:
+            _check_batch(batch, step + 1)
         run.state, metrics = run.step_fn(run.state, run.frozen, run.global_batch(batch))
         if pending is not None:
             last = _finish(run, pending, logger)
