@@ -6,6 +6,8 @@ it (the config's tokenizer, chat template and seq_len), is scored by the startin
 `kiln train` would build: `model.init_from`, `peft.*`, dtypes), and written (JSON Lines, atomically)
 to DIR/train.NAME.jsonl and DIR/eval.NAME.jsonl as {"prompt", "chosen", "rejected", [margin],
 "ref_chosen_logps", "ref_rejected_logps"}: the summed log-probs of each reply's trained tokens.
+DIR/reference.json records the data settings that decide those tokens (tokenizer, chat template,
+seq_len, ...); a run training on the files with other settings is refused.
 Prints the overrides that train on them (`loss.reference=data` and each source's path and format);
 train with the same data settings. Pairs that training would drop are left out (and counted).
 """
@@ -27,6 +29,7 @@ from launch.config import ConfigError, load_config
 from model.sharding import make_mesh, use_rules
 from train import records
 from train.losses.dpo import sequence_logps
+from train.reference import SETTINGS_FILE, encoding
 from train.build import build_model, model_config, tokenizer_name
 
 
@@ -57,6 +60,7 @@ def main(argv: list[str]) -> int:
     score = jax.jit(lambda batch: sequence_logps(model, batch)[:2])
     enc, width = Encoder.from_config(config.data, tok), config.data.batch_size
     os.makedirs(args.out, exist_ok=True)
+    records.write_text_atomic(os.path.join(args.out, SETTINGS_FILE), json.dumps(encoding(config.data), indent=1) + "\n")
     overrides = ["--config.loss.reference=data"]
     for group, key in (("sources", "train"), ("eval_sources", "eval")):
         for name, src in config.data[group].items():

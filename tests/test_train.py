@@ -306,6 +306,12 @@ def test_dpo_on_precomputed_reference_logps_matches_the_in_step_reference(pretra
             if key in a:  # the two reference passes batch the pairs differently: float32 rounding only
                 assert a[key] == pytest.approx(b[key], abs=1e-5)
     assert "eval/rewards/accuracies" in last
+    # The files were scored on the tokens of their data settings, which reference.json records; a run
+    # that would cut the pairs elsewhere is refused (its log-probs were silently used before).
+    assert json.loads((out / "reference.json").read_text())["seq_len"] == 256
+    with pytest.raises(ValueError, match=r"data.sources.train: its reference log-probs were computed with "
+                                         r"data.seq_len=256 \(.*reference.json\), and this run has 200"):
+        trainer.train(config("dpo", str(tmp_path / "z"), *on_files, "--config.data.seq_len=200"))
     # Data mode keeps no reference model; without the fields it says what is missing.
     assert trainer.setup(config("dpo", str(tmp_path / "x"), *on_files)).reference is None
     with pytest.raises(ValueError, match="needs reference log-probs and the batch has none"):

@@ -16,16 +16,48 @@ tuning copy their starting prompt or prefix.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from data.sources import expand_path
 from train.losses.dpo import sequence_logps
 
-
 Fields = Callable[[nnx.Module, dict[str, jax.Array]], dict[str, jax.Array]]
+# Beside precomputed log-probs (`kiln data reference`): the data settings that decide which tokens they score.
+SETTINGS_FILE = "reference.json"
+ENCODING_KEYS = ("tokenizer", "chat_template", "seq_len", "mask_special_tokens", "truncate")
+
+
+def encoding(data_cfg: Any) -> dict[str, Any]:
+    """The `data.*` settings that turn a pair into the tokens its log-probs sum over (tokenizer made concrete)."""
+    return {k: data_cfg[k] for k in ENCODING_KEYS}
+
+
+def check_precomputed(config: Any) -> None:
+    """ValueError if a source's precomputed reference log-probs were scored on other tokens than this run
+    trains on: its directory's reference.json records other encoding settings (a file without one, the
+    user's own, is taken as it is)."""
+    for group in ("sources", "eval_sources"):
+        for name, src in config.data[group].items():
+            if not src.path:
+                continue
+            settings = os.path.join(os.path.dirname(expand_path(src.path, f"data.{group}.{name}.path")), SETTINGS_FILE)
+            if not os.path.isfile(settings):
+                continue
+            with open(settings) as f:
+                recorded = json.load(f)
+            now = encoding(config.data)
+            for key in ENCODING_KEYS:
+                if key in recorded and recorded[key] != now[key]:
+                    raise ValueError(f"data.{group}.{name}: its reference log-probs were computed with data.{key}="
+                                     f"{recorded[key]!r} ({settings}), and this run has {now[key]!r}, so they score "
+                                     "other tokens; train with the settings they were computed with, or compute them "
+                                     "again (kiln data reference)")
 
 
 def preference_fields(model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

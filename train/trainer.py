@@ -61,6 +61,8 @@ def setup(config: ConfigDict, devices: list | None = None) -> Run:
     """Tokenizer, mesh, model, optimizer and the jitted step for `config` (no data, no checkpoint).
     The sequence length, batch and memory are checked against the model and mesh first."""
     config.data.tokenizer = build.tokenizer_name(config)  # recorded concrete in config.json
+    if config.stage == "dpo" and config.loss.reference == "data":
+        reference.check_precomputed(config)
     tok = tokenizers.resolve(config.data, config.run_dir)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices,
                      dcn_data=config.mesh.dcn_data, dcn_fsdp=config.mesh.dcn_fsdp)
