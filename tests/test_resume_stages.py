@@ -80,6 +80,7 @@ def assert_same_run(whole, split, cfg):
 
 SHORT = ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.train.log_every=1",
          "--config.train.eval_every=0", "--config.data.seq_len=128"]
+PAIRS = [*SHORT, "--config.data.seq_len=256"]  # at 128 tokens most pairs are cut before their replies differ
 LORA = ["--config.peft.method=lora", "--config.optim.lr=1e-2"]
 BASE = "@base"  # starts from the `base` fixture
 
@@ -95,7 +96,7 @@ CASES = [
     # reference is the base with the adapters off, not the restored adapters, in the loss and the
     # evaluation; and the resumed run evaluates the final model too (it found the last step's
     # checkpoint, written before the evaluation, and did nothing: one row short).
-    case("dpo_lora_dropout_final_eval", "dpo", *SHORT, BASE, *LORA, "--config.peft.lora_dropout=0.1",
+    case("dpo_lora_dropout_final_eval", "dpo", *PAIRS, BASE, *LORA, "--config.peft.lora_dropout=0.1",
          "--config.model.dropout=0.1", "--config.train.eval_every=4", "--config.train.eval_steps=1",
          killed_in="_eval", slow=False),
     case("sft_lora_dropout", "sft", *SHORT, BASE, *LORA, "--config.peft.lora_dropout=0.1",
@@ -111,10 +112,10 @@ CASES = [
          "--config.optim.lr=1e-2"),
     case("prefix_tuning", "sft", *SHORT, BASE, "--config.peft.method=prefix_tuning", "--config.peft.prefix_hidden=16",
          "--config.optim.lr=3e-2"),
-    case("reward", "reward", *SHORT),
+    case("reward", "reward", *PAIRS),
     # The reference is the start, not the restored weights: in the loss and in the evaluations.
-    case("dpo", "dpo", *SHORT, BASE, "--config.optim.lr=1e-2", "--config.train.eval_every=2"),
-    case("dpo_lora_dropout_accum", "dpo", *SHORT, BASE, *LORA, "--config.peft.lora_dropout=0.1",
+    case("dpo", "dpo", *PAIRS, BASE, "--config.optim.lr=1e-2", "--config.train.eval_every=2"),
+    case("dpo_lora_dropout_accum", "dpo", *PAIRS, BASE, *LORA, "--config.peft.lora_dropout=0.1",
          "--config.optim.grad_accum=2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"),
     case("ppo_lora", "ppo", REWARD, BASE, *LORA, "--config.peft.lora_dropout=0.1", "--config.rollout.kl_target=0.01",
          "--config.rollout.epochs=1", "--config.train.steps=6"),

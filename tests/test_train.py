@@ -257,6 +257,8 @@ def test_dpo_smoke_starts_at_ln2_and_learns_its_pairs(tmp_path):
     assert np.mean([r["rewards/accuracies"] for r in train_rows[-5:]]) > 0.8
 
 
+@pytest.mark.slow  # ~27 s; by default test_resume_stages' DPO case pins the reference after a resume, and
+# test_dpo_on_precomputed_reference_logps' in-step run the reference staying the start while training
 def test_dpo_reference_is_the_start_after_training_and_on_resume(pretrained, tmp_path):
     """LoRA: the reference is the frozen base with adapters off; full DPO: a copy of the starting
     weights, also when a resumed run restores trained ones."""
