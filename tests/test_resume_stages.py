@@ -181,10 +181,10 @@ def test_a_notice_during_the_last_step_still_evaluates_and_saves_it(tmp_path, mo
     and stopping left a run that the same command found finished, its final evaluation never made."""
     real = trainer._check_batch
 
-    def notice(batch, step):
+    def notice(batch, step, stage):
         if step == 20:
             os.kill(os.getpid(), signal.SIGTERM)
-        real(batch, step)
+        real(batch, step, stage)
 
     monkeypatch.setattr(trainer, "_check_batch", notice)
     out = trainer.train(config("pretrain", str(tmp_path)))  # the smoke pre-training: 20 steps, evaluated every 10

@@ -44,10 +44,10 @@ def kill_at(monkeypatch, step):
     """Interrupts the run when it fetches the batch of `step`, as a kill would."""
     real = trainer._check_batch
 
-    def check(batch, s):
+    def check(batch, s, stage):
         if s == step:
             raise KeyboardInterrupt(f"killed before step {step}")
-        real(batch, s)
+        real(batch, s, stage)
     monkeypatch.setattr(trainer, "_check_batch", check)
 
 
@@ -186,7 +186,7 @@ def test_a_save_that_fails_later_stops_the_run_at_once(tmp_path, monkeypatch):
     ckpts = os.path.join(run_dir, "checkpoints")
     real = trainer._check_batch
 
-    def lose_the_disk(batch, step):
+    def lose_the_disk(batch, step, stage):
         if step == 3:  # after the (asynchronous) step-2 save has finished, the directory goes away
             deadline = time.time() + 120
             while not os.path.isdir(os.path.join(ckpts, "2")) and time.time() < deadline:
@@ -194,7 +194,7 @@ def test_a_save_that_fails_later_stops_the_run_at_once(tmp_path, monkeypatch):
             os.rename(ckpts, ckpts + ".gone")
             with open(ckpts, "w") as f:
                 f.write("not a directory")
-        real(batch, step)
+        real(batch, step, stage)
     monkeypatch.setattr(trainer, "_check_batch", lose_the_disk)
     with pytest.raises(checkpoint.CheckpointError, match="checkpoints is not writable"):
         trainer.train(config(run_dir))

@@ -359,10 +359,10 @@ def test_resume_is_bit_identical(pretrained, tmp_path, monkeypatch):
     cfg = config("pretrain", str(tmp_path), "--config.train.log_every=1")
     real_check = trainer._check_batch
 
-    def crash(batch, step):
+    def crash(batch, step, stage):
         if step == 14:
             raise KeyboardInterrupt("simulated kill after the step-10 checkpoint")
-        real_check(batch, step)
+        real_check(batch, step, stage)
 
     monkeypatch.setattr(trainer, "_check_batch", crash)
     with pytest.raises(KeyboardInterrupt):

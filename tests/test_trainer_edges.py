@@ -184,10 +184,10 @@ def test_a_batch_needs_loss_tokens_in_some_mask_not_in_every_mask():
     """A preference batch whose rejected masks are all zero still trains (the chosen ones have tokens);
     one whose chosen and rejected masks are all zero is refused, as a plain batch without loss tokens is."""
     ones, zeros = np.ones((2, 4), np.float32), np.zeros((2, 4), np.float32)
-    trainer._check_batch({"chosen_loss_mask": ones, "rejected_loss_mask": zeros, "tokens": zeros}, 5)
+    trainer._check_batch({"chosen_loss_mask": ones, "rejected_loss_mask": zeros, "tokens": zeros}, 5, "dpo")
     for batch in ({"chosen_loss_mask": zeros, "rejected_loss_mask": zeros, "tokens": ones}, {"loss_mask": zeros}):
         with pytest.raises(trainer.TrainingError, match="step 5: the batch has no loss tokens"):
-            trainer._check_batch(batch, 5)
+            trainer._check_batch(batch, 5, "dpo")
 
 
 # -- resume -----------------------------------------------------------------------------------------------

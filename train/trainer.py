@@ -227,10 +227,7 @@ def _loop(run: Run, kind: str, data_iter: Iterator, ckpt: checkpoint.Checkpointe
     interval_start, interval_steps, last = time.perf_counter(), 0, {}
     for step in range(start, config.train.steps):
         batch = next(data_iter)
-        # A rollout's mini-batch may hold only replies that rollout.mask_truncated drops: the step skips
-        # it (counted with the non-finite ones), and a rollout without a reply to learn from is named there.
-        if config.stage not in rollout.RL_STAGES:
-            _check_batch(batch, step + 1)
+        _check_batch(batch, step + 1, config.stage)
         run.state, metrics = run.step_fn(run.state, run.frozen, run.global_batch(batch))
         if pending is not None:
             last = _finish(run, pending, logger)
@@ -283,9 +280,12 @@ def _finish(run: Run, pending: tuple[int, dict], logger: records.MetricsLogger) 
     return row
 
 
-def _check_batch(batch: dict[str, np.ndarray], step: int) -> None:
+def _check_batch(batch: dict[str, np.ndarray], step: int, stage: str) -> None:
+    """TrainingError for a data source's batch without loss tokens. A rollout's mini-batch may hold only
+    replies that rollout.mask_truncated drops: the step skips it (counted with the non-finite ones), and
+    a rollout without a reply to learn from is named by the rollout source."""
     masks = [v for k, v in batch.items() if k.endswith("loss_mask")]
-    if masks and not any(np.any(m) for m in masks):
+    if stage not in rollout.RL_STAGES and masks and not any(np.any(m) for m in masks):
         raise TrainingError(f"step {step}: the batch has no loss tokens (every loss_mask is 0); "
                             "check the data source's masks and lengths")
 
