@@ -66,7 +66,9 @@ def test_model_dropout_key_reaches_the_model(tmp_path):
     assert build.model_config(config("pretrain", tmp_path), 256).dropout == 0.0
 
 
-@pytest.mark.parametrize("stage", [pytest.param("context_extension", marks=pytest.mark.slow), "anneal", "continue"])
+# By default "continue" (a mesh other than the saving one, two evaluation sources); the other two in the slow set.
+@pytest.mark.parametrize("stage", [pytest.param("context_extension", marks=pytest.mark.slow),
+                                   pytest.param("anneal", marks=pytest.mark.slow), "continue"])
 def test_stage_smoke_from_pretrained(stage, pretrained, tmp_path):
     source, _ = pretrained
     mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]  # not the saving mesh
