@@ -92,6 +92,16 @@ def test_bad_overrides_are_named(override, message):
     ("dpo.py:smoke", ["loss.preference_type=ipo", "loss.label_smoothing=0.1"], "not 'ipo'"),
     ("dpo.py:smoke", ["loss.simpo_gamma=1.0"], "loss.simpo_gamma is read by preference_type simpo, not 'sigmoid'"),
     ("dpo.py:smoke", ["loss.preference_type=orpo"], "ORPO's loss is the chosen reply's NLL"),
+    ("dpo.py:smoke", ["loss.preference_type=orpo", "loss.nll_coef=1.0", "loss.reference=data"],
+     "loss.reference='data' is read by preference types with a reference model (sigmoid, hinge, ipo, robust), not "
+     "'orpo'"),
+    # Post-training and evaluation ranges, named before any model is built (tests/test_misuse_post.py has the rest).
+    ("sft.py:smoke", ["peft.method=lora", "peft.lora_dropout=1.0"], "config key 'peft.lora_dropout' must be in "),
+    ("rejection_sampling.py:smoke", ["rollout.num_samples=0"], "config key 'rollout.num_samples' must be positive"),
+    ("eval.py:smoke", ["eval.max_new_tokens=0"], "config key 'eval.max_new_tokens' must be positive, got 0"),
+    ("eval.py:smoke", ["eval.batch_size=0"], "config key 'eval.batch_size' must be positive, got 0"),
+    ("eval.py:smoke", ["eval.chain_of_thought=()"], "config key 'eval.chain_of_thought' is empty, so no setting of "
+                                                    "eval.tasks would be scored; list (True, False), (True,) or (False,)"),
     ("sft.py:smoke", ["peft.method=prompt_tuning", "peft.prompt_init=text"], "peft.prompt_init=text and "
                                                                              "peft.prompt_init_text go together"),
     ("sft.py:smoke", ["peft.method=prompt_tuning", "peft.prompt_init_text=Solve:"], "go together"),
@@ -125,11 +135,25 @@ def test_each_check_names_its_key(spec, overrides, message):
     ("ppo.py:smoke", ["rollout.gamma=0.9", "rollout.kl_target=0.1", "loss.value_clip=0.0"]),
     ("grpo.py:smoke", ["rollout.advantage=rloo", "loss.aggregation=dapo"]),
     ("rejection_sampling.py:smoke", ["rollout.num_prompts=3", "rollout.min_reward=0.5"]),
+    ("eval.py:smoke", ["eval.num_problems=0"]),  # 0: every problem
+    ("pretrain.py:smoke", ["eval.shots=()"]),  # no eval.tasks: no (shots, chain of thought) setting to score
 ])
 def test_what_the_chosen_setting_reads_is_accepted(spec, overrides):
     """The other side of each check: the keys a setting does read (and a weight of 0 next to others)."""
     c = load(spec, *(f"--config.{o}" for o in overrides))
     assert c.is_locked
+
+
+def test_a_moved_held_out_source_reads_its_file_whole_and_the_built_in_task_keeps_its_split(capsys):
+    """data.eval_sources move as data.sources do: the Shakespeare held-out text (start=0.9 of its file) pointed
+    at another file scores all of it. Naming the built-in task (format=synthetic) moves nothing: its end=0.95
+    stays the training split, where reading it whole would train on the held-out problems."""
+    c = load("pretrain.py:shakespeare", "--config.data.eval_sources.eval.path=/data/mine.txt")
+    assert (c.data.eval_sources.eval.start, c.data.eval_sources.eval.end) == (0.0, 1.0)
+    assert "note: data.eval_sources.eval.path is set, so data.eval_sources.eval reads the whole new file, not the " \
+           "config file's slice [start=0.9, end=1.0]" in capsys.readouterr().err
+    c = load("sft.py:smoke", "--config.data.sources.train.format=synthetic")
+    assert c.data.sources.train.end == 0.95 and capsys.readouterr().err == ""
 
 
 def test_the_command_line_reports_a_bad_config_in_one_line(capsys, monkeypatch):
