@@ -140,14 +140,35 @@ def test_rerun_skips_finished_stages_and_resumes_the_interrupted_one(smoke, caps
     ([{"name": "a", "command": "generate", "config": "c", "evaluate": {"config": "e"}}], "only a train stage"),
     ([{"name": "a", "command": "eval", "config": "c"}], "an eval stage names its `checkpoint`"),
     ([{"name": "a", "command": "train", "config": "c"}] * 2, "every stage needs a name of its own"),
+    ([{"name": "a", "command": "train", "config": ""}], "`config` must name a config file, such as"),
+    ([{"name": "a", "command": "train", "config": "c", "evaluate": "configs/eval.py:smoke"}],
+     "`evaluate` must be a dict of config and overrides"),
 ])
 def test_bad_recipes_are_named(tmp_path, stages, message):
+    with pytest.raises(ConfigError, match=message):
+        pipeline.load_recipe(write_recipe(tmp_path, stages), [])
+
+
+def write_recipe(tmp_path, stages):
     path = tmp_path / "recipe.py"
     path.write_text("from ml_collections import ConfigDict\n"
                     "def get_config(variant=''):\n    return ConfigDict(dict(run_dir='x'))\n"
                     f"def stages(c):\n    return {stages!r}\n")
-    with pytest.raises(ConfigError, match=message):
-        pipeline.load_recipe(str(path), [])
+    return str(path)
+
+
+def test_a_recipe_may_return_a_tuple_of_stages_naming_any_file_each_writes(tmp_path, monkeypatch):
+    """stages(config) may be a tuple as well as a list, and @NAME/FILE may name each file a stage's command
+    writes (an eval stage's results.json and results.md; anything in a train stage's run directory)."""
+    monkeypatch.chdir(ROOT)
+    stages = ({"name": "sft", "command": "train", "config": "configs/sft.py:smoke"},
+              {"name": "ev", "command": "eval", "config": "configs/eval.py:smoke", "checkpoint": "@sft"},
+              {"name": "tok", "command": "tokenizer", "config": "configs/pretrain.py:smoke"},
+              {"name": "more", "command": "train", "config": "configs/sft.py:smoke",
+               "overrides": ["data.sources.train.path=@ev/results.md", "data.eval_sources.heldout.path=@ev/results.json",
+                             "data.tokenizer=@tok/tokenizer.model", "model.init_from=@sft/model"]})
+    _, loaded = pipeline.load_recipe(write_recipe(tmp_path, stages), [])
+    assert loaded == list(stages)
 
 
 def test_a_stage_stopped_before_its_first_checkpoint_is_not_finished(tmp_path):
