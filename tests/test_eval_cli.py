@@ -136,3 +136,25 @@ def test_a_prompt_that_exactly_fills_the_context_fits(tmp_path, monkeypatch):
         else:
             with pytest.raises(ValueError, match="is 100 tokens, and with eval.max_new_tokens=33 it exceeds"):
                 kiln_eval._task_runs(config, sampler, False)
+
+
+def test_the_shots_pool_needs_answers_only_where_shots_are_shown(tmp_path, monkeypatch):
+    """A few-shot example shows its solution's final '#### N': a shots pool without one is refused, naming
+    eval.tasks.NAME.shots, as soon as eval.shots asks for any (0 and 1); at 0 shots alone the pool is never
+    shown, and the task runs (stand-ins for the sources and the prompt lengths)."""
+    import types
+
+    solved, unsolved = kiln_eval.tasks.Item("1+1?", "#### 2", "2"), kiln_eval.tasks.Item("2+2?", "Four.", "")
+    monkeypatch.setattr(kiln_eval.tasks, "items",
+                        lambda where, spec, data, n=None: [unsolved if where.endswith(".shots") else solved])
+    monkeypatch.setattr(kiln_eval.tasks, "longest_prompt", lambda sampler, evaluated, shots, cot, chat: 10)
+    sampler = types.SimpleNamespace(model=types.SimpleNamespace(cfg=types.SimpleNamespace(max_seq_len=132)))
+    config = load_config(os.path.join(ROOT, "configs/eval.py:smoke"), [f"--config.run_dir={tmp_path}",
+                                                                       "--config.eval.shots=(0,)"])
+    assert [run[:4] for run in kiln_eval._task_runs(config, sampler, False)] == [
+        ("arithmetic", 0, cot, [solved]) for cot in config.eval.chain_of_thought]
+    config = load_config(os.path.join(ROOT, "configs/eval.py:smoke"), [f"--config.run_dir={tmp_path}",
+                                                                       "--config.eval.shots=(0, 1)"])
+    with pytest.raises(ValueError, match="eval.tasks.arithmetic.shots: problem 1 has no answer to score: its solution "
+                                         "'Four.' lacks a final '#### ANSWER' line"):
+        kiln_eval._task_runs(config, sampler, False)
