@@ -130,6 +130,10 @@ def test_jsonl_fields_chats_and_gzip(tmp_path):
     got, _ = records(tmp_path / "c.jsonl.gz", "jsonl", "sft", prompt_field="q", completion_field="a")
     assert got[0] == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     assert got[1]["messages"] == rows[1]["messages"]
+    # A prompt to sample from needs some text, not text in every message: an empty system message is fine.
+    prompt = [{"role": "system", "content": ""}, {"role": "user", "content": "2+2?"}]
+    got, _ = records(write_jsonl(tmp_path / "p.jsonl", [{"prompt": prompt, "answer": "4"}]), "jsonl", "prompts")
+    assert got == [{"prompt": prompt, "answer": "4"}]
 
 
 @pytest.mark.parametrize("bad, message", [
