@@ -145,13 +145,16 @@ def test_what_the_chosen_setting_reads_is_accepted(spec, overrides):
 
 
 def test_a_moved_held_out_source_reads_its_file_whole_and_the_built_in_task_keeps_its_split(capsys):
-    """data.eval_sources move as data.sources do: the Shakespeare held-out text (start=0.9 of its file) pointed
-    at another file scores all of it. Naming the built-in task (format=synthetic) moves nothing: its end=0.95
+    """data.eval_sources and an eval task's shots move as data.sources do: the Shakespeare held-out text
+    (start=0.9 of its file) pointed at another file scores all of it, a shots file gives all its examples. Naming the built-in task (format=synthetic) moves nothing: its end=0.95
     stays the training split, where reading it whole would train on the held-out problems."""
     c = load("pretrain.py:shakespeare", "--config.data.eval_sources.eval.path=/data/mine.txt")
     assert (c.data.eval_sources.eval.start, c.data.eval_sources.eval.end) == (0.0, 1.0)
     assert "note: data.eval_sources.eval.path is set, so data.eval_sources.eval reads the whole new file, not the " \
            "config file's slice [start=0.9, end=1.0]" in capsys.readouterr().err
+    c = load("eval.py:smoke", "--config.eval.tasks.arithmetic.shots.path=/data/mine.jsonl",
+             "--config.eval.tasks.arithmetic.shots.format=jsonl")  # the few-shot examples' file, likewise
+    assert c.eval.tasks.arithmetic.shots.end == 1.0 and "reads the whole new file" in capsys.readouterr().err
     c = load("sft.py:smoke", "--config.data.sources.train.format=synthetic")
     assert c.data.sources.train.end == 0.95 and capsys.readouterr().err == ""
 

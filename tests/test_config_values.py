@@ -116,6 +116,8 @@ def test_lifecycle_stages_each_start_from_the_one_before():
     assert by["pretrain"]["data.tokenizer"] == "@tokenizer/tokenizer.model"
     assert by["rejection_sampling"]["data.sources.train.path"] == "@rs_generate/sft.jsonl"
     assert by["dpo"]["data.sources.train.path"] == "@rs_generate/pairs.jsonl"
+    # Rejection sampling's files, as JSON lines (a path under format=synthetic would train on the built-in task).
+    assert by["rejection_sampling"]["data.sources.train.format"] == by["dpo"]["data.sources.train.format"] == "jsonl"
     assert by["rs_generate"]["rollout.reward"] == "verifier"
     ext = by["context_extension"]  # 256 -> 512 tokens: YaRN factor 2 from the pre-training length
     assert (ext["model.rope_scaling.factor"], ext["model.rope_scaling.original_max_position_embeddings"],

@@ -209,6 +209,9 @@ def test_llama31_lifecycle_variant_runs_rounds_like_the_main_job(monkeypatch):
     assert (rs.model.init_from, rs.rollout.num_prompts, rs.rollout.num_samples, rs.seed) == ("@dpo_1", 512, 4, 2)
     assert (sft.model.init_from, sft.train.steps, sft.optim.lr) == ("@dpo_1", 40, 5e-4)
     assert sft.data.sources.train.path == "@rejection_sampling_2/sft.jsonl"
+    assert dpo.data.sources.train.path == "@rejection_sampling_1/pairs.jsonl"
+    for c in (sft, dpo):  # rejection sampling's file, all of it (format=synthetic would read the built-in task)
+        assert (c.data.sources.train.format, c.data.sources.train.end) == ("jsonl", 1.0)
     assert (dpo.model.init_from, dpo.train.steps, dpo.optim.lr, dpo.data.seq_len) == ("@sft_1", 20, 3e-5, 128)
     assert (ev.eval.num_problems, tuple(ev.eval.shots), ev.data.seq_len) == (500, (0, 1), 512)
     assert by_name["eval_2"]["checkpoint"] == "@dpo_2"
