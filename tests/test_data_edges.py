@@ -123,6 +123,7 @@ def test_the_answer_is_the_number_its_line_starts_with():
     assert synthetic.extract_answer("so\n#### 12 apples") == "12" and synthetic.verify("#### 12 apples.", "12")
     assert synthetic.extract_answer("#### 7 then #### 8") == "8"
     assert synthetic.extract_answer("#### -$5 each") == "-5" and synthetic.verify("#### 3.0 in all", "3")
+    assert synthetic.extract_answer("#### .5 cups") == ".5" and synthetic.extract_answer("#### $ 5 each") == "5"
     assert synthetic.extract_answer("#### yes") == "yes"  # not a number: the line, as before
 
 

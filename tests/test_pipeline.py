@@ -143,6 +143,8 @@ def test_rerun_skips_finished_stages_and_resumes_the_interrupted_one(smoke, caps
     ([{"name": "a", "command": "train", "config": ""}], "`config` must name a config file, such as"),
     ([{"name": "a", "command": "train", "config": "c", "evaluate": "configs/eval.py:smoke"}],
      "`evaluate` must be a dict of config and overrides"),
+    ([{"name": "a", "command": "train", "config": "c", "evaluate": {"config": "e", "checkpoint": "x"}}],
+     "evaluate: unknown field 'checkpoint'; the fields are config, overrides"),  # it evaluates its own stage's model
 ])
 def test_bad_recipes_are_named(tmp_path, stages, message):
     with pytest.raises(ConfigError, match=message):
