@@ -12,7 +12,8 @@ from flax import nnx
 
 from data import pipeline
 from launch.config import load_config
-from model import presets
+from model import lora, presets
+from model.config import PrefixConfig, RopeScaling
 from model.transformer import Transformer, param_count
 from train import build, checkpoint, flops, trainer
 from train.losses.dpo import sequence_logps as dpo_logps
@@ -64,6 +65,22 @@ def test_pretrain_smoke(pretrained):
 def test_model_dropout_key_reaches_the_model(tmp_path):
     assert build.model_config(config("pretrain", tmp_path, "--config.model.dropout=0.2"), 256).dropout == 0.2
     assert build.model_config(config("pretrain", tmp_path), 256).dropout == 0.0
+
+
+def test_rope_scaling_keys_reach_the_model_and_a_loaded_models_shape_is_kept(pretrained, tmp_path):
+    """Context extension's `model.rope_scaling.*` become the ModelConfig's RoPE scaling (the stage's
+    smoke runs are slow), on a fresh preset and on a loaded model alike; a loaded model's shape cannot change."""
+    source, _ = pretrained
+    yarn = ["--config.model.rope_scaling.type=yarn", "--config.model.rope_scaling.factor=4.0",
+            "--config.model.rope_scaling.original_max_position_embeddings=64"]
+    expected = RopeScaling(type="yarn", factor=4.0, original_max_position_embeddings=64)
+    assert build.model_config(config("pretrain", tmp_path, *yarn), 256).rope_scaling == expected
+    loaded = build.model_config(config("pretrain", tmp_path, f"--config.model.init_from={source}", *yarn), 256)
+    assert loaded.rope_scaling == expected and loaded.d_model == checkpoint.read_model_config(source).d_model
+    assert build.model_config(config("pretrain", tmp_path), 256).rope_scaling is None
+    with pytest.raises(ValueError, match="cannot change n_layers of a loaded model"):
+        build.model_config(config("pretrain", tmp_path, f"--config.model.init_from={source}",
+                                  "--config.model.n_layers=3"), 256)
 
 
 # By default "continue" (a mesh other than the saving one, two evaluation sources); the other two in the slow set.
@@ -164,6 +181,44 @@ def test_lora_run_exports_merged_weights_and_a_peft_adapter(lora_run, tmp_path):
     finished = checkpoint.Checkpointer(run_dir).restore(20, trainer.setup(cfg).state)[0]
     for x, y in zip(jax.tree.leaves(again.state.params), jax.tree.leaves(finished.params), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_full_sft_from_a_lora_run_starts_from_the_merged_weights(lora_run, tmp_path):
+    """A run without LoRA started from a LoRA run trains every weight, starting from the base with the
+    adapters folded in (not the bare base, and no adapters left over)."""
+    run_dir, _ = lora_run
+    run = trainer.setup(config("sft", str(tmp_path), f"--config.model.init_from={run_dir}"))
+    assert run.model_cfg.lora is None and run.base == ""
+    _, adapted = checkpoint.load_params(run_dir)
+    merged = lora.merge(adapted)
+    q = np.asarray(run.state.params["layers"]["attn"]["q"][...])
+    np.testing.assert_array_equal(q, merged.layers.attn.q[...])
+    assert np.abs(q - np.asarray(adapted.layers.attn.q[...], np.float32)).max() > 1e-4  # the adapters moved it
+
+
+@pytest.mark.parametrize("method, extra, trained", [
+    ("prompt_tuning", ["--config.peft.prompt_init=text", "--config.peft.prompt_init_text=ab"], [(5, 64)]),
+    ("prefix_tuning", ["--config.peft.prefix_hidden=16"], [(5, 64), (16,), (16, 128), (64, 16), (128,)]),
+])
+def test_prompt_and_prefix_tuning_build_on_the_pretrained_base(pretrained, tmp_path, method, extra, trained):
+    """The trainer's path into prompt and prefix tuning (their smoke runs are slow): `peft.*` make the
+    model's prefix config, only the prompt (and prefix MLP) train on the frozen pre-trained weights, and a
+    text-initialised prompt starts as the embeddings of the text's tokens, repeated."""
+    source, _ = pretrained
+    cfg = config("sft", str(tmp_path), f"--config.model.init_from={source}", f"--config.peft.method={method}",
+                 "--config.peft.num_virtual_tokens=5", *extra)
+    run = trainer.setup(cfg)
+    kind = method.split("_")[0]
+    assert run.model_cfg.prefix == PrefixConfig(kind=kind, num_tokens=5, hidden=0 if kind == "prompt" else 16)
+    assert sorted(x.shape for x in jax.tree.leaves(run.state.params)) == trained
+    assert run.base == source  # the frozen weights' directory (config.json records its latest step)
+    _, base = checkpoint.load_params(source)
+    table = np.asarray(base.embed.table[...])
+    np.testing.assert_array_equal(run.frozen["embed"]["table"][...], table)
+    if kind == "prompt":
+        ids = run.tokenizer.encode("ab")
+        np.testing.assert_array_equal(run.state.params["prefix"]["embeddings"][...],
+                                      table[[ids[i % len(ids)] for i in range(5)]])
 
 
 def test_reward_model_from_pretrained_gets_a_new_head_and_the_rest_loaded(pretrained, tmp_path):
