@@ -2,6 +2,7 @@
 with a non-zero gradient, and the grpo / ppo smoke runs: metrics logged, resume exact."""
 import json
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from ml_collections import ConfigDict
 from model import presets
 from model.transformer import Transformer
 from launch.config import ConfigError
-from train import checkpoint, flops, preflight, rewards, rollout, trainer
+from train import build, checkpoint, flops, preflight, rewards, rollout, trainer
 from train.losses import rl
 from train.rollout import token_rows
 from test_train import config as stage_config, rows
@@ -171,18 +172,32 @@ def test_python_reward_function_and_a_bad_one(tmp_path):
     (tmp_path / "short.py").write_text("def first_only(prompts, replies, answers):\n    return [1.0]\n")
     with pytest.raises(ValueError, match=r"returned scores of shape \(1,\) for 2 replies"):
         rewards.scorer(f"{tmp_path / 'short.py'}:first_only")([[]] * 2, ["a", "b"], ["", ""])
-    # A NaN score poisoned every advantage of its group; words, or the function's own error, named no key.
-    (tmp_path / "bad.py").write_text("def nan(p, r, a):\n    return [1.0, float('nan')]\n"
+    # A NaN score poisoned every advantage of its group (the first of them is named); words, or the function's
+    # own error, named no key.
+    (tmp_path / "bad.py").write_text("def nan(p, r, a):\n    return [1.0, float('nan'), float('inf')]\n"
                                      "def words(p, r, a):\n    return ['good', 'bad']\n"
                                      "def lookup(p, r, a):\n    return [{}['x'] for _ in r]\n")
-    for name, message in [("nan", r"returned nan for reply 1 of 2; scores must be finite"),
+    for name, message in [("nan", r"returned nan for reply 1 of 3; scores must be finite"),
                           ("words", r"returned scores that are not numbers \(could not convert"),
-                          ("lookup", r"bad.py:lookup' failed on 2 replies \(KeyError: 'x'\); run with --debug")]:
+                          ("lookup", r"bad.py:lookup' failed on 3 replies \(KeyError: 'x'\); run with --debug")]:
         with pytest.raises(ValueError, match=message):
-            rewards.scorer(f"{tmp_path / 'bad.py'}:{name}")([[]] * 2, ["a", "b"], ["", ""])
+            rewards.scorer(f"{tmp_path / 'bad.py'}:{name}")([[]] * 3, ["a", "b", "c"], [""] * 3)
     # A directory that holds no reward-model run is named as such.
     with pytest.raises(ValueError, match="is neither 'verifier', a Kiln reward-model run nor MODULE:FUNCTION"):
         rewards.scorer(str(tmp_path))
+
+
+def test_a_ppo_value_model_trained_with_another_tokenizer_is_refused(tmp_path):
+    """The value model reads the policy's token ids: a rollout.value_from run trained with another tokenizer
+    would read them as other text. Its config.json says so before any model is loaded."""
+    (tmp_path / "rm" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({"stage": "reward",
+                                                             "data": {"tokenizer": "/elsewhere/tokenizer.model"}}))
+    config = stage_config("ppo", "/nonexistent", REWARD, f"--config.rollout.value_from={tmp_path / 'rm'}")
+    config.data.tokenizer = "byte"
+    with pytest.raises(ValueError, match=re.escape(f"rollout.value_from='{tmp_path / 'rm'}' was trained with tokenizer "
+                                                   "'/elsewhere/tokenizer.model', the policy with 'byte'; the value")):
+        build.build_value_model(config, None, None)
 
 
 def test_rl_prompts_read_every_weighted_source_in_order():

@@ -310,7 +310,7 @@ def test_rollout_scores_each_reply_against_its_prompts_answer_less_the_format_pe
     src.config = ConfigDict(dict(seed=0, stage="grpo", mesh=dict(rules=()), data=dict(seq_len=6, batch_size=4,
                                                                                     chat_template="chatml"),
                                  rollout=dict(batch_prompts=2, num_samples=2, format_penalty=0.25, mask_truncated=True,
-                                              epochs=1)))
+                                              epochs=1, max_new_tokens=2)))
     graphdef, params, frozen = nnx.split(nnx.Linear(1, 1, rngs=nnx.Rngs(0)), nnx.Param, ...)
     src.run = SimpleNamespace(graphdef=graphdef, state=SimpleNamespace(params=params), frozen=frozen, mesh=None,
                               tokenizer=SimpleNamespace(pad_id=0))
@@ -333,6 +333,15 @@ def test_rollout_scores_each_reply_against_its_prompts_answer_less_the_format_pe
     assert src.metrics["reward/std"] == pytest.approx(want.std())  # over the rollout's replies, population std
     assert src.metrics["rollout/truncated"] == 0.5 and src.metrics["completion_length"] == 1.5
     assert src.state["rollouts"] == 1 and len(minibatches) == 1
+
+    # A rollout whose every reply was cut (and so masked) is named before it reaches the step as a bad batch.
+    def all_cut(*args):
+        ids, replies = sample(*args)
+        return ids, [dict(r, finish_reason="length") for r in replies]
+
+    monkeypatch.setattr(rollout, "sample", all_cut)
+    with pytest.raises(ValueError, match=r"rollout 1: all 4 replies ran to rollout.max_new_tokens=2"):
+        src._rollout()
 
 
 def bare_source(**config):
