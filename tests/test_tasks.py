@@ -26,7 +26,8 @@ def test_items_carry_question_solution_and_answer():
 
 def test_items_of_conversations_are_the_first_question_and_the_last_solution(tmp_path):
     """A task record that opens with a system message was read as (system text, question): the question
-    became the solution and no answer was found; a record without a user turn is named."""
+    became the solution and no answer was found. A longer conversation is its first question and its last
+    (worked) reply; a record without a user turn is named."""
     import json
 
     path = tmp_path / "task.jsonl"
@@ -34,6 +35,10 @@ def test_items_of_conversations_are_the_first_question_and_the_last_solution(tmp
              {"role": "assistant", "content": "1+1=2\n#### 2"}]
     path.write_text(json.dumps({"messages": turns}) + "\n")
     src = base.source(str(path), "jsonl")
+    assert tasks.items("t", src, DATA) == [tasks.Item("1+1?", "1+1=2\n#### 2", "2")]
+    longer = [turns[1], {"role": "assistant", "content": "Let me see."}, {"role": "user", "content": "Go on."},
+              turns[2]]
+    path.write_text(json.dumps({"messages": longer}) + "\n")
     assert tasks.items("t", src, DATA) == [tasks.Item("1+1?", "1+1=2\n#### 2", "2")]
     path.write_text(json.dumps({"messages": [turns[0], turns[2]]}) + "\n")
     with pytest.raises(ValueError, match=r"t: record 0 of .*task.jsonl has no user turn"):
