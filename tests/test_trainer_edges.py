@@ -166,6 +166,11 @@ def test_preemption_stops_at_the_next_rollout_boundary_and_saves_once(monkeypatc
         out, _, saves, stream = loop(run, stream=Stream(boundaries={4, 8}), notice=Notice(at=2))
         assert out["preempted_at"] == 4 and stream.n == 4 and saves.steps == expected, every
         assert out["loss"] == 4.0
+    # A notice that stops the last step leaves its checkpoint to _run, after the final evaluation, as without one.
+    run, _ = fake_run(monkeypatch, "--config.train.steps=8", "--config.train.eval_every=0",
+                      "--config.checkpoint.every=4")
+    out, _, saves, stream = loop(run, stream=Stream(boundaries={4, 8}), notice=Notice(at=7))
+    assert out["preempted_at"] == 8 and stream.n == 8 and saves.steps == [4]
 
 
 def test_divergence_stops_at_exactly_max_nonfinite_steps(monkeypatch):
@@ -278,6 +283,7 @@ def test_an_evaluation_is_logged_only_when_it_has_rows(monkeypatch):
     (4, "/some/run", None, [10], [10]),  # a resumed run is not evaluated at its start again
     (10, "/some/run", None, [], []),  # resumed when finished: nothing left to do, the last step saved already
     (0, "", 6, [], []),  # pre-empted: the loop saved its step; no final evaluation or save
+    (0, "", 10, [10], [10]),  # pre-empted in the last step: finished, so evaluated and saved as without a notice
 ])
 def test_run_evaluates_and_saves_around_the_loop(monkeypatch, start, init_from, stop, evals, saves):
     from model.sharding import make_mesh
