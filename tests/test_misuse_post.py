@@ -131,6 +131,9 @@ def test_greedy_sampling_where_replies_must_differ_is_refused(capsys, monkeypatc
         "prompt would be one reply 4 times: set a positive rollout.temperature (or rollout.num_samples=1)")
     preflight.check_sampling(load("rejection_sampling.py:smoke", "--config.rollout.temperature=0",
                                   "--config.rollout.num_samples=1"))
+    with pytest.raises(ValueError, match="the rollout.num_samples=2 replies to each prompt would be one reply 2 times"):
+        preflight.check_sampling(load("rejection_sampling.py:smoke", "--config.rollout.temperature=0",
+                                      "--config.rollout.num_samples=2"))
 
 
 @pytest.mark.parametrize("answer", ["", "Two and two make four.\n#### 4"])
@@ -149,6 +152,9 @@ def test_prompts_whose_answers_the_verifier_cannot_match_are_refused(tmp_path, c
     argv = ["generate", "--config=configs/rejection_sampling.py:smoke", *source, "--config.model.init_from=/no/p"]
     assert one_error_line(capsys, argv) == f"kiln generate: error: {message}"
     preflight.check_sampling(load("grpo.py:smoke", *source, "--config.rollout.reward=tests/rl_reward.py:digits"))
+    unread = load("grpo.py:smoke", *source)
+    unread.data.sources.train.weight = 0.0  # a source of weight 0 is never sampled from: its answers do not matter
+    preflight.check_sampling(unread)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -159,11 +165,14 @@ def test_prompts_whose_answers_the_verifier_cannot_match_are_refused(tmp_path, c
 ])
 def test_peft_sizes_the_model_cannot_use_are_refused(overrides, message):
     """A LoRA rank above d_model trained a bigger adapter than any update can use; prompt tuning's virtual
-    tokens beyond the RoPE table were all given its last position, in silence. d_model (and so rank 64) and
-    255 virtual tokens are fine."""
+    tokens beyond the RoPE table were all given its last position, in silence (refused by the shape checks
+    every stage runs before its model is built). d_model (and so rank 64) and 255 virtual tokens are fine."""
+    from model.sharding import make_mesh
+
     model = presets.get("tiny")
     with pytest.raises(ValueError, match=re.escape(message)):
-        preflight.check_peft(load("sft.py:smoke", *[f"--config.{o}" for o in overrides]), model)
+        preflight.check_shapes(load("sft.py:smoke", "--config.data.seq_len=128", *[f"--config.{o}" for o in overrides]),
+                               model, make_mesh(1, -1, 1))
     for fits in (["peft.method=lora", "peft.lora_rank=64"],
                  ["peft.method=prompt_tuning", "peft.num_virtual_tokens=255"]):
         preflight.check_peft(load("sft.py:smoke", *[f"--config.{o}" for o in fits]), model)
@@ -228,17 +237,18 @@ def test_an_eval_task_whose_problems_have_no_answer_is_refused(tmp_path):
         eval_cli._task_runs(config, no_model, chat=True)
 
 
-def test_a_reference_for_a_preference_type_that_has_none_is_refused(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("kind, settings", [("simpo", []), ("orpo", ["--config.loss.nll_coef=1.0"])])
+def test_a_reference_for_a_preference_type_that_has_none_is_refused(tmp_path, capsys, monkeypatch, kind, settings):
     """SimPO and ORPO compare the policy with no reference: `loss.reference=data` was ignored (the log-probs
     in the pairs unread), and `kiln data reference` loaded a model to compute log-probs nothing would read."""
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError, match="loss.reference='data' is read by preference types with a reference model "
-                                          r"\(sigmoid, hinge, ipo, robust\), not 'simpo'"):
-        load("dpo.py:smoke", "--config.loss.preference_type=simpo", "--config.loss.reference=data")
-    argv = ["data", "reference", "--config=configs/dpo.py:smoke", "--config.loss.preference_type=simpo",
+                                          rf"\(sigmoid, hinge, ipo, robust\), not '{kind}'"):
+        load("dpo.py:smoke", f"--config.loss.preference_type={kind}", "--config.loss.reference=data")
+    argv = ["data", "reference", "--config=configs/dpo.py:smoke", f"--config.loss.preference_type={kind}", *settings,
             f"--out={tmp_path / 'ref'}", "--config.model.init_from=/nonexistent/policy"]
-    assert one_error_line(capsys, argv) == ("kiln data: error: loss.preference_type=simpo compares the policy with no "
-                                            "reference: there are no reference log-probs to precompute")
+    assert one_error_line(capsys, argv) == (f"kiln data: error: loss.preference_type={kind} compares the policy with "
+                                            "no reference: there are no reference log-probs to precompute")
 
 
 def test_evaluating_a_reward_model_as_a_policy_is_refused(tmp_path, capsys, monkeypatch):
@@ -279,3 +289,31 @@ def test_a_source_pointed_at_another_file_reads_it_whole(spec, group, bound, cap
         in capsys.readouterr().err
     assert config_value(load(spec, *moved, f"--config.{group}.{bound}=0.5"), f"{group}.{bound}") == 0.5
     assert "note:" not in capsys.readouterr().err
+
+
+def test_precomputed_reference_log_probs_scored_under_other_data_settings_are_refused(tmp_path):
+    """`kiln data reference` records beside its files the data settings that chose the tokens it scored
+    (reference.json); a DPO run on those files with another of them trained on log-probs of other tokens
+    in silence. Every source is checked, evaluation sources too; a directory without the record (the user's
+    own log-probs) and a source without a file are taken as they are."""
+    import json
+
+    from train import reference
+
+    scored, own = tmp_path / "scored", tmp_path / "own"
+    scored.mkdir()
+    own.mkdir()
+    on_files = ["--config.loss.reference=data", f"--config.data.eval_sources.heldout.path={scored}/eval.jsonl",
+                "--config.data.eval_sources.heldout.format=jsonl"]
+    own_train = [f"--config.data.sources.train.path={own}/train.jsonl", "--config.data.sources.train.format=jsonl"]
+    config = load("dpo.py:smoke", *on_files, *own_train)
+    (scored / "reference.json").write_text(json.dumps(reference.encoding(config.data)))
+    reference.check_precomputed(config)
+    for train, key, value, recorded, now in [(own_train, "truncate", "false", "True", "False"),
+                                             (own_train, "chat_template", "chatml", "'kiln'", "'chatml'"),
+                                             (own_train, "mask_special_tokens", "true", "False", "True"),
+                                             ([], "seq_len", "200", "256", "200")]:
+        with pytest.raises(ValueError, match=re.escape(
+                f"data.eval_sources.heldout: its reference log-probs were computed with data.{key}={recorded} "
+                f"({scored}/reference.json), and this run has {now}, so they score other tokens")):
+            reference.check_precomputed(load("dpo.py:smoke", *on_files, *train, f"--config.data.{key}={value}"))
