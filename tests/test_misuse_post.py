@@ -265,14 +265,16 @@ def test_evaluating_a_reward_model_as_a_policy_is_refused(tmp_path, capsys, monk
     assert sorted(os.listdir(tmp_path)) == ["rm"]
 
 
-def test_a_ppo_value_model_start_that_does_not_exist_is_named_by_its_key(tmp_path):
+def test_a_ppo_value_model_start_that_does_not_exist_is_named_by_its_key(tmp_path, monkeypatch):
     """A missing rollout.value_from was reported, once the policy was built, as "model.init_from=...: does not
-    exist", the key of the policy the user had set right."""
+    exist", the key of the policy the user had set right. $VARS in it are expanded, as where it is loaded."""
     with pytest.raises(ValueError, match=re.escape(f"rollout.value_from='{tmp_path}/rm' does not exist; name the "
                                                    "reward-model run (configs/reward.py)")):
         preflight.stage_kind(load("ppo.py:smoke", f"--config.rollout.value_from={tmp_path}/rm"))
     (tmp_path / "rm").mkdir()
     preflight.stage_kind(load("ppo.py:smoke", f"--config.rollout.value_from={tmp_path}/rm"))
+    monkeypatch.setenv("KILN_TEST_RUNS", str(tmp_path))
+    preflight.stage_kind(load("ppo.py:smoke", "--config.rollout.value_from=$KILN_TEST_RUNS/rm"))
 
 
 @pytest.mark.parametrize("spec, group, bound", [("sft.py:smoke", "data.sources.train", "end"),

@@ -173,13 +173,15 @@ def test_python_reward_function_and_a_bad_one(tmp_path):
     with pytest.raises(ValueError, match=r"returned scores of shape \(1,\) for 2 replies"):
         rewards.scorer(f"{tmp_path / 'short.py'}:first_only")([[]] * 2, ["a", "b"], ["", ""])
     # A NaN score poisoned every advantage of its group (the first of them is named); words, or the function's
-    # own error, named no key.
+    # own error, named no key; a column of scores is not one number per reply.
     (tmp_path / "bad.py").write_text("def nan(p, r, a):\n    return [1.0, float('nan'), float('inf')]\n"
                                      "def words(p, r, a):\n    return ['good', 'bad']\n"
-                                     "def lookup(p, r, a):\n    return [{}['x'] for _ in r]\n")
+                                     "def lookup(p, r, a):\n    return [{}['x'] for _ in r]\n"
+                                     "def column(p, r, a):\n    return [[1.0] for _ in r]\n")
     for name, message in [("nan", r"returned nan for reply 1 of 3; scores must be finite"),
                           ("words", r"returned scores that are not numbers \(could not convert"),
-                          ("lookup", r"bad.py:lookup' failed on 3 replies \(KeyError: 'x'\); run with --debug")]:
+                          ("lookup", r"bad.py:lookup' failed on 3 replies \(KeyError: 'x'\); run with --debug"),
+                          ("column", r"returned scores of shape \(3, 1\) for 3 replies")]:
         with pytest.raises(ValueError, match=message):
             rewards.scorer(f"{tmp_path / 'bad.py'}:{name}")([[]] * 3, ["a", "b", "c"], [""] * 3)
     # A directory that holds no reward-model run is named as such.

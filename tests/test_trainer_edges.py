@@ -114,9 +114,10 @@ def test_a_batch_without_loss_tokens_stops_a_data_stage_but_not_an_rl_one(monkey
     run, _ = fake_run(monkeypatch, "--config.train.steps=4")
     with pytest.raises(trainer.TrainingError, match="step 2: the batch has no loss tokens"):
         loop(run, stream=MaskedAt(2))
-    run, _ = fake_run(monkeypatch, "--config.train.steps=4")
-    run.config.unlock().stage = "grpo"
-    assert loop(run, stream=MaskedAt(2))[3].n == 4
+    for stage in ("grpo", "ppo"):
+        run, _ = fake_run(monkeypatch, "--config.train.steps=4")
+        run.config.unlock().stage = stage
+        assert loop(run, stream=MaskedAt(2))[3].n == 4
 
 
 def test_a_resumed_run_logs_its_first_step_then_every_log_every_and_the_last(monkeypatch):
