@@ -319,3 +319,23 @@ def test_precomputed_reference_log_probs_scored_under_other_data_settings_are_re
                 f"data.eval_sources.heldout: its reference log-probs were computed with data.{key}={recorded} "
                 f"({scored}/reference.json), and this run has {now}, so they score other tokens")):
             reference.check_precomputed(load("dpo.py:smoke", *on_files, *train, f"--config.data.{key}={value}"))
+
+
+def test_sampling_with_a_tokenizer_of_the_same_size_that_splits_otherwise_is_refused(tmp_path):
+    """`kiln sample --tokenizer` (and eval, the lm-eval adapter): a tokenizer as large as the run's that numbers
+    its tokens otherwise fed the model ids it was not trained on; the size alone does not tell them apart. The
+    run's config.json names its tokenizer, so this is refused before any checkpoint is read."""
+    from data import tokenizer as tokenizers
+    from test_tokenizer import hf_dir
+    from train.generate import load_sampler
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    trained = hf_dir(tmp_path / "a", ["<|endoftext|>"], {"eos_token": "<|endoftext|>"})
+    other = hf_dir(tmp_path / "b", ["<|endoftext|>", "<|im_end|>"], {"eos_token": "<|endoftext|>"})
+    assert tokenizers.load(trained).vocab_size == tokenizers.load(other).vocab_size == 400
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(f'{{"stage": "sft", "data": {{"tokenizer": "{trained}"}}}}')
+    with pytest.raises(ValueError, match=re.escape(f"tokenizer '{other}' (400 tokens) is not the one the model in "
+                                                   f"{tmp_path / 'run'} was trained with ({trained}, 400 tokens)")):
+        load_sampler(str(tmp_path / "run"), tokenizer=other)
