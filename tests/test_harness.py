@@ -114,7 +114,8 @@ def harness_split(tok, context, continuation):
 def test_loglikelihood_splits_context_and_continuation_as_the_harness_does(lm):
     """A context's trailing space belongs to the continuation (" 7" is scored, not "7" after a lone space),
     its leading space stays; the byte tokenizer splits nowhere else, so both sides are checked against lm-eval's
-    split and the model. A continuation of no tokens is refused (it scored 0, and greedy)."""
+    split and the model. An empty context is BOS alone, before the continuation's own tokens (lm-eval's
+    prefix token); a continuation of no tokens is refused (it scored 0, and greedy)."""
     pairs = [("Answer: ", "7"), ("The sum is  \n", "42."), ("  Q:  ", "7")]
     got = lm.loglikelihood([Request(c, k) for c, k in pairs])
     for (context, continuation), (score, _) in zip(pairs, got):
@@ -122,6 +123,7 @@ def test_loglikelihood_splits_context_and_continuation_as_the_harness_does(lm):
         assert abs(score - float(reference(lm.sampler.model, ctx + cont)[-len(cont):].sum())) < 1e-5
         assert lm.encode_pair(context, continuation) == (ctx, cont)
     assert harness_split(BYTE, *pairs[0])[1] == BYTE.encode_text(" 7")
+    assert lm.encode_pair("", "Ava") == ([BYTE.bos_id], BYTE.encode_text("Ava"))
     with pytest.raises(ValueError, match="empty continuation '' for context 'x'"):
         lm.loglikelihood([Request("x", "")])
 

@@ -324,10 +324,11 @@ def test_precomputed_reference_log_probs_scored_under_other_data_settings_are_re
 def test_sampling_with_a_tokenizer_of_the_same_size_that_splits_otherwise_is_refused(tmp_path):
     """`kiln sample --tokenizer` (and eval, the lm-eval adapter): a tokenizer as large as the run's that numbers
     its tokens otherwise fed the model ids it was not trained on; the size alone does not tell them apart. The
-    run's config.json names its tokenizer, so this is refused before any checkpoint is read."""
+    run's config.json names its tokenizer, so this is refused before any checkpoint is read. A directory that
+    names none (a bare checkpoint) takes --tokenizer as it is."""
     from data import tokenizer as tokenizers
     from test_tokenizer import hf_dir
-    from train.generate import load_sampler
+    from train.generate import _tokenizer, load_sampler
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -339,3 +340,4 @@ def test_sampling_with_a_tokenizer_of_the_same_size_that_splits_otherwise_is_ref
     with pytest.raises(ValueError, match=re.escape(f"tokenizer '{other}' (400 tokens) is not the one the model in "
                                                    f"{tmp_path / 'run'} was trained with ({trained}, 400 tokens)")):
         load_sampler(str(tmp_path / "run"), tokenizer=other)
+    assert _tokenizer(other, str(tmp_path / "b")).vocab_size == 400
