@@ -379,6 +379,25 @@ def test_minibatches_cover_the_rollout_once_per_epoch_reshuffled_each_epoch():
     assert [b["loss_mask"].tolist() for b in src._minibatches(rows, k=1)] != [b["loss_mask"].tolist() for b in out]
 
 
+def test_a_rollout_source_is_checkpointed_only_between_rollouts(monkeypatch):
+    """Its state (rollouts done, PPO's KL coefficient) is saved only once a rollout's mini-batches are all
+    used (they are not in the state); in between it says so, and a pre-emption notice waits for the boundary.
+    Restoring drops anything queued, so the next batch starts rollout `rollouts`."""
+    src = bare_source(seed=0)
+    src.state, src.queue = {"rollouts": 3, "kl_coef": 0.05}, []
+    served = iter([[{"tokens": np.zeros((2, 3))}, {"tokens": np.ones((2, 3))}], [{"tokens": np.full((2, 3), 2.0)}]])
+    monkeypatch.setattr(src, "_rollout", lambda: next(served))
+    assert src.at_boundary and src.get_state() == {"rollouts": 3, "kl_coef": 0.05}
+    assert next(src)["tokens"][0, 0] == 0 and not src.at_boundary
+    with pytest.raises(RuntimeError, match="must fall between rollouts"):
+        src.get_state()
+    assert next(src)["tokens"][0, 0] == 1 and src.at_boundary
+    src.queue = [{"tokens": np.ones((2, 3))}]
+    src.set_state({"rollouts": 4, "kl_coef": 0.1})
+    assert src.at_boundary and src.state == {"rollouts": 4, "kl_coef": 0.1}
+    assert next(src)["tokens"][0, 0] == 2  # a new rollout, not the dropped queue
+
+
 def test_rl_reference_adds_per_token_log_probs_at_the_sampling_temperature():
     class Bigram(nnx.Module):
         def __init__(self):
