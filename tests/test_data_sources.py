@@ -213,6 +213,10 @@ def test_truncation_dropping_and_empty_masks():
     assert Encoder(BYTE, seq_len=13)("sft", chat_) == (None, examples.EMPTY_MASK)
     ex, status = Encoder(BYTE, seq_len=5)("prompts", {"prompt": chat_["messages"][:1], "answer": "1"})
     assert status == examples.TRUNCATED and ex["prompt"].tolist() == [*BYTE.encode_text("qqq"), 7, 6]
+    prompt = {"prompt": chat_["messages"][:1], "answer": "1"}  # 14 ids with the assistant header
+    assert Encoder(BYTE, seq_len=5, truncate=False)("prompts", prompt) == (None, examples.TOO_LONG)
+    ex, status = Encoder(BYTE, seq_len=14, truncate=False)("prompts", prompt)
+    assert status == examples.OK and len(ex["prompt"]) == 14 and ex["answer"] == "1"
 
 
 def test_preference_pairs_over_length_policy():

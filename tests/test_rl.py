@@ -166,6 +166,10 @@ def test_a_rollout_whose_replies_are_all_masked_as_truncated_is_named():
 def test_python_reward_function_and_a_bad_one(tmp_path):
     score = rewards.scorer(f"{os.path.join(ROOT, 'tests/rl_reward.py')}:digits")
     np.testing.assert_allclose(score([[]] * 2, ["a1", "22"], ["", ""]), [0.5, 1.0])
+    # MODULE:FUNCTION imports an installed module (the tests' directory is on the path under pytest).
+    np.testing.assert_allclose(rewards.scorer("rl_reward:digits")([[]] * 2, ["a1", "22"], ["", ""]), [0.5, 1.0])
+    with pytest.raises(ValueError, match="cannot load reward function 'digits' from 'no_such_module'"):
+        rewards.scorer("no_such_module:digits")
     with pytest.raises(ValueError, match="cannot load reward function 'nope'"):
         rewards.scorer(f"{os.path.join(ROOT, 'tests/rl_reward.py')}:nope")
     # One score per reply, or a clear error (not a misaligned batch of advantages later).
