@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 from flax import nnx
 
 from model import hf, presets
@@ -147,3 +148,20 @@ def test_configs_survive_a_json_round_trip_with_every_rope_field():
     for rope in ROPE_EVERY_FIELD:  # and through a Hugging Face config.json
         assert hf.config_from_hf(json.loads(json.dumps(hf.config_to_hf(presets.get("tiny", rope_scaling=rope))))
                                  ).rope_scaling == rope
+
+
+def test_saving_over_an_export_replaces_it_whole_and_a_failed_save_leaves_it(tmp_path):
+    """`hf.save` onto an existing export swaps the new directory in (no file of the old one survives, no
+    temporary directory is left beside it); a save that fails part-way leaves the previous export as it was."""
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=32)
+    first, second = make(cfg, seed=0), make(cfg, seed=1)
+    out = tmp_path / "out"
+    hf.save(first, cfg, str(out), files={"extra.txt": __file__})
+    hf.save(second, cfg, str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    np.testing.assert_array_equal(hf.load(str(out))[1].embed.table[...], second.embed.table[...])
+    with pytest.raises(FileNotFoundError):
+        hf.save(first, cfg, str(out), files={"tokenizer.model": str(tmp_path / "missing")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    np.testing.assert_array_equal(hf.load(str(out))[1].embed.table[...], second.embed.table[...])
