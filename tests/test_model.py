@@ -6,6 +6,7 @@ measured on this stack (jax 0.10.2, CPU); each says the figure it was set from.
 """
 import contextlib
 import io
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -422,3 +423,23 @@ def test_hybrid_mesh_puts_granules_outermost_on_the_network_axes():
         sharding.make_mesh(devices=devices, dcn_data=3)
     with pytest.raises(ValueError, match="data\\*fsdp\\*tensor=8 does not match the 4 devices per granule"):
         sharding.make_mesh(data=8, fsdp=1, devices=devices, dcn_data=2)
+
+
+def test_a_mesh_takes_one_free_axis_that_divides_the_devices():
+    """-1 is the remaining devices: on one axis it is 8 / (the others), on two it is ambiguous, and where
+    the others do not divide the devices it cannot be whole; devices split by process must match the granules."""
+    devices = jax.devices()[:8]
+    assert dict(sharding.make_mesh(data=2, fsdp=-1, tensor=2, devices=devices).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(sharding.make_mesh(data=-1, fsdp=1, tensor=4, devices=devices).shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    with pytest.raises(ValueError, match=r"at most one of data/fsdp/tensor may be -1, got \[-1, -1, 2\]"):
+        sharding.make_mesh(data=-1, fsdp=-1, tensor=2, devices=devices)
+    with pytest.raises(ValueError, match="mesh: 8 devices are not divisible by data\\*fsdp\\*tensor=3"):
+        sharding.make_mesh(data=3, fsdp=-1, tensor=1, devices=devices)
+    with pytest.raises(ValueError, match="dcn_data \\* dcn_fsdp must be at least 1, got 0"):
+        sharding.make_mesh(devices=devices, dcn_data=0)
+    hosts = [SimpleNamespace(id=i, process_index=i // 2) for i in range(6)]  # 3 processes of 2 devices
+    with pytest.raises(ValueError, match="the devices span 3 processes but mesh.dcn_data \\* mesh.dcn_fsdp = 2"):
+        sharding.make_mesh(devices=hosts, dcn_data=2)
+    uneven = [SimpleNamespace(id=i, process_index=int(i >= 4)) for i in range(6)]  # 4 + 2
+    with pytest.raises(ValueError, match=r"the 2 granules hold different numbers of devices \(\[4, 2\]\)"):
+        sharding.make_mesh(devices=uneven, dcn_data=2)
