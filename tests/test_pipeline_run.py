@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from data import tokenizer as tokenizers
 from launch import pipeline
 from launch.config import ConfigError
 
@@ -329,3 +330,19 @@ def test_a_finished_stage_with_other_settings_is_named(fake, tmp_path, capsys):
             f"0.5; move {rm} aside to run it again), skipped") in capsys.readouterr().out
     with pytest.raises(ConfigError, match=re.escape(f"{rm} finished with other settings (seed: 0 -> 7), which the run")):
         pipeline.run(*pipeline.load_recipe(recipe_file(tmp_path, edited("seed=7")), []))
+
+
+def test_a_tokenizer_stage_trains_the_tokenizer_the_later_stages_read(fake, tmp_path):
+    """The one stage kind no stand-in replaces: it trains a tokenizer on its config's training sources into
+    its own directory (sentencepiece, a few hundred pieces of the built-in task: well under a second), its
+    row reports the vocabulary size, and `@tok/tokenizer.model` hands it to the next stage."""
+    stages = [dict(name="tok", command="tokenizer", config="configs/pretrain.py:smoke",
+                   overrides=["data.tokenizer_vocab_size=384"]),
+              dict(name="pretrain", command="train", config="configs/pretrain.py:smoke",
+                   overrides=["data.tokenizer=@tok/tokenizer.model", "train.steps=4"])]
+    recipe, parsed = pipeline.load_recipe(recipe_file(tmp_path, stages), [])
+    results = pipeline.run(recipe, parsed)
+    model = os.path.join(fake.root, "tok", "tokenizer.model")
+    assert fake.seen[os.path.join(fake.root, "pretrain")].data.tokenizer == model
+    assert tokenizers.load(model).vocab_size == 384
+    assert results["stages"][0]["stage"] == "tok" and results["stages"][0]["metrics"] == {"vocab_size": 384.0}
