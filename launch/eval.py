@@ -79,8 +79,9 @@ def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat
                "seconds": time.perf_counter() - started}
     if jax.process_index() == 0:
         rundir.make_run_dir(config.run_dir)
-        records.write_text_atomic(os.path.join(config.run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+        # The table first: results.json, which pipelines read as the finished evaluation, is written last.
         records.write_text_atomic(os.path.join(config.run_dir, "results.md"), markdown(results) + "\n")
+        records.write_text_atomic(os.path.join(config.run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     return results
 
 
