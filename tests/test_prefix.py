@@ -23,10 +23,21 @@ def base():
     return Transformer(CFG, rngs=nnx.Rngs(0))
 
 
+@nnx.jit
+def forward(model, tokens_BT, segment_ids_BT=None):
+    """The model's logits in one compiled program (op by op, a forward costs seconds of small compiles)."""
+    return model(tokens_BT, segment_ids_BT=segment_ids_BT)
+
+
+@nnx.jit
+def decode(model, tokens_BT, cache):
+    return model.decode(tokens_BT, cache)
+
+
 def prepended(base, tokens):
     """The base model's logits for `tokens` when TEXT really precedes them."""
     full = jnp.concatenate([jnp.broadcast_to(jnp.asarray(TEXT), (tokens.shape[0], N)), tokens], axis=1)
-    return base(full)[:, N:]
+    return forward(base, full)[:, N:]
 
 
 def tuned(base, kind, hidden=0, scan=True):
@@ -48,9 +59,9 @@ def tuned(base, kind, hidden=0, scan=True):
 def test_a_learned_prompt_equals_prepending_it(base, kind, scan):
     model = tuned(base, kind, scan=scan)
     ref = prepended(base, X)
-    err = float(jnp.abs(model(X) - ref).max())
+    err = float(jnp.abs(forward(model, X) - ref).max())
     assert err < 1e-6, err  # measured 1.2e-7 (float32); RoPE sees the same distances at shifted positions
-    assert float(jnp.abs(base(X) - ref).max()) > 1e-2  # the prompt matters
+    assert float(jnp.abs(forward(base, X) - ref).max()) > 1e-2  # the prompt matters
 
 
 def test_prefix_is_per_kv_head(base):
@@ -73,23 +84,23 @@ def test_every_packed_document_sees_the_prompt_and_no_other_document(base):
     a, b = X[0, :5], X[1, :7]
     packed = jnp.stack([jnp.concatenate([a, b]), jnp.concatenate([b, jnp.zeros(5, jnp.int32)])])
     segments = jnp.asarray([[1] * 5 + [2] * 7, [1] * 7 + [0] * 5])
-    out = model(packed, segment_ids_BT=segments)
-    err = max(float(jnp.abs(out[0, :5] - model(a[None])[0]).max()),
-              float(jnp.abs(out[0, 5:] - model(b[None])[0]).max()),
-              float(jnp.abs(out[1, :7] - model(b[None])[0]).max()))
+    out = forward(model, packed, segments)
+    err = max(float(jnp.abs(out[0, :5] - forward(model, a[None])[0]).max()),
+              float(jnp.abs(out[0, 5:] - forward(model, b[None])[0]).max()),
+              float(jnp.abs(out[1, :7] - forward(model, b[None])[0]).max()))
     assert err < 1e-6, err  # measured 0 (the same sums); a document seeing its neighbour moves logits by ~1e-2
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_cached_decoding_sees_the_prompt(base, kind):
     model = tuned(base, kind)
-    full = model(X)
+    full = forward(model, X)
     cache = model.init_cache(2, 12)
     assert int(cache.index) == N
-    first, cache = model.decode(X[:, :7], cache)
+    first, cache = decode(model, X[:, :7], cache)
     rest = []
     for t in range(7, 12):  # one token at a time, as the sampler does
-        logits, cache = model.decode(X[:, t:t + 1], cache)
+        logits, cache = decode(model, X[:, t:t + 1], cache)
         rest.append(logits)
     err = float(jnp.abs(jnp.concatenate([first, *rest], axis=1) - full).max())
     assert err < 1e-6, err  # measured 1.0e-7
@@ -215,7 +226,7 @@ def test_peft_loads_our_prompt_and_prefix_onto_the_transformers_base(tmp_path, k
     cfg = hf_base.cfg.replace(prefix=PrefixConfig(kind=kind, num_tokens=N, hidden=hidden))
     model = build.with_config(hf_base, cfg, 0)  # random prompt / prefix (an MLP's, folded on export)
     tokens = np.asarray(X) % hf_base.cfg.vocab_size
-    ours = np.asarray(model(jnp.asarray(tokens)))
+    ours = np.asarray(forward(model, jnp.asarray(tokens)))
     hf_peft.save_adapter(model, str(tmp_path / "adapter"), base_model_name_or_path=str(tmp_path / "base"))
     torch_base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), attn_implementation="eager")
     with torch.no_grad():
