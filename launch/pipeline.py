@@ -248,7 +248,7 @@ def _stages_done(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def finished(command: str, config: Any) -> bool:
     """Whether a stage's run is done: a train run's checkpoint reached train.steps, a generate or eval
-    run wrote its results.json."""
+    run wrote its results.json (ValueError for a generate run's, made with other settings)."""
     if command == "tokenizer":
         return os.path.isfile(os.path.join(config.run_dir, "tokenizer.model"))
     if command == "train":
@@ -256,7 +256,10 @@ def finished(command: str, config: Any) -> bool:
             return checkpoint.latest_step(config.run_dir) >= config.train.steps
         except (checkpoint.CheckpointError, FileNotFoundError):
             return False
-    return os.path.isfile(os.path.join(config.run_dir, "results.json"))
+    done = os.path.isfile(os.path.join(config.run_dir, "results.json"))
+    if done and command == "generate":
+        rejection.check_settings(config)
+    return done
 
 
 def changed_since(config: Any) -> str:

@@ -341,3 +341,33 @@ def test_sampling_with_a_tokenizer_of_the_same_size_that_splits_otherwise_is_ref
                                                    f"{tmp_path / 'run'} was trained with ({trained}, 400 tokens)")):
         load_sampler(str(tmp_path / "run"), tokenizer=other)
     assert _tokenizer(other, str(tmp_path / "b")).vocab_size == 400
+
+
+def test_rejection_sampling_rerun_with_other_settings_is_refused(tmp_path, monkeypatch):
+    """A run directory holding rejection sampling's outputs was taken as finished whatever the settings:
+    `kiln generate` with another rollout.num_samples (or policy, prompts, reward) printed the earlier run's
+    results as its own, and a recipe re-run skipped the stage. The same settings still reuse the outputs.
+    (The policy here samples a fixed reply; nothing is loaded.)"""
+    import json
+    import types
+
+    from train import rejection
+
+    def complete(prompts, *, num_samples, **sampling):
+        return [{"text": "#### 2", "prompt_index": i} for i in range(len(prompts)) for _ in range(num_samples)]
+
+    monkeypatch.setattr(rejection.generate, "load_sampler",
+                        lambda path, chat: (types.SimpleNamespace(complete=complete), chat))
+    (tmp_path / "policy").mkdir()
+    settings = [f"--config.run_dir={tmp_path / 'rs'}", f"--config.model.init_from={tmp_path / 'policy'}",
+                "--config.rollout.num_prompts=2", "--config.data.synthetic.num_examples=40"]
+    first = rejection.run(load("rejection_sampling.py:smoke", *settings))
+    assert first["sft_examples"] == 2 and rejection.run(load("rejection_sampling.py:smoke", *settings)) == first
+    other = load("rejection_sampling.py:smoke", *settings, "--config.rollout.num_samples=2")
+    message = (f"{tmp_path / 'rs'} holds the outputs of rejection sampling with rollout.num_samples=4, and this run "
+               f"has 2; move {tmp_path / 'rs'} aside to sample again, or undo the change")
+    for finished in (rejection.run, lambda config: pipeline.finished("generate", config)):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            finished(other)
+    assert json.loads((tmp_path / "rs" / "results.json").read_text()) == first
+

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from data.sources import expand_path
 from train import distributed, generate, records, rewards
 from train.build import init_source
 
@@ -33,11 +34,10 @@ OUTPUTS = ("sft.jsonl", "pairs.jsonl", "results.json")
 
 def run(config: Any) -> dict[str, Any]:
     """Samples, scores and writes as the module docstring says; returns the results. A run directory
-    that already holds all the outputs is left as it is (its results are returned)."""
+    that already holds all the outputs of these settings is left as it is (its results are returned)."""
     done = os.path.join(config.run_dir, "results.json")
     if all(os.path.isfile(os.path.join(config.run_dir, name)) for name in OUTPUTS):
-        with open(done) as f:
-            return json.load(f)
+        return check_settings(config)
     ro = config.rollout
     if not config.model.init_from:
         raise ValueError("rejection sampling needs a policy to sample from: set model.init_from (a run or HF directory)")
@@ -68,13 +68,39 @@ def run(config: Any) -> dict[str, Any]:
     sft, pairs = _select(prompts, replies, scores, ro.min_reward, policy)
     results = dict(_metrics(scores, len(sft), ro.reward == "verifier"), policy=policy, prompts=len(prompts),
                    num_samples=int(ro.num_samples), reward=ro.reward, temperature=float(ro.temperature),
-                   seconds=time.perf_counter() - started, sft_examples=len(sft), pairs=len(pairs))
+                   seconds=time.perf_counter() - started, sft_examples=len(sft), pairs=len(pairs),
+                   settings=settings(config))
     if jax.process_index() > 0:
         return results
     os.makedirs(config.run_dir, exist_ok=True)
     for name, rows in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
         records.write_text_atomic(os.path.join(config.run_dir, name), "".join(json.dumps(r) + "\n" for r in rows))
     records.write_json_atomic(done, results)  # last: its presence says the run finished
+    return results
+
+
+def settings(config: Any) -> dict[str, Any]:
+    """The settings that choose a run's outputs, by config key (values as JSON holds them): the policy,
+    the prompts, how replies are sampled and scored, and which are kept."""
+    chosen = {"model.init_from": expand_path(config.model.init_from, "model.init_from"), "seed": config.seed}
+    chosen.update({f"data.sources.{name}.{k}": v for name, src in config.data.sources.items() for k, v in src.items()})
+    chosen.update({f"data.synthetic.{k}": v for k, v in config.data.synthetic.items()})
+    chosen.update({f"rollout.{k}": config.rollout[k] for k in ("num_prompts", "num_samples", "max_new_tokens",
+                                                                "temperature", "top_k", "top_p", "reward", "min_reward")})
+    return json.loads(json.dumps(chosen))
+
+
+def check_settings(config: Any) -> dict[str, Any]:
+    """The results in `config.run_dir` of an earlier run; ValueError when they were made with other
+    settings, which a re-run would otherwise take for its own."""
+    with open(os.path.join(config.run_dir, "results.json")) as f:
+        results = json.load(f)
+    then, now = results.get("settings", {}), settings(config)
+    for key in sorted(set(then) | set(now) if then else ()):
+        if then.get(key) != now.get(key):
+            raise ValueError(f"{config.run_dir} holds the outputs of rejection sampling with {key}="
+                             f"{then.get(key, '(unset)')!r}, and this run has {now.get(key, '(unset)')!r}; move "
+                             f"{config.run_dir} aside to sample again, or undo the change")
     return results
 
 
