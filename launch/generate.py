@@ -14,7 +14,7 @@ import jax
 
 from launch.config import ConfigError, load_config
 from launch.train import split_args
-from train import distributed, preflight, rejection, rundir
+from train import distributed, preflight, rejection, rewards, rundir
 
 
 def main(argv: list[str]) -> int:
@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
     if config.stage != "rejection_sampling":
         raise ConfigError(f"kiln generate runs stage rejection_sampling, not {config.stage!r} (use kiln train)")
     preflight.check_sampling(config)
+    rewards.check(config.rollout.reward)  # in a recipe, the reward model may be an earlier stage's, not there yet
     lock = rundir.RunLock(config.run_dir) if jax.process_index() == 0 else None  # process 0 writes the outputs
     if lock:
         lock.acquire()

@@ -27,7 +27,7 @@ from data import pipeline, sources, tokenizer as tokenizers
 from data.examples import Encoder
 from launch.config import ConfigError, load_config
 from model.sharding import make_mesh, use_rules
-from train import records
+from train import preflight, records
 from train.losses.dpo import sequence_logps
 from train.reference import SETTINGS_FILE, encoding
 from train.build import build_model, model_config, tokenizer_name
@@ -50,6 +50,7 @@ def main(argv: list[str]) -> int:
                           "there are no reference log-probs to precompute")
     if not config.model.init_from:
         raise ConfigError("kiln data reference: model.init_from names no reference model")
+    preflight.check_start(config)
     config.data.tokenizer = tokenizer_name(config)
     with tempfile.TemporaryDirectory() as scratch:
         tok = tokenizers.resolve(config.data, scratch)

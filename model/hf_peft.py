@@ -124,10 +124,10 @@ def read_config(path: str) -> LoraConfig:
                       rslora=bool(raw.get("use_rslora", False)))
 
 
-def load_adapter(model: nnx.Module, path: str) -> None:
-    """Sets the model's adapters (in place) from the PEFT adapter directory `path`; AdapterError when
-    its rank, alpha, scaling or targets differ from the model's `peft.*` settings."""
-    theirs, ours = read_config(path), model.cfg.lora
+def check_adapter(path: str, ours: LoraConfig | None) -> None:
+    """AdapterError unless `path` is a PEFT adapter directory whose rank, alpha, scaling and targets are
+    the `peft.*` settings `ours` (read before any model is built)."""
+    theirs = read_config(path)
     if ours is None:
         raise AdapterError(f"peft.adapter_from={path}: set peft.method=lora to load a LoRA adapter")
     for key, mine, their in (("lora_rank", ours.rank, theirs.rank), ("lora_alpha", ours.alpha, theirs.alpha),
@@ -136,6 +136,12 @@ def load_adapter(model: nnx.Module, path: str) -> None:
         if mine != their:
             raise AdapterError(f"peft.adapter_from={path}: the adapter has {key}={their!r} but peft.{key}={mine!r}; "
                                "make them equal")
+
+
+def load_adapter(model: nnx.Module, path: str) -> None:
+    """Sets the model's adapters (in place) from the PEFT adapter directory `path`; AdapterError when
+    its rank, alpha, scaling or targets differ from the model's `peft.*` settings."""
+    check_adapter(path, model.cfg.lora)
     weights = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(weights):
         raise AdapterError(f"{path}: no adapter_model.safetensors")

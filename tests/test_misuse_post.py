@@ -371,3 +371,66 @@ def test_rejection_sampling_rerun_with_other_settings_is_refused(tmp_path, monke
             finished(other)
     assert json.loads((tmp_path / "rs" / "results.json").read_text()) == first
 
+
+def fake_run(path, stage, init_from=""):
+    """A directory laid out as a Kiln run of `stage` (config.json, checkpoints/): what the checks before any
+    model is loaded read."""
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "config.json").write_text(f'{{"stage": "{stage}", "model": {{"init_from": "{init_from}"}}}}')
+    return str(path)
+
+
+def test_a_policy_started_from_a_reward_model_is_refused(tmp_path, capsys, monkeypatch):
+    """`model.init_from=@rm` for DPO (or SFT, GRPO, a DPO reference) trained a policy on the reward model's
+    body under the language-model head reward training leaves behind, in silence. A reward model may start
+    from one (it goes on training), and a policy from a policy."""
+    monkeypatch.chdir(ROOT)
+    rm = fake_run(tmp_path / "rm", "reward", init_from="runs/sft")
+    for spec in ("dpo.py:smoke", "grpo.py:smoke"):
+        with pytest.raises(ValueError, match=re.escape(
+                f"model.init_from='{rm}' is a reward model (stage reward): it scores replies and writes none; start "
+                f"stage {spec.split('.')[0]} from the policy it scores (runs/sft), and use the reward model as "
+                "rollout.reward")):
+            preflight.stage_kind(load(spec, f"--config.model.init_from={rm}"))
+    argv = ["data", "reference", "--config=configs/dpo.py:smoke", f"--out={tmp_path / 'ref'}",
+            f"--config.model.init_from={rm}"]
+    assert one_error_line(capsys, argv).startswith(f"kiln data: error: model.init_from='{rm}' is a reward model")
+    preflight.stage_kind(load("reward.py:smoke", f"--config.model.init_from={rm}"))
+    preflight.stage_kind(load("dpo.py:smoke", f"--config.model.init_from={fake_run(tmp_path / 'sft', 'sft')}"))
+    assert sorted(os.listdir(tmp_path)) == ["rm", "sft"]
+
+
+def test_a_lora_adapter_to_start_from_is_checked_before_the_model_is_built(tmp_path):
+    """`peft.adapter_from` was read once the model was built: a Kiln LoRA run given there was "no
+    adapter_config.json (is this a PEFT adapter directory?)", and an adapter of another rank was refused
+    only then. A Kiln run starts through model.init_from instead."""
+    from model import hf_peft
+
+    lora = ["--config.peft.method=lora", "--config.peft.lora_rank=8", "--config.peft.lora_alpha=16"]
+    run = fake_run(tmp_path / "lora", "sft")
+    with pytest.raises(ValueError, match=re.escape(f"peft.adapter_from='{run}' is a Kiln run, not a PEFT adapter "
+                                                   "directory: start from it with model.init_from")):
+        preflight.stage_kind(load("sft.py:smoke", *lora, f"--config.peft.adapter_from={run}"))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}')
+    with pytest.raises(hf_peft.AdapterError, match=re.escape("the adapter has lora_rank=4 but peft.lora_rank=8")):
+        preflight.stage_kind(load("sft.py:smoke", *lora, f"--config.peft.adapter_from={tmp_path / 'adapter'}"))
+    preflight.stage_kind(load("sft.py:smoke", *lora[:1], "--config.peft.lora_rank=4",
+                              f"--config.peft.adapter_from={tmp_path / 'adapter'}"))
+
+
+def test_a_reward_that_is_no_reward_model_is_refused_before_the_policy_loads(tmp_path, capsys, monkeypatch):
+    """rollout.reward naming the SFT run (or a misspelt directory) was found out only once GRPO's models were
+    built, or rejection sampling's policy loaded. (The policy named here does not exist.)"""
+    monkeypatch.chdir(ROOT)
+    sft = fake_run(tmp_path / "sft", "sft")
+    message = (f"rollout.reward='{sft}' is neither 'verifier', a Kiln reward-model run nor MODULE:FUNCTION: it is a "
+               "run of stage 'sft' (a reward model is trained by configs/reward.py)")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        preflight.stage_kind(load("grpo.py:smoke", f"--config.rollout.reward={sft}"))
+    argv = ["generate", "--config=configs/rejection_sampling.py:smoke", f"--config.rollout.reward={sft}",
+            "--config.model.init_from=/nonexistent/policy"]
+    assert one_error_line(capsys, argv) == f"kiln generate: error: {message}"
+    preflight.stage_kind(load("grpo.py:smoke", f"--config.rollout.reward={fake_run(tmp_path / 'rm', 'reward')}"))
+

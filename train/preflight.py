@@ -14,9 +14,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from data import pipeline, sources, synthetic
+from model import hf_peft
 from model.config import ModelConfig
 from model.transformer import param_count
-from train import losses
+from train import build, checkpoint, losses, rewards
 
 # The stages this version trains; the data kind of each is `pipeline.STAGE_KINDS` (default pretrain).
 STAGES = ("pretrain", "context_extension", "anneal", "continue", "sft", "reward", "dpo", "grpo", "ppo")
@@ -45,9 +46,40 @@ def stage_kind(config: Any) -> str:
         raise ValueError(f"loss.type {config.loss.type!r} does not train on the {kind!r} batches of stage {stage!r}")
     if stage in STAGE_LOSSES and config.loss.type != STAGE_LOSSES[stage]:
         raise ValueError(f"stage {stage!r} trains with loss.type={STAGE_LOSSES[stage]!r}, not {config.loss.type!r}")
+    check_start(config)
+    check_adapter(config)
     if stage in ("grpo", "ppo"):
         check_rollout(config)
     return kind
+
+
+def check_start(config: Any) -> None:
+    """ValueError for a model that is no reward model started from a reward-model run: reward training
+    leaves the language-model head behind, and the policy (or DPO reference) would be the scorer's body
+    under it. A start that does not exist is named where it is loaded."""
+    path = config.model.init_from and sources.expand_path(config.model.init_from, "model.init_from")
+    if config.stage == "reward" or not path or not os.path.exists(path):
+        return
+    started = checkpoint.run_config(path)
+    if started is not None and started.get("stage") == "reward":
+        scored = started.get("model", {}).get("init_from")
+        raise ValueError(f"model.init_from={config.model.init_from!r} is a reward model (stage reward): it scores "
+                         f"replies and writes none; start stage {config.stage} from the policy it scores"
+                         f"{f' ({scored})' if scored else ''}, and use the reward model as rollout.reward")
+
+
+def check_adapter(config: Any) -> None:
+    """`peft.adapter_from` against the run's peft.* settings before any model is built: a PEFT adapter
+    directory (a Kiln LoRA run's adapters continue through model.init_from, or `kiln convert
+    --adapter-only` exports them as one)."""
+    if not config.peft.adapter_from:
+        return
+    path = sources.expand_path(config.peft.adapter_from, "peft.adapter_from")
+    if checkpoint.run_config(path) is not None or os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ValueError(f"peft.adapter_from={config.peft.adapter_from!r} is a Kiln run, not a PEFT adapter "
+                         "directory: start from it with model.init_from (a LoRA run's adapters go on training under "
+                         "the same peft.* settings), or export its adapters with kiln convert --adapter-only")
+    hf_peft.check_adapter(path, build.peft_configs(config)["lora"])
 
 
 def check_rollout(config: Any) -> None:
@@ -74,6 +106,7 @@ def check_rollout(config: Any) -> None:
         raise ValueError(f"rollout.value_from={ro.value_from!r} does not exist; name the reward-model run "
                          "(configs/reward.py) to start PPO's value model from, or leave it empty to start it from "
                          "the policy")
+    rewards.check(ro.reward)
     check_sampling(config)
 
 

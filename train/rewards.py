@@ -46,7 +46,7 @@ def scorer(reward: str) -> Scorer:
     if reward == "verifier":
         return lambda chats, replies, answers: np.array([float(synthetic.verify(r, a)) for r, a in zip(replies, answers)],
                                                         np.float32)
-    if ":" in reward and not os.path.isdir(sources.expand_path(reward, "rollout.reward")):
+    if _is_function(reward):
         return _python_scorer(reward)
     return _reward_model(reward)
 
@@ -88,12 +88,30 @@ def _python_scorer(reward: str) -> Scorer:
     return score
 
 
-def _reward_model(reward: str) -> Scorer:
+def check(reward: str) -> None:
+    """ValueError for a `rollout.reward` naming a directory that is no Kiln reward-model run (a policy's
+    run, a misspelt path), found before any model is loaded; a reward function is checked when loaded."""
+    if reward != "verifier" and not _is_function(reward):
+        _reward_run(reward)
+
+
+def _is_function(reward: str) -> bool:
+    return ":" in reward and not os.path.isdir(sources.expand_path(reward, "rollout.reward"))
+
+
+def _reward_run(reward: str) -> tuple[str, dict[str, Any]]:
+    """(the directory, the run config) of the reward-model run `reward` names."""
     path = sources.expand_path(reward, "rollout.reward")
     config = checkpoint.run_config(path)
     if config is None or config.get("stage") != "reward":
+        what = f"a run of stage {config.get('stage')!r}" if config else "no Kiln run"
         raise ValueError(f"rollout.reward={reward!r} is neither 'verifier', a Kiln reward-model run nor "
-                         "MODULE:FUNCTION")
+                         f"MODULE:FUNCTION: it is {what} (a reward model is trained by configs/reward.py)")
+    return path, config
+
+
+def _reward_model(reward: str) -> Scorer:
+    path, config = _reward_run(reward)
     model = checkpoint.load_model(path)[1]
     tok = tokenizers.load(sources.expand_path(checkpoint.tokenizer_of(path), "the reward model's tokenizer"))
     template = config["data"]["chat_template"]
