@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
     for name in ("batch_size", "num_samples", "max_new_tokens", "tensor"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    check_sampling(args)
     if args.output:
         check_output(args.output, args.prompts)
     mesh = make_mesh(data=1, fsdp=-1, tensor=args.tensor)
@@ -130,6 +131,19 @@ def _records(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not records:
         raise ValueError(f"{where}: no prompts in the file")
     return records
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """ValueError for sampling settings out of range, before the model is loaded, and for greedy sampling
+    of several samples per prompt, which would be one sample repeated."""
+    for name, ok, rule in (("temperature", args.temperature >= 0, "0 (greedy) or more"),
+                           ("top_p", 0 < args.top_p <= 1, "in (0, 1]"), ("top_k", args.top_k >= 0, "0 (off) or more")):
+        if not ok:
+            raise ValueError(f"--{name} must be {rule}, got {getattr(args, name)}")
+    if args.temperature == 0 and args.num_samples > 1:
+        raise ValueError(f"--temperature=0 samples greedily: the --num_samples={args.num_samples} samples of each "
+                         f"prompt would be one sample {args.num_samples} times; set a positive --temperature (or "
+                         "--num_samples=1)")
 
 
 def check_output(path: str, prompts: str | None = None) -> None:

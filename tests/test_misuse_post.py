@@ -434,3 +434,17 @@ def test_a_reward_that_is_no_reward_model_is_refused_before_the_policy_loads(tmp
     assert one_error_line(capsys, argv) == f"kiln generate: error: {message}"
     preflight.stage_kind(load("grpo.py:smoke", f"--config.rollout.reward={fake_run(tmp_path / 'rm', 'reward')}"))
 
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature=-1"], "--temperature must be 0 (greedy) or more, got -1.0"),
+    (["--top_p=1.5"], "--top_p must be in (0, 1], got 1.5"),
+    (["--top_k=-1"], "--top_k must be 0 (off) or more, got -1"),
+    (["--temperature=0", "--num_samples=3"], "--temperature=0 samples greedily: the --num_samples=3 samples of each "
+                                             "prompt would be one sample 3 times; set a positive --temperature (or "
+                                             "--num_samples=1)"),
+])
+def test_sample_settings_are_checked_before_loading(tmp_path, capsys, flags, message):
+    """`kiln sample` loaded the model before refusing a negative temperature or a top_p above 1, and greedy
+    sampling of several samples per prompt wrote one sample that many times. The checkpoint does not exist."""
+    argv = ["sample", f"--checkpoint={tmp_path / 'missing'}", "--prompt=hi", *flags]
+    assert one_error_line(capsys, argv) == f"kiln sample: error: {message}"
