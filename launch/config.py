@@ -236,11 +236,23 @@ def check_peft(config: ConfigDict) -> None:
 def check_post_training(config: ConfigDict) -> None:
     """ConfigError for a post-training or evaluation setting out of its range, before any model is built
     (the loss, the LoRA or prefix module and the sampler refused them only once the model was loaded, naming
-    no config key; a negative GRPO beta, rollout.num_prompts or eval.num_problems ran on in silence)."""
+    no config key; a negative GRPO beta, rollout.num_prompts or eval.num_problems, a coefficient of the wrong
+    sign, LoRA's alpha 0 and GAE's gamma or lambda above 1 ran on in silence, and rollout.kl_horizon=0 divided
+    by zero after the first rollout)."""
     loss, peft, ro, ev = config.loss, config.peft, config.rollout, config.eval
     dpo = loss.type == "dpo"  # beta is DPO's temperature; RL's KL coefficient may be 0 (no reference)
     rules = (("loss.beta", loss.beta > 0 if dpo else loss.beta >= 0, "positive" if dpo else "0 or more"),
+             ("loss.label_smoothing", 0 <= loss.label_smoothing < 0.5, "in [0, 0.5) (the fraction of flipped labels)"),
+             ("loss.nll_coef", loss.nll_coef >= 0, "0 or more"),
+             ("loss.simpo_gamma", loss.simpo_gamma >= 0, "0 or more"),
+             ("loss.margin", loss.margin >= 0, "0 or more"),
+             ("loss.center_coef", loss.center_coef >= 0, "0 or more"),
+             ("loss.clip_eps_low", 0 < loss.clip_eps_low < 1, "in (0, 1)"),
+             ("loss.clip_eps_high", loss.clip_eps_high > 0, "positive"),
+             ("loss.value_coef", loss.value_coef >= 0, "0 or more"),
+             ("loss.value_clip", loss.value_clip >= 0, "0 (unclipped) or more"),
              ("peft.lora_rank", peft.lora_rank >= 1, "positive"),
+             ("peft.lora_alpha", peft.lora_alpha > 0, "positive"),
              ("peft.lora_dropout", 0 <= peft.lora_dropout < 1, "in [0, 1)"),
              ("peft.num_virtual_tokens", peft.num_virtual_tokens >= 1, "positive"),
              ("peft.prefix_hidden", peft.prefix_hidden >= 0, "0 (learned directly) or more"),
@@ -250,6 +262,11 @@ def check_post_training(config: ConfigDict) -> None:
              ("rollout.temperature", ro.temperature >= 0, "0 or more"),
              ("rollout.top_p", 0 < ro.top_p <= 1, "in (0, 1]"),
              ("rollout.top_k", ro.top_k >= 0, "0 (off) or more"),
+             ("rollout.format_penalty", ro.format_penalty >= 0, "0 or more (it is subtracted from a cut-off reply)"),
+             ("rollout.gamma", 0 <= ro.gamma <= 1, "in [0, 1]"),
+             ("rollout.lam", 0 <= ro.lam <= 1, "in [0, 1]"),
+             ("rollout.kl_target", ro.kl_target >= 0, "0 (a fixed KL coefficient) or more"),
+             ("rollout.kl_horizon", ro.kl_horizon >= 1, "positive"),
              ("eval.num_problems", ev.num_problems >= 0, "0 (all) or more"),
              ("eval.max_new_tokens", ev.max_new_tokens >= 1, "positive"),
              ("eval.batch_size", ev.batch_size >= 1, "positive"))

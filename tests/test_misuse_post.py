@@ -102,6 +102,16 @@ def test_an_empty_prompt_to_sample_from_is_refused(tmp_path, prompt):
     ("rejection_sampling.py:smoke", ["rollout.num_prompts=-1"],
      "config key 'rollout.num_prompts' must be 0 (all) or more, got -1"),
     ("eval.py:smoke", ["eval.num_problems=-1"], "config key 'eval.num_problems' must be 0 (all) or more, got -1"),
+    ("dpo.py:smoke", ["loss.label_smoothing=0.5"],
+     "config key 'loss.label_smoothing' must be in [0, 0.5) (the fraction of flipped labels), got 0.5"),
+    ("reward.py:smoke", ["loss.center_coef=-0.01"], "config key 'loss.center_coef' must be 0 or more, got -0.01"),
+    ("sft.py:smoke", ["peft.method=lora", "peft.lora_alpha=0"], "config key 'peft.lora_alpha' must be positive, got 0"),
+    ("grpo.py:smoke", ["loss.clip_eps_low=-0.2"], "config key 'loss.clip_eps_low' must be in (0, 1), got -0.2"),
+    ("grpo.py:smoke", ["rollout.format_penalty=-1"],
+     "config key 'rollout.format_penalty' must be 0 or more (it is subtracted from a cut-off reply), got -1"),
+    ("ppo.py:smoke", ["rollout.lam=1.5"], "config key 'rollout.lam' must be in [0, 1], got 1.5"),
+    ("ppo.py:smoke", ["rollout.kl_target=6", "rollout.kl_horizon=0"],
+     "config key 'rollout.kl_horizon' must be positive, got 0"),
     ("eval.py:smoke", ["eval.shots=(-1,)"], "config key 'eval.shots' = (-1,): each is a number of few-shot examples"),
     ("eval.py:smoke", ["eval.shots=()"], "config key 'eval.shots' is empty, so no setting of eval.tasks would be "
                                          "scored; list the numbers of few-shot examples, such as (0, 4)"),
@@ -111,7 +121,10 @@ def test_post_training_settings_out_of_range_are_named_before_any_model(spec, ov
     the last) and eval.num_problems=-1 (all) ran on in silence; eval.shots=() scored no task and (-1,) was
     "Sample larger than population or is negative"; the others were refused only once the model was
     loaded, in words naming no config key ("beta must be positive", "prefix kind must be prompt or prefix
-    with num_tokens > 0 ...")."""
+    with num_tokens > 0 ..."). A negative reward-centring coefficient (scores pushed away from 0) or
+    format penalty (a bonus for cut-off replies), LoRA's alpha 0 (adapters that never change the model),
+    a negative clip epsilon and GAE's lambda above 1 trained on in silence; rollout.kl_horizon=0 divided
+    by zero after the first rollout."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(spec, *[f"--config.{o}" for o in overrides])
 
