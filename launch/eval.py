@@ -4,8 +4,8 @@ Evaluates one checkpoint (a Kiln run, checkpoints or step directory, or a Huggin
 bits per byte and perplexity on `data.eval_sources`, and exact-match accuracy on every task of
 `eval.tasks` for each number of shots and with and without a chain of thought (with chat prompts the
 two 0-shot settings are the same prompt, the question alone: computed once, reported under both). Writes
-`results.json` and `results.md` into the config's `run_dir` (each through a temporary file) and
-prints the table.
+`results.json` and `results.md` into the config's `run_dir` (each through a temporary file; an earlier
+evaluation of another checkpoint there is moved to `superseded/`) and prints the table.
 
 Tokenizer and chat template come from the checkpoint's run (or the Hugging Face directory), as for
 `kiln sample`; `--tokenizer`, `--chat_template` and `--chat` / `--no-chat` override them.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -54,6 +55,7 @@ def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat
     """Evaluates `checkpoint_path` as `config` says; returns (and writes) the results."""
     if jax.process_index() == 0:  # a run_dir that cannot be written fails now, not after the evaluation
         rundir.check_run_dir(config.run_dir)
+        earlier = _earlier_checkpoint(config.run_dir)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, dcn_data=config.mesh.dcn_data,
                      dcn_fsdp=config.mesh.dcn_fsdp)
     started = time.perf_counter()
@@ -79,10 +81,30 @@ def run(config: Any, checkpoint_path: str, *, tokenizer: str | None = None, chat
                "seconds": time.perf_counter() - started}
     if jax.process_index() == 0:
         rundir.make_run_dir(config.run_dir)
+        if earlier not in (None, results["checkpoint"]):
+            dest = rundir.set_aside(config.run_dir, ["results.json", "results.md"])
+            print(f"note: moved the evaluation of {earlier} to {dest}", file=sys.stderr)
         # The table first: results.json, which pipelines read as the finished evaluation, is written last.
         records.write_text_atomic(os.path.join(config.run_dir, "results.md"), markdown(results) + "\n")
         records.write_text_atomic(os.path.join(config.run_dir, "results.json"), json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _earlier_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint evaluated into `run_dir` before (None if none; its results are set aside when another
+    is evaluated there); ValueError when its results.json is another command's, which writing would replace."""
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except ValueError:
+        earlier = None
+    if not isinstance(earlier, dict) or not {"checkpoint", "tasks"} <= set(earlier):
+        raise ValueError(f"{path} is not an evaluation's results (rejection sampling's, or damaged): kiln eval would "
+                         "replace it; choose another --config.run_dir")
+    return earlier["checkpoint"]
 
 
 def _task_runs(config: Any, sampler: generate.Sampler, chat: bool) -> list[tuple[str, int, bool, list, list]]:

@@ -461,3 +461,37 @@ def test_sample_settings_are_checked_before_loading(tmp_path, capsys, flags, mes
     sampling of several samples per prompt wrote one sample that many times. The checkpoint does not exist."""
     argv = ["sample", f"--checkpoint={tmp_path / 'missing'}", "--prompt=hi", *flags]
     assert one_error_line(capsys, argv) == f"kiln sample: error: {message}"
+
+
+def test_evaluating_another_checkpoint_into_a_run_dir_keeps_the_earlier_results(tmp_path, capsys, monkeypatch):
+    """Every `kiln eval` writes into configs/eval.py's runs/eval unless told otherwise: evaluating a second
+    checkpoint replaced the first one's results in silence, and a run_dir holding rejection sampling's
+    outputs lost its results.json (which a recipe reads as the finished stage). The earlier evaluation now
+    moves to superseded/, the same checkpoint's is replaced, and another command's results are refused
+    before the checkpoint is read. (Stand-ins for the model and the metrics: nothing is computed.)"""
+    import json
+    import types
+
+    from launch import eval as eval_cli
+
+    monkeypatch.setattr(eval_cli.generate, "load_sampler",
+                        lambda path, **kw: (types.SimpleNamespace(model=None, tokenizer=None), False))
+    monkeypatch.setattr(eval_cli, "_task_runs", lambda config, sampler, chat: [])
+    monkeypatch.setattr(eval_cli.nnx, "split", lambda model, *filters: (None, None, None))
+    monkeypatch.setattr(eval_cli.evaluate, "evaluate_sources", lambda *args: {"eval/loss": 2.5})
+    config = load("eval.py:smoke", f"--config.run_dir={tmp_path / 'eval'}")
+    for ckpt in ("a", "a", "b"):
+        eval_cli.run(config, str(tmp_path / ckpt))
+    [superseded] = os.listdir(tmp_path / "eval" / "superseded")
+    kept = json.loads((tmp_path / "eval" / "superseded" / superseded / "results.json").read_text())
+    assert kept["checkpoint"] == str(tmp_path / "a") and sorted(os.listdir(tmp_path / "eval")) == [
+        "results.json", "results.md", "superseded"]
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["checkpoint"] == str(tmp_path / "b")
+    assert capsys.readouterr().err == (f"note: moved the evaluation of {tmp_path / 'a'} to "
+                                       f"{tmp_path / 'eval' / 'superseded' / superseded}\n")
+    (tmp_path / "rs").mkdir()
+    (tmp_path / "rs" / "results.json").write_text('{"pass@1": 0.25, "policy": "runs/sft"}')
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'rs' / 'results.json'} is not an evaluation's "
+                                                   "results (rejection sampling's, or damaged): kiln eval would "
+                                                   "replace it; choose another --config.run_dir")):
+        eval_cli.run(load("eval.py:smoke", f"--config.run_dir={tmp_path / 'rs'}"), str(tmp_path / "missing"))
