@@ -127,6 +127,12 @@ def load(name: str, src: Any, data_cfg: Any, kind: str) -> Source:
     if fmt == "array_record":
         return _array_record(name, src, data_cfg, kind, path, start, end)
     if not os.path.isfile(path):
+        # "not found" sent the user to check a path that exists: a directory, or a pattern of files.
+        if os.path.isdir(path):
+            raise DataError(f"source {name}: {path!r} is a directory; format {fmt!r} reads one file: name it")
+        if glob.glob(path):
+            raise DataError(f"source {name}: {path!r} is a pattern; format {fmt!r} reads one file: give each file a "
+                            "source of its own (array_record sources take patterns)")
         raise DataError(f"source {name}: file {path!r} not found")
     if fmt == "text":
         records = [{"text": doc} for doc in _text_documents(path, data_cfg.text_separator, start, end)]

@@ -495,3 +495,17 @@ def test_evaluating_another_checkpoint_into_a_run_dir_keeps_the_earlier_results(
                                                    "results (rejection sampling's, or damaged): kiln eval would "
                                                    "replace it; choose another --config.run_dir")):
         eval_cli.run(load("eval.py:smoke", f"--config.run_dir={tmp_path / 'rs'}"), str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("path, message", [
+    ("shards", "'{tmp}/shards' is a directory; format 'jsonl' reads one file: name it"),
+    ("shards/*.jsonl", "'{tmp}/shards/*.jsonl' is a pattern; format 'jsonl' reads one file: give each file a source "
+                       "of its own (array_record sources take patterns)"),
+])
+def test_a_source_path_that_is_no_file_says_what_it_is(tmp_path, path, message):
+    """A jsonl source pointed at the directory of its files, or at a pattern matching them, was "file ... not
+    found": the user looked, and the path was there."""
+    (tmp_path / "shards").mkdir()
+    write_jsonl(tmp_path / "shards" / "0.jsonl", [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(sources.DataError, match=re.escape(f"source s: {message.format(tmp=tmp_path)}")):
+        records(tmp_path / path, "jsonl", "sft")
