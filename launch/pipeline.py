@@ -46,6 +46,8 @@ STAGE_FIELDS = ("name", "command", "config", "overrides", "checkpoint", "evaluat
 EVALUATE_FIELDS = ("config", "overrides")
 # The files a stage of each command writes into its directory (a train stage's directory is its run).
 WRITES = {"tokenizer": ("tokenizer.model",), "generate": rejection.OUTPUTS, "eval": ("results.json", "results.md")}
+# The stage of the configs that commands other than train and tokenizer run (train runs the others).
+STAGE_OF = {"generate": "rejection_sampling", "eval": "eval"}
 _REF = re.compile(r"@([A-Za-z0-9_\-]+)")
 _FILE_REF = re.compile(r"@([A-Za-z0-9_\-]+)/([^/\s]+)")
 
@@ -95,6 +97,11 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
                               f"{rundir.SUPERSEDED_DIR!r}")
         if (stage["command"] == "eval") != ("checkpoint" in stage):
             raise ConfigError(f"{where}: an eval stage names its `checkpoint`, and only an eval stage does")
+        for field, kinds, what in (("checkpoint", str, "a run directory such as '@sft'"),
+                                   ("part_of", str, "the name of a later stage"),
+                                   ("minutes", (int, float), "a number of minutes")):
+            if field in stage and not isinstance(stage[field], kinds):
+                raise ConfigError(f"{where}: `{field}` must be {what}, got {stage[field]!r}")
         evaluate = stage.get("evaluate", {})
         if evaluate and stage["command"] != "train":
             raise ConfigError(f"{where}: only a train stage has a model to `evaluate`")
@@ -109,13 +116,20 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
                 raise ConfigError(f"{where}: @{ref}/{name} is no file of stage {ref}, whose kiln {commands[ref]} "
                                   f"writes {', '.join(WRITES[commands[ref]])}")
         commands[stage["name"]] = stage["command"]
-    # A typo in a late stage's settings stops the pipeline now, not after the stages before it ran.
+    # A typo in a late stage's settings, or a config its command does not run, stops the pipeline now,
+    # not after the stages before it ran.
     for i, stage in enumerate(stages):
-        for spec in (stage, stage["evaluate"]) if "evaluate" in stage else (stage,):
+        for spec, command in ((stage, stage["command"]), (stage.get("evaluate"), "eval")):
+            if spec is None:
+                continue
             try:
-                load_config(spec["config"], _overrides(spec, config.run_dir))
+                stage_config = load_config(spec["config"], _overrides(spec, config.run_dir))
             except ConfigError as e:
                 raise ConfigError(f"{path}: stage {i} ({stage['name']}): {e}") from None
+            runner = next((c for c, kind in STAGE_OF.items() if kind == stage_config.stage), "train")
+            if command != "tokenizer" and command != runner:
+                raise ConfigError(f"{path}: stage {i} ({stage['name']}): {spec['config']} is a config of stage "
+                                  f"{stage_config.stage!r}, which kiln {runner} runs, not kiln {command}")
     return config, stages
 
 

@@ -215,12 +215,42 @@ def test_a_recipe_stage_with_a_field_it_does_not_have_is_named(tmp_path, stages,
     stage without `config` was "error: config", overrides given as one string were read letter by letter,
     stages returned as a dict were an AttributeError's traceback, and a misspelt file of an earlier stage
     failed only once every stage before it had run."""
+    path = recipe(tmp_path, stages)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        pipeline.load_recipe(path, [])
+
+
+def recipe(tmp_path, stages):
+    """A recipe file whose stages(config) returns `stages`."""
     path = tmp_path / "recipe.py"
     path.write_text("from ml_collections import ConfigDict\n"
                     "def get_config(variant=''):\n    return ConfigDict(dict(run_dir='x'))\n"
                     f"def stages(c):\n    return {stages!r}\n")
+    return str(path)
+
+
+EVAL = {"name": "final", "command": "eval", "config": "configs/eval.py:smoke", "checkpoint": "@pre"}
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([PRE, dict(EVAL, checkpoint=None)], "stage 1 (final): `checkpoint` must be a run directory such as '@sft', got None"),
+    ([dict(PRE, minutes="2")], "stage 0 (pre): `minutes` must be a number of minutes, got '2'"),
+    ([PRE, dict(EVAL, config="configs/sft.py:smoke")],
+     "stage 1 (final): configs/sft.py:smoke is a config of stage 'sft', which kiln train runs, not kiln eval"),
+    ([dict(PRE, evaluate={"config": "configs/pretrain.py:smoke"})],
+     "stage 0 (pre): configs/pretrain.py:smoke is a config of stage 'pretrain', which kiln train runs, not kiln eval"),
+    ([dict(RS, command="train")], "stage 0 (rs): configs/rejection_sampling.py:smoke is a config of stage "
+                                  "'rejection_sampling', which kiln generate runs, not kiln train"),
+])
+def test_a_recipe_stage_whose_command_cannot_run_its_config_is_named(tmp_path, monkeypatch, stages, message):
+    """A stage whose config is not of its command's kind ran the stages before it and then failed (a generate
+    or train stage) or ran the wrong work in silence: an eval stage (or `evaluate`) given a training config
+    evaluated no task, into that config's run directory. A checkpoint that is no string was a TypeError's
+    traceback, and minutes given as text failed in the progress line once the first stage was running."""
+    monkeypatch.chdir(ROOT)
+    path = recipe(tmp_path, stages)
     with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
-        pipeline.load_recipe(str(path), [])
+        pipeline.load_recipe(path, [])
 
 
 def test_a_recipes_rejection_sampling_stage_checks_its_sampling_before_loading_the_policy(monkeypatch):
@@ -262,6 +292,16 @@ def test_a_reference_for_a_preference_type_that_has_none_is_refused(tmp_path, ca
             f"--out={tmp_path / 'ref'}", "--config.model.init_from=/nonexistent/policy"]
     assert one_error_line(capsys, argv) == (f"kiln data: error: loss.preference_type={kind} compares the policy with "
                                             "no reference: there are no reference log-probs to precompute")
+
+
+def test_kiln_eval_with_a_training_config_is_refused(tmp_path, capsys, monkeypatch):
+    """`kiln eval --config=configs/sft.py` (the config the run trained with) evaluated no task, only the
+    training config's held-out text, and wrote its results into the training run's directory, in silence."""
+    monkeypatch.chdir(ROOT)
+    argv = ["eval", f"--checkpoint={tmp_path / 'missing'}", "--config=configs/sft.py:smoke",
+            f"--config.run_dir={tmp_path / 'sft'}"]
+    assert one_error_line(capsys, argv) == ("kiln eval: error: --config=configs/sft.py:smoke is a config of stage 'sft'; "
+                                            "kiln eval reads an evaluation config, such as configs/eval.py")
 
 
 def test_evaluating_a_reward_model_as_a_policy_is_refused(tmp_path, capsys, monkeypatch):
