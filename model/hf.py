@@ -355,6 +355,9 @@ def save(model: Transformer, config: ModelConfig, path: str, dtype: DType | None
     if config.prefix is not None:
         raise HFFormatError("a prompt- or prefix-tuned model has no merged Hugging Face weight layout; export it as a "
                             "PEFT adapter (kiln convert --adapter-only) or sample and evaluate its Kiln checkpoint")
+    if config.reward_head:  # written as a causal LM, its score head was left out: a policy no one trained
+        raise HFFormatError("a reward model's score head has no place in a Hugging Face causal LM, which would be "
+                            "written without it; score replies with its Kiln run (rollout.reward)")
     if lora.adapters(model):  # Hugging Face weights hold the adapters merged in, in the written dtype
         model = lora.merge(model, dtype)
         config = model.cfg

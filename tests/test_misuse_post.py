@@ -549,3 +549,19 @@ def test_a_source_path_that_is_no_file_says_what_it_is(tmp_path, path, message):
     write_jsonl(tmp_path / "shards" / "0.jsonl", [{"prompt": "q", "completion": "a"}])
     with pytest.raises(sources.DataError, match=re.escape(f"source s: {message.format(tmp=tmp_path)}")):
         records(tmp_path / path, "jsonl", "sft")
+
+
+def test_a_reward_model_is_not_exported_as_a_causal_lm(tmp_path):
+    """`kiln convert --from-kiln RM --to-hf DIR` wrote a LlamaForCausalLM without the score head: the reward
+    model's body under a language-model head reward training leaves behind, a policy no one trained, and
+    nothing said the head was gone. The check comes before any weight is read."""
+    from flax import nnx
+
+    from model import hf
+    from model.transformer import Transformer
+
+    cfg = presets.get("tiny", reward_head=True)
+    with pytest.raises(hf.HFFormatError, match=re.escape("a reward model's score head has no place in a Hugging Face "
+                                                         "causal LM, which would be written without it")):
+        hf.save(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), cfg, str(tmp_path / "hf"))
+    assert os.listdir(tmp_path) == []
