@@ -11,6 +11,7 @@ from ml_collections import ConfigDict
 
 from configs import base
 from configs.base import set_path
+from data.chat import FORMATS as CHAT_TEMPLATES
 
 
 class ConfigError(ValueError):
@@ -22,6 +23,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "minimal", "save_dots", "save_qkv_proj", "save_out_proj"),
     "model.rope_scaling.type": ("none", "linear", "llama3", "yarn"),
+    "data.chat_template": tuple(CHAT_TEMPLATES),
     "peft.method": ("none", "lora", "prompt_tuning", "prefix_tuning"),
     "peft.lora_init": ("kaiming", "gaussian"),
     "peft.prompt_init": ("random", "vocab", "text"),

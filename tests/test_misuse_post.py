@@ -102,6 +102,8 @@ def test_an_empty_prompt_to_sample_from_is_refused(tmp_path, prompt):
     ("rejection_sampling.py:smoke", ["rollout.num_prompts=-1"],
      "config key 'rollout.num_prompts' must be 0 (all) or more, got -1"),
     ("eval.py:smoke", ["eval.num_problems=-1"], "config key 'eval.num_problems' must be 0 (all) or more, got -1"),
+    ("sft.py:smoke", ["data.chat_template=chatmll"],
+     "config key 'data.chat_template' = 'chatmll'; expected one of kiln, llama3, chatml, gemma"),
     ("dpo.py:smoke", ["loss.label_smoothing=0.5"],
      "config key 'loss.label_smoothing' must be in [0, 0.5) (the fraction of flipped labels), got 0.5"),
     ("reward.py:smoke", ["loss.center_coef=-0.01"], "config key 'loss.center_coef' must be 0 or more, got -0.01"),
@@ -124,7 +126,8 @@ def test_post_training_settings_out_of_range_are_named_before_any_model(spec, ov
     with num_tokens > 0 ..."). A negative reward-centring coefficient (scores pushed away from 0) or
     format penalty (a bonus for cut-off replies), LoRA's alpha 0 (adapters that never change the model),
     a negative clip epsilon and GAE's lambda above 1 trained on in silence; rollout.kl_horizon=0 divided
-    by zero after the first rollout."""
+    by zero after the first rollout, and a misspelt chat template stopped the run only once its model was
+    built."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(spec, *[f"--config.{o}" for o in overrides])
 
