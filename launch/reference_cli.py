@@ -29,7 +29,7 @@ from launch.config import ConfigError, load_config
 from model.sharding import make_mesh, use_rules
 from train import preflight, records
 from train.losses.dpo import sequence_logps
-from train.reference import SETTINGS_FILE, encoding
+from train.reference import SETTINGS_FILE, encoding, reference_model
 from train.build import build_model, model_config, tokenizer_name
 
 
@@ -61,7 +61,8 @@ def main(argv: list[str]) -> int:
     score = jax.jit(lambda batch: sequence_logps(model, batch)[:2])
     enc, width = Encoder.from_config(config.data, tok), config.data.batch_size
     os.makedirs(args.out, exist_ok=True)
-    records.write_text_atomic(os.path.join(args.out, SETTINGS_FILE), json.dumps(encoding(config.data), indent=1) + "\n")
+    recorded = dict(encoding(config.data), model=reference_model(config))
+    records.write_text_atomic(os.path.join(args.out, SETTINGS_FILE), json.dumps(recorded, indent=1) + "\n")
     overrides = ["--config.loss.reference=data"]
     for group, key in (("sources", "train"), ("eval_sources", "eval")):
         for name, src in config.data[group].items():

@@ -377,6 +377,34 @@ def test_precomputed_reference_log_probs_scored_under_other_data_settings_are_re
             reference.check_precomputed(load("dpo.py:smoke", *on_files, *train, f"--config.data.{key}={value}"))
 
 
+def test_precomputed_reference_log_probs_of_another_model_are_refused(tmp_path):
+    """DPO's reference is the model it starts from: log-probs precomputed under another one (the base rather
+    than the SFT model, or the SFT run before it was trained on) gave every pair an implicit reward before the
+    first step, in silence. `kiln data reference` now records the model, as its checkpoint directory and step."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    from train import reference
+
+    for run, step in (("base", 4), ("sft", 2), ("sft", 6)):
+        with ocp.CheckpointManager(str(tmp_path / run / "checkpoints")) as mgr:
+            mgr.save(step, args=ocp.args.Composite(params=ocp.args.JsonSave({})))
+    (tmp_path / "scored").mkdir()
+    on_files = ["--config.loss.reference=data", f"--config.data.sources.train.path={tmp_path}/scored/train.jsonl",
+                "--config.data.sources.train.format=jsonl"]
+    scored_under = load("dpo.py:smoke", *on_files, f"--config.model.init_from={tmp_path}/sft/checkpoints/2")
+    (tmp_path / "scored" / "reference.json").write_text(json.dumps(dict(
+        reference.encoding(scored_under.data), model=reference.reference_model(scored_under))))
+    reference.check_precomputed(scored_under)
+    for start, now in (("sft", "sft/checkpoints step 6"), ("base", "base/checkpoints step 4")):
+        with pytest.raises(ValueError, match=re.escape(
+                f"data.sources.train: its reference log-probs were computed under the model {tmp_path}/sft/checkpoints "
+                f"step 2 ({tmp_path}/scored/reference.json), and this run starts from {tmp_path}/{now}, its reference; "
+                f"compute them again with model.init_from={tmp_path}/{start}")):
+            reference.check_precomputed(load("dpo.py:smoke", *on_files, f"--config.model.init_from={tmp_path}/{start}"))
+
+
 def test_sampling_with_a_tokenizer_of_the_same_size_that_splits_otherwise_is_refused(tmp_path):
     """`kiln sample --tokenizer` (and eval, the lm-eval adapter): a tokenizer as large as the run's that numbers
     its tokens otherwise fed the model ids it was not trained on; the size alone does not tell them apart. The

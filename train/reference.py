@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from data.sources import expand_path
+from train import checkpoint
 from train.losses.dpo import sequence_logps
 
 Fields = Callable[[nnx.Module, dict[str, jax.Array]], dict[str, jax.Array]]
@@ -38,10 +39,21 @@ def encoding(data_cfg: Any) -> dict[str, Any]:
     return {k: data_cfg[k] for k in ENCODING_KEYS}
 
 
+def reference_model(config: Any) -> str:
+    """The model `model.init_from` names, as a checkpoint directory and step (a Hugging Face directory as
+    itself): what precomputed log-probs are recorded as scored under, and DPO's reference."""
+    path = os.path.realpath(expand_path(config.model.init_from, "model.init_from"))
+    if checkpoint.is_hf_dir(path):
+        return path
+    return f"{checkpoint.locate(path)[0]} step {checkpoint.latest_step(path)}"
+
+
 def check_precomputed(config: Any) -> None:
     """ValueError if a source's precomputed reference log-probs were scored on other tokens than this run
-    trains on: its directory's reference.json records other encoding settings (a file without one, the
-    user's own, is taken as it is)."""
+    trains on, or under another model than it starts from (DPO's reference): its directory's reference.json
+    records other encoding settings or another model (a file without one, the user's own, is taken as it is)."""
+    path = config.model.init_from and expand_path(config.model.init_from, "model.init_from")
+    start = reference_model(config) if path and os.path.exists(path) else None  # a missing one is named where loaded
     for group in ("sources", "eval_sources"):
         for name, src in config.data[group].items():
             if not src.path:
@@ -58,6 +70,11 @@ def check_precomputed(config: Any) -> None:
                                      f"{recorded[key]!r} ({settings}), and this run has {now[key]!r}, so they score "
                                      "other tokens; train with the settings they were computed with, or compute them "
                                      "again (kiln data reference)")
+            if start is not None and recorded.get("model", start) != start:
+                raise ValueError(f"data.{group}.{name}: its reference log-probs were computed under the model "
+                                 f"{recorded['model']} ({settings}), and this run starts from {start}, its reference; "
+                                 f"compute them again with model.init_from={config.model.init_from} (kiln data "
+                                 "reference)")
 
 
 def preference_fields(model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
