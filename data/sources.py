@@ -1,7 +1,7 @@
 """Data sources: a named config entry {path, format, weight, ...} becomes records for a pipeline kind.
 
 Formats: `synthetic` (built-in arithmetic task, no file), `text` (.txt: documents split by
-`data.text_separator`, "" = the whole file is one document), `jsonl` (.jsonl / .jsonl.gz, field
+`data.text_separator`, "" = the whole file is one document; Windows line ends read as "\n"), `jsonl` (.jsonl / .jsonl.gz, field
 names configurable per source), `array_record` (each record a UTF-8 JSON object, read lazily),
 `gsm8k` and `hh_rlhf`. A synthetic source may set its own `max_digits` / `min_ops` / `max_ops` /
 `problems_per_document` (default `data.synthetic.*`). Every source takes `start` / `end` fractions selecting a contiguous slice
@@ -205,6 +205,9 @@ def _text_documents(path: str, separator: str, start: float, end: float) -> list
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+    # Line ends as Windows editors save them, read as text mode reads them: a separator such as "\n\n" found
+    # none in "\r\n\r\n" and the whole file was one document.
+    text = text.replace("\r\n", "\n")
     if not separator:  # one document: the slice is of its characters
         lo, hi = _bounds(len(text), start, end)
         return [text[lo:hi]] if text[lo:hi].strip() else []

@@ -26,6 +26,14 @@ def test_a_jsonl_file_saved_with_a_byte_order_mark_reads(tmp_path):
     assert got == [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
 
 
+def test_a_text_file_with_windows_line_ends_splits_into_its_documents(tmp_path):
+    """data.text_separator="\n\n" found no separator in a file saved with "\r\n" line ends: its documents were
+    one document, trained on (and cut into windows) across their boundaries, in silence."""
+    (tmp_path / "docs.txt").write_bytes(b"First doc,\r\nline two.\r\n\r\nSecond doc.\r\n\r\nThird.\r\n")
+    got, _ = records(tmp_path / "docs.txt", "text", "pretrain", data_cfg(text_separator="\n\n"))
+    assert got == [{"text": "First doc,\nline two."}, {"text": "Second doc."}, {"text": "Third.\n"}]
+
+
 @pytest.mark.parametrize("messages", [[{"role": "user", "content": "2+2?"}],
                                       [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2?"}]])
 def test_a_conversation_without_an_assistant_message_is_refused(tmp_path, messages):
