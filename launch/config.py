@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 from configs import base
 from configs.base import set_path
 from data.chat import FORMATS as CHAT_TEMPLATES
+from model.config import LORA_TARGETS
 
 
 class ConfigError(ValueError):
@@ -231,6 +232,13 @@ def check_peft(config: ConfigDict) -> None:
     """ConfigError for a peft.* key that the chosen peft.method does not read."""
     _check_readers(config, "peft", "method", PEFT_KEYS)
     peft = config.peft
+    unknown = [t for t in peft.lora_targets if t not in LORA_TARGETS]
+    if peft.method == "lora" and (unknown or not peft.lora_targets):
+        # Hugging Face PEFT names the projections q_proj, gate_proj, ...: Kiln's names are their stems.
+        stem = unknown[0].removesuffix("_proj") if unknown else ""
+        hint = f" ({unknown[0]!r} is {stem!r} here)" if stem in LORA_TARGETS else ""
+        raise ConfigError(f"config key 'peft.lora_targets' = {tuple(peft.lora_targets)}: choose among "
+                          f"{', '.join(LORA_TARGETS)}{hint}")
     if peft.method == "prompt_tuning" and (peft.prompt_init == "text") != bool(peft.prompt_init_text):
         raise ConfigError("peft.prompt_init=text and peft.prompt_init_text go together: set both or neither")
 

@@ -116,6 +116,9 @@ def test_an_empty_prompt_to_sample_from_is_refused(tmp_path, prompt):
      "config key 'loss.label_smoothing' must be in [0, 0.5) (the fraction of flipped labels), got 0.5"),
     ("reward.py:smoke", ["loss.center_coef=-0.01"], "config key 'loss.center_coef' must be 0 or more, got -0.01"),
     ("sft.py:smoke", ["peft.method=lora", "peft.lora_alpha=0"], "config key 'peft.lora_alpha' must be positive, got 0"),
+    ("sft.py:smoke", ["peft.method=lora", "peft.lora_targets=('q_proj','v_proj')"],
+     "config key 'peft.lora_targets' = ('q_proj', 'v_proj'): choose among q, k, v, o, gate, up, down ('q_proj' is 'q' "
+     "here)"),
     ("grpo.py:smoke", ["loss.clip_eps_low=-0.2"], "config key 'loss.clip_eps_low' must be in (0, 1), got -0.2"),
     ("grpo.py:smoke", ["rollout.format_penalty=-1"],
      "config key 'rollout.format_penalty' must be 0 or more (it is subtracted from a cut-off reply), got -1"),
@@ -135,7 +138,7 @@ def test_post_training_settings_out_of_range_are_named_before_any_model(spec, ov
     format penalty (a bonus for cut-off replies), LoRA's alpha 0 (adapters that never change the model),
     a negative clip epsilon and GAE's lambda above 1 trained on in silence; rollout.kl_horizon=0 divided
     by zero after the first rollout, and a misspelt chat template stopped the run only once its model was
-    built."""
+    built (Hugging Face's LoRA target names once its tokenizer was trained, naming no key)."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(spec, *[f"--config.{o}" for o in overrides])
 
