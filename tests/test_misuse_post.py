@@ -607,3 +607,21 @@ def test_a_reward_model_is_not_exported_as_a_causal_lm(tmp_path):
                                                          "causal LM, which would be written without it")):
         hf.save(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), cfg, str(tmp_path / "hf"))
     assert os.listdir(tmp_path) == []
+
+
+def test_an_evaluation_source_of_the_wrong_kind_is_named_before_training(tmp_path, capsys, monkeypatch):
+    """data.eval_sources were first read at the first evaluation: an SFT run (or a recipe's SFT stage) pointed
+    at a file of preference pairs trained train.eval_every steps, then stopped before that step's checkpoint.
+    (The model to start from does not exist: the check comes before it is loaded.)"""
+    monkeypatch.chdir(ROOT)
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
+    argv = ["train", "--config=configs/sft.py:smoke", f"--config.run_dir={tmp_path / 'sft'}",
+            f"--config.data.eval_sources.heldout.path={path}", "--config.data.eval_sources.heldout.format=jsonl",
+            "--config.data.eval_sources.heldout.start=0.0", f"--config.model.init_from={tmp_path / 'policy'}"]
+    assert one_error_line(capsys, argv) == (f"kiln train: error: {path}:1: missing field 'completion' (the record has: "
+                                            "'prompt', 'chosen', 'rejected') (set data.skip_bad_records=true to skip "
+                                            "such records)")
+    config = load("sft.py:smoke", *argv[2:])
+    with pytest.raises(sources.DataError, match=re.escape(f"{path}:1: missing field 'completion'")):
+        pipeline._run_stage("train", config, {}, str(tmp_path))  # a recipe's train stage, checked as kiln train
+    assert os.listdir(tmp_path) == ["pairs.jsonl"]
