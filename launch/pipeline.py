@@ -116,20 +116,28 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
                 raise ConfigError(f"{where}: @{ref}/{name} is no file of stage {ref}, whose kiln {commands[ref]} "
                                   f"writes {', '.join(WRITES[commands[ref]])}")
         commands[stage["name"]] = stage["command"]
-    # A typo in a late stage's settings, or a config its command does not run, stops the pipeline now,
-    # not after the stages before it ran.
+    # A typo in a late stage's settings, a config its command does not run, or a reward model to evaluate
+    # stops the pipeline now, not after the stages before it ran.
+    trained: dict[str, str] = {}  # stage name -> the stage its config is of
     for i, stage in enumerate(stages):
+        where = f"{path}: stage {i} ({stage['name']})"
         for spec, command in ((stage, stage["command"]), (stage.get("evaluate"), "eval")):
             if spec is None:
                 continue
             try:
                 stage_config = load_config(spec["config"], _overrides(spec, config.run_dir))
             except ConfigError as e:
-                raise ConfigError(f"{path}: stage {i} ({stage['name']}): {e}") from None
+                raise ConfigError(f"{where}: {e}") from None
             runner = next((c for c, kind in STAGE_OF.items() if kind == stage_config.stage), "train")
             if command != "tokenizer" and command != runner:
-                raise ConfigError(f"{path}: stage {i} ({stage['name']}): {spec['config']} is a config of stage "
-                                  f"{stage_config.stage!r}, which kiln {runner} runs, not kiln {command}")
+                raise ConfigError(f"{where}: {spec['config']} is a config of stage {stage_config.stage!r}, which kiln "
+                                  f"{runner} runs, not kiln {command}")
+            trained.setdefault(stage["name"], stage_config.stage)
+        evaluated = [stage["name"]] if "evaluate" in stage else _REF.findall(stage.get("checkpoint", ""))
+        for name in evaluated:
+            if trained.get(name) == "reward":
+                raise ConfigError(f"{where}: {name} is a reward model, which kiln eval does not evaluate (it writes "
+                                  "no replies); its held-out pair accuracy is in its own metrics")
     return config, stages
 
 

@@ -255,12 +255,18 @@ EVAL = {"name": "final", "command": "eval", "config": "configs/eval.py:smoke", "
      "stage 0 (pre): configs/pretrain.py:smoke is a config of stage 'pretrain', which kiln train runs, not kiln eval"),
     ([dict(RS, command="train")], "stage 0 (rs): configs/rejection_sampling.py:smoke is a config of stage "
                                   "'rejection_sampling', which kiln generate runs, not kiln train"),
+    ([dict(PRE, name="rm", config="configs/reward.py:smoke", evaluate={"config": "configs/eval.py:smoke"})],
+     "stage 0 (rm): rm is a reward model, which kiln eval does not evaluate (it writes no replies); its held-out pair "
+     "accuracy is in its own metrics"),
+    ([dict(PRE, name="rm", config="configs/reward.py:smoke"), dict(EVAL, checkpoint="@rm/checkpoints/1")],
+     "stage 1 (final): rm is a reward model, which kiln eval does not evaluate"),
 ])
 def test_a_recipe_stage_whose_command_cannot_run_its_config_is_named(tmp_path, monkeypatch, stages, message):
     """A stage whose config is not of its command's kind ran the stages before it and then failed (a generate
     or train stage) or ran the wrong work in silence: an eval stage (or `evaluate`) given a training config
-    evaluated no task, into that config's run directory. A checkpoint that is no string was a TypeError's
-    traceback, and minutes given as text failed in the progress line once the first stage was running."""
+    evaluated no task, into that config's run directory; a reward model to evaluate was refused only once it
+    had trained. A checkpoint that is no string was a TypeError's traceback, and minutes given as text failed
+    in the progress line once the first stage was running."""
     monkeypatch.chdir(ROOT)
     path = recipe(tmp_path, stages)
     with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
