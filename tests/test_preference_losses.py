@@ -224,10 +224,10 @@ def test_dpo_training_passes_a_dropout_key_and_evaluation_none():
     assert len(model.keys) == 2 and model.keys[0] is not None and model.keys[1] is None
 
 
-def dpo(batch, **loss):
+def dpo(batch, model=None, **loss):
     c = ConfigDict(dict(preference_type="sigmoid", beta=0.1, label_smoothing=0.0, nll_coef=0.0, simpo_gamma=0.5))
     c.update(loss)
-    return losses.get("dpo", c)(UniformLM(), batch, None)
+    return losses.get("dpo", c)(UniformLM() if model is None else model, batch, None)
 
 
 def test_dpo_stage_loss_by_hand():
@@ -286,6 +286,57 @@ def test_dpo_stage_metrics_smoothing_and_reference_free_losses_by_hand():
     total, m = dpo(free, preference_type="orpo", beta=0.1, nll_coef=1.0)
     assert float(total) == pytest.approx(2 * (0.1 * math.log(2) + lnV), rel=1e-6)
     assert float(m["nll_loss"]) == pytest.approx(2 * lnV, rel=1e-6)
+
+
+class BigramLM(UniformLM):
+    """Stands in for a policy whose logits are fixed random numbers per input token, so replies of different
+    lengths have different per-token log-probs (under UniformLM they are all −ln V)."""
+
+    TABLE = (2.0 * np.random.default_rng(0).normal(size=(UniformLM.V, UniformLM.V))).astype(np.float32)
+
+    def __call__(self, tokens, positions, segments, dropout_key=None):
+        return jnp.asarray(self.TABLE)[tokens]
+
+    @classmethod
+    def mean_logps(cls, batch, side):
+        """Each row's log-prob per trained token, log-softmax by hand in float64."""
+        z = cls.TABLE.astype(np.float64)[np.asarray(batch[f"{side}_tokens"])]
+        targets = np.asarray(batch[f"{side}_targets"])[..., None]
+        logp = np.take_along_axis(z, targets, -1)[..., 0] - np.log(np.exp(z).sum(-1))
+        mask = np.asarray(batch[f"{side}_loss_mask"], np.float64)
+        return (logp * mask).sum(1) / mask.sum(1)
+
+
+def test_reference_free_losses_and_the_nll_term_read_each_replys_own_per_token_log_probs():
+    """SimPO's −log σ(β(c − r) − γ), ORPO's −λ log σ(log odds c − log odds r) and Llama 3's NLL term (on the
+    chosen reply only) take c and r per token, each over its own reply's trained tokens; robust DPO keeps its
+    label smoothing in the stage. Equal per-token log-probs (UniformLM) hid chosen and rejected swapped or the
+    NLL taken over the rejected reply; here the pairs' per-token log-probs differ."""
+    batch = pair_batch(([4, 3, 5], [2, 6, 3]))  # 3 / 1, 2 / 5 and 4 / 2 trained tokens
+    c, r = BigramLM.mean_logps(batch, "chosen"), BigramLM.mean_logps(batch, "rejected")
+    assert np.abs(c - r).min() > 0.3  # no pair ties, so a swap shows
+    free = {k: v for k, v in batch.items() if not k.startswith("ref_")}
+    # SimPO (beta 2, gamma 0.5, smoothed 0.2) plus 0.2 x the chosen reply's per-token NLL, as CPO-SimPO.
+    total, m = dpo(free, BigramLM(), preference_type="simpo", beta=2.0, label_smoothing=0.2, nll_coef=0.2)
+    z = 2.0 * (c - r) - 0.5
+    want = sum(0.8 * softplus(-x) + 0.2 * softplus(x) for x in z) + 0.2 * -c.sum()
+    assert float(total) == pytest.approx(want, rel=1e-6)  # measured |rel. error| <= 3e-8 (float32)
+    assert float(m["nll_loss"]) == pytest.approx(-c.sum(), rel=1e-6)
+    assert float(m["rewards/chosen"]) == pytest.approx(2.0 * c.sum(), rel=1e-6)
+    assert float(m["rewards/rejected"]) == pytest.approx(2.0 * r.sum(), rel=1e-6)
+    # ORPO: lambda 0.1 times the odds-ratio term plus the chosen NLL, log odds(P) = log P − log(1 − P).
+    total, _ = dpo(free, BigramLM(), preference_type="orpo", beta=0.1, nll_coef=1.0)
+    log_odds = c - np.log(-np.expm1(c)), r - np.log(-np.expm1(r))
+    assert float(total) == pytest.approx(sum(0.1 * softplus(-x) for x in log_odds[0] - log_odds[1]) - c.sum(),
+                                         rel=1e-6)
+    # Robust DPO (eps 0.1) on summed log-probs against a reference, with the NLL term beside it.
+    n_c, n_r = np.array([3.0, 2.0, 4.0]), np.array([1.0, 5.0, 2.0])
+    ref_c, ref_r = np.array([-4.0, -1.0, -9.0]), np.array([-2.0, -6.0, -3.0])
+    total, _ = dpo(dict(batch, ref_chosen_logps=jnp.asarray(ref_c), ref_rejected_logps=jnp.asarray(ref_r)),
+                   BigramLM(), preference_type="robust", label_smoothing=0.1, nll_coef=0.2)
+    bd = 0.1 * ((c * n_c - ref_c) - (r * n_r - ref_r))
+    robust = sum((0.9 * softplus(-x) - 0.1 * softplus(x)) / 0.8 for x in bd)
+    assert float(total) == pytest.approx(robust + 0.2 * -c.sum(), rel=1e-6)
 
 
 def test_orpo_at_probability_one_stays_finite():
