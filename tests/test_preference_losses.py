@@ -310,7 +310,7 @@ class BigramLM(UniformLM):
 def test_reference_free_losses_and_the_nll_term_read_each_replys_own_per_token_log_probs():
     """SimPO's −log σ(β(c − r) − γ), ORPO's −λ log σ(log odds c − log odds r) and Llama 3's NLL term (on the
     chosen reply only) take c and r per token, each over its own reply's trained tokens; robust DPO keeps its
-    label smoothing in the stage. Equal per-token log-probs (UniformLM) hid chosen and rejected swapped or the
+    label smoothing in the stage, and the hinge takes summed log-probs. Equal per-token log-probs (UniformLM) hid chosen and rejected swapped or the
     NLL taken over the rejected reply; here the pairs' per-token log-probs differ."""
     batch = pair_batch(([4, 3, 5], [2, 6, 3]))  # 3 / 1, 2 / 5 and 4 / 2 trained tokens
     c, r = BigramLM.mean_logps(batch, "chosen"), BigramLM.mean_logps(batch, "rejected")
@@ -332,11 +332,14 @@ def test_reference_free_losses_and_the_nll_term_read_each_replys_own_per_token_l
     # Robust DPO (eps 0.1) on summed log-probs against a reference, with the NLL term beside it.
     n_c, n_r = np.array([3.0, 2.0, 4.0]), np.array([1.0, 5.0, 2.0])
     ref_c, ref_r = np.array([-4.0, -1.0, -9.0]), np.array([-2.0, -6.0, -3.0])
-    total, _ = dpo(dict(batch, ref_chosen_logps=jnp.asarray(ref_c), ref_rejected_logps=jnp.asarray(ref_r)),
-                   BigramLM(), preference_type="robust", label_smoothing=0.1, nll_coef=0.2)
+    with_ref = dict(batch, ref_chosen_logps=jnp.asarray(ref_c), ref_rejected_logps=jnp.asarray(ref_r))
+    total, _ = dpo(with_ref, BigramLM(), preference_type="robust", label_smoothing=0.1, nll_coef=0.2)
     bd = 0.1 * ((c * n_c - ref_c) - (r * n_r - ref_r))
     robust = sum((0.9 * softplus(-x) - 0.1 * softplus(x)) / 0.8 for x in bd)
     assert float(total) == pytest.approx(robust + 0.2 * -c.sum(), rel=1e-6)
+    # The hinge relu(1 − βΔ) on the same summed log-probs (only IPO's are per token): one pair past the margin.
+    total, _ = dpo(with_ref, BigramLM(), preference_type="hinge")
+    assert float(total) == pytest.approx(sum(max(0.0, 1 - x) for x in bd), rel=1e-6) and min(1 - bd) < 0
 
 
 def test_orpo_at_probability_one_stays_finite():
