@@ -415,34 +415,61 @@ def test_a_rollout_source_is_checkpointed_only_between_rollouts(monkeypatch):
     assert next(src)["tokens"][0, 0] == 2  # a new rollout, not the dropped queue
 
 
+class Bigram(nnx.Module):
+    """A policy whose logits are a fixed row of LOGITS per input token."""
+
+    def __init__(self):
+        self.table = nnx.Param(jnp.asarray(LOGITS.reshape(-1, V)[:V]))
+
+    def __call__(self, tokens, positions, segment_ids, dropout_key=None):
+        return self.table[...][tokens]
+
+
+BIGRAM_TOKENS = np.array([[0, 1, 2], [3, 4, 0], [2, 2, 1], [4, 3, 3]], np.int32)
+BIGRAM_TARGETS = np.array([[1, 2, 3], [4, 0, 1], [2, 1, 0], [3, 3, 4]], np.int32)
+
+
+def bigram_batch():
+    return {k: jnp.asarray(v) for k, v in (("tokens", BIGRAM_TOKENS), ("targets", BIGRAM_TARGETS),
+                                           ("positions", np.tile(np.arange(3), (4, 1))),
+                                           ("segment_ids", np.ones((4, 3), np.int32)))}
+
+
+def bigram_logps(temperature):
+    """Bigram's log-prob of each target at `temperature`, float64."""
+    z = LOGITS.reshape(-1, V)[:V].astype(np.float64)[BIGRAM_TOKENS] / temperature
+    return np.take_along_axis(z, BIGRAM_TARGETS[..., None], -1)[..., 0] - np.log(np.exp(z).sum(-1))
+
+
 def test_rl_reference_adds_per_token_log_probs_at_the_sampling_temperature():
-    class Bigram(nnx.Module):
-        def __init__(self):
-            self.table = nnx.Param(jnp.asarray(LOGITS.reshape(-1, V)[:V]))
-
-        def __call__(self, tokens, positions, segment_ids, dropout_key=None):
-            return self.table[...][tokens]
-
     config = ConfigDict(dict(loss=dict(beta=0.1), rollout=dict(temperature=0.7, batch_prompts=2, num_samples=2),
                              data=dict(batch_size=2)))
     graphdef, params, frozen = nnx.split(Bigram(), nnx.Param, ...)
-    tokens = np.array([[0, 1, 2], [3, 4, 0], [2, 2, 1], [4, 3, 3]], np.int32)
-    targets = np.array([[1, 2, 3], [4, 0, 1], [2, 1, 0], [3, 3, 4]], np.int32)
-    b = {"tokens": tokens, "targets": targets, "positions": np.tile(np.arange(3), (4, 1)),
-         "segment_ids": np.ones((4, 3), np.int32)}
-    out = rollout.reference(config, graphdef, params, frozen)({k: jnp.asarray(v) for k, v in b.items()})
-    z = LOGITS.reshape(-1, V)[:V].astype(np.float64)[tokens] / 0.7
-    log_z = np.log(np.exp(z).sum(-1))
-    want = np.take_along_axis(z, targets[..., None], -1)[..., 0] - log_z
+    out = rollout.reference(config, graphdef, params, frozen)(bigram_batch())
+    want = bigram_logps(0.7)
     np.testing.assert_allclose(out["ref_logps"], want, rtol=1e-5, atol=1e-6)
     # The reference holds its own copy: the train step donates (deletes) the policy's arrays.
     reference = rollout.reference(config, graphdef, params, frozen)
     for leaf in jax.tree.leaves(params):
         leaf.delete()
-    again = reference({k: jnp.asarray(v) for k, v in b.items()})
+    again = reference(bigram_batch())
     np.testing.assert_allclose(again["ref_logps"], want, rtol=1e-5, atol=1e-6)
     config.loss.beta = 0.0
     assert rollout.reference(config, graphdef, params, frozen) is None  # no KL term, no reference
+
+
+def test_rollout_old_log_probs_are_the_sampling_distributions(monkeypatch):
+    """The ratio exp(logp − old_logp) is against the distribution the replies were sampled from: the policy
+    at rollout.temperature as it was at the rollout, computed in pieces of a mini-batch (here 2 of 2 rows)."""
+    monkeypatch.setattr(rollout.rewards, "prompts", lambda config: [])
+    monkeypatch.setattr(rollout.rewards, "scorer", lambda reward: None)
+    config = ConfigDict(dict(stage="grpo", loss=dict(beta=0.0), data=dict(batch_size=2), rollout=dict(
+        temperature=0.7, batch_prompts=2, num_samples=2, epochs=2, reward="verifier")))
+    graphdef, params, frozen = nnx.split(Bigram(), nnx.Param, ...)
+    src = rollout.RolloutSource(SimpleNamespace(config=config, graphdef=graphdef))
+    out = src._stats(params, frozen, bigram_batch())
+    assert set(out) == {"old_logps"}  # grpo: no values
+    np.testing.assert_allclose(out["old_logps"], bigram_logps(0.7), rtol=1e-5, atol=1e-6)
 
 
 def test_policy_of_an_actor_critic_is_its_policy():
