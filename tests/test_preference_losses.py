@@ -310,8 +310,8 @@ class BigramLM(UniformLM):
 def test_reference_free_losses_and_the_nll_term_read_each_replys_own_per_token_log_probs():
     """SimPO's −log σ(β(c − r) − γ), ORPO's −λ log σ(log odds c − log odds r) and Llama 3's NLL term (on the
     chosen reply only) take c and r per token, each over its own reply's trained tokens; robust DPO keeps its
-    label smoothing in the stage, and the hinge takes summed log-probs. Equal per-token log-probs (UniformLM) hid chosen and rejected swapped or the
-    NLL taken over the rejected reply; here the pairs' per-token log-probs differ."""
+    label smoothing in the stage, and the hinge takes summed log-probs. Equal per-token log-probs (UniformLM)
+    hid chosen and rejected swapped or the NLL taken over the rejected reply; here the pairs' differ."""
     batch = pair_batch(([4, 3, 5], [2, 6, 3]))  # 3 / 1, 2 / 5 and 4 / 2 trained tokens
     c, r = BigramLM.mean_logps(batch, "chosen"), BigramLM.mean_logps(batch, "rejected")
     assert np.abs(c - r).min() > 0.3  # no pair ties, so a swap shows
