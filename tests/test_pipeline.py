@@ -189,6 +189,21 @@ def test_help_describes_the_command_itself(command, words, capsys):
     assert stop.value.code == 0 and words in capsys.readouterr().out
 
 
+def test_llama31_dpo_is_llama3s_unless_overridden(monkeypatch):
+    """The recipe's DPO stages train as Llama 3 did; `llama3_dpo=false` and the dpo overrides (later) undo it."""
+    from launch.config import load_config
+    monkeypatch.chdir(ROOT)
+
+    def dpo(*overrides):
+        stage = {s["name"]: s for s in pipeline.load_recipe(f"{RECIPE}:smoke", list(overrides))[1]}["dpo_1"]
+        c = load_config(stage["config"], [f"--config.{o}" for o in stage["overrides"]])
+        return c.loss.nll_coef, c.data.mask_special_tokens
+
+    assert dpo() == (0.2, True)
+    assert dpo("--config.llama3_dpo=false") == (0.0, False)
+    assert dpo("--config.dpo_overrides=('loss.nll_coef=0.5',)") == (0.5, True)
+
+
 def test_llama31_lifecycle_variant_runs_rounds_like_the_main_job(monkeypatch):
     """Two rounds from the lifecycle's SFT model: no SFT from a base, and each round's stage configs
     resolve to the lifecycle's task, sizes and evaluation (what its table compares against)."""
@@ -215,5 +230,9 @@ def test_llama31_lifecycle_variant_runs_rounds_like_the_main_job(monkeypatch):
     for c in (sft, dpo):  # rejection sampling's file, all of it (format=synthetic would read the built-in task)
         assert (c.data.sources.train.format, c.data.sources.train.end) == ("jsonl", 1.0)
     assert (dpo.model.init_from, dpo.train.steps, dpo.optim.lr, dpo.data.seq_len) == ("@sft_1", 20, 3e-5, 128)
+    # DPO as Llama 3 trains it (section 4.1.4): the chosen reply's NLL at 0.2, the end token masked out;
+    # no other stage gets either.
+    assert (dpo.loss.nll_coef, dpo.data.mask_special_tokens) == (0.2, True)
+    assert (sft.loss.nll_coef, sft.data.mask_special_tokens, rs.data.mask_special_tokens) == (0.0, False, False)
     assert (ev.eval.num_problems, tuple(ev.eval.shots), ev.data.seq_len) == (500, (0, 1), 512)
     assert by_name["eval_2"]["checkpoint"] == "@dpo_2"

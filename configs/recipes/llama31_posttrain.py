@@ -9,7 +9,10 @@ with the overrides below; `results.md` gets a row per stage.
 
 Settings (override with --config.KEY=VALUE): base (the pre-trained model; "" pre-trains one with
 configs/pretrain.py:smoke), sft (false: base is already the SFT policy, round 1 samples from it),
-rounds, scorer (reward_model | verifier), variant (of every stage config), and extra overrides:
+rounds, scorer (reward_model | verifier), variant (of every stage config), llama3_dpo (DPO as Llama 3
+trains it, section 4.1.4: the chosen reply's NLL beside the DPO loss at coefficient 0.2, and the
+turn's end token masked out of both replies' log-probs; the dpo overrides below come after it), and
+extra overrides:
 `overrides` for every stage, `<kind>_overrides` for the stages of one kind (sft: every SFT, the rounds'
 included; reward, rejection_sampling, dpo, eval).
 Variants:
@@ -51,6 +54,7 @@ VARIANTS = {
 def get_config(variant: str = "") -> ConfigDict:
     c = ConfigDict(dict(run_dir="runs/llama31", base="runs/pretrain", sft=True, rounds=2, scorer="verifier",
                         variant="", steps=0, min_reward=1.0,  # steps 0: each stage config's own train.steps
+                        llama3_dpo=True,
                         overrides=(), sft_overrides=(), reward_overrides=(), rejection_sampling_overrides=(),
                         dpo_overrides=(), eval_overrides=()))
     return base.with_variant(c, VARIANTS, variant)
@@ -64,7 +68,8 @@ def stages(c: ConfigDict) -> list[dict]:
              if c.steps else [])
 
     def stage(name: str, command: str, kind: str, overrides: list[str], **more) -> dict:
-        extra = [*c.overrides, *c.get(f"{kind}_overrides", ())]
+        paper = ["loss.nll_coef=0.2", "data.mask_special_tokens=true"] if kind == "dpo" and c.llama3_dpo else []
+        extra = [*paper, *c.overrides, *c.get(f"{kind}_overrides", ())]
         return dict(name=name, command=command, config=cfg(kind), overrides=[*extra, *overrides], **more)
 
     out, start = [], c.base
