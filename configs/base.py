@@ -144,11 +144,13 @@ def get_config() -> ConfigDict:
     # Loss: type (the registry name) and each loss's hyperparameters. next_token / sft: z_loss.
     # reward (Bradley-Terry): margin, center_coef. dpo: preference_type sigmoid | hinge | ipo |
     # robust | simpo | orpo, beta (temperature; ORPO's lambda), label_smoothing (conservative /
-    # robust DPO, SimPO), nll_coef (chosen reply's per-token NLL; Llama 3: 0.2), simpo_gamma,
+    # robust DPO, SimPO), nll_coef (chosen reply's per-token NLL; Llama 3: 0.2), simpo_gamma (the
+    # margin, absolute as in TRL; the SimPO paper tunes beta 2-10 with gamma/beta ~0.5, set beta with it),
     # reference: model (a frozen reference beside the policy) | data (log-probs precomputed into the
     # pairs by `kiln data reference`: no reference model in memory).
     # grpo / ppo (train/losses/rl.py): beta (KL coefficient: GRPO's in the loss, PPO's in the reward;
-    # 0: no reference model), kl_estimator k1 | k3, clip_eps_low / clip_eps_high (the ratio's clip
+    # 0: no reference model), kl_estimator k1 | k3 (GRPO's loss wants k3: differentiated on the policy's
+    # own samples, k1's gradient is zero in expectation), clip_eps_low / clip_eps_high (the ratio's clip
     # range, DAPO's clip-higher when high > low), aggregation grpo | dapo | dr_grpo; ppo also
     # value_coef and value_clip (0: unclipped).
     c.loss = ConfigDict(dict(type="next_token", z_loss=0.0, beta=0.1, label_smoothing=0.0,
