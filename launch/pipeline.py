@@ -203,7 +203,6 @@ def _run_stage(command: str, config: Any, stage: dict[str, Any], root: str) -> i
         os.makedirs(config.run_dir, exist_ok=True)
         tokenizers.resolve(ConfigDict(dict(config.data.to_dict(), tokenizer="train")), config.run_dir)
     elif command == "train":
-        preflight.check_eval_sources(config, preflight.stage_kind(config))  # as `kiln train` does
         return trainer.train(config).get("preempted_at")
     elif command == "generate":
         preflight.check_sampling(config)  # as `kiln generate` does, now that the earlier stages' files exist

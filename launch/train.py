@@ -5,7 +5,7 @@ import os
 import sys
 
 from launch.config import ConfigError, load_config
-from train import distributed, preflight
+from train import distributed
 from train.checkpoint import CheckpointError
 from train.rundir import RunDirError
 from train.trainer import TrainingError, train
@@ -41,7 +41,6 @@ def main(argv: list[str]) -> int:
     distributed.initialize()  # a no-op unless the environment describes a multi-process run
     config = load_config(spec, overrides)
     distributed.check_same("config", config.to_json(sort_keys=True))
-    preflight.check_eval_sources(config, preflight.stage_kind(config))
     try:
         last = train(config)
     except (TrainingError, RunDirError) as e:

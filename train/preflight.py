@@ -54,9 +54,9 @@ def stage_kind(config: Any) -> str:
 
 
 def check_eval_sources(config: Any, kind: str) -> None:
-    """Reads every evaluation source a training run will evaluate on (`kiln train` and recipes call it before
-    training): a missing file, or a record of it that is not of the stage's kind, was found at the first
-    evaluation, after train.eval_every steps had trained."""
+    """Reads every evaluation source a training run will evaluate on, before training: a missing file, or a
+    record of it that is not of the stage's kind, was found at the first evaluation, after train.eval_every
+    steps had trained."""
     if config.train.eval_every > 0:
         for name in config.data.eval_sources:
             sources.eval_source(config.data, kind, name)
