@@ -420,8 +420,9 @@ def run_cli(args, capsys):
 def test_cli_samples_a_kiln_run_with_its_chat_template(run_dir, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hi"}\n\n{"messages": [{"role": "user", "content": "hi"}]}\n')
-    rows = run_cli([f"--checkpoint={run_dir}", f"--prompts={prompts}", "--temperature=0", "--max_new_tokens=8",
-                    "--num_samples=2"], capsys)
+    # top_k=1 samples greedily (temperature 0 refuses several samples: they would all be one)
+    rows = run_cli([f"--checkpoint={run_dir}", f"--prompts={prompts}", "--temperature=1", "--top_k=1",
+                    "--max_new_tokens=8", "--num_samples=2"], capsys)
     assert [(r.get("prompt"), r["sample"]) for r in rows] == [("hi", 0), ("hi", 1), (None, 0), (None, 1)]
     assert rows[2]["messages"] == [{"role": "user", "content": "hi"}]
     assert set(rows[0]) == {"prompt", "sample", "text", "token_ids", "logprobs", "finish_reason"}

@@ -293,7 +293,7 @@ def test_throughput_counts_each_steps_time_and_leaves_evaluation_out(tmp_path, m
 
 def test_dpo_smoke_starts_at_ln2_and_learns_its_pairs(tmp_path):
     cfg = config("dpo", str(tmp_path), "--config.data.synthetic.num_examples=20", "--config.optim.lr=3e-3",
-                 "--config.train.steps=30", "--config.train.eval_every=30", "--config.train.log_every=1")
+                 "--config.train.steps=15", "--config.train.eval_every=15", "--config.train.log_every=1")
     last = trainer.train(cfg)
     train_rows = [r for r in rows(str(tmp_path)) if "loss" in r]
     # Step 1: the policy is its reference, so every reward is 0 and the loss is ln 2.
