@@ -311,6 +311,26 @@ def test_resuming_adapters_on_a_base_that_trained_on_is_refused(run, tmp_path):
     assert not os.path.exists(tmp_path / "lora" / "checkpoints.corrupt")
 
 
+def test_resuming_a_whole_model_whose_start_trained_on_is_refused(run, tmp_path):
+    """A whole-model DPO or RL run rebuilds its reference from model.init_from when it resumes: after the
+    start's run trained on, that was a new reference midway, silently. The start's step is recorded and a
+    resume from another step refused, naming the step directory to resume from."""
+    save_steps(str(tmp_path / "sft"), run, [2])
+    dpo = checkpoint.Checkpointer(str(tmp_path / "dpo"), async_save=False, start=str(tmp_path / "sft"))
+    dpo.save(run.state, DATA, run.model_cfg)
+    dpo.close()
+    resumed = checkpoint.Checkpointer(str(tmp_path / "dpo"), async_save=False, start=str(tmp_path / "sft"))
+    assert resumed.restore_latest(run.state, print)[0] == int(run.state.step)  # the same start: resumes
+    save_steps(str(tmp_path / "sft"), run, [4])
+    moved = checkpoint.Checkpointer(str(tmp_path / "dpo"), async_save=False, start=str(tmp_path / "sft"))
+    with pytest.raises(checkpoint.CheckpointError, match=f"started \\(its reference\\) from step 2 of {tmp_path}/sft, "
+                                                         f"which now gives step 4; .*init_from={tmp_path}/sft/checkpoints/2"):
+        moved.restore_latest(run.state, print)
+    on_step = checkpoint.Checkpointer(str(tmp_path / "dpo"), async_save=False,
+                                      start=str(tmp_path / "sft" / "checkpoints" / "2"))
+    assert on_step.restore_latest(run.state, print)[0] == int(run.state.step)
+
+
 def test_adapters_saved_without_a_base_step_resume_on_the_base_run(tmp_path):
     """Adapters saved before the base's step was recorded name only the base run: they resume on it (its
     latest step, as they always did) rather than being refused, and their base is the run itself. A base

@@ -365,6 +365,10 @@ def test_dpo_on_precomputed_reference_logps_matches_the_in_step_reference(pretra
             if key in a:  # the two reference passes batch the pairs differently: float32 rounding only
                 assert a[key] == pytest.approx(b[key], abs=1e-5)
     assert "eval/rewards/accuracies" in last
+    # The in-step reference is the start: its step is recorded, and resuming after the start's run trained on
+    # is refused (test_checkpoint); data mode has no reference model and records none.
+    ckpts = {d: os.path.join(str(tmp_path / d), "checkpoints") for d in ("model", "data")}
+    assert checkpoint._has_item(ckpts["model"], 4, "start") and not checkpoint._has_item(ckpts["data"], 4, "start")
     # The files were scored on the tokens of their data settings, which reference.json records; a run
     # that would cut the pairs elsewhere is refused (its log-probs were silently used before).
     assert json.loads((out / "reference.json").read_text())["seq_len"] == 256

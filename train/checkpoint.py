@@ -191,9 +191,9 @@ def base_of(path: str) -> str:
         return _base_path(_base_item(mgr, step))
 
 
-def _base_item(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The `base` item that step `step` of a checkpoint of adapters was saved with."""
-    return mgr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
+def _base_item(mgr: ocp.CheckpointManager, step: int, item: str = "base") -> dict[str, Any]:
+    """The `base` item that step `step` of a checkpoint of adapters was saved with (or another run's `start`)."""
+    return mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
 
 def _base_path(item: dict[str, Any]) -> str:
@@ -289,8 +289,10 @@ class Checkpointer:
     a crash mid-save leaves nothing that `latest_step` would pick up.
     """
 
-    def __init__(self, run_dir: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True, base: str = ""):
-        """`base`: the directory of the frozen weights when the state holds only adapters."""
+    def __init__(self, run_dir: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True, base: str = "",
+                 start: str = ""):
+        """`base`: the directory of the frozen weights when the state holds only adapters; `start`: the
+        model a whole-model run started from when its reference (DPO, RL) is those starting weights."""
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
                                                enable_async_checkpointing=async_save)
         self.run_dir = os.path.abspath(run_dir)
@@ -299,6 +301,9 @@ class Checkpointer:
         self.base = os.path.abspath(base) if base else ""
         # The base's step, not just its run: the run may train on, and the adapters belong to these weights.
         self.base_step = None if not base or is_hf_dir(base) else latest_step(base)
+        # Likewise the start's step: a resumed run rebuilds its reference from it.
+        self.start = os.path.abspath(start) if start else ""
+        self.start_step = None if not start or is_hf_dir(start) else latest_step(start)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -316,6 +321,8 @@ class Checkpointer:
                      fingerprint=ocp.args.JsonSave(sums))
         if self.base:
             items["base"] = ocp.args.JsonSave(self.base_item())
+        if self.start_step is not None:
+            items["start"] = ocp.args.JsonSave({"init_from": self.start, "step": self.start_step})
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # includes the previous asynchronous save's failure, reported here
@@ -376,18 +383,21 @@ class Checkpointer:
 
     def _check_same_base(self) -> None:
         """CheckpointError if the adapters saved here were trained on another step of the base than the one
-        this run was given (the base run trained on since): resuming would put them on other weights."""
+        this run was given, or the whole model saved here started from another step of its start (that run
+        trained on since): resuming would put the adapters on other weights, or change the reference midway."""
         step = self.manager.latest_step()
-        if self.base_step is None or step is None or not _has_item(self.directory, step, "base"):
-            return
-        try:
-            saved = _base_item(self.manager, step)
-        except Exception:  # a damaged step: restore_latest's fallback deals with it
-            return
-        if saved.get("step") not in (None, self.base_step):
-            raise CheckpointError(f"the adapters in {self.directory} were trained on step {saved['step']} of "
-                                  f"{saved['init_from']}, which now gives step {self.base_step}; resume on the same "
-                                  f"weights with --config.model.init_from={_base_path(saved)}")
+        for item, now, what in (("base", self.base_step, "the adapters in {} were trained on"),
+                                ("start", self.start_step, "the run in {} started (its reference) from")):
+            if now is None or step is None or not _has_item(self.directory, step, item):
+                continue
+            try:
+                saved = _base_item(self.manager, step, item)
+            except Exception:  # a damaged step: restore_latest's fallback deals with it
+                continue
+            if saved.get("step") not in (None, now):
+                raise CheckpointError(f"{what.format(self.directory)} step {saved['step']} of {saved['init_from']}, "
+                                      f"which now gives step {now}; resume on the same weights with "
+                                      f"--config.model.init_from={_base_path(saved)}")
 
     def wait(self) -> None:
         """Blocks until the pending save is written; CheckpointError if it failed."""

@@ -112,13 +112,20 @@ def train(config: ConfigDict, devices: list | None = None) -> dict[str, Any]:
             _say(_set_aside(config.run_dir, ["checkpoints"], "checkpoint.resume=none: the earlier checkpoints"))
         ckpt = checkpoint.Checkpointer(config.run_dir, keep=config.checkpoint.keep,
                                        keep_every=config.checkpoint.keep_every, async_save=config.checkpoint["async"],
-                                       base=run.base)
+                                       base=run.base, start=_reference_start(run))
         try:
             return _run(run, kind, ckpt)
         finally:
             ckpt.close()
     finally:
         lock.release()
+
+
+def _reference_start(run: Run) -> str:
+    """The model a whole-model run with a reference (DPO, RL) started from: its reference is rebuilt from it
+    on resume, so the checkpoint records its step ("" when only adapters train: their base is recorded)."""
+    has_reference = run.reference is not None or run.rollout_reference is not None
+    return build.init_source(run.config) if has_reference and not run.base else ""
 
 
 def _run(run: Run, kind: str, ckpt: checkpoint.Checkpointer) -> dict[str, Any]:
