@@ -6,11 +6,9 @@ share Hugging Face's tensor names, so one table maps them; only the config keys 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Iterator
 
 import jax
@@ -22,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from model import lora
+from model.atomic import atomic_dir
 from model.config import DType, ModelConfig, RopeScaling, dtype_name
 from model.transformer import Transformer
 
@@ -388,30 +387,3 @@ def save(model: Transformer, config: ModelConfig, path: str, dtype: DType | None
             json.dump(hf_cfg, f, indent=2)
         for name, source in (files or {}).items():
             shutil.copyfile(source, os.path.join(tmp, name))
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str) -> Iterator[str]:
-    """Yields a temporary directory beside `path` to fill; on success it replaces `path` whole, on
-    any failure it is removed and `path` is left as it was."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".kiln-hf-", dir=parent)
-    try:
-        yield tmp
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(src: str, dst: str) -> None:
-    """Moves the finished directory into place; an existing `dst` is swapped out, then removed."""
-    if os.path.exists(dst):
-        old = dst.rstrip("/") + ".old-kiln"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

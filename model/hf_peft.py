@@ -26,7 +26,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from model import hf, lora, prefix as prefixes, rope
+from model import lora, prefix as prefixes, rope
+from model.atomic import atomic_dir
 from model.config import LoraConfig
 
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -56,7 +57,7 @@ def save_adapter(model: nnx.Module, path: str, base_model_name_or_path: str = ""
                            "prompt_tuning or prefix_tuning)")
     config.update({"task_type": "CAUSAL_LM", "inference_mode": True, "modules_to_save": None,
                    "base_model_name_or_path": base_model_name_or_path})
-    with hf.atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp:
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)
