@@ -10,7 +10,7 @@ from flax import nnx
 from data.sources import expand_path
 from model import hf, hf_peft, lora
 from model.config import DTYPES
-from train import checkpoint
+from train import checkpoint, modeldir
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
         if not args.to or args.to_hf:
             parser().error("--from-hf needs --to CKPT_DIR")
         check_target(args.to, args.from_hf, "--to")
-        if checkpoint.run_config(args.to) is not None:
+        if modeldir.run_config(args.to) is not None:
             raise ValueError(f"--to {args.to} is a training run's directory; write the converted checkpoint into a "
                              "new directory")
         cfg, model = hf.load(args.from_hf, dtype=args.dtype or "float32")
@@ -76,7 +76,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def tokenizer_files(source: str) -> tuple[dict[str, str], str]:
     """The files of the tokenizer the Kiln checkpoint `source` was trained with, named as an export holds
     them (where Kiln's tokenizer loader finds them: kiln sample, eval, init_from), and a line saying so."""
-    name = checkpoint.tokenizer_of(source)
+    name = modeldir.tokenizer_of(source)
     if name is None:
         return {}, "no tokenizer: the checkpoint names none (pass --tokenizer when sampling from the export)"
     if name == "byte":

@@ -18,7 +18,7 @@ from flax import nnx
 
 from launch.config import load_config
 from model.sharding import make_mesh, var_sharding
-from train import checkpoint, checksums, trainer
+from train import checkpoint, checksums, modeldir, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = {"sources": {"train": {"epoch": 3, "position": 17}}}  # stands in for the data iterator's state
@@ -231,14 +231,14 @@ def test_locate_accepts_run_checkpoints_and_step_directories(run, tmp_path, monk
     inner = os.path.join(run_dir, "checkpoints")
     monkeypatch.setenv("KILN_TEST_RUNS", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert checkpoint.locate(run_dir) == (inner, None)
-    assert checkpoint.locate(inner) == (inner, None)
-    assert checkpoint.locate("$KILN_TEST_RUNS/run/checkpoints/2") == (inner, 2)
-    assert checkpoint.locate("~/run") == (inner, None)
+    assert modeldir.locate(run_dir) == (inner, None)
+    assert modeldir.locate(inner) == (inner, None)
+    assert modeldir.locate("$KILN_TEST_RUNS/run/checkpoints/2") == (inner, 2)
+    assert modeldir.locate("~/run") == (inner, None)
     assert checkpoint.latest_step("~/run") == 4 and checkpoint.latest_step("${KILN_TEST_RUNS}/run/checkpoints/2") == 2
     # A run directory named like a step is still a run directory (no `params` inside it).
     os.makedirs(tmp_path / "2024" / "checkpoints")
-    assert checkpoint.locate(str(tmp_path / "2024")) == (str(tmp_path / "2024" / "checkpoints"), None)
+    assert modeldir.locate(str(tmp_path / "2024")) == (str(tmp_path / "2024" / "checkpoints"), None)
 
 
 def test_unwritable_directory_is_one_clear_error(tmp_path):
@@ -366,6 +366,6 @@ def test_run_config_is_the_runs_own_never_a_parent_folders(tmp_path):
     for folder in (run_dir, tmp_path):
         (folder / "config.json").write_text(json.dumps({"seed": 3}))
     for path in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "2"):
-        assert checkpoint.run_config(str(path)) == {"seed": 3, "run_dir": str(run_dir)}
-    assert checkpoint.run_config(str(tmp_path / "bare")) is None
-    assert checkpoint.run_config(str(tmp_path / "bare" / "2")) is None
+        assert modeldir.run_config(str(path)) == {"seed": 3, "run_dir": str(run_dir)}
+    assert modeldir.run_config(str(tmp_path / "bare")) is None
+    assert modeldir.run_config(str(tmp_path / "bare" / "2")) is None

@@ -313,7 +313,7 @@ def test_kiln_convert_exports_the_runs_tokenizer(tmp_path, capsys, kind):
     from data import spm, tokenizer
     from model.transformer import Transformer
     from test_tokenizer import CORPUS, hf_dir
-    from train import checkpoint
+    from train import checkpoint, modeldir
 
     run, cfg = tmp_path / "run", presets.get("tiny", vocab_size=400)
     checkpoint.save_params(str(run / "checkpoints"), 3, Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
@@ -333,7 +333,7 @@ def test_kiln_convert_exports_the_runs_tokenizer(tmp_path, capsys, kind):
     want = {"train": ["tokenizer.model"], "hf_dir": ["tokenizer.json", "tokenizer_config.json"]}[kind]
     assert written == sorted(["config.json", "model.safetensors", *want]) and ", ".join(want) in line
     text = CORPUS[7]
-    assert checkpoint.tokenizer_of(str(tmp_path / "out")) == str(tmp_path / "out")
+    assert modeldir.tokenizer_of(str(tmp_path / "out")) == str(tmp_path / "out")
     assert tokenizer.load(str(tmp_path / "out")).encode(text) == tokenizer.load(names[kind]).encode(text)
 
 

@@ -98,9 +98,9 @@ def converted(monkeypatch):
         ("save_params", path, step)))
     monkeypatch.setattr(convert.checkpoint, "load_params", lambda path, step: calls.append(
         ("load_params", path, step)) or (cfg, "m"))
-    monkeypatch.setattr(convert.checkpoint, "run_config", lambda path: None)
+    monkeypatch.setattr(convert.modeldir, "run_config", lambda path: None)
     monkeypatch.setattr(convert.checkpoint, "base_of", lambda path: f"{path}/base")
-    monkeypatch.setattr(convert.checkpoint, "tokenizer_of", lambda path: "byte")
+    monkeypatch.setattr(convert.modeldir, "tokenizer_of", lambda path: "byte")
     monkeypatch.setattr(convert, "_count", lambda model: 7)
     monkeypatch.setattr(convert.lora, "adapters", lambda model: [])
     return calls
@@ -144,7 +144,7 @@ def test_convert_exports_the_runs_tokenizer_files(tmp_path, monkeypatch):
                         (str(tmp_path / "spm.model"), {"tokenizer.model": str(tmp_path / "spm.model")}),
                         (str(tmp_path / "hf.json"), {"tokenizer.json": str(tmp_path / "hf.json")}),
                         ("byte", {}), (None, {})):
-        monkeypatch.setattr(convert.checkpoint, "tokenizer_of", lambda path: name)
+        monkeypatch.setattr(convert.modeldir, "tokenizer_of", lambda path: name)
         assert convert.tokenizer_files("run")[0] == files
 
 

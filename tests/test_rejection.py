@@ -9,7 +9,7 @@ import pytest
 from data import sources, tokenizer
 from data.chat import render
 from launch.config import load_config
-from train import checkpoint, rejection, rewards, trainer
+from train import checkpoint, modeldir, rejection, rewards, trainer
 from test_train import config as stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,10 +78,10 @@ def test_rejection_sampling_with_a_reward_model(policy, reward_run, tmp_path):
     # The scorer renders prompt and reply with the reward model's template and pads them to a width of
     # 64, which must change neither the positions (from 0) nor what the head reads: a short sequence
     # (where a position shift shows most) scores as the model scores it alone.
-    tok = tokenizer.load(sources.expand_path(checkpoint.tokenizer_of(reward_run), "tokenizer"))
+    tok = tokenizer.load(sources.expand_path(modeldir.tokenizer_of(reward_run), "tokenizer"))
     chat, reply = PROMPTS[0]["prompt"], "#### 12"
     seq = render(chat + [{"role": "assistant", "content": reply}], tok,
-                 checkpoint.run_config(reward_run)["data"]["chat_template"])[0]
+                 modeldir.run_config(reward_run)["data"]["chat_template"])[0]
     assert len(seq) < 32
     alone = float(model.rewards(jnp.asarray([seq], jnp.int32))[0])
     assert float(scorer([chat], [reply], [""])[0]) == pytest.approx(alone, abs=1e-5)

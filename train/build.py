@@ -18,7 +18,7 @@ from model import hf, hf_peft, lora, prefix as prefixes, presets
 from model.config import LoraConfig, ModelConfig, PrefixConfig, RopeScaling
 from model.sharding import shard_module
 from model.transformer import Transformer, trainable
-from train import checkpoint
+from train import checkpoint, modeldir
 
 SHAPE_FIELDS = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
 
@@ -71,7 +71,7 @@ def tokenizer_name(config: ConfigDict) -> str:
         return name
     if not config.model.init_from:
         return "byte"
-    found = checkpoint.tokenizer_of(init_source(config))
+    found = modeldir.tokenizer_of(init_source(config))
     if found is None:
         raise ValueError(f"data.tokenizer=auto: model.init_from={config.model.init_from!r} does not say which "
                          "tokenizer its model was trained with (no run config.json); set data.tokenizer")
@@ -80,7 +80,7 @@ def tokenizer_name(config: ConfigDict) -> str:
 
 def source_config(path: str) -> ModelConfig:
     """The ModelConfig saved with a Kiln run or checkpoint, or read from a Hugging Face config.json."""
-    if checkpoint.is_hf_dir(path):
+    if modeldir.is_hf_dir(path):
         with open(os.path.join(path, "config.json")) as f:
             return hf.config_from_hf(json.load(f), where=os.path.join(path, "config.json"))
     return checkpoint.read_model_config(path)
@@ -157,9 +157,9 @@ def build_value_model(config: ConfigDict, mesh: jax.sharding.Mesh, tokenizer: An
     if config.rollout.value_from:
         value_config.model.init_from = config.rollout.value_from
         source = init_source(value_config)
-        if checkpoint.tokenizer_of(source) != config.data.tokenizer:
+        if modeldir.tokenizer_of(source) != config.data.tokenizer:
             raise ValueError(f"rollout.value_from={config.rollout.value_from!r} was trained with tokenizer "
-                             f"{checkpoint.tokenizer_of(source)!r}, the policy with {config.data.tokenizer!r}; the value "
+                             f"{modeldir.tokenizer_of(source)!r}, the policy with {config.data.tokenizer!r}; the value "
                              "model reads the policy's tokens, so they must match")
     cfg = model_config(value_config, tokenizer.vocab_size, reward_head=True)
     return build_model(value_config, cfg, mesh, tokenizer)[0]

@@ -9,7 +9,6 @@ saved on one mesh loads onto another.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -21,12 +20,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data import pipeline
-from data.sources import expand_path
 from model import hf, lora
 from model.config import DType, ModelConfig
 from model.sharding import Rules, var_sharding
 from model.transformer import Transformer, trainable
 from train import checksums, distributed
+from train.modeldir import is_hf_dir, locate
 
 CORRUPT_DIR = "checkpoints.corrupt"  # beside checkpoints/: unreadable steps are moved here, never deleted
 
@@ -50,18 +49,6 @@ def ensure_writable(directory: str) -> None:
     except OSError as e:
         raise CheckpointError(f"checkpoint directory {directory} is not writable ({e.strerror or e}); "
                               "fix its permissions or choose another run_dir") from None
-
-
-def locate(path: str) -> tuple[str, int | None]:
-    """(CheckpointManager directory, step or None for the latest) for a run directory, its
-    `checkpoints` directory, or one step directory such as `run/checkpoints/20`. `$VARS` and `~`
-    are expanded."""
-    path = os.path.abspath(expand_path(path, "checkpoint"))
-    name = os.path.basename(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, "params")):
-        return os.path.dirname(path), int(name)
-    inner = os.path.join(path, "checkpoints")
-    return (inner if os.path.isdir(inner) else path), None
 
 
 def verify(tree: dict[str, Any], expected: dict[str, list[int]] | None, where: str) -> None:
@@ -201,41 +188,6 @@ def _base_path(item: dict[str, Any]) -> str:
     (older checkpoints name no step: the run itself)."""
     base, step = item["init_from"], item.get("step")
     return os.path.join(locate(base)[0], str(step)) if step is not None and os.path.exists(base) else base
-
-
-def is_hf_dir(path: str) -> bool:
-    """A Hugging Face directory (config.json, no Kiln checkpoints) rather than a Kiln run or checkpoint."""
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints"))
-
-
-def run_config(path: str) -> dict[str, Any] | None:
-    """The training config.json of the Kiln run that checkpoint `path` belongs to, with its `run_dir`
-    (None for a bare checkpoint directory or a Hugging Face directory)."""
-    if is_hf_dir(path):
-        return None
-    directory = locate(path)[0]
-    run_dir = os.path.dirname(directory) if os.path.basename(directory) == "checkpoints" else directory
-    config = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config):
-        return None
-    try:
-        with open(config) as f:
-            return dict(json.load(f), run_dir=run_dir)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config}: cannot read the run's config ({e})") from None
-
-
-def tokenizer_of(path: str) -> str | None:
-    """The tokenizer the model in `path` was trained with, as a `data.tokenizer` value: "byte" or a
-    path (a run's trained tokenizer.model, the Hugging Face directory itself); None when `path` does
-    not say (a bare checkpoint directory)."""
-    if is_hf_dir(path):
-        return path
-    config = run_config(path)
-    if config is None:
-        return None
-    name = config.get("data", {}).get("tokenizer", "byte")
-    return os.path.join(config["run_dir"], "tokenizer.model") if name == "train" else name
 
 
 def load_model(path: str, *, mesh: Mesh | None = None, rules: Rules | None = None,

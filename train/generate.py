@@ -26,7 +26,7 @@ from data.sources import expand_path
 from data.tokenizer import Tokenizer
 from model.sampling import STOP, SampleBatch, generate
 from model.sharding import Rules, shard_module, state_shardings
-from train import checkpoint
+from train import checkpoint, modeldir
 
 Prompt = str | Sequence[dict[str, str]]  # text, or chat messages [{role, content}, ...]
 # A tokenizer's control tokens -> the chat template they belong to (for directories that do not say).
@@ -145,7 +145,7 @@ def load_sampler(path: str, *, tokenizer: str | None = None, chat_template: str 
     path = expand_path(path, "checkpoint")
     if not os.path.exists(path):
         raise ValueError(f"checkpoint {path}: no such directory")
-    run_config = checkpoint.run_config(path)
+    run_config = modeldir.run_config(path)
     if run_config is not None and run_config.get("stage") == "reward":
         raise ValueError(f"{path} is a reward model (stage reward): it scores replies and writes none; "
                          "sample from (or evaluate) the policy it scores, and use it as rollout.reward")
@@ -171,7 +171,7 @@ def load_sampler(path: str, *, tokenizer: str | None = None, chat_template: str 
 def _tokenizer(name: str | None, path: str) -> Tokenizer:
     """`name`'s tokenizer, else the one `path` records; ValueError if `name` splits text otherwise than the
     recorded one (the model would read other tokens than it was trained on)."""
-    recorded = checkpoint.tokenizer_of(path)
+    recorded = modeldir.tokenizer_of(path)
     if (name or recorded) is None:
         raise ValueError(f"{path} holds no config.json naming its tokenizer; pass a tokenizer (--tokenizer)")
     tok = _load_tokenizer(name or recorded)

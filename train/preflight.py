@@ -17,7 +17,7 @@ from data import pipeline, sources, synthetic
 from model import hf_peft
 from model.config import ModelConfig
 from model.transformer import param_count
-from train import build, checkpoint, losses, rewards
+from train import build, losses, modeldir, rewards
 
 # The stages this version trains; the data kind of each is `pipeline.STAGE_KINDS` (default pretrain).
 STAGES = ("pretrain", "context_extension", "anneal", "continue", "sft", "reward", "dpo", "grpo", "ppo")
@@ -69,7 +69,7 @@ def check_start(config: Any) -> None:
     path = config.model.init_from and sources.expand_path(config.model.init_from, "model.init_from")
     if config.stage == "reward" or not path or not os.path.exists(path):
         return
-    started = checkpoint.run_config(path)
+    started = modeldir.run_config(path)
     if started is not None and started.get("stage") == "reward":
         scored = started.get("model", {}).get("init_from")
         raise ValueError(f"model.init_from={config.model.init_from!r} is a reward model (stage reward): it scores "
@@ -84,7 +84,7 @@ def check_adapter(config: Any) -> None:
     if not config.peft.adapter_from:
         return
     path = sources.expand_path(config.peft.adapter_from, "peft.adapter_from")
-    if checkpoint.run_config(path) is not None or os.path.isdir(os.path.join(path, "checkpoints")):
+    if modeldir.run_config(path) is not None or os.path.isdir(os.path.join(path, "checkpoints")):
         raise ValueError(f"peft.adapter_from={config.peft.adapter_from!r} is a Kiln run, not a PEFT adapter "
                          "directory: start from it with model.init_from (a LoRA run's adapters go on training under "
                          "the same peft.* settings), or export its adapters with kiln convert --adapter-only")

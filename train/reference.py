@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from data.sources import expand_path
-from train import checkpoint
+from train import checkpoint, modeldir
 from train.losses.dpo import sequence_logps
 
 Fields = Callable[[nnx.Module, dict[str, jax.Array]], dict[str, jax.Array]]
@@ -43,9 +43,9 @@ def reference_model(config: Any) -> str:
     """The model `model.init_from` names, as a checkpoint directory and step (a Hugging Face directory as
     itself): what precomputed log-probs are recorded as scored under, and DPO's reference."""
     path = os.path.realpath(expand_path(config.model.init_from, "model.init_from"))
-    if checkpoint.is_hf_dir(path):
+    if modeldir.is_hf_dir(path):
         return path
-    return f"{checkpoint.locate(path)[0]} step {checkpoint.latest_step(path)}"
+    return f"{modeldir.locate(path)[0]} step {checkpoint.latest_step(path)}"
 
 
 def check_precomputed(config: Any) -> None:

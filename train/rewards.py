@@ -21,7 +21,7 @@ import numpy as np
 
 from data import sources, synthetic, tokenizer as tokenizers
 from data.chat import render
-from train import checkpoint
+from train import checkpoint, modeldir
 
 Scorer = Callable[[Sequence[list[dict[str, str]]], Sequence[str], Sequence[str]], np.ndarray]
 
@@ -102,7 +102,7 @@ def _is_function(reward: str) -> bool:
 def _reward_run(reward: str) -> tuple[str, dict[str, Any]]:
     """(the directory, the run config) of the reward-model run `reward` names."""
     path = sources.expand_path(reward, "rollout.reward")
-    config = checkpoint.run_config(path)
+    config = modeldir.run_config(path)
     if config is None or config.get("stage") != "reward":
         what = f"a run of stage {config.get('stage')!r}" if config else "no Kiln run"
         raise ValueError(f"rollout.reward={reward!r} is neither 'verifier', a Kiln reward-model run nor "
@@ -113,7 +113,7 @@ def _reward_run(reward: str) -> tuple[str, dict[str, Any]]:
 def _reward_model(reward: str) -> Scorer:
     path, config = _reward_run(reward)
     model = checkpoint.load_model(path)[1]
-    tok = tokenizers.load(sources.expand_path(checkpoint.tokenizer_of(path), "the reward model's tokenizer"))
+    tok = tokenizers.load(sources.expand_path(modeldir.tokenizer_of(path), "the reward model's tokenizer"))
     template = config["data"]["chat_template"]
 
     @jax.jit
