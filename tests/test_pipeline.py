@@ -10,6 +10,7 @@ import pytest
 from launch import pipeline
 from launch.config import ConfigError
 from train import checkpoint
+from test_pipeline_run import recipe_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs/recipes/llama31_posttrain.py")
@@ -148,15 +149,7 @@ def test_rerun_skips_finished_stages_and_resumes_the_interrupted_one(smoke, caps
 ])
 def test_bad_recipes_are_named(tmp_path, stages, message):
     with pytest.raises(ConfigError, match=message):
-        pipeline.load_recipe(write_recipe(tmp_path, stages), [])
-
-
-def write_recipe(tmp_path, stages):
-    path = tmp_path / "recipe.py"
-    path.write_text("from ml_collections import ConfigDict\n"
-                    "def get_config(variant=''):\n    return ConfigDict(dict(run_dir='x'))\n"
-                    f"def stages(c):\n    return {stages!r}\n")
-    return str(path)
+        pipeline.load_recipe(recipe_file(tmp_path, stages), [])
 
 
 def test_a_recipe_may_return_a_tuple_of_stages_naming_any_file_each_writes(tmp_path, monkeypatch):
@@ -169,7 +162,7 @@ def test_a_recipe_may_return_a_tuple_of_stages_naming_any_file_each_writes(tmp_p
               {"name": "more", "command": "train", "config": "configs/sft.py:smoke",
                "overrides": ["data.sources.train.path=@ev/results.md", "data.eval_sources.heldout.path=@ev/results.json",
                              "data.tokenizer=@tok/tokenizer.model", "model.init_from=@sft/model"]})
-    _, loaded = pipeline.load_recipe(write_recipe(tmp_path, stages), [])
+    _, loaded = pipeline.load_recipe(recipe_file(tmp_path, stages), [])
     assert loaded == list(stages)
 
 
