@@ -35,7 +35,7 @@ setup(
     ],
     extras_require={
         # torch==2.13.0 resolves to the CPU build offered locally; a bare `torch` pulls CUDA wheels.
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.57,<6", "peft>=0.17,<0.22",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0", "transformers>=4.57,<6", "peft>=0.17,<0.22",
                  "lm-eval>=0.4.8,<0.5"],
         # Kiln models in EleutherAI's lm-evaluation-harness (train/harness.py).
         "eval": ["lm-eval>=0.4.8,<0.5"],
