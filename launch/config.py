@@ -79,28 +79,45 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     return config
 
 
+def source_entries(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
+    """(key, entry) of every data source of `config`: training and evaluation sources, and eval tasks' splits."""
+    groups = [("data.sources", config.data.sources), ("data.eval_sources", config.data.eval_sources)]
+    groups += [(f"eval.tasks.{name}", task) for name, task in config.eval.tasks.items()]
+    return [(f"{group}.{name}", src) for group, entries in groups for name, src in entries.items()]
+
+
 def read_moved_files_whole(config: ConfigDict, keys: set[str]) -> None:
     """A data source (or eval task split) pointed at another file, by overriding its path or format, reads all
     of it unless the overrides give its slice too: the config file's slice split that file's own data
     (configs/sft.py's end=0.95 is the built-in task's training split), and on the user's file, or on
     rejection sampling's sft.jsonl, it left the last 5% out in silence. Says so on stderr. A source without
     the `start` / `end` keys reads [0, 1) already."""
-    groups = [("data.sources", config.data.sources), ("data.eval_sources", config.data.eval_sources)]
-    groups += [(f"eval.tasks.{name}", task) for name, task in config.eval.tasks.items()]
-    for group, entries in groups:
-        for name, src in entries.items():
-            where = f"{group}.{name}"
-            moved = sorted({f"{where}.path", f"{where}.format"} & keys)
-            if not moved or src.format == "synthetic":  # the built-in task reads no file
-                continue
-            reset = {k: whole for k, whole in (("start", 0.0), ("end", 1.0))
-                     if src.get(k, whole) != whole and f"{where}.{k}" not in keys}
-            if reset:
-                old = f"[start={src.get('start', 0.0)}, end={src.get('end', 1.0)}]"
-                for k, whole in reset.items():
-                    src[k] = whole
-                print(f"note: {moved[0]} is set, so {where} reads the whole new file, not the config file's slice "
-                      f"{old} of its own data (give the slice with the path to keep one)", file=sys.stderr)
+    for where, src in source_entries(config):
+        moved = sorted({f"{where}.path", f"{where}.format"} & keys)
+        if not moved or src.format == "synthetic":  # the built-in task reads no file
+            continue
+        reset = {k: whole for k, whole in (("start", 0.0), ("end", 1.0))
+                 if src.get(k, whole) != whole and f"{where}.{k}" not in keys}
+        if reset:
+            old = f"[start={src.get('start', 0.0)}, end={src.get('end', 1.0)}]"
+            for k, whole in reset.items():
+                src[k] = whole
+            print(f"note: {moved[0]} is set, so {where} reads the whole new file, not the config file's slice "
+                  f"{old} of its own data (give the slice with the path to keep one)", file=sys.stderr)
+
+
+def check_slices(config: ConfigDict) -> None:
+    """ConfigError for a source whose `start` / `end` are not fractions with 0 <= start < end <= 1 (refused
+    only when the source was read, after the model was built)."""
+    for where, src in source_entries(config):
+        start, end = src.get("start", 0.0), src.get("end", 1.0)
+        if all(isinstance(v, (int, float)) for v in (start, end)) and 0 <= start < end <= 1:
+            continue
+        bad = next((k for k, v in (("start", start), ("end", end))
+                    if not isinstance(v, (int, float)) or not 0 <= v <= 1), None)
+        what = (f"config key '{where}.{bad}' = {src[bad]!r}: a source's start and end are fractions of its records"
+                if bad else f"config keys '{where}.start' = {start!r} and '{where}.end' = {end!r}: the slice is empty")
+        raise ConfigError(f"{what}; need 0 <= start < end <= 1 (such as start=0.0, end=0.95)")
 
 
 def apply_override(config: ConfigDict, item: str, keys_in: str = "configs/base.py") -> str:
@@ -303,6 +320,7 @@ def validate(config: ConfigDict) -> None:
     check_loss(config)
     check_peft(config)
     check_post_training(config)
+    check_slices(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:

@@ -631,3 +631,21 @@ def test_an_evaluation_source_of_the_wrong_kind_is_named_before_training(tmp_pat
     with pytest.raises(sources.DataError, match=re.escape(f"{path}:1: missing field 'completion'")):
         pipeline._run_stage("train", config, {}, str(tmp_path))  # a recipe's train stage, checked as kiln train
     assert os.listdir(tmp_path) == ["pairs.jsonl"]
+
+
+@pytest.mark.parametrize("spec, override, message", [
+    ("sft.py:smoke", "data.sources.train.end=1.5", "config key 'data.sources.train.end' = 1.5: a source's start and "
+                                                   "end are fractions of its records"),
+    ("dpo.py:smoke", "data.eval_sources.heldout.start=-0.1", "config key 'data.eval_sources.heldout.start' = -0.1: a "
+                                                             "source's start and end are fractions of its records"),
+    ("eval.py:smoke", "eval.tasks.arithmetic.eval.start=nan", "config key 'eval.tasks.arithmetic.eval.start' = nan: a "
+                                                              "source's start and end are fractions of its records"),
+    ("sft.py:smoke", "data.sources.train.end=0", "config keys 'data.sources.train.start' = 0.0 and "
+                                                 "'data.sources.train.end' = 0.0: the slice is empty"),
+])
+def test_a_source_slice_that_is_no_fraction_is_refused_when_the_config_loads(spec, override, message):
+    """A source's end=1.5 (a start of -0.1 or NaN, a slice ending where it starts) was refused only when the
+    source was read: once the model was built (an eval task's split, once the checkpoint was loaded)."""
+    with pytest.raises(ConfigError, match=re.escape(f"{message}; need 0 <= start < end <= 1 (such as start=0.0, "
+                                                    "end=0.95)")):
+        load(spec, f"--config.{override}")
