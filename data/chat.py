@@ -52,6 +52,13 @@ FORMATS: dict[str, Format] = {
 }
 
 
+def missing_token(template: str, tokenizer: Tokenizer) -> str | None:
+    """The first control token of chat template `template` that `tokenizer` lacks (None: it has them all)."""
+    fmt = FORMATS[template]
+    parts = (*fmt.start, fmt.end, *(part for role in ROLES for part in fmt.header(role)))
+    return next((p for p in parts if isinstance(p, Special) and p is not BOS and tokenizer.token_id(p) is None), None)
+
+
 def check_messages(messages: Any) -> list[dict[str, str]]:
     """`messages` as a list of {role, content} dicts; ChatError saying what is wrong otherwise."""
     if not isinstance(messages, list) or not messages:

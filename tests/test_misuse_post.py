@@ -649,3 +649,18 @@ def test_a_source_slice_that_is_no_fraction_is_refused_when_the_config_loads(spe
     with pytest.raises(ConfigError, match=re.escape(f"{message}; need 0 <= start < end <= 1 (such as start=0.0, "
                                                     "end=0.95)")):
         load(spec, f"--config.{override}")
+
+
+def test_a_chat_template_the_tokenizer_lacks_is_refused_before_the_model_loads(tmp_path, capsys):
+    """`kiln sample --chat_template=llama3` with the byte tokenizer (which has the kiln template's tokens only)
+    loaded the model, then stopped at the first prompt naming data.chat_template, a key kiln sample has not;
+    kiln eval's --chat_template (no argparse choices) took an unknown name as far. (The checkpoint is empty.)"""
+    from train.generate import load_sampler
+
+    run = fake_run(tmp_path / "sft", "sft")
+    argv = ["sample", f"--checkpoint={run}", "--tokenizer=byte", "--prompt=hi", "--chat_template=llama3"]
+    assert one_error_line(capsys, argv) == ("kiln sample: error: chat template 'llama3' (--chat_template) needs the "
+                                            "token '<|begin_of_text|>', which tokenizer byte lacks; use kiln")
+    with pytest.raises(ValueError, match=re.escape("--chat_template='chatmll' is no chat template Kiln knows: use one "
+                                                   "of kiln, llama3, chatml, gemma")):
+        load_sampler(run, tokenizer="byte", chat_template="chatmll")

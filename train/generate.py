@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data import tokenizer as tokenizers
-from data.chat import FORMATS, render
+from data.chat import FORMATS, missing_token, render
 from data.pipeline import STAGE_KINDS
 from data.sources import expand_path
 from data.tokenizer import Tokenizer
@@ -150,6 +150,10 @@ def load_sampler(path: str, *, tokenizer: str | None = None, chat_template: str 
         raise ValueError(f"{path} is a reward model (stage reward): it scores replies and writes none; "
                          "sample from (or evaluate) the policy it scores, and use it as rollout.reward")
     tok = _tokenizer(tokenizer, path)
+    named = chat_template is not None
+    if named and chat_template not in FORMATS:
+        raise ValueError(f"--chat_template={chat_template!r} is no chat template Kiln knows: use one of "
+                         f"{', '.join(FORMATS)}")
     if chat_template is None and run_config is not None:
         chat_template = run_config.get("data", {}).get("chat_template")
     if chat_template is None:
@@ -159,6 +163,13 @@ def load_sampler(path: str, *, tokenizer: str | None = None, chat_template: str 
     if chat and chat_template is None:
         raise ValueError(f"chat prompts: tokenizer {tok.name} has no chat control tokens that Kiln knows; name a "
                          f"chat template ({', '.join(FORMATS)})")
+    lacking = chat_template is not None and (named or chat) and missing_token(chat_template, tok)
+    if lacking:  # found by the first prompt rendered, once the model was loaded
+        fits = " or ".join(name for name in FORMATS if missing_token(name, tok) is None)
+        given = "--chat_template" if named else f"the data.chat_template of {path}"
+        fix = f"use {fits}" if fits else "it has the tokens of no template Kiln knows"
+        raise ValueError(f"chat template {chat_template!r} ({given}) needs the token {lacking!r}, which tokenizer "
+                         f"{tok.name} lacks; {fix}")
     model = checkpoint.load_model(path, mesh=mesh, rules=rules)[1]
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens, more than the {model.cfg.vocab_size} of "
