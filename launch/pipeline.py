@@ -118,9 +118,10 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
         commands[stage["name"]] = stage["command"]
     # A typo in a late stage's settings, a config its command does not run, or a reward model to evaluate
     # stops the pipeline now, not after the stages before it ran.
-    trained: dict[str, str] = {}  # stage name -> the stage its config is of
+    trained: dict[str, Any] = {}  # stage name -> its config
     for i, stage in enumerate(stages):
         where = f"{path}: stage {i} ({stage['name']})"
+        runs = {os.path.join(config.run_dir, n): c for n, c in trained.items() if commands[n] != "tokenizer"}
         for spec, command in ((stage, stage["command"]), (stage.get("evaluate"), "eval")):
             if spec is None:
                 continue
@@ -132,10 +133,14 @@ def load_recipe(spec: str, overrides: list[str]) -> tuple[Any, list[dict[str, An
             if command != "tokenizer" and command != runner:
                 raise ConfigError(f"{where}: {spec['config']} is a config of stage {stage_config.stage!r}, which kiln "
                                   f"{runner} runs, not kiln {command}")
-            trained.setdefault(stage["name"], stage_config.stage)
+            try:  # @rm as a policy's start, or @sft as rollout.reward
+                preflight.check_earlier_runs(stage_config, runs)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            trained.setdefault(stage["name"], stage_config)
         evaluated = [stage["name"]] if "evaluate" in stage else _REF.findall(stage.get("checkpoint", ""))
         for name in evaluated:
-            if trained.get(name) == "reward":
+            if name in trained and trained[name].stage == "reward":
                 raise ConfigError(f"{where}: {name} is a reward model, which kiln eval does not evaluate (it writes "
                                   "no replies); its held-out pair accuracy is in its own metrics")
     return config, stages

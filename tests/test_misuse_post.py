@@ -664,3 +664,31 @@ def test_a_chat_template_the_tokenizer_lacks_is_refused_before_the_model_loads(t
     with pytest.raises(ValueError, match=re.escape("--chat_template='chatmll' is no chat template Kiln knows: use one "
                                                    "of kiln, llama3, chatml, gemma")):
         load_sampler(run, tokenizer="byte", chat_template="chatmll")
+
+
+SFT = {"name": "sft", "command": "train", "config": "configs/sft.py:smoke"}
+RM = {"name": "rm", "command": "train", "config": "configs/reward.py:smoke", "overrides": ["model.init_from=@sft"]}
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"name": "dpo", "command": "train", "config": "configs/dpo.py:smoke", "overrides": ["model.init_from=@rm"]},
+     "model.init_from='x/rm' is a reward model (stage reward): it scores replies and writes none; start stage dpo "
+     "from the policy it scores (x/sft), and use the reward model as rollout.reward"),
+    (dict(RS, overrides=["model.init_from=@rm/checkpoints/2"]),
+     "model.init_from='x/rm/checkpoints/2' is a reward model"),
+    ({"name": "grpo", "command": "train", "config": "configs/grpo.py:smoke", "overrides": ["rollout.reward=@sft"]},
+     "rollout.reward='x/sft' is neither 'verifier', a Kiln reward-model run nor MODULE:FUNCTION: it is the run of "
+     "stage 'sft' (a reward model is trained by configs/reward.py)"),
+])
+def test_a_recipe_stage_given_the_wrong_kind_of_earlier_run_is_named_when_the_recipe_loads(tmp_path, monkeypatch,
+                                                                                           stage, message):
+    """`model.init_from=@rm` (a reward model as a policy's start) and `rollout.reward=@sft` (a policy as the
+    scorer) were refused only when the stage's turn came, after the stages before it had trained. A reward
+    model starting from the SFT stage, and GRPO scored by it, load."""
+    monkeypatch.chdir(ROOT)
+    path = recipe(tmp_path, [SFT, RM, stage])
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: stage 2 ({stage['name']}): {message}")):
+        pipeline.load_recipe(path, [])
+    grpo = {"name": "grpo", "command": "train", "config": "configs/grpo.py:smoke",
+            "overrides": ["model.init_from=@sft", "rollout.reward=@rm"]}
+    pipeline.load_recipe(recipe(tmp_path, [SFT, RM, grpo]), [])

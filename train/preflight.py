@@ -71,10 +71,32 @@ def check_start(config: Any) -> None:
         return
     started = modeldir.run_config(path)
     if started is not None and started.get("stage") == "reward":
-        scored = started.get("model", {}).get("init_from")
-        raise ValueError(f"model.init_from={config.model.init_from!r} is a reward model (stage reward): it scores "
-                         f"replies and writes none; start stage {config.stage} from the policy it scores"
-                         f"{f' ({scored})' if scored else ''}, and use the reward model as rollout.reward")
+        _refuse_reward_start(config, started.get("model", {}).get("init_from"))
+
+
+def _refuse_reward_start(config: Any, scored: str | None) -> None:
+    raise ValueError(f"model.init_from={config.model.init_from!r} is a reward model (stage reward): it scores "
+                     f"replies and writes none; start stage {config.stage} from the policy it scores"
+                     f"{f' ({scored})' if scored else ''}, and use the reward model as rollout.reward")
+
+
+def check_earlier_runs(config: Any, runs: dict[str, Any]) -> None:
+    """A recipe stage's model.init_from or rollout.reward naming the run of an earlier stage (`runs`: its
+    directory -> its config), checked when the recipe loads: a reward model to start a policy from, or a
+    policy to score with, was refused (by check_start, rewards.check) only when the stage's turn came, after
+    the stages before it had trained."""
+    def run_of(value: str) -> Any:
+        path = os.path.normpath(value) if value else ""
+        return next((c for d, c in runs.items() if path == os.path.normpath(d)
+                     or path.startswith(os.path.normpath(d) + os.sep)), None)
+
+    start, reward = run_of(config.model.init_from), run_of(config.rollout.reward)
+    if start is not None and start.stage == "reward" and config.stage != "reward":
+        _refuse_reward_start(config, start.model.init_from)
+    if reward is not None and reward.stage != "reward":
+        raise ValueError(f"rollout.reward={config.rollout.reward!r} is neither 'verifier', a Kiln reward-model run nor "
+                         f"MODULE:FUNCTION: it is the run of stage {reward.stage!r} (a reward model is trained by "
+                         "configs/reward.py)")
 
 
 def check_adapter(config: Any) -> None:
