@@ -692,3 +692,20 @@ def test_a_recipe_stage_given_the_wrong_kind_of_earlier_run_is_named_when_the_re
     grpo = {"name": "grpo", "command": "train", "config": "configs/grpo.py:smoke",
             "overrides": ["model.init_from=@sft", "rollout.reward=@rm"]}
     pipeline.load_recipe(recipe(tmp_path, [SFT, RM, grpo]), [])
+
+
+def test_rejection_sampling_more_prompts_than_the_sources_hold_is_refused(tmp_path, capsys, monkeypatch):
+    """rollout.num_prompts=50 of a source holding 38 prompts sampled the 38, said only in results.json.
+    (The policy does not exist: the check comes before it is loaded, and before the run directory is made.)"""
+    monkeypatch.chdir(ROOT)
+    argv = ["generate", "--config=configs/rejection_sampling.py:smoke", f"--config.run_dir={tmp_path / 'rs'}",
+            "--config.rollout.num_prompts=50", "--config.data.synthetic.num_examples=40",  # its first 95%: 38
+            f"--config.model.init_from={tmp_path / 'policy'}"]
+    message = ("rollout.num_prompts=50, but data.sources hold 38 prompts; lower rollout.num_prompts to 38 (or 0: all "
+               "of them), or add prompts")
+    assert one_error_line(capsys, argv) == f"kiln generate: error: {message}"
+    config = load("rejection_sampling.py:smoke", *argv[2:])
+    with pytest.raises(ValueError, match=re.escape(message)):  # a recipe's rejection sampling stage
+        pipeline._run_stage("generate", config, RS, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    preflight.check_sampling(load("rejection_sampling.py:smoke", *argv[2:], "--config.rollout.num_prompts=38"))

@@ -143,7 +143,8 @@ def check_rollout(config: Any) -> None:
 
 def check_sampling(config: Any) -> None:
     """What RL and rejection sampling (`kiln generate`) sample and score: replies that differ (a positive
-    temperature), and, for the verifier, a reference answer it can compare with every prompt's reply."""
+    temperature), as many prompts as rollout.num_prompts asks for, and, for the verifier, a reference answer
+    it can compare with every prompt's reply."""
     ro = config.rollout
     if ro.temperature == 0 and (config.stage != "rejection_sampling" or ro.num_samples > 1):
         learn = ("RL learns from sampled replies" if config.stage != "rejection_sampling" else
@@ -153,6 +154,11 @@ def check_sampling(config: Any) -> None:
                          f"{' (or rollout.num_samples=1)' if config.stage == 'rejection_sampling' else ''}")
     if ro.reward == "verifier":
         check_answers(config)
+    if config.stage == "rejection_sampling" and ro.num_prompts:  # fewer were sampled, said only in results.json
+        held = len(rewards.prompts(config))
+        if ro.num_prompts > held:
+            raise ValueError(f"rollout.num_prompts={ro.num_prompts}, but data.sources hold {held} prompts; lower "
+                             f"rollout.num_prompts to {held} (or 0: all of them), or add prompts")
 
 
 def check_answers(config: Any) -> None:
