@@ -326,9 +326,13 @@ def _jsonl_view(src: Any, kind: str) -> Callable[[dict], dict]:
                 messages = _chat(r[f["messages_field"]], f["messages_field"])
                 if not any(m["role"] == "assistant" for m in messages):
                     raise RecordError(f"field {f['messages_field']!r} has no assistant message: nothing to train on")
+                empty = [i for i, m in enumerate(messages) if m["role"] == "assistant" and not m["content"].strip()]
+                if empty:
+                    raise RecordError(f"field {f['messages_field']!r}: message {empty[0]} is an empty assistant "
+                                      f"reply{_EMPTY}")
                 return {"messages": messages}
             prompt = _chat(_field(r, f["prompt_field"], (str, list)), f["prompt_field"])
-            return {"messages": prompt + [{"role": "assistant", "content": _field(r, f["completion_field"])}]}
+            return {"messages": prompt + [{"role": "assistant", "content": _reply(r, f["completion_field"])}]}
         prompt = _chat(_field(r, f["prompt_field"], (str, list)), f["prompt_field"])
         if kind == "preference":
             pair = _pair(prompt, _field(r, f["chosen_field"]), _field(r, f["rejected_field"]))
@@ -341,6 +345,19 @@ def _jsonl_view(src: Any, kind: str) -> Callable[[dict], dict]:
             raise RecordError(f"field {f['prompt_field']!r} is empty: there is nothing to reply to")
         return {"prompt": prompt, "answer": _field(r, f["answer_field"]) if f["answer_field"] else ""}
     return view
+
+
+# An SFT reply of no text trains the end-of-turn token alone: a model taught to say nothing. A preference pair
+# may hold one: saying nothing is a reply to rank (4 of HH-RLHF harmless-base's pairs prefer it to a harmful
+# one, and rejection sampling's pairs reject a policy's reply that ends at once).
+_EMPTY = ": it would train only the end-of-turn token; give it a reply"
+
+
+def _reply(record: dict[str, Any], key: str) -> str:
+    value = _field(record, key)
+    if not value.strip():
+        raise RecordError(f"field {key!r} is empty{_EMPTY}")
+    return value
 
 
 def _pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, Any]:

@@ -709,3 +709,29 @@ def test_rejection_sampling_more_prompts_than_the_sources_hold_is_refused(tmp_pa
         pipeline._run_stage("generate", config, RS, str(tmp_path))
     assert os.listdir(tmp_path) == []
     preflight.check_sampling(load("rejection_sampling.py:smoke", *argv[2:], "--config.rollout.num_prompts=38"))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "2+2?", "completion": ""}, "field 'completion' is empty"),
+    ({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": " "}]},
+     "field 'messages': message 1 is an empty assistant reply"),
+])
+def test_an_empty_sft_reply_is_refused(tmp_path, row, message):
+    """An SFT completion of no text was trained on: the end-of-turn token alone, a model taught to say nothing.
+    Rejection sampling no longer writes one into sft.jsonl. A preference pair may hold an empty reply, a reply
+    to rank: 4 of HH-RLHF harmless-base's pairs prefer saying nothing to a harmful reply, and rejection
+    sampling's pairs reject a policy's reply that ends at once."""
+    import numpy as np
+
+    from train import rejection
+
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1+1?", "completion": "2"}, row])
+    with pytest.raises(sources.DataError, match=re.escape(f"{path}:2: {message}: it would train only the end-of-turn "
+                                                          "token; give it a reply")):
+        records(path, "jsonl", "sft")
+    prompt = [{"role": "user", "content": "Hurt him?"}]
+    sft, pairs = rejection._select([{"prompt": prompt}], [["", "Sure."]], np.array([[1.0, 0.0]]), None, "policy")
+    assert sft == [] and [(p["chosen"], p["rejected"]) for p in pairs] == [("", "Sure.")]
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    assert [r["chosen"] for r in records(path, "jsonl", "preference")[0]] == [""]
+

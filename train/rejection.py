@@ -106,12 +106,13 @@ def check_settings(config: Any) -> dict[str, Any]:
 
 def _select(prompts: list[dict[str, Any]], replies: list[list[str]], scores: np.ndarray, min_reward: float | None,
             policy: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(SFT records of the kept best replies, best-vs-worst preference pairs). Ties go to the earlier sample."""
+    """(SFT records of the kept best replies, best-vs-worst preference pairs). Ties go to the earlier sample. An
+    empty best reply is no SFT example (the data layer refuses one: it trains the end-of-turn token alone)."""
     sft, pairs = [], []
     for i, (p, texts, s) in enumerate(zip(prompts, replies, scores)):
         best, worst = int(np.argmax(s)), int(np.argmin(s))
         where = {"policy": policy, "prompt_index": i}
-        if min_reward is None or s[best] >= min_reward:
+        if texts[best].strip() and (min_reward is None or s[best] >= min_reward):  # no text: no SFT example
             sft.append({"messages": list(p["prompt"]) + [{"role": "assistant", "content": texts[best]}],
                         "score": float(s[best]), "provenance": dict(where, sample_index=best)})
         if s[best] > s[worst]:
