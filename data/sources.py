@@ -104,8 +104,9 @@ def tokenizer_texts(data_cfg: Any) -> Iterator[str]:
                 yield record["text"]
 
 
-def load(name: str, src: Any, data_cfg: Any, kind: str) -> Source:
-    """Reads source entry `src` (named `name`) as records of `kind`."""
+def load(name: str, src: Any, data_cfg: Any, kind: str, head: int = 0) -> Source:
+    """Reads source entry `src` (named `name`) as records of `kind`; `head` > 0 reads only the first `head`
+    records of a JSON Lines file, with no slice taken (a check of a file too large to read twice)."""
     fmt = src.format
     if fmt not in FORMATS:
         raise DataError(f"source {name}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -139,9 +140,10 @@ def load(name: str, src: Any, data_cfg: Any, kind: str) -> Source:
         skipped = 0
     else:
         view = {"jsonl": _jsonl_view(src, kind), "gsm8k": _gsm8k_view(src, kind), "hh_rlhf": _hh_view(kind)}[fmt]
-        records, skipped = _read_json_lines(path, view, data_cfg.skip_bad_records)
-        lo, hi = _bounds(len(records), start, end)
-        records = records[lo:hi]
+        records, skipped = _read_json_lines(path, view, data_cfg.skip_bad_records, head)
+        if not head:
+            lo, hi = _bounds(len(records), start, end)
+            records = records[lo:hi]
     if not records:
         why = f" ({skipped} bad records skipped)" if skipped else ""
         raise DataError(f"source {name}: {path} has no records in [start={start}, end={end}]{why}")
@@ -239,9 +241,13 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
     return record
 
 
-def _read_json_lines(path: str, view: Callable[[dict], dict], skip_bad: bool) -> tuple[list[dict], int]:
+def _read_json_lines(path: str, view: Callable[[dict], dict], skip_bad: bool,
+                     limit: int = 0) -> tuple[list[dict], int]:
+    """(the records of a JSON Lines file, the bad ones skipped); `limit` > 0: its first `limit` records only."""
     records, skipped = [], 0
     for line_no, raw in _open_lines(path):
+        if limit and len(records) == limit:
+            break
         if line_no == 1 and raw.startswith(codecs.BOM_UTF8):  # as Windows editors save UTF-8
             raw = raw[len(codecs.BOM_UTF8):]
         if not raw.strip():

@@ -735,3 +735,23 @@ def test_an_empty_sft_reply_is_refused(tmp_path, row, message):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     assert [r["chosen"] for r in records(path, "jsonl", "preference")[0]] == [""]
 
+
+def test_a_bad_training_file_is_named_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):
+    """The training sources were first read once the model was built (and loaded from model.init_from): a
+    malformed line 3 cost a model load, and a run directory was left behind. Read before anything now; a file
+    over preflight.FULL_CHECK_BYTES only on its first HEAD_RECORDS records (the data stream reads it whole
+    again). (The model to start from does not exist.)"""
+    monkeypatch.chdir(ROOT)
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "1+1?", "completion": "2"}] * 2 +
+                       [b'{"prompt": "2+2?", completion: "4"}'])
+    argv = ["train", "--config=configs/sft.py:smoke", f"--config.run_dir={tmp_path / 'sft'}",
+            f"--config.data.sources.train.path={path}", "--config.data.sources.train.format=jsonl",
+            "--config.data.sources.train.end=1.0", f"--config.model.init_from={tmp_path / 'policy'}"]
+    assert one_error_line(capsys, argv) == (f"kiln train: error: {path}:3: malformed JSON: Expecting property name "
+                                            "enclosed in double quotes (column 20) (set data.skip_bad_records=true "
+                                            "to skip such records)")
+    assert os.listdir(tmp_path) == ["sft.jsonl"]
+    monkeypatch.setattr(preflight, "FULL_CHECK_BYTES", 0)
+    monkeypatch.setattr(preflight, "HEAD_RECORDS", 2)
+    preflight.check_train_sources(load("sft.py:smoke", *argv[2:]), "sft")  # line 3 is left to the data stream
+

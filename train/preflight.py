@@ -62,6 +62,25 @@ def check_eval_sources(config: Any, kind: str) -> None:
             sources.eval_source(config.data, kind, name)
 
 
+# Larger JSON Lines files are checked on their first records: parsing runs at some 10-20 MB/s a core, and the
+# data stream reads the file whole once more.
+FULL_CHECK_BYTES, HEAD_RECORDS = 64 * 2 ** 20, 1000
+
+
+def check_train_sources(config: Any, kind: str) -> None:
+    """Reads the training sources before the model is built: a missing file, a record of another kind or a
+    malformed line was found only once the model was built (and loaded, in post-training). A JSON Lines file
+    over FULL_CHECK_BYTES is checked on its first HEAD_RECORDS records, an array_record source (read lazily)
+    on its first record."""
+    for name, src in config.data.sources.items():
+        if not src.weight:
+            continue
+        path = src.format in ("jsonl", "gsm8k", "hh_rlhf") and sources.expand_path(src.path, f"source {name}")
+        large = bool(path) and os.path.isfile(path) and os.path.getsize(path) > FULL_CHECK_BYTES
+        loaded = sources.load(name, src, config.data, kind, head=HEAD_RECORDS if large else 0)
+        loaded.records[0]  # an array_record source parses its first record here
+
+
 def check_start(config: Any) -> None:
     """ValueError for a model that is no reward model started from a reward-model run: reward training
     leaves the language-model head behind, and the policy (or DPO reference) would be the scorer's body

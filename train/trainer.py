@@ -101,6 +101,7 @@ def train(config: ConfigDict, devices: list | None = None) -> dict[str, Any]:
     run has started (checked, set up and restored), so a run that fails to start changes nothing.
     """
     kind = preflight.stage_kind(config)
+    preflight.check_train_sources(config, kind)
     preflight.check_eval_sources(config, kind)
     lock = rundir.RunLock(config.run_dir)
     if jax.process_index() == 0:
