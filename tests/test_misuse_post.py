@@ -755,3 +755,19 @@ def test_a_bad_training_file_is_named_before_the_model_is_loaded(tmp_path, capsy
     monkeypatch.setattr(preflight, "HEAD_RECORDS", 2)
     preflight.check_train_sources(load("sft.py:smoke", *argv[2:]), "sft")  # line 3 is left to the data stream
 
+
+def test_rejection_sampling_outputs_without_recorded_settings_are_not_reused(tmp_path):
+    """Outputs written before results.json recorded its settings were taken as this run's, whatever the run's
+    settings: `kiln generate` printed them as its results, and a recipe re-run skipped the stage."""
+    from train import rejection
+
+    (tmp_path / "rs").mkdir()
+    for name in rejection.OUTPUTS:
+        (tmp_path / "rs" / name).write_text('{"pass@1": 0.25, "policy": "runs/sft"}\n')
+    config = load("rejection_sampling.py:smoke", f"--config.run_dir={tmp_path / 'rs'}")
+    message = (f"{tmp_path / 'rs'} holds rejection sampling's outputs, but its results.json records no settings, so "
+               f"they cannot be checked against this run's; delete {tmp_path / 'rs'} (or move it aside) to sample "
+               "again, or choose another run_dir")
+    for finished in (rejection.run, lambda config: pipeline.finished("generate", config)):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            finished(config)

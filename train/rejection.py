@@ -95,8 +95,12 @@ def check_settings(config: Any) -> dict[str, Any]:
     settings, which a re-run would otherwise take for its own."""
     with open(os.path.join(config.run_dir, "results.json")) as f:
         results = json.load(f)
-    then, now = results.get("settings", {}), settings(config)
-    for key in sorted(set(then) | set(now) if then else ()):
+    if "settings" not in results:  # written before results.json recorded them: no telling what made them
+        raise ValueError(f"{config.run_dir} holds rejection sampling's outputs, but its results.json records no "
+                         f"settings, so they cannot be checked against this run's; delete {config.run_dir} (or move "
+                         "it aside) to sample again, or choose another run_dir")
+    then, now = results["settings"], settings(config)
+    for key in sorted(set(then) | set(now)):
         if then.get(key) != now.get(key):
             raise ValueError(f"{config.run_dir} holds the outputs of rejection sampling with {key}="
                              f"{then.get(key, '(unset)')!r}, and this run has {now.get(key, '(unset)')!r}; move "
