@@ -81,7 +81,7 @@ def get_config() -> ConfigDict:
 
     # Data (data/): named sources (mixture weights) for training and for evaluation. A source is
     # source(path, format, weight, **fields): format synthetic | text | jsonl | array_record | gsm8k |
-    # hh_rlhf; fields start/end (fractions of the records), jsonl/array_record field names
+    # hh_rlhf; fields start/end (fractions of the records, 0 <= start < end <= 1), jsonl/array_record field names
     # (text_field, prompt_field, completion_field, messages_field, chosen_field, rejected_field,
     # answer_field), gsm8k calculator_annotations. Paths may use $KILN_DATA_DIR. Weights are
     # shares of training rows (so of tokens); 0 switches a source off.
@@ -158,7 +158,8 @@ def get_config() -> ConfigDict:
                              reference="model", kl_estimator="k3", clip_eps_low=0.2, clip_eps_high=0.2,
                              aggregation="grpo", value_coef=0.1, value_clip=0.2))
     # Rollouts (rejection sampling): num_samples replies per prompt for the first num_prompts prompts
-    # of data.sources (0: all), sampled with temperature / top_p / top_k (0: off) up to max_new_tokens;
+    # of data.sources (0: all; more than they hold is refused), sampled with temperature / top_p /
+    # top_k (0: off) up to max_new_tokens;
     # reward "verifier" (the task's answer check: 1 or 0) or a Kiln reward-model run directory;
     # min_reward: a prompt's best reply is kept for SFT only if it scores at least this (None: always).
     # reward may also be MODULE:FUNCTION (or file.py:FUNCTION), fn(prompts, replies, answers) -> scores.
