@@ -62,7 +62,8 @@ class Fake:
     def generate(self, config):
         os.makedirs(config.run_dir, exist_ok=True)
         with open(os.path.join(config.run_dir, "results.json"), "w") as f:
-            json.dump({"kept_fraction": 0.75, "best_of_k": 0.5, "policy": config.model.init_from}, f)
+            json.dump({"kept_fraction": 0.75, "best_of_k": 0.5, "policy": config.model.init_from,
+                       "settings": pipeline.rejection.settings(config)}, f)
         self.seen[config.run_dir] = config
         self._done(config.run_dir)
 
