@@ -261,6 +261,7 @@ def rejection_config(tmp_path, *overrides, web=""):
 
 @pytest.mark.parametrize("override, web_then, web_now, key", [
     ("seed=7", "", "", "seed"),
+    ("data.batch_size=4", "", "", "data.batch_size"),
     ("rollout.min_reward=0.5", "", "", "rollout.min_reward"),
     ("data.synthetic.max_digits=3", "", "", "data.synthetic.max_digits"),
     ("", "", "web.jsonl", "data.sources.web."),
@@ -269,9 +270,9 @@ def rejection_config(tmp_path, *overrides, web=""):
 def test_rejection_sampling_rerun_with_any_recorded_setting_changed_is_refused(tmp_path, override, web_then, web_now,
                                                                              key):
     """Every setting that chooses the outputs is recorded and compared, not only the ones a test changes: the
-    seed (other samples), the reward to keep a reply, the built-in task's problems, a source added since (its
+    seed and the batch size (each chunk of prompts samples from its own key: other samples), the reward to keep a reply, the built-in task's problems, a source added since (its
     keys are in this run's settings alone) and the second source's file. Results recorded without settings
-    (before they were recorded) are taken as they are."""
+    (before they were recorded) are refused too: nothing says what made them."""
     from train import rejection
 
     (tmp_path / "rs").mkdir()
@@ -282,7 +283,23 @@ def test_rejection_sampling_rerun_with_any_recorded_setting_changed_is_refused(t
                                                    f"{key}")):
         rejection.check_settings(changed)
     (tmp_path / "rs" / "results.json").write_text('{"pass@1": 0.5}')
-    assert rejection.check_settings(changed) == {"pass@1": 0.5}
+    with pytest.raises(ValueError, match="records no settings"):
+        rejection.check_settings(changed)
+
+
+def test_rejection_sampling_rerun_after_its_policy_trained_on_is_refused(tmp_path):
+    """The policy is recorded with its step: a recipe re-run that trained the SFT stage further would have
+    taken the old policy's samples for the new one's (as DPO's reference and adapters' base record theirs)."""
+    from train import rejection
+
+    saved_run(tmp_path / "policy", 2)
+    (tmp_path / "rs").mkdir()
+    (tmp_path / "rs" / "results.json").write_text(json.dumps({"settings": rejection.settings(
+        rejection_config(tmp_path))}))
+    assert rejection.check_settings(rejection_config(tmp_path))["settings"]["model.init_from"].endswith(" step 2")
+    saved_run(tmp_path / "policy", 4)
+    with pytest.raises(ValueError, match="with model.init_from=.* step 2', and this run has .* step 4'"):
+        rejection.check_settings(rejection_config(tmp_path))
 
 
 def test_rejection_sampling_records_the_policy_as_the_path_it_names(tmp_path, monkeypatch):

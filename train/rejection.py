@@ -28,6 +28,7 @@ import numpy as np
 from data.sources import expand_path
 from train import distributed, generate, records, rewards
 from train.build import init_source
+from train.reference import reference_model
 
 OUTPUTS = ("sft.jsonl", "pairs.jsonl", "results.json")
 
@@ -80,9 +81,13 @@ def run(config: Any) -> dict[str, Any]:
 
 
 def settings(config: Any) -> dict[str, Any]:
-    """The settings that choose a run's outputs, by config key (values as JSON holds them): the policy,
-    the prompts, how replies are sampled and scored, and which are kept."""
-    chosen = {"model.init_from": expand_path(config.model.init_from, "model.init_from"), "seed": config.seed}
+    """The settings that choose a run's outputs, by config key (values as JSON holds them): the policy (a
+    Kiln run as its checkpoint directory and step: a policy that trained on since samples otherwise), the
+    prompts, how replies are sampled (each chunk of data.batch_size prompts from its own key) and scored,
+    and which are kept."""
+    path = expand_path(config.model.init_from, "model.init_from")
+    chosen = {"model.init_from": reference_model(config) if os.path.exists(path) else path, "seed": config.seed,
+              "data.batch_size": config.data.batch_size}
     chosen.update({f"data.sources.{name}.{k}": v for name, src in config.data.sources.items() for k, v in src.items()})
     chosen.update({f"data.synthetic.{k}": v for k, v in config.data.synthetic.items()})
     chosen.update({f"rollout.{k}": config.rollout[k] for k in ("num_prompts", "num_samples", "max_new_tokens",
