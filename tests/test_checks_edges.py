@@ -6,7 +6,6 @@ import os
 import re
 import types
 
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import base
@@ -16,7 +15,7 @@ from launch.config import ConfigError
 from test_config_overrides import load
 from test_data_sources import data_cfg, records, write_jsonl
 from test_misuse import ROOT, one_error_line
-from test_misuse_post import fake_run
+from test_misuse_post import fake_run, saved_run
 from test_pipeline_run import recipe_file
 from train import preflight
 
@@ -144,15 +143,6 @@ def test_sample_settings_at_their_bounds(flags, message):
     else:
         with pytest.raises(ValueError, match=re.escape(message)):
             sample.check_sampling(args)
-
-
-def saved_run(path, *steps):
-    """A Kiln run directory with a checkpoint at each of `steps` (nothing in them): what the reference's step
-    and the checks before any model is loaded read."""
-    with ocp.CheckpointManager(str(path / "checkpoints")) as mgr:
-        for step in steps:
-            mgr.save(step, args=ocp.args.Composite(params=ocp.args.JsonSave({})))
-    return str(path)
 
 
 def test_the_reference_model_is_named_alike_however_its_path_is_given(tmp_path):

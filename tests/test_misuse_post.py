@@ -400,13 +400,10 @@ def test_precomputed_reference_log_probs_of_another_model_are_refused(tmp_path):
     first step, in silence. `kiln data reference` now records the model, as its checkpoint directory and step."""
     import json
 
-    import orbax.checkpoint as ocp
-
     from train import reference
 
-    for run, step in (("base", 4), ("sft", 2), ("sft", 6)):
-        with ocp.CheckpointManager(str(tmp_path / run / "checkpoints")) as mgr:
-            mgr.save(step, args=ocp.args.Composite(params=ocp.args.JsonSave({})))
+    saved_run(tmp_path / "base", 4)
+    saved_run(tmp_path / "sft", 2, 6)
     (tmp_path / "scored").mkdir()
     on_files = ["--config.loss.reference=data", f"--config.data.sources.train.path={tmp_path}/scored/train.jsonl",
                 "--config.data.sources.train.format=jsonl"]
@@ -459,7 +456,7 @@ def test_rejection_sampling_rerun_with_other_settings_is_refused(tmp_path, monke
 
     monkeypatch.setattr(rejection.generate, "load_sampler",
                         lambda path, chat: (types.SimpleNamespace(complete=complete), chat))
-    (tmp_path / "policy").mkdir()
+    saved_run(tmp_path / "policy", 2)
     settings = [f"--config.run_dir={tmp_path / 'rs'}", f"--config.model.init_from={tmp_path / 'policy'}",
                 "--config.rollout.num_prompts=2", "--config.data.synthetic.num_examples=40"]
     first = rejection.run(load("rejection_sampling.py:smoke", *settings))
@@ -471,6 +468,17 @@ def test_rejection_sampling_rerun_with_other_settings_is_refused(tmp_path, monke
         with pytest.raises(ValueError, match=re.escape(message)):
             finished(other)
     assert json.loads((tmp_path / "rs" / "results.json").read_text()) == first
+
+
+def saved_run(path, *steps):
+    """A Kiln run directory with a checkpoint at each of `steps` (nothing in them): what the reference's step
+    and the checks before any model is loaded read."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(str(path / "checkpoints")) as mgr:
+        for step in steps:
+            mgr.save(step, args=ocp.args.Composite(params=ocp.args.JsonSave({})))
+    return str(path)
 
 
 def fake_run(path, stage, init_from=""):
