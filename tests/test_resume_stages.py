@@ -155,7 +155,6 @@ def nan_batches(monkeypatch, positions):
     monkeypatch.setattr(pipeline, "train_iterator", lambda *args, **kwargs: Poisoned(real(*args, **kwargs)))
 
 
-@pytest.mark.slow  # ~10 s in the default run; test_checkpoint's round trip pins the counters' restore by default
 def test_a_nonfinite_streak_counts_on_across_a_resume(tmp_path, monkeypatch):
     """Steps 9, 10 and 11 are non-finite: with train.max_nonfinite_steps=3 the run stops at step 11. Killed
     before step 11 and resumed from the step-10 checkpoint (which holds a streak of 2), it must stop there

@@ -121,7 +121,6 @@ def loss_cfg(**kw):
                                 value_coef=0.1, value_clip=0.2, temperature=1.0, max_len=8), **kw))
 
 
-@pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests
 def test_grpo_with_beta_0_and_one_update_has_zero_loss_and_a_gradient():
     model, batch = tiny_batch(rl.group_advantages(jnp.array([1.0, 0, 0, 1]), 4))
     loss_fn = rl.make_grpo(loss_cfg())
@@ -299,7 +298,6 @@ def test_rl_keys_are_read_only_where_they_apply(stage, key, msg):
         stage_config(stage, "/nonexistent", key)
 
 
-@pytest.mark.slow
 def test_ppo_value_model_starts_from_a_reward_model(tmp_path):
     reward_dir = str(tmp_path / "reward")
     trainer.train(stage_config("reward", reward_dir, "--config.train.steps=3", "--config.optim.warmup_steps=1",

@@ -241,7 +241,6 @@ def test_resume_none_sets_the_earlier_checkpoints_aside(finished, tmp_path, monk
     [moved] = superseded(run_dir, "checkpoints")
     assert sorted(os.listdir(moved)) == ["2", "4"]
 
-@pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests
 def test_resume_refuses_data_changes_unless_allowed(finished, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     shutil.copytree(finished, run_dir)

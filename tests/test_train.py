@@ -83,9 +83,8 @@ def test_rope_scaling_keys_reach_the_model_and_a_loaded_models_shape_is_kept(pre
                                   "--config.model.n_layers=3"), 256)
 
 
-# By default "continue" (a mesh other than the saving one, two evaluation sources); the other two in the slow set.
-@pytest.mark.parametrize("stage", [pytest.param("context_extension", marks=pytest.mark.slow),
-                                   pytest.param("anneal", marks=pytest.mark.slow), "continue"])
+# "continue" also runs on a mesh other than the saving one, with two evaluation sources.
+@pytest.mark.parametrize("stage", ["context_extension", "anneal", "continue"])
 def test_stage_smoke_from_pretrained(stage, pretrained, tmp_path):
     source, _ = pretrained
     mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]  # not the saving mesh
@@ -447,7 +446,6 @@ def test_resume_is_bit_identical(pretrained, tmp_path, monkeypatch):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.slow  # the default run stays under 15 minutes; .ci/run runs it with the slow tests; test_checkpoint pins retention directly
 def test_checkpoint_retention(tmp_path):
     trainer.train(config("pretrain", str(tmp_path), "--config.checkpoint.every=4", "--config.checkpoint.keep=2",
                          "--config.checkpoint.keep_every=8", "--config.train.eval_every=0", "--config.train.steps=22"))
