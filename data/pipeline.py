@@ -36,7 +36,7 @@ import numpy as np
 from absl import flags
 from grain import experimental as gx
 
-from data import examples, sources
+from data import examples, sources, views
 from data.examples import Encoder
 from data.tokenizer_base import Tokenizer
 
@@ -236,7 +236,7 @@ def _padded_row(length: int, pad: int, prefix: str, example: examples.Example) -
 
 def _pair_row(length: int, pad: int, pair: examples.Example) -> dict[str, np.ndarray]:
     row = {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in _padded_row(length, pad, f"{side}_", pair).items()}
-    return dict(row, **{k: pair[k] for k in sources.PAIR_FIELDS if k in pair})
+    return dict(row, **{k: pair[k] for k in views.PAIR_FIELDS if k in pair})
 
 
 def _prompt_row(length: int, pad: int, example: examples.Example) -> dict[str, Any]:
@@ -263,7 +263,7 @@ def _with_pair_fields(rows: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -
     """Pair rows each with the same optional numbers (precomputed reference log-probs, margins) or
     without: empty (padding) rows get zeros; a real pair lacking one that others carry is an error."""
     out = list(rows)
-    for field in sources.PAIR_FIELDS:
+    for field in views.PAIR_FIELDS:
         if not any(field in r for r in out):
             continue
         for i, r in enumerate(out):

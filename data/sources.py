@@ -34,29 +34,19 @@ from typing import Any, Callable, Iterator
 
 import grain
 
-from data import chat, synthetic
+from data import synthetic, views
+from data.views import RecordError
 
 KINDS = ("pretrain", "sft", "preference", "prompts", "tokenizer")
 FORMATS = ("synthetic", "text", "jsonl", "array_record", "gsm8k", "hh_rlhf")
-REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")  # precomputed for DPO (train/reference.py)
-PAIR_FIELDS = REFERENCE_FIELDS + ("margin",)  # optional numbers a JSON Lines pair may carry
-FIELDS = dict(text_field="text", prompt_field="prompt", completion_field="completion", messages_field="messages",
-              chosen_field="chosen", rejected_field="rejected", answer_field="answer")
-_OPTIONS = {"synthetic": ("max_digits", "min_ops", "max_ops", "problems_per_document"), "text": (), "jsonl": tuple(FIELDS), "array_record": tuple(FIELDS),
+_OPTIONS = {"synthetic": ("max_digits", "min_ops", "max_ops", "problems_per_document"), "text": (), "jsonl": tuple(views.FIELDS), "array_record": tuple(views.FIELDS),
             "gsm8k": ("calculator_annotations",), "hh_rlhf": ()}
 _COMMON = ("path", "format", "weight", "start", "end")
 _KINDS_OF = {"text": ("pretrain", "tokenizer"), "gsm8k": ("pretrain", "sft", "prompts", "tokenizer")}
-_CALCULATOR = re.compile(r"<<[^>]*>>")
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-_HH_REPLY = "\n\nAssistant:"
 
 
 class DataError(ValueError):
     """Bad data or a bad source entry, naming the file (and line) where there is one."""
-
-
-class RecordError(Exception):
-    """What is wrong with one record; the reader adds where it is."""
 
 
 @dataclasses.dataclass
@@ -139,7 +129,7 @@ def load(name: str, src: Any, data_cfg: Any, kind: str, head: int = 0) -> Source
         records = [{"text": doc} for doc in _text_documents(path, data_cfg.text_separator, start, end)]
         skipped = 0
     else:
-        view = {"jsonl": _jsonl_view(src, kind), "gsm8k": _gsm8k_view(src, kind), "hh_rlhf": _hh_view(kind)}[fmt]
+        view = {"jsonl": views.jsonl(src, kind), "gsm8k": views.gsm8k(src, kind), "hh_rlhf": views.hh_rlhf(kind)}[fmt]
         records, skipped = _read_json_lines(path, view, data_cfg.skip_bad_records, head)
         if not head:
             lo, hi = _bounds(len(records), start, end)
@@ -269,7 +259,7 @@ def _array_record(name: str, src: Any, data_cfg: Any, kind: str, path: str, star
     lo, hi = _bounds(len(reader), start, end)
     if hi <= lo:
         raise DataError(f"source {name}: {path} has no records in [start={start}, end={end}]")
-    view, skip_bad = _jsonl_view(src, kind), data_cfg.skip_bad_records
+    view, skip_bad = views.jsonl(src, kind), data_cfg.skip_bad_records
 
     def read(i: int) -> dict[str, Any] | None:
         try:
@@ -283,142 +273,3 @@ def _array_record(name: str, src: Any, data_cfg: Any, kind: str, path: str, star
 
 
 # -- record views ----------------------------------------------------------------------------------
-def _field(record: dict[str, Any], key: str, types: tuple[type, ...] = (str,)) -> Any:
-    if key not in record:
-        raise RecordError(f"missing field {key!r} (the record has: {', '.join(map(repr, record)) or 'no fields'})")
-    value = record[key]
-    if not isinstance(value, types):
-        raise RecordError(f"field {key!r} is {type(value).__name__}; expected {' or '.join(t.__name__ for t in types)}")
-    return value
-
-
-def _number(record: dict[str, Any], key: str) -> float:
-    value = float(_field(record, key, (int, float)))
-    if not math.isfinite(value):  # JSON as Python writes it may hold NaN and Infinity
-        raise RecordError(f"field {key!r} is {value}; expected a finite number")
-    return value
-
-
-def _chat(value: Any, key: str) -> list[dict[str, str]]:
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    try:
-        return chat.check_messages(value)
-    except chat.ChatError as e:
-        raise RecordError(f"field {key!r}: {e}") from None
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
-
-
-def _jsonl_view(src: Any, kind: str) -> Callable[[dict], dict]:
-    f = {key: src.get(key, default) for key, default in FIELDS.items()}
-
-    def view(r: dict[str, Any]) -> dict[str, Any]:
-        if kind == "pretrain":
-            return {"text": _field(r, f["text_field"])}
-        if kind == "tokenizer":
-            return {"text": "\n".join(_strings(r))}
-        if kind == "sft":
-            if f["messages_field"] in r:
-                messages = _chat(r[f["messages_field"]], f["messages_field"])
-                if not any(m["role"] == "assistant" for m in messages):
-                    raise RecordError(f"field {f['messages_field']!r} has no assistant message: nothing to train on")
-                empty = [i for i, m in enumerate(messages) if m["role"] == "assistant" and not m["content"].strip()]
-                if empty:
-                    raise RecordError(f"field {f['messages_field']!r}: message {empty[0]} is an empty assistant "
-                                      f"reply{_EMPTY}")
-                return {"messages": messages}
-            prompt = _chat(_field(r, f["prompt_field"], (str, list)), f["prompt_field"])
-            return {"messages": prompt + [{"role": "assistant", "content": _reply(r, f["completion_field"])}]}
-        prompt = _chat(_field(r, f["prompt_field"], (str, list)), f["prompt_field"])
-        if kind == "preference":
-            pair = _pair(prompt, _field(r, f["chosen_field"]), _field(r, f["rejected_field"]))
-            given = [k for k in REFERENCE_FIELDS if k in r]
-            if given and len(given) < len(REFERENCE_FIELDS):
-                raise RecordError(f"field {given[0]!r} without {[k for k in REFERENCE_FIELDS if k not in r][0]!r}: "
-                                  "precomputed reference log-probs come in pairs")
-            return dict(pair, **{k: _number(r, k) for k in PAIR_FIELDS if k in r})
-        if not any(m["content"].strip() for m in prompt):
-            raise RecordError(f"field {f['prompt_field']!r} is empty: there is nothing to reply to")
-        return {"prompt": prompt, "answer": _field(r, f["answer_field"]) if f["answer_field"] else ""}
-    return view
-
-
-# An SFT reply of no text trains the end-of-turn token alone: a model taught to say nothing. A preference pair
-# may hold one: saying nothing is a reply to rank (4 of HH-RLHF harmless-base's pairs prefer it to a harmful
-# one, and rejection sampling's pairs reject a policy's reply that ends at once).
-_EMPTY = ": it would train only the end-of-turn token; give it a reply"
-
-
-def _reply(record: dict[str, Any], key: str) -> str:
-    value = _field(record, key)
-    if not value.strip():
-        raise RecordError(f"field {key!r} is empty{_EMPTY}")
-    return value
-
-
-def _pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, Any]:
-    """A preference record; RecordError for a pair whose replies are the same text (its loss has no gradient)."""
-    if chosen == rejected:
-        raise RecordError("chosen and rejected are the same reply: the pair prefers nothing")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-
-def _gsm8k_view(src: Any, kind: str) -> Callable[[dict], dict]:
-    keep_calculator = bool(src.get("calculator_annotations", False))
-
-    def view(r: dict[str, Any]) -> dict[str, Any]:
-        question, answer = _field(r, "question"), _field(r, "answer")
-        final = synthetic.extract_answer(answer)
-        if final is None:
-            raise RecordError("the answer has no final '#### N' line")
-        # <<48/2=24>> are calculator calls; the model is not given a calculator.
-        steps = answer if keep_calculator else _CALCULATOR.sub("", answer)
-        user = [{"role": "user", "content": question}]
-        return {"pretrain": lambda: {"text": f"{question}\n{steps}"},
-                "tokenizer": lambda: {"text": f"{question}\n{steps}"},
-                "sft": lambda: {"messages": user + [{"role": "assistant", "content": steps}]},
-                "prompts": lambda: {"prompt": user, "answer": final}}[kind]()
-    return view
-
-
-def split_hh(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
-    """An HH-RLHF pair -> (the shared dialogue as chat messages, the chosen reply, the rejected reply).
-
-    The shared prompt ends at the last "\\n\\nAssistant:" that both dialogues have in common (a few
-    pairs differ before their last turn marker, so the marker alone is not enough).
-    """
-    common = os.path.commonprefix([chosen, rejected])
-    cut = common.rfind(_HH_REPLY)
-    if cut < 0:
-        raise RecordError("chosen and rejected share no dialogue before an 'Assistant:' reply")
-    parts = _HH_TURN.split(chosen[:cut])
-    if parts[0].strip():
-        raise RecordError("the dialogue does not start with '\\n\\nHuman:'")
-    roles = {"Human": "user", "Assistant": "assistant"}
-    messages = [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
-    if not messages:
-        raise RecordError("the dialogue has no turn before the final reply")
-    start = cut + len(_HH_REPLY)
-    return messages, chosen[start:].strip(), rejected[start:].strip()
-
-
-def _hh_view(kind: str) -> Callable[[dict], dict]:
-    def view(r: dict[str, Any]) -> dict[str, Any]:
-        chosen, rejected = _field(r, "chosen"), _field(r, "rejected")
-        if kind in ("pretrain", "tokenizer"):
-            return {"text": chosen.strip() if kind == "pretrain" else f"{chosen}\n{rejected}"}
-        prompt, good, bad = split_hh(chosen, rejected)
-        return {"sft": lambda: {"messages": prompt + [{"role": "assistant", "content": good}]},
-                "preference": lambda: _pair(prompt, good, bad),
-                "prompts": lambda: {"prompt": prompt, "answer": ""}}[kind]()
-    return view

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import pipeline, sources, tokenizer as tokenizers
+from data import pipeline, sources, tokenizer as tokenizers, views
 from data.examples import Encoder
 from launch.config import ConfigError, load_config
 from model.sharding import make_mesh, use_rules
@@ -98,7 +98,7 @@ def _score_source(where: str, src: Any, config: Any, enc: Encoder, score: Any, w
         if example is None:
             dropped += 1
             continue
-        rows.append(({k: v for k, v in record.items() if k not in sources.REFERENCE_FIELDS}, example))
+        rows.append(({k: v for k, v in record.items() if k not in views.REFERENCE_FIELDS}, example))
         if len(rows) == width:
             flush()
     if rows:

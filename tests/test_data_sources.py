@@ -10,7 +10,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from ml_collections import ConfigDict
 
 from configs import base
-from data import chat, examples, sources, synthetic
+from data import chat, examples, sources, synthetic, views
 from data import tokenizer as tk
 from data.examples import Encoder
 
@@ -326,9 +326,9 @@ def test_hh_rlhf_pairs_share_the_prompt_and_train_only_the_replies(data_dir):
 def test_hh_rlhf_split_on_a_pair_that_differs_before_the_last_marker():
     chosen = "\n\nHuman: Q\n\nAssistant: A1\n\nHuman: Q2\n\nAssistant: No.  Human: Then"
     rejected = "\n\nHuman: Q\n\nAssistant: A1\n\nHuman: Q2\n\nAssistant: A drag king"
-    prompt, good, bad = sources.split_hh(chosen, rejected)
+    prompt, good, bad = views.split_hh(chosen, rejected)
     assert prompt == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A1"},
                       {"role": "user", "content": "Q2"}]
     assert (good, bad) == ("No.  Human: Then", "A drag king")
-    with pytest.raises(sources.RecordError, match="share no dialogue"):
-        sources.split_hh("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: c\n\nAssistant: d")
+    with pytest.raises(views.RecordError, match="share no dialogue"):
+        views.split_hh("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: c\n\nAssistant: d")
