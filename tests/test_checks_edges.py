@@ -15,7 +15,7 @@ from launch.config import ConfigError
 from test_config_overrides import load
 from test_data_sources import data_cfg, records, write_jsonl
 from test_misuse import ROOT, one_error_line
-from test_misuse_post import fake_run, saved_run
+from test_misuse_post import fake_run, saved_run, stub_eval
 from test_pipeline_run import recipe_file
 from train import preflight
 
@@ -111,13 +111,7 @@ def test_kiln_eval_refuses_every_config_that_is_no_evaluation_config(tmp_path, c
 def test_kiln_eval_sets_the_earlier_evaluations_table_aside_with_its_results(tmp_path, monkeypatch):
     """The evaluation that another checkpoint's replaces keeps both its files in superseded/: results.md (the
     table a reader opens) as well as results.json. (Stand-ins for the model and the metrics.)"""
-    from launch import eval as eval_cli
-
-    monkeypatch.setattr(eval_cli.generate, "load_sampler",
-                        lambda path, **kw: (types.SimpleNamespace(model=None, tokenizer=None), False))
-    monkeypatch.setattr(eval_cli, "_task_runs", lambda config, sampler, chat: [])
-    monkeypatch.setattr(eval_cli.nnx, "split", lambda model, *filters: (None, None, None))
-    monkeypatch.setattr(eval_cli.evaluate, "evaluate_sources", lambda *args: {"eval/loss": 2.5})
+    eval_cli = stub_eval(monkeypatch)
     config = load("eval.py:smoke", f"--config.run_dir={tmp_path / 'eval'}")
     for ckpt in ("a", "b"):
         eval_cli.run(config, str(tmp_path / ckpt))

@@ -559,13 +559,9 @@ def test_sample_settings_are_checked_before_loading(tmp_path, capsys, flags, mes
     assert one_error_line(capsys, argv) == f"kiln sample: error: {message}"
 
 
-def test_evaluating_another_checkpoint_into_a_run_dir_keeps_the_earlier_results(tmp_path, capsys, monkeypatch):
-    """Every `kiln eval` writes into configs/eval.py's runs/eval unless told otherwise: evaluating a second
-    checkpoint replaced the first one's results in silence, and a run_dir holding rejection sampling's
-    outputs lost its results.json (which a recipe reads as the finished stage). The earlier evaluation now
-    moves to superseded/, the same checkpoint's is replaced, and another command's results are refused
-    before the checkpoint is read. (Stand-ins for the model and the metrics: nothing is computed.)"""
-    import json
+def stub_eval(monkeypatch):
+    """launch.eval with stand-ins for the sampler, the tasks and the metrics (eval/loss 2.5): only its run
+    directory's files are real."""
     import types
 
     from launch import eval as eval_cli
@@ -575,6 +571,18 @@ def test_evaluating_another_checkpoint_into_a_run_dir_keeps_the_earlier_results(
     monkeypatch.setattr(eval_cli, "_task_runs", lambda config, sampler, chat: [])
     monkeypatch.setattr(eval_cli.nnx, "split", lambda model, *filters: (None, None, None))
     monkeypatch.setattr(eval_cli.evaluate, "evaluate_sources", lambda *args: {"eval/loss": 2.5})
+    return eval_cli
+
+
+def test_evaluating_another_checkpoint_into_a_run_dir_keeps_the_earlier_results(tmp_path, capsys, monkeypatch):
+    """Every `kiln eval` writes into configs/eval.py's runs/eval unless told otherwise: evaluating a second
+    checkpoint replaced the first one's results in silence, and a run_dir holding rejection sampling's
+    outputs lost its results.json (which a recipe reads as the finished stage). The earlier evaluation now
+    moves to superseded/, the same checkpoint's is replaced, and another command's results are refused
+    before the checkpoint is read. (Stand-ins for the model and the metrics: nothing is computed.)"""
+    import json
+
+    eval_cli = stub_eval(monkeypatch)
     config = load("eval.py:smoke", f"--config.run_dir={tmp_path / 'eval'}")
     for ckpt in ("a", "a", "b"):
         eval_cli.run(config, str(tmp_path / ckpt))
