@@ -52,8 +52,9 @@ def get_config() -> ConfigDict:
                                      original_max_position_embeddings=placeholder(int),
                                      beta_fast=placeholder(float), beta_slow=placeholder(float))),
         dtype="float32", param_dtype="float32", remat="none", scan_layers=True,
-        # Training attention: auto (cuDNN flash attention on GPU, Pallas splash on TPU, einsum on CPU) |
-        # einsum (the reference) | xla | cudnn | splash; see model/attention_kernels.py.
+        # Training attention: auto (cuDNN flash attention on GPU, Pallas splash on TPU, blocked on CPU) |
+        # einsum (the reference) | blocked (einsum skipping causal blocks) | xla | cudnn | splash;
+        # see model/attention_kernels.py.
         attention="auto",
         # Positions per chunk of the training logits and cross-entropy (0: all at once). With a large
         # vocabulary the float32 [batch, seq, vocab] logits dominate memory; chunks are recomputed backward.

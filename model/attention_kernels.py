@@ -1,14 +1,17 @@
 """Training attention through maintained kernels, chosen by `ModelConfig.attention`.
 
-- `einsum`: Kiln's own softmax attention (`Attention.attend`): the reference every other path is
-  tested against, the only one decoding uses, and the fastest on CPU.
+- `einsum`: Kiln's own softmax attention (`Attention.softmax_attention`): the reference every other
+  path is tested against, and the only one decoding uses.
+- `blocked`: the same attention a block of queries at a time, each over the keys up to its block's
+  end (`Attention.causal_blocks`), skipping the blocks above the causal diagonal: the fastest on CPU.
 - `xla`: `jax.nn.dot_product_attention(implementation="xla")`, JAX's portable formulation.
 - `cudnn`: the same call with cuDNN's fused flash attention (GPU; bf16 / fp16). The packed-segment
   mask goes in as the kernel's mask, causality and the sliding window as its own switches.
 - `splash`: the Pallas splash-attention kernel (TPU), with segment ids, causal or local masks and
   logit soft-capping inside the kernel. Elsewhere it runs in Pallas' interpret mode: slow, for the
   parity tests on CPU.
-- `auto`: cudnn on GPU (when the dtype and switches allow), splash on TPU, einsum elsewhere.
+- `auto`: cudnn on GPU (when the dtype and switches allow), splash on TPU, blocked on CPU, einsum
+  elsewhere.
 
 The kernels see the sequence's own keys only: prompt/prefix slots and KV caches use `einsum`. All
 paths share one convention: a query attends to keys of its own segment at positions not after it
@@ -28,7 +31,7 @@ def resolve(name: str, dtype: jnp.dtype, softcap: float | None, platform: str | 
     if name == "auto":
         if platform == "gpu" and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
             return "cudnn"
-        return "splash" if platform == "tpu" else "einsum"
+        return {"tpu": "splash", "cpu": "blocked"}.get(platform, "einsum")
     if softcap is not None and name in ("xla", "cudnn"):
         raise ValueError(f"attention {name!r} has no logit soft-capping (attn_softcap); use einsum or splash")
     return name
@@ -36,7 +39,7 @@ def resolve(name: str, dtype: jnp.dtype, softcap: float | None, platform: str | 
 
 def attend(name: str, q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_BTS: jax.Array,
            segments_BT: jax.Array, window: int, scale: float, softcap: float | None) -> jax.Array:
-    """Attention output [B, T, H, D] by kernel `name` (not einsum). `mask_BTS` is the full mask
+    """Attention output [B, T, H, D] by kernel `name` (not einsum or blocked, which `Attention` runs). `mask_BTS` is the full mask
     (`attention_mask`); `segments_BT` and the static `window` (0: none) are what the kernels take instead."""
     if name == "xla":
         return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask_BTS[:, None], scale=scale,

@@ -120,7 +120,7 @@ class PrefixConfig:
             raise ValueError("prompt tuning has no MLP reparameterisation (hidden applies to prefix tuning)")
 
 
-ATTENTION_KERNELS = ("auto", "einsum", "xla", "cudnn", "splash")  # see model.attention_kernels
+ATTENTION_KERNELS = ("auto", "einsum", "blocked", "xla", "cudnn", "splash")  # see model.attention_kernels
 
 
 @dataclasses.dataclass(frozen=True)
