@@ -33,13 +33,13 @@ import sys
 import time
 from typing import Any
 
-from launch import eval as eval_cli
+from launch import eval as eval_cli, stage_results
 from ml_collections import ConfigDict
 
 from data import tokenizer as tokenizers
 from launch.config import ConfigError, apply_override, load_config, load_module
 from launch.train import split_args
-from train import build, checkpoint, preflight, records, rejection, rundir, trainer
+from train import preflight, records, rejection, rundir, trainer
 
 COMMANDS = ("tokenizer", "train", "generate", "eval")
 STAGE_FIELDS = ("name", "command", "config", "overrides", "checkpoint", "evaluate", "part_of", "minutes")
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
         print(f"stopped the pipeline in stage {results['preempted']['stage']} at step {results['preempted']['step']} "
               f"(pre-empted) in {recipe.run_dir}; run the same command to resume")
         return 0
-    print(markdown(results))
+    print(stage_results.markdown(results))
     return 0
 
 
@@ -166,7 +166,7 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
     lock = rundir.RunLock(root)  # one runner per pipeline directory (each stage locks its own); creates it
     lock.acquire()
     try:
-        done = _stages_done(_read_results(root))
+        done = stage_results.stages_done(stage_results.read_results(root))
         results: dict[str, Any] = {"recipe": json.loads(recipe.to_json()), "stages": []}
         started = time.perf_counter()
         for i, stage in enumerate(stages):
@@ -174,8 +174,9 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
             config = load_config(stage["config"], _overrides(stage, root) + [f"--config.run_dir={where}"])
             label = f"[{i + 1}/{len(stages)}] {name}: kiln {command} {stage['config']}"
             evaluation = _evaluation(stage, where, root)
-            if finished(command, config) and (evaluation is None or finished("eval", evaluation)):
-                print(f"{label}: finished earlier{changed_since(config)}, skipped", flush=True)
+            if stage_results.finished(command, config) and (evaluation is None
+                                                             or stage_results.finished("eval", evaluation)):
+                print(f"{label}: finished earlier{stage_results.changed_since(config)}, skipped", flush=True)
                 seconds = done[name]["seconds"] if name in done else 0.0
             else:
                 print(f"{label} ({_progress(stages, i, time.perf_counter() - started)})", flush=True)
@@ -186,17 +187,17 @@ def run(recipe: Any, stages: list[dict[str, Any]]) -> dict[str, Any]:
                 if evaluation is not None:
                     eval_cli.run(evaluation, where)
                 seconds = time.perf_counter() - t0
-            metrics = _metrics(command, where)
+            metrics = stage_results.stage_metrics(command, where)
             if evaluation is not None:
-                metrics.update(_metrics("eval", evaluation.run_dir))
+                metrics.update(stage_results.stage_metrics("eval", evaluation.run_dir))
             if config.stage == "reward" and "eval/accuracy" in metrics:
                 metrics["pair_accuracy"] = metrics["eval/accuracy"]  # a reward model's held-out pair accuracy
             done[name] = {"stage": name, "command": command, "config": stage["config"], "run_dir": where,
                           "seconds": seconds, "metrics": metrics}
-            results = {"recipe": json.loads(recipe.to_json()), "stages": _rows(stages, done)}
+            results = {"recipe": json.loads(recipe.to_json()), "stages": stage_results.result_rows(stages, done)}
             records.write_json_atomic(os.path.join(root, "results.json"), results)
-            records.write_text_atomic(os.path.join(root, "results.md"), markdown(results) + "\n")
-        plot(results, os.path.join(root, "results.png"))
+            records.write_text_atomic(os.path.join(root, "results.md"), stage_results.markdown(results) + "\n")
+        stage_results.plot(results, os.path.join(root, "results.png"))
         return results
     finally:
         lock.release()
@@ -240,169 +241,6 @@ def _progress(stages: list[dict[str, Any]], i: int, elapsed: float) -> str:
     text = f"pipeline {elapsed / 60:.1f} min so far"
     left = sum(float(s.get("minutes", 0)) for s in stages[i:])
     return text + (f", about {left:.0f} min left" if left else "")
-
-
-def _rows(stages: list[dict[str, Any]], done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The finished stages' rows in order; a helper's metrics (and time) join the stage it is part of."""
-    rows = {}
-    for s in stages:
-        if s["name"] in done and not s.get("part_of"):
-            rows[s["name"]] = dict(done[s["name"]], metrics=dict(done[s["name"]]["metrics"]), parts=[])
-    for s in stages:
-        owner = s.get("part_of")
-        if owner in rows and s["name"] in done:
-            helper = done[s["name"]]
-            rows[owner]["metrics"].update({f"{s['name']}/{k}": v for k, v in helper["metrics"].items()})
-            rows[owner]["seconds"] += helper["seconds"]
-            rows[owner]["parts"].append(s["name"])
-            rows[owner].setdefault("part_seconds", {})[s["name"]] = helper["seconds"]
-    return list(rows.values())
-
-
-def _stages_done(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each stage's own entry (time and metrics) from the rows of an earlier results.json, helpers split
-    out of the stage they joined, so a re-run that repeats only one of the two counts each time once."""
-    done = {}
-    for row in rows:
-        parts = row.get("part_seconds", {})
-        done[row["stage"]] = dict(row, seconds=row["seconds"] - sum(parts.values()))
-        for helper, seconds in parts.items():
-            prefix = f"{helper}/"
-            done[helper] = {"stage": helper, "seconds": seconds,
-                            "metrics": {k[len(prefix):]: v for k, v in row["metrics"].items() if k.startswith(prefix)}}
-    return done
-
-
-def finished(command: str, config: Any) -> bool:
-    """Whether a stage's run is done: a train run's checkpoint reached train.steps, a generate or eval
-    run wrote its results.json (ValueError for a generate run's, made with other settings)."""
-    if command == "tokenizer":
-        return os.path.isfile(os.path.join(config.run_dir, "tokenizer.model"))
-    if command == "train":
-        try:  # a stage stopped before its first checkpoint has an empty checkpoints/ directory
-            return checkpoint.latest_step(config.run_dir) >= config.train.steps
-        except (checkpoint.CheckpointError, FileNotFoundError):
-            return False
-    done = os.path.isfile(os.path.join(config.run_dir, "results.json"))
-    if done and command == "generate":
-        rejection.check_settings(config)
-    return done
-
-
-def changed_since(config: Any) -> str:
-    """For a finished run that a re-run skips: "" when its config.json matches `config`, else a note
-    of what differs (optimizer, steps, evaluation: its results stand, from other settings). ConfigError
-    when the model, stage, loss, data or seed differ: the recipe would build on another model than it
-    names."""
-    started_with = rundir.read_config(config.run_dir)
-    if started_with is None:
-        return ""
-    config = config.copy_and_resolve_references()
-    try:
-        config.data.tokenizer = build.tokenizer_name(config)  # as the run recorded it: "auto" made concrete
-    except ValueError:  # the source cannot say (any more): compared as written
-        pass
-    free, guarded, fixed = rundir.config_changes(started_with, config.to_dict())
-    if fixed or guarded:
-        raise ConfigError(f"{config.run_dir} finished with other settings ({(fixed + guarded)[0]}), which the run "
-                          f"it is reused for would not have; move {config.run_dir} aside to run it again, or undo "
-                          "the change")
-    return f" with other settings ({'; '.join(free)}; move {config.run_dir} aside to run it again)" if free else ""
-
-
-def _metrics(command: str, run_dir: str) -> dict[str, float]:
-    """A finished stage's headline numbers, from the files it wrote: a train stage's last eval row
-    and last train row (its keys under train/) of metrics.jsonl; a generate stage's results; an eval
-    stage's text metrics and each setting's accuracy, with `accuracy` the best setting's."""
-    if command == "train":
-        return train_metrics(run_dir)
-    if command == "tokenizer":
-        return {"vocab_size": float(tokenizers.load(os.path.join(run_dir, "tokenizer.model")).vocab_size)}
-    with open(os.path.join(run_dir, "results.json")) as f:
-        results = json.load(f)
-    if command == "generate":
-        return {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
-    metrics = {k: float(v) for k, v in results["metrics"].items()}
-    for row in results["tasks"]:
-        setting = f"{row['shots']}shot{'_cot' if row['chain_of_thought'] else ''}"
-        metrics[f"{row['task']}/{setting}/accuracy"] = float(row["accuracy"])
-    if results["tasks"]:
-        metrics["accuracy"] = max(float(row["accuracy"]) for row in results["tasks"])
-    return metrics
-
-
-def train_metrics(run_dir: str) -> dict[str, float]:
-    """A finished train run's last value of every metric in metrics.jsonl: eval/... keys as they are,
-    training's under train/."""
-    out: dict[str, float] = {}
-    path = os.path.join(run_dir, "metrics.jsonl")
-    with open(path) as f:
-        lines = f.read().splitlines()
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if n == len(lines):  # the last row, torn by a kill while it was written
-                break
-            raise ValueError(f"{path} line {n}: not a JSON row; delete the line to go on") from None
-        out.update({k if k.startswith("eval/") else f"train/{k}": float(v) for k, v in row.items()
-                    if isinstance(v, (int, float)) and k != "step"})
-    return out
-
-
-def _read_results(root: str) -> list[dict[str, Any]]:
-    """The stage rows of an earlier results.json; one that cannot be read is set aside with a warning
-    (the stages' own outputs rebuild every row but the times of the stages skipped)."""
-    path = os.path.join(root, "results.json")
-    if not os.path.isfile(path):
-        return []
-    try:
-        with open(path) as f:
-            return list(json.load(f)["stages"])
-    except (ValueError, KeyError, TypeError) as e:
-        dest = rundir.set_aside(root, ["results.json", "results.md"])
-        print(f"warning: {path} cannot be read ({e}); moved it to {dest} and rebuilt it from the stages' outputs",
-              file=sys.stderr, flush=True)
-        return []
-
-
-def plot(results: dict[str, Any], path: str) -> None:
-    """A bar chart of held-out accuracy by stage (stages without an accuracy are left out), written
-    atomically; nothing when no stage has one."""
-    rows = [r for r in results["stages"] if "accuracy" in r["metrics"]]
-    if not rows:
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 4))
-    values = [100 * r["metrics"]["accuracy"] for r in rows]
-    ax.bar([r["stage"] for r in rows], values, color="tab:blue")
-    for x, v in enumerate(values):
-        ax.text(x, v, f"{v:.1f}", ha="center", va="bottom")
-    ax.set_ylabel("held-out accuracy, best setting (%)")
-    ax.tick_params(axis="x", labelrotation=30)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def markdown(results: dict[str, Any]) -> str:
-    """One row per stage: its command, wall time and headline metrics."""
-    keys = ("accuracy", "pair_accuracy", "eval/loss", "eval/rewards/accuracies", "train/reward/mean", "pass@1",
-            "best_of_k", "kept_fraction", "train/loss")
-    lines = ["| stage | command | minutes | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
-    for r in results["stages"]:
-        # A helper's figures (rs_generate/pass@1, ...) fill its stage's empty columns.
-        m = r["metrics"]
-        found = {k: m[k] if k in m else next((m[f"{p}/{k}"] for p in r.get("parts", ()) if f"{p}/{k}" in m), None)
-                 for k in keys}
-        cells = ["" if found[k] is None else f"{found[k]:.3f}" for k in keys]
-        lines.append(f"| {r['stage']} | {r['command']} | {r['seconds'] / 60:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from launch.config import ConfigError, apply_override, load_config, load_module
-from launch.pipeline import changed_since, finished, train_metrics
+from launch.stage_results import changed_since, finished, train_metrics
 from launch.train import split_args
 from train import records, rundir, trainer
 

@@ -9,7 +9,7 @@ import pytest
 
 from configs import base
 from data import examples, sources
-from launch import pipeline
+from launch import pipeline, stage_results
 from launch.config import ConfigError, _get as config_value
 from model import presets
 from test_config_overrides import load
@@ -464,7 +464,7 @@ def test_rejection_sampling_rerun_with_other_settings_is_refused(tmp_path, monke
     other = load("rejection_sampling.py:smoke", *settings, "--config.rollout.num_samples=2")
     message = (f"{tmp_path / 'rs'} holds the outputs of rejection sampling with rollout.num_samples=4, and this run "
                f"has 2; move {tmp_path / 'rs'} aside to sample again, or undo the change")
-    for finished in (rejection.run, lambda config: pipeline.finished("generate", config)):
+    for finished in (rejection.run, lambda config: stage_results.finished("generate", config)):
         with pytest.raises(ValueError, match=re.escape(message)):
             finished(other)
     assert json.loads((tmp_path / "rs" / "results.json").read_text()) == first
@@ -784,6 +784,6 @@ def test_rejection_sampling_outputs_without_recorded_settings_are_not_reused(tmp
     message = (f"{tmp_path / 'rs'} holds rejection sampling's outputs, but its results.json records no settings, so "
                f"they cannot be checked against this run's; delete {tmp_path / 'rs'} (or move it aside) to sample "
                "again, or choose another run_dir")
-    for finished in (rejection.run, lambda config: pipeline.finished("generate", config)):
+    for finished in (rejection.run, lambda config: stage_results.finished("generate", config)):
         with pytest.raises(ValueError, match=re.escape(message)):
             finished(config)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from launch import pipeline
+from launch import pipeline, stage_results
 from launch.config import ConfigError
 from train import checkpoint
 from test_pipeline_run import recipe_file
@@ -170,8 +170,8 @@ def test_a_stage_stopped_before_its_first_checkpoint_is_not_finished(tmp_path):
     from launch.config import load_config
     (tmp_path / "checkpoints").mkdir()  # what a run killed during set-up leaves
     config = load_config(os.path.join(ROOT, "configs/sft.py:smoke"), [f"--config.run_dir={tmp_path}"])
-    assert not pipeline.finished("train", config)
-    assert not pipeline.finished("eval", config)
+    assert not stage_results.finished("train", config)
+    assert not stage_results.finished("eval", config)
 
 
 @pytest.mark.parametrize("command, words", [("pipeline", "Runs a recipe"), ("generate", "Rejection sampling, a stage")])

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from data import tokenizer as tokenizers
-from launch import pipeline
+from launch import pipeline, stage_results
 from launch.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.trainer, "train", f.train)
     monkeypatch.setattr(pipeline.rejection, "run", f.generate)
     monkeypatch.setattr(pipeline.eval_cli, "run", f.evaluate)
-    monkeypatch.setattr(pipeline.checkpoint, "latest_step", f.latest_step)
+    monkeypatch.setattr(stage_results.checkpoint, "latest_step", f.latest_step)
     monkeypatch.setattr(pipeline.time, "perf_counter", lambda: f.now)
     return f
 
@@ -133,7 +133,7 @@ def test_each_stage_runs_in_its_directory_on_the_earlier_stages_outputs(fake, tm
     with open(os.path.join(root, "results.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # The table: minutes, and a helper's figures in its stage's empty columns.
-    table = pipeline.markdown(results).splitlines()
+    table = stage_results.markdown(results).splitlines()
     assert table[2] == "| pretrain | train | 2.5 | 0.500 |  | 1.750 |  |  |  |  |  | 1.500 |"
     assert table[3] == "| rm | train | 1.0 |  | 0.875 | 1.750 |  |  |  |  |  | 1.500 |"
     assert table[4] == "| sft | train | 3.5 |  |  | 1.750 |  |  |  | 0.500 | 0.750 | 1.500 |"
@@ -165,7 +165,7 @@ def test_rerun_skips_finished_stages_and_runs_the_unfinished_ones(fake, tmp_path
     assert (seconds["pretrain"], seconds["rm"], seconds["final"]) == (150, 60, 15)
     # sft ran again and gen (part of it) did not: gen's earlier time still counts, once.
     assert seconds["sft"] == 210
-    assert [r["stage"] for r in pipeline._read_results(root)] == ["pretrain", "rm", "sft", "final"]
+    assert [r["stage"] for r in stage_results.read_results(root)] == ["pretrain", "rm", "sft", "final"]
     fake.calls.clear()
     pipeline.run(recipe, stages)
     assert fake.calls == []
@@ -178,13 +178,13 @@ def test_rerun_skips_finished_stages_and_runs_the_unfinished_ones(fake, tmp_path
 def test_finished_means_the_last_step_reached(fake, tmp_path):
     from launch.config import load_config
     config = load_config("configs/sft.py:smoke", [f"--config.run_dir={tmp_path}", "--config.train.steps=4"])
-    assert not pipeline.finished("train", config)  # no checkpoint
+    assert not stage_results.finished("train", config)  # no checkpoint
     for step, done in ((3, False), (4, True), (5, True)):
         (tmp_path / "step").write_text(str(step))
-        assert pipeline.finished("train", config) is done
-    assert not pipeline.finished("tokenizer", config)
+        assert stage_results.finished("train", config) is done
+    assert not stage_results.finished("tokenizer", config)
     (tmp_path / "tokenizer.model").write_text("")
-    assert pipeline.finished("tokenizer", config) and not pipeline.finished("generate", config)
+    assert stage_results.finished("tokenizer", config) and not stage_results.finished("generate", config)
 
 
 @pytest.mark.parametrize("name", ["..", "a/b", "superseded", "sft v2"])
@@ -276,11 +276,11 @@ def test_train_metrics_drop_a_torn_last_row_and_name_a_damaged_one(tmp_path):
     row before it is named by file and line (both were a bare JSON message)."""
     rows = '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5, "eval/loss": 1.75}\n'
     (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 3, "lo')
-    assert pipeline.train_metrics(str(tmp_path)) == {"train/loss": 1.5, "eval/loss": 1.75}
+    assert stage_results.train_metrics(str(tmp_path)) == {"train/loss": 1.5, "eval/loss": 1.75}
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo\n' + rows)
     message = f"{tmp_path}/metrics.jsonl line 1: not a JSON row; delete the line"
     with pytest.raises(ValueError, match=re.escape(message)):
-        pipeline.train_metrics(str(tmp_path))
+        stage_results.train_metrics(str(tmp_path))
 
 
 def test_a_preempted_stage_stops_the_pipeline(fake, tmp_path, monkeypatch, capsys):
@@ -294,7 +294,7 @@ def test_a_preempted_stage_stops_the_pipeline(fake, tmp_path, monkeypatch, capsy
     assert fake.calls == ["pretrain", "pretrain/eval"]
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"stopped the pipeline in stage rm at step 3 (pre-empted) in {fake.root}; run the same command to resume")
-    assert [r["stage"] for r in pipeline._read_results(fake.root)] == ["pretrain"]
+    assert [r["stage"] for r in stage_results.read_results(fake.root)] == ["pretrain"]
 
 
 def test_rows_of_stages_not_reached_keep_their_figures(fake, tmp_path, monkeypatch):
@@ -306,7 +306,7 @@ def test_rows_of_stages_not_reached_keep_their_figures(fake, tmp_path, monkeypat
     monkeypatch.setattr(pipeline.trainer, "train", lambda config: (
         {"preempted_at": 1} if config.stage == "reward" else real(config)))
     pipeline.run(*pipeline.load_recipe(recipe_file(tmp_path), []))
-    rows = {r["stage"]: r for r in pipeline._read_results(fake.root)}
+    rows = {r["stage"]: r for r in stage_results.read_results(fake.root)}
     sft = next(r for r in first["stages"] if r["stage"] == "sft")
     assert (rows["sft"]["metrics"], rows["sft"]["seconds"]) == (sft["metrics"], sft["seconds"])
 

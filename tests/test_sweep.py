@@ -154,7 +154,7 @@ def test_a_rerun_skips_finished_runs_and_tabulates_them(in_root, tmp_path, monke
     """Stand-in training (it writes metrics.jsonl and its last step): the first run trains every
     (point, seed), a re-run trains none and tabulates the same figures; the plot draws the metric
     `plot.y` names against `plot.x`."""
-    from launch import pipeline
+    from launch import stage_results
 
     trained = []
 
@@ -174,7 +174,7 @@ def test_a_rerun_skips_finished_runs_and_tabulates_them(in_root, tmp_path, monke
     from matplotlib.figure import Figure
     drawn, savefig = [], Figure.savefig
     monkeypatch.setattr(sweep.trainer, "train", train)
-    monkeypatch.setattr(pipeline.checkpoint, "latest_step", latest_step)
+    monkeypatch.setattr(stage_results.checkpoint, "latest_step", latest_step)
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: drawn.append(fig) or savefig(fig, *a, **kw))
     spec = write_sweep(tmp_path, points=({"optim.lr": 0.1}, {"optim.lr": 0.2}),
                        plot={"x": "optim.lr", "y": ("eval/loss",), "series": ""})
