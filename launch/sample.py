@@ -27,7 +27,7 @@ import jax
 
 from data import chat
 from data.sources import expand_path
-from model.sharding import make_mesh
+from model.sharding import make_mesh, use_cpu_devices
 from train.generate import load_sampler
 from train.records import write_text_atomic
 
@@ -50,13 +50,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chat_template", choices=sorted(chat.FORMATS), default=None)
     p.add_argument("--tokenizer", default=None, help='"byte", a tokenizer file or a directory holding one')
     p.add_argument("--batch_size", type=int, default=64, help="prompts per compiled batch (default 64)")
-    p.add_argument("--tensor", type=int, default=1, help="devices that split the attention heads (default 1)")
+    p.add_argument("--tensor", type=int, default=1, help="devices that split the attention heads (default 1); on a "
+                   "CPU-only host, that many CPU devices: --tensor=2 on 2 cores samples ~1.2x faster")
     p.add_argument("--output", default=None, help="JSONL file to write (default: stdout)")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.tensor > 1:
+        use_cpu_devices(args.tensor)  # so that --tensor=N also runs on a CPU-only host (before JAX starts)
     records = _records(args)
     for name in ("batch_size", "num_samples", "max_new_tokens", "tensor"):
         if getattr(args, name) < 1:

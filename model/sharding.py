@@ -96,6 +96,17 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def use_cpu_devices(n: int) -> None:
+    """Gives JAX's CPU backend n devices, so that a mesh of n devices exists on a host without
+    accelerators; the devices share the host's cores (on a 2-core CPU the sampler with its heads over two
+    devices keeps both cores busy: docs/performance.md). Accelerators' devices are unaffected. Only before
+    the backends start (the first JAX operation); after that the devices stay as they are."""
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backends have started
+        pass
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None, *,
               dcn_data: int = 1, dcn_fsdp: int = 1) -> Mesh:
     """A (data, fsdp, tensor) mesh with Auto axes; one of the three may be -1 (the remaining devices).

@@ -191,27 +191,44 @@ def test_train_step_keeps_the_first_steps_loss():
 
 
 def test_sampling_best_time_and_ratio(monkeypatch):
-    """best_time: the first run untimed, then the fastest of the repeats and the last output; measure's
-    ratio is hf seconds / kiln seconds, tokens/s are batch x new tokens / seconds, and agreement is
-    the share of equal greedy tokens."""
+    """best_time: the first run untimed, then the fastest of the repeats and the last output; measure
+    runs Kiln once per tensor count and takes the fastest: the ratio is hf seconds / its seconds,
+    tokens/s are batch x new tokens / seconds, and agreement is the share of equal greedy tokens (with HF,
+    and the least between Kiln's runs)."""
     from benchmarks import sampling
 
     clock = FakeClock()
     monkeypatch.setattr(sampling, "time", clock)
     durations, outputs = [5.0, 3.0, 1.0, 2.0], iter("abcd")
     assert sampling.best_time(lambda: (clock.sleep(durations.pop(0)), next(outputs))[1], 3) == (5.0, 1.0, "d")
-    timings = [(9.0, 0.5, np.array([[1, 2], [3, 4]])), (7.0, 2.0, np.array([[1, 2], [3, 5]]))]
+    timings = [(9.0, 0.5, np.array([[1, 2], [3, 4]])), (8.0, 0.25, np.array([[1, 2], [3, 5]])),
+               (7.0, 2.0, np.array([[1, 2], [4, 4]]))]  # Kiln on 1 device, on 2, then HF
     monkeypatch.setattr(sampling, "best_time", lambda run, repeats: timings.pop(0))
     monkeypatch.setattr(sampling, "Transformer", lambda cfg, rngs: "weights")
+    meshes = []
+    monkeypatch.setattr(sampling, "shard_module", lambda model, mesh: meshes.append(dict(mesh.shape)))
     monkeypatch.setattr(sampling.hf, "save", lambda model, cfg, d: None)
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(  # what measure uses of torch, transformers
         float32="float32", bfloat16="bfloat16", from_numpy=lambda a: a, get_num_threads=lambda: 3))
     monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(AutoModelForCausalLM=types.SimpleNamespace(
         from_pretrained=lambda d, dtype: types.SimpleNamespace(eval=lambda: None))))
-    row = sampling.measure("tiny", batch=2, prompt_len=3, new_tokens=2, dtype="float32", repeats=1)
-    assert (row["kiln_tokens_per_s"], row["hf_tokens_per_s"], row["ratio"]) == (8.0, 2.0, 4.0)
-    assert (row["kiln_s"], row["hf_s"], row["kiln_first_s"], row["hf_first_s"]) == (0.5, 2.0, 9.0, 7.0)
-    assert row["greedy_agreement"] == 0.75 and row["torch_threads"] == 3
+    row = sampling.measure("tiny", batch=2, prompt_len=3, new_tokens=2, dtype="float32", repeats=1, tensors=(1, 2))
+    assert meshes == [{"data": 1, "fsdp": 1, "tensor": 2}]  # the 1-device run is not placed on a mesh
+    assert (row["kiln_tokens_per_s"], row["hf_tokens_per_s"], row["ratio"], row["tensor"]) == (16.0, 2.0, 8.0, 2)
+    assert row["kiln_tokens_per_s_by_tensor"] == {"1": 8.0, "2": 16.0}
+    assert (row["kiln_s"], row["hf_s"], row["kiln_first_s"], row["hf_first_s"]) == (0.25, 2.0, 8.0, 7.0)
+    assert row["greedy_agreement"] == 0.5 and row["tensor_agreement"] == 0.75 and row["torch_threads"] == 3
+
+
+def test_use_cpu_devices_before_jax_starts_and_not_after():
+    """A fresh process gets the CPU devices it asks for (`kiln sample --tensor=N`, the sampling benchmark);
+    once JAX has run an operation, the call changes nothing instead of failing."""
+    code = ("from model.sharding import use_cpu_devices; use_cpu_devices(3); import jax; n = len(jax.devices()); "
+            "use_cpu_devices(5); print(n, len(jax.devices()))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
+    assert out.stdout.split() == ["3", "3"]
 
 
 def test_data_throughput_counts_non_padding_tokens_after_the_first_batch(monkeypatch):
