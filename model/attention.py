@@ -102,9 +102,10 @@ class Attention(nnx.Module):
     def causal_blocks(self, q_BTHD: jax.Array, k_BKSD: jax.Array, v_BKSD: jax.Array,
                       mask_BTS: jax.Array) -> jax.Array:
         """`softmax_attention` of the sequence over its own keys, a block of queries at a time, each over
-        the keys up to its block's end: a key in a later slot than its query is always masked (a later
-        position of the same segment, or another segment), so the blocks above the diagonal are skipped
-        instead of computed and masked. At 4 blocks that is 6 of 16 (CPU: docs/performance.md)."""
+        the keys up to its block's end. Positions count up along each segment (as in every batch Kiln
+        builds), so a key in a later slot than its query is always masked: a later position of the same
+        segment, or another segment. The blocks above the diagonal are therefore skipped instead of computed
+        and masked: at 4 blocks, 6 of the 16 query-key blocks (CPU: docs/performance.md)."""
         T = q_BTHD.shape[1]
         n = min(CAUSAL_BLOCKS, T // MIN_BLOCK)
         if n <= 1:
