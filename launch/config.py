@@ -60,8 +60,12 @@ def load_module(path: str, what: str, needs: tuple[str, ...]) -> Any:
 
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ConfigDict:
     """Loads `path/to/file.py[:variant]`, applies `--config.a.b=value` strings, validates, locks."""
-    path, _, variant = spec.partition(":")
+    path, colon, variant = spec.partition(":")
+    if not os.path.isfile(path) and os.path.isfile(path + ".py"):
+        raise ConfigError(f"config file {path!r} not found; did you mean {path + '.py' + colon + variant!r}?")
     module = load_module(path, "config", ("get_config",))
+    if colon and not variant:  # an unset shell variable after the colon: the base config would run in silence
+        raise ConfigError(f"{spec}: no variant after ':'; name one, or drop the ':' for the base config")
     try:
         config = module.get_config(variant) if variant else module.get_config()
     except (KeyError, ValueError) as e:
@@ -77,6 +81,17 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     validate(config)
     config.lock()
     return config
+
+
+def check_given_once(overrides: list[str]) -> list[str]:
+    """`overrides` (a command line's `--config.KEY=VALUE` arguments); ConfigError for a key given twice with
+    two values, of which the last won in silence."""
+    given: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0].removeprefix("--").removeprefix("config.")
+        if given.setdefault(key, item) != item:
+            raise ConfigError(f"config key {key!r} is set twice, by {given[key]!r} and {item!r}; give it once")
+    return overrides
 
 
 def source_entries(config: ConfigDict) -> list[tuple[str, ConfigDict]]:

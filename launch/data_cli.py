@@ -18,7 +18,7 @@ import numpy as np
 
 from data import pipeline, stats, tokenizer as tokenizers
 from data.tokenizer import Tokenizer
-from launch.config import ConfigError, load_config
+from launch.config import ConfigError, check_given_once, load_config
 from train.build import tokenizer_name
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"unknown argument(s) {' '.join(unknown)}; expected --config.KEY=VALUE overrides")
     if args.num_examples < 1:
         raise ConfigError(f"--num_examples must be positive, got {args.num_examples}")
-    config = load_config(args.config, rest)
+    config = load_config(args.config, check_given_once(rest))
     kind = args.kind or pipeline.STAGE_KINDS.get(config.stage, "pretrain")
     data = config.data
     data.tokenizer = tokenizer_name(config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from launch.config import ConfigError, load_config
+from launch.config import ConfigError, check_given_once, load_config
 from train import distributed
 from train.checkpoint import CheckpointError
 from train.rundir import RunDirError
@@ -18,10 +18,11 @@ def split_args(argv: list[str], prog: str, doc: str | None = None) -> tuple[str,
     args = list(argv)
     while args:
         arg = args.pop(0)
-        if arg == "--config" and args:
-            spec = args.pop(0)
-        elif arg.startswith("--config="):
-            spec = arg.split("=", 1)[1]
+        if arg == "--config" and args or arg.startswith("--config="):
+            given = args.pop(0) if arg == "--config" else arg.split("=", 1)[1]
+            if spec not in (None, given):  # the last would win in silence
+                raise ConfigError(f"--config is given twice ({spec} and {given}); give one config")
+            spec = given
         elif arg.startswith("--config."):
             overrides.append(arg)
         elif arg in ("-h", "--help"):
@@ -31,7 +32,7 @@ def split_args(argv: list[str], prog: str, doc: str | None = None) -> tuple[str,
             other.append(arg)
     if not spec:
         raise ConfigError(f"{prog} needs --config=FILE.py[:variant]")
-    return spec, overrides, other
+    return spec, check_given_once(overrides), other
 
 
 def main(argv: list[str]) -> int:
