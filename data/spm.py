@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -117,13 +118,26 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: s
             control_symbols=list(CONTROL_TOKENS), max_sentence_length=_MAX_SENTENCE_BYTES,
             input_sentence_size=_MAX_SENTENCES, shuffle_input_sentence=True, num_threads=1, minloglevel=2)
     except RuntimeError as e:
-        # e.g. "Vocabulary size is too high (N). Please set it to a value <= M."
+        # Its advice names its own options ("decrease character_coverage with --character_coverage option"):
+        # the vocabulary sizes the text allows are said here instead.
+        high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e))
+        low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if high:
+            raise TokenizerError(f"tokenizer vocab_size {high[1]} is more pieces than the training text holds: "
+                                 f"set at most {high[2]}, or train on more text") from None
+        if low:
+            raise TokenizerError(f"tokenizer vocab_size {low[1]} is below the {low[2]} pieces the training text "
+                                 f"needs (the fixed pieces and one per character it uses): set at least {low[2]}") from None
         raise TokenizerError(f"sentencepiece training failed: {e}") from None
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, out_path)  # atomic: a concurrent reader sees no half-written model
+    try:
+        with open(tmp, "wb") as f:
+            f.write(model.getvalue())
+        os.replace(tmp, out_path)  # atomic: a concurrent reader sees no half-written model
+    finally:
+        if os.path.isfile(tmp):  # a failed write (or an interrupt) leaves no temporary file behind
+            os.remove(tmp)
     return sum(len(pieces) > 1 for pieces in cut)
 
 
