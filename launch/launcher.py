@@ -49,6 +49,12 @@ def check_processes(p: argparse.ArgumentParser, mesh: str, processes: int, hint:
                 f"{processes} processes: {hint}")
 
 
+def check_port(p: argparse.ArgumentParser, flag: str, port: str) -> None:
+    """An argparse error for a port that is no TCP port: every process would fail to connect, after starting."""
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        p.error(f"{flag}: the port {port!r} is not a TCP port (1 to 65535)")
+
+
 def env_line(env: dict[str, str], command: list[str], log: str | None = None) -> str:
     """One process as a shell line: its variables, its command and where its output goes."""
     out = f" > {shlex.quote(log)} 2>&1" if log else ""
@@ -96,7 +102,12 @@ def start_here(prog: str, command: list[str], envs: list[dict[str, str]], logs: 
         for env, log in zip(envs, logs):
             print(env_line(env, command, log))
         return 0
-    os.makedirs(log_dir, exist_ok=True)
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, say: before any process starts, not a traceback
+        print(f"{prog}: error: --log_dir={log_dir}: cannot make the directory ({e.strerror}); name a directory",
+              file=sys.stderr)
+        return 2
     status = supervise(command, envs, logs)
     if status:
         print(f"{prog}: a process exited with status {status}; the others' logs are in {log_dir}", file=sys.stderr)

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[split + 1:]
     if not command or a.num_processes < 1 or a.devices_per_process < 1:
         p.error("give a command after --, and --num_processes and --devices_per_process of at least 1")
+    if a.port:  # 0: a free one
+        launcher.check_port(p, f"--port={a.port}", str(a.port))
     if not a.dry_run and not shutil.which(command[0]):
         p.error(f"{command[0]!r} not found: activate the environment kiln is installed in")
     envs = environments(a.num_processes, a.port or free_port(), a.devices_per_process)

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     host, _, port = a.coordinator.rpartition(":")
     if not host or not port.isdigit():
         p.error(f"--coordinator={a.coordinator!r} is not HOST:PORT")
+    launcher.check_port(p, f"--coordinator={a.coordinator}", port)
     if a.nodes < 1 or a.processes_per_node < 1 or not 0 <= a.node_rank < a.nodes:
         p.error("--nodes and --processes_per_node must be at least 1, and --node_rank in [0, nodes)")
     launcher.check_processes(p, a.mesh, a.nodes * a.processes_per_node, "use --processes_per_node=1")

@@ -71,13 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--time={a.time!r} is not HH:MM:SS or D-HH:MM:SS")
     if not re.fullmatch(r"[\w.-]+", a.job_name):
         p.error(f"--job_name={a.job_name!r}: use letters, digits, '_', '.' and '-'")
+    # A line break would end the #SBATCH lines there (sbatch reads none after a command), a space the option.
+    if a.partition and not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", a.partition):
+        p.error(f"--partition={a.partition!r}: a partition name (letters, digits, '_', '.', '-'), or several "
+                "separated by commas")
     launcher.check_processes(p, a.mesh, a.nodes * (a.gpus_per_node if a.per == "gpu" else 1), "use --per=node")
     text = script(command, a.nodes, a.gpus_per_node, a.per, a.job_name, a.partition, a.time)
     if a.dry_run:
         print(text, end="")
         return 0
-    with open(a.out, "w") as f:
-        f.write(text)
+    try:
+        with open(a.out, "w") as f:
+            f.write(text)
+    except OSError as e:  # a directory, a missing directory: one line, not a traceback
+        p.error(f"--out={a.out}: cannot write the script ({e.strerror}); name a file in an existing directory")
     print(f"wrote {a.out}; submit it with:", file=sys.stderr)
     print(shlex.join(["sbatch", a.out]))
     return 0

@@ -35,6 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def remote_path(path: str) -> str:
     """`path` quoted for the worker's shell, a leading ~/ left for it to expand."""
+    if path == "~":  # quoted, it would be a directory named '~'
+        return path
     return "~/" + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
 
 
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         if "://" in a.run_root:
             p.error(f"--run_root={a.run_root!r} is a URL: mount the bucket on every worker (gcsfuse) and give the "
                     "mount's path")
+        if not a.run_root.startswith("/"):  # inside each worker's code directory (or home): not shared
+            p.error(f"--run_root={a.run_root!r} is not an absolute path: each worker would write a run directory "
+                    "of its own under its --repo_dir or home; give the shared mount's path, such as /mnt/bucket")
         if any(arg.startswith("--config.run_dir=") for arg in command):
             p.error("give either --run_root or --config.run_dir, not both")
         command += [f"--config.run_dir={a.run_root.rstrip('/')}/runs/{a.run_name or a.tpu}"]

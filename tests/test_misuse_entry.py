@@ -3,13 +3,17 @@ the command line, `kiln tokenizer`, `kiln data reference`, the cluster launchers
 one clear line (what, where, how to fix) before any work is done or any file is written, never a
 traceback, a silent wrong result or an output a later run trusts by mistake. All of them are fast."""
 import os
+import shlex
+import sys
 
 import pytest
 
 from data import spm
 from data.tokenizer_base import TokenizerError
+from launch import local, multinode, slurm, tpu_pod
 from launch.config import ConfigError, load_config
 from launch.train import split_args
+from test_launchers import DRY, KILN, error, printed
 from test_misuse import ROOT, one_error_line
 from test_tokenizer import CORPUS
 
@@ -87,3 +91,63 @@ def test_a_vocabulary_the_text_cannot_fill_names_the_sizes_it_can(tmp_path, voca
     assert str(e.value) == message and not os.path.exists(out)
     for bound in (326, 810):
         spm.train(CORPUS, out, vocab_size=bound)
+
+
+@pytest.mark.parametrize("partition", ["gpu\necho hi", "gpu a", "gpu,"])
+def test_slurm_refuses_a_partition_that_would_break_its_script(capsys, partition):
+    """A line break in --partition ended the #SBATCH lines there: sbatch read no --output, --requeue nor
+    --signal after it (no requeue on pre-emption), and the rest of the value ran as a command in the job."""
+    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=8", f"--partition={partition}", *DRY], capsys).endswith(
+        f"--partition={partition!r}: a partition name (letters, digits, '_', '.', '-'), or several separated by commas")
+    assert printed(slurm.main, ["--nodes=1", "--gpus_per_node=8", "--partition=gpu_a.1,debug-2", *DRY], capsys)[5] == (
+        "#SBATCH --partition=gpu_a.1,debug-2")
+
+
+@pytest.mark.parametrize("out, reason", [("", "Is a directory"), ("nodir/job.sbatch", "No such file or directory")])
+def test_slurm_names_a_script_path_it_cannot_write(tmp_path, capsys, out, reason):
+    """--out a directory, or in a directory that does not exist, ended in an IsADirectoryError traceback."""
+    assert error(slurm.main, ["--nodes=1", "--gpus_per_node=8", f"--out={tmp_path}/{out}", "--", *KILN],
+                 capsys).endswith(f"--out={tmp_path}/{out}: cannot write the script ({reason}); name a file in an "
+                                  "existing directory")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("main, args", [(local.main, ["--num_processes=2"]),
+                                        (multinode.main, ["--nodes=1", "--node_rank=0", "--coordinator=h:1",
+                                                          "--processes_per_node=2"])])
+def test_a_log_dir_that_is_a_file_stops_a_launch_before_any_process(tmp_path, capsys, main, args):
+    """--log_dir naming a file ended in a FileExistsError traceback."""
+    (tmp_path / "logs").write_text("")
+    mark = tmp_path / "started"
+    assert main([*args, f"--log_dir={tmp_path / 'logs'}", "--", sys.executable, "-c", f"open({str(mark)!r}, 'w')"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f"error: --log_dir={tmp_path / 'logs'}: cannot make the directory (File exists); name a "
+                         "directory") and not mark.exists()
+
+
+@pytest.mark.parametrize("main, args, flag", [
+    (local.main, ["--num_processes=2", "--port=70000"], "--port=70000"),
+    (local.main, ["--num_processes=2", "--port=-1"], "--port=-1"),
+    (multinode.main, ["--nodes=1", "--node_rank=0", "--coordinator=h:65536"], "--coordinator=h:65536"),
+    (multinode.main, ["--nodes=1", "--node_rank=0", "--coordinator=h:0"], "--coordinator=h:0"),
+])
+def test_a_port_that_is_no_tcp_port_is_refused(capsys, main, args, flag):
+    """A port outside 1..65535 started every process, each failing to reach the coordinator."""
+    port = flag.rpartition(":")[2] if ":" in flag else flag.partition("=")[2]
+    assert error(main, [*args, *DRY], capsys).endswith(f"{flag}: the port {port!r} is not a TCP port (1 to 65535)")
+    assert printed(multinode.main, ["--nodes=1", "--node_rank=0", "--coordinator=h:65535", *DRY], capsys)
+
+
+@pytest.mark.parametrize("run_root", ["mnt/bucket", "~/runs"])
+def test_tpu_pod_refuses_a_run_root_that_is_not_shared(capsys, run_root):
+    """A relative --run_root made the run directory relative to each worker's code directory (a home path, to
+    its home): one directory per worker, not the shared one a pod's checkpoints need."""
+    assert error(tpu_pod.main, ["--tpu=t", "--zone=z", f"--run_root={run_root}", *DRY], capsys).endswith(
+        f"--run_root={run_root!r} is not an absolute path: each worker would write a run directory of its own "
+        "under its --repo_dir or home; give the shared mount's path, such as /mnt/bucket")
+
+
+def test_tpu_pod_takes_the_home_directory_as_repo_dir():
+    """--repo_dir='~' was quoted for the worker's shell: the code went to a directory named '~' in the home."""
+    run = tpu_pod.commands(KILN, "t", "z", repo_dir="~")[-1][-1]
+    assert run == f"--command=cd ~ && . .venv/bin/activate && {shlex.join(KILN)}"
