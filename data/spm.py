@@ -127,7 +127,8 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: s
                                  f"set at most {high[2]}, or train on more text") from None
         if low:
             raise TokenizerError(f"tokenizer vocab_size {low[1]} is below the {low[2]} pieces the training text "
-                                 f"needs (the fixed pieces and one per character it uses): set at least {low[2]}") from None
+                                 "needs (the fixed pieces and one per character it uses): set at least "
+                                 f"{low[2]}") from None
         raise TokenizerError(f"sentencepiece training failed: {e}") from None
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.tmp{os.getpid()}"

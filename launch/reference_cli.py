@@ -62,7 +62,9 @@ def main(argv: list[str]) -> int:
     enc, width = Encoder.from_config(config.data, tok), config.data.batch_size
     os.makedirs(args.out, exist_ok=True)
     recorded = dict(encoding(config.data), model=reference_model(config))
-    records.write_text_atomic(os.path.join(args.out, SETTINGS_FILE), json.dumps(recorded, indent=1) + "\n")
+    settings = os.path.join(args.out, SETTINGS_FILE)
+    # Until every file is written, the directory may hold an earlier run's files under these settings.
+    records.write_text_atomic(settings, json.dumps(dict(recorded, unfinished=True), indent=1) + "\n")
     overrides = ["--config.loss.reference=data"]
     for group, key in (("sources", "train"), ("eval_sources", "eval")):
         for name, src in config.data[group].items():
@@ -73,6 +75,7 @@ def main(argv: list[str]) -> int:
             overrides += [f"--config.data.{group}.{name}.path={path}", f"--config.data.{group}.{name}.format=jsonl"]
             # The file holds exactly the pairs the slice selected: it is read whole.
             overrides += [f"--config.data.{group}.{name}.{k}={v}" for k, v in (("start", 0.0), ("end", 1.0)) if k in src]
+    records.write_text_atomic(settings, json.dumps(recorded, indent=1) + "\n")
     print("train on them with: " + " ".join(overrides))
     return 0
 

@@ -3,6 +3,7 @@ the command line, `kiln tokenizer`, `kiln data reference`, the cluster launchers
 one clear line (what, where, how to fix) before any work is done or any file is written, never a
 traceback, a silent wrong result or an output a later run trusts by mistake. All of them are fast."""
 import os
+import re
 import shlex
 import sys
 
@@ -14,7 +15,9 @@ from launch import local, multinode, slurm, tpu_pod
 from launch.config import ConfigError, load_config
 from launch.train import split_args
 from test_launchers import DRY, KILN, error, printed
+from test_config_overrides import load
 from test_misuse import ROOT, one_error_line
+from test_misuse_post import saved_run
 from test_tokenizer import CORPUS
 
 
@@ -38,7 +41,8 @@ def test_a_config_file_given_twice_is_refused():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("configs/pretrain.py:", "configs/pretrain.py:: no variant after ':'; name one, or drop the ':' for the base config"),
+    ("configs/pretrain.py:",
+     "configs/pretrain.py:: no variant after ':'; name one, or drop the ':' for the base config"),
     ("configs/pretrain:smoke", "config file 'configs/pretrain' not found; did you mean 'configs/pretrain.py:smoke'?"),
 ])
 def test_a_config_spec_missing_its_variant_or_suffix_says_so(monkeypatch, spec, message):
@@ -151,3 +155,41 @@ def test_tpu_pod_takes_the_home_directory_as_repo_dir():
     """--repo_dir='~' was quoted for the worker's shell: the code went to a directory named '~' in the home."""
     run = tpu_pod.commands(KILN, "t", "z", repo_dir="~")[-1][-1]
     assert run == f"--command=cd ~ && . .venv/bin/activate && {shlex.join(KILN)}"
+
+
+def test_precomputed_log_probs_of_a_stopped_kiln_data_reference_are_refused(tmp_path, monkeypatch):
+    """reference.json was written first: a re-run into the same --out (another model) stopped while scoring
+    left the new model recorded beside the earlier run's files, which a DPO run from the new model took as its
+    reference in silence. Recorded unfinished until every file is written. (Stand-ins for the model and the
+    scoring.)"""
+    from launch import reference_cli
+    from train import reference
+
+    sft = saved_run(tmp_path / "sft", 3)
+    for name, value in (("build_model", lambda *args: (None,)), ("model_config", lambda *args: None),
+                        ("tokenizer_name", lambda config: "byte")):
+        monkeypatch.setattr(reference_cli, name, value)
+    monkeypatch.setattr(reference_cli, "_score_source", lambda *args: ([], 0))
+    monkeypatch.chdir(ROOT)
+    argv = ["--config=configs/dpo.py:smoke", f"--out={tmp_path / 'ref'}", f"--config.model.init_from={sft}"]
+    assert reference_cli.main(argv) == 0
+
+    def interrupted(where, *args):  # Ctrl-C while scoring the held-out pairs, the training pairs written
+        if where != "data.sources.train":
+            raise KeyboardInterrupt
+        return [], 0
+
+    monkeypatch.setattr(reference_cli, "_score_source", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reference_cli.main(argv)
+    config = load("dpo.py:smoke", "--config.loss.reference=data", "--config.data.tokenizer=byte",
+                  f"--config.model.init_from={sft}",
+                  f"--config.data.sources.train.path={tmp_path}/ref/train.train.jsonl",
+                  "--config.data.sources.train.format=jsonl")
+    with pytest.raises(ValueError, match=re.escape(
+            f"data.sources.train: {tmp_path}/ref/reference.json says kiln data reference into that directory did not "
+            "finish (it was stopped), so its files may hold an earlier run's log-probs; compute them again")):
+        reference.check_precomputed(config)
+    monkeypatch.setattr(reference_cli, "_score_source", lambda *args: ([], 0))
+    assert reference_cli.main(argv) == 0
+    reference.check_precomputed(config)

@@ -63,6 +63,10 @@ def check_precomputed(config: Any) -> None:
                 continue
             with open(settings) as f:
                 recorded = json.load(f)
+            if recorded.get("unfinished"):
+                raise ValueError(f"data.{group}.{name}: {settings} says kiln data reference into that directory did "
+                                 "not finish (it was stopped), so its files may hold an earlier run's log-probs; "
+                                 "compute them again (kiln data reference)")
             now = encoding(config.data)
             for key in ENCODING_KEYS:
                 if key in recorded and recorded[key] != now[key]:
