@@ -20,6 +20,7 @@ import time
 
 from ml_collections import ConfigDict
 
+from benchmarks import positive
 from configs import base
 from data import pipeline, tokenizer as tokenizers
 
@@ -48,7 +49,7 @@ def measure(data_cfg: ConfigDict, kind: str, tok: tokenizers.Tokenizer, batches:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="kiln bench data", description=__doc__)
-    p.add_argument("--batches", type=int, default=40, help="batches timed per row (default 40)")
+    p.add_argument("--batches", type=positive(int), default=40, help="batches timed per row (default 40)")
     args = p.parse_args(argv)
     root = os.environ.get("KILN_DATA_DIR")
     if not root:

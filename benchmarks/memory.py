@@ -19,6 +19,8 @@ import os
 import subprocess
 import sys
 
+from benchmarks import positive
+
 GIB = 2 ** 30
 
 
@@ -74,16 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln bench memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama3_8b")
-    p.add_argument("--batch", type=int, default=8, help="global batch (rows)")
-    p.add_argument("--seq", type=int, default=8192)
-    p.add_argument("--fsdp", type=int, default=8)
-    p.add_argument("--tensor", type=int, default=1)
+    p.add_argument("--batch", type=positive(int), default=8, help="global batch (rows)")
+    p.add_argument("--seq", type=positive(int), default=8192)
+    p.add_argument("--fsdp", type=positive(int), default=8)
+    p.add_argument("--tensor", type=positive(int), default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--remat", default="full")
     p.add_argument("--logits_chunk", type=int, default=1024)
     p.add_argument("--attention", default="einsum", help="training attention (the kernels of the target chip "
                                                           "do not compile for CPU)")
-    p.add_argument("--limit_gib", type=float, default=80.0, help="device memory to check against (H100: 80)")
+    p.add_argument("--limit_gib", type=positive(float), default=80.0, help="device memory to check against (H100: 80)")
     a = p.parse_args(argv)
     need = a.fsdp * a.tensor
     import jax

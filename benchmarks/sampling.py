@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from benchmarks import positive
 from model import hf, presets, sampling
 from model.sharding import make_mesh, shard_module, use_cpu_devices
 from model.transformer import Transformer, param_count
@@ -95,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln bench sampling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt_len", type=int, default=64)
-    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--batch", type=positive(int), default=16)
+    p.add_argument("--prompt_len", type=positive(int), default=64)
+    p.add_argument("--new_tokens", type=positive(int), default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive(int), default=3)
     p.add_argument("--tensor", default="1,2", help="Kiln runs with the heads split over each of these device "
                    "counts (comma-separated; default 1,2)")
     a = p.parse_args(argv)

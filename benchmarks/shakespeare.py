@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from benchmarks import positive
+
 CONFIG = "configs/pretrain.py:shakespeare"
 METRIC = "eval/bits_per_byte"
 
@@ -72,7 +74,7 @@ def measure(budget_s: float, overrides: list[str], run_dir: str, poll_s: float =
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln bench shakespeare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget_s", type=float, default=900.0, help="wall-clock budget in seconds (default 15 min)")
+    p.add_argument("--budget_s", type=positive(float), default=900.0, help="wall-clock budget in seconds (default 15 min)")
     p.add_argument("--run_dir", default=None, help="keep the run here (default: a temporary directory)")
     a, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]

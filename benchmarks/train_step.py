@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from benchmarks import positive
 from model import presets
 from model.config import ModelConfig
 from model.sharding import make_mesh, shard_module
@@ -203,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln bench train_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=positive(int), default=8)
+    p.add_argument("--seq", type=positive(int), default=256)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per side per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds alternating the two sides")
+    p.add_argument("--steps", type=positive(int), default=5, help="timed steps per side per round")
+    p.add_argument("--rounds", type=positive(int), default=3, help="rounds alternating the two sides")
     p.add_argument("--remat", default="none")
-    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--grad_accum", type=positive(int), default=1)
     p.add_argument("--scan_layers", choices=["auto", "true", "false"], default="auto",
                    help="scan the layers (one compiled layer) or unroll them; auto: unrolled on CPU")
     p.add_argument("--tied", action="store_true", help="keep the preset's tied embeddings (default: untied, "

@@ -11,7 +11,7 @@ import pytest
 
 from data import spm
 from data.tokenizer_base import TokenizerError
-from launch import local, multinode, slurm, tpu_pod
+from launch import local, main as kiln, multinode, slurm, tpu_pod
 from launch.config import ConfigError, load_config
 from launch.train import split_args
 from test_launchers import DRY, KILN, error, printed
@@ -193,3 +193,24 @@ def test_precomputed_log_probs_of_a_stopped_kiln_data_reference_are_refused(tmp_
     monkeypatch.setattr(reference_cli, "_score_source", lambda *args: ([], 0))
     assert reference_cli.main(argv) == 0
     reference.check_precomputed(config)
+
+
+TINY = ["--preset=tiny", "--batch=1"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train_step", *TINY, "--seq=8", "--steps=0"], "argument --steps: '0' is not a positive int"),
+    (["train_step", *TINY, "--seq=8", "--rounds=-1"], "argument --rounds: '-1' is not a positive int"),
+    (["sampling", *TINY, "--prompt_len=4", "--new_tokens=2", "--repeats=0"],
+     "argument --repeats: '0' is not a positive int"),
+    (["data", "--batches=0"], "argument --batches: '0' is not a positive int"),
+    (["train_step", "--steps=two"], "argument --steps: invalid int value: 'two'"),
+])
+def test_a_benchmark_count_of_zero_or_less_is_refused(capsys, monkeypatch, argv, message):
+    """`kiln bench train_step --steps=0` compiled the step, timed no step, and printed NaN tokens/s and MFU as
+    its figures (a median of nothing); sampling's --repeats=0 and data's --batches=0 alike."""
+    monkeypatch.delenv("KILN_DATA_DIR", raising=False)  # the data benchmark would stop there, not at its count
+    with pytest.raises(SystemExit) as e:
+        kiln.main(["bench", *argv])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"kiln bench {argv[0]}: error: {message}"
