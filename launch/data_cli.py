@@ -49,8 +49,9 @@ def main(argv: list[str]) -> int:
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
         raise ConfigError(f"unknown argument(s) {' '.join(unknown)}; expected --config.KEY=VALUE overrides")
-    if args.num_examples < 1:
-        raise ConfigError(f"--num_examples must be positive, got {args.num_examples}")
+    for flag in ("num_examples", "max_stat_examples"):  # 0 statistics printed "-3 examples: ok 0, ..."
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be positive, got {getattr(args, flag)}")
     config = load_config(args.config, check_given_once(rest))
     kind = args.kind or pipeline.STAGE_KINDS.get(config.stage, "pretrain")
     data = config.data

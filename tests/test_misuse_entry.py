@@ -214,3 +214,12 @@ def test_a_benchmark_count_of_zero_or_less_is_refused(capsys, monkeypatch, argv,
         kiln.main(["bench", *argv])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"kiln bench {argv[0]}: error: {message}"
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_data_preview_refuses_statistics_of_no_examples(capsys, monkeypatch, value):
+    """--max_stat_examples=-3 printed "source train (synthetic): -3 examples: ok 0, ..." as the statistics."""
+    monkeypatch.chdir(ROOT)
+    assert one_error_line(capsys, ["data", "preview", "--config=configs/pretrain.py:smoke",
+                                   f"--max_stat_examples={value}"]) == (
+        f"kiln data: error: --max_stat_examples must be positive, got {value}")
