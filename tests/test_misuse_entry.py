@@ -223,3 +223,21 @@ def test_data_preview_refuses_statistics_of_no_examples(capsys, monkeypatch, val
     assert one_error_line(capsys, ["data", "preview", "--config=configs/pretrain.py:smoke",
                                    f"--max_stat_examples={value}"]) == (
         f"kiln data: error: --max_stat_examples must be positive, got {value}")
+
+
+@pytest.mark.parametrize("name", ["sft.jsonl", "pairs.jsonl"])
+def test_rejection_sampling_refuses_prompts_read_from_the_files_it_writes(tmp_path, name):
+    """Prompts read from run_dir/sft.jsonl were sampled from, then replaced by the run's own sft.jsonl: the
+    user's prompts file lost. (Refused before the policy, which does not exist, is loaded.)"""
+    from train import rejection
+
+    (tmp_path / "rs").mkdir()
+    (tmp_path / "rs" / name).write_text('{"prompt": "1+1?", "completion": "#### 2"}\n')
+    config = load("rejection_sampling.py:smoke", f"--config.run_dir={tmp_path / 'rs'}",
+                  f"--config.data.sources.train.path={tmp_path}/rs/../rs/{name}",
+                  "--config.data.sources.train.format=jsonl", f"--config.model.init_from={tmp_path / 'policy'}")
+    with pytest.raises(ValueError, match=re.escape(
+            f"data.sources.train.path={tmp_path}/rs/../rs/{name} is the {name} this run writes into "
+            f"run_dir={tmp_path / 'rs'}; choose another run_dir")):
+        rejection.run(config)
+    assert os.listdir(tmp_path) == ["rs"] and os.listdir(tmp_path / "rs") == [name]

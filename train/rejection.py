@@ -36,6 +36,12 @@ OUTPUTS = ("sft.jsonl", "pairs.jsonl", "results.json")
 def run(config: Any) -> dict[str, Any]:
     """Samples, scores and writes as the module docstring says; returns the results. A run directory
     that already holds all the outputs of these settings is left as it is (its results are returned)."""
+    outputs = {os.path.realpath(os.path.join(config.run_dir, name)): name for name in OUTPUTS}
+    for name, src in config.data.sources.items():
+        read = src.path and os.path.realpath(expand_path(src.path, f"data.sources.{name}.path"))
+        if read in outputs:  # replaced by this run's outputs once sampled (or taken for them)
+            raise ValueError(f"data.sources.{name}.path={src.path} is the {outputs[read]} this run writes into "
+                             f"run_dir={config.run_dir}; choose another run_dir")
     done = os.path.join(config.run_dir, "results.json")
     if all(os.path.isfile(os.path.join(config.run_dir, name)) for name in OUTPUTS):
         return check_settings(config)
