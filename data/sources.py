@@ -68,6 +68,15 @@ def expand_path(path: str, what: str) -> str:
     return os.path.expanduser(os.path.expandvars(path))
 
 
+def file_above(path: str) -> str | None:
+    """The first of the directories above `path` that exists, when it is a file: making `path` would fail
+    (NotADirectoryError), found before any work rather than once the output is ready."""
+    above = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    return None if os.path.isdir(above) else above
+
+
 def train_sources(data_cfg: Any, kind: str) -> list[Source]:
     """The training sources with a positive weight (the mixture); weight 0 switches a source off."""
     for name, src in data_cfg.sources.items():

@@ -43,8 +43,14 @@ def main(argv: list[str]) -> int:
     if unknown:
         raise ConfigError(f"unknown argument(s) {' '.join(unknown)}; expected --config.KEY=VALUE overrides")
     config = load_config(args.config, check_given_once(rest))
-    if os.path.exists(args.out) and not os.path.isdir(args.out):  # found now, not once the model is loaded
+    # Found now, not once the model is loaded and the pairs scored.
+    if not args.out.strip():
+        raise ConfigError("--out is empty; name the directory to write the reference log-probs into")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out} is a file; name the directory to write the reference log-probs into")
+    if sources.file_above(args.out):
+        raise ConfigError(f"--out {args.out}: {sources.file_above(args.out)} is a file, not a directory; name a "
+                          "directory to write the reference log-probs into")
     if config.loss.preference_type in ("simpo", "orpo"):
         raise ConfigError(f"loss.preference_type={config.loss.preference_type} compares the policy with no reference: "
                           "there are no reference log-probs to precompute")

@@ -63,10 +63,8 @@ def check_out(out: str, inputs: list[str]) -> None:
     """DataError, before any training, if writing `out` would replace an input file or cannot work."""
     if not out.strip():
         raise sources.DataError("--out is empty; name the file to write, such as tokenizer.model")
-    above = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(above):  # the directories missing are made; the first that exists must be one
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
+    above = sources.file_above(out)  # the directories missing are made
+    if above:
         raise sources.DataError(f"--out {out}: {above} is a file, not a directory; name a file in a directory")
     if os.path.isdir(out):
         raise sources.DataError(f"--out {out} is a directory; name the file to write, such as "

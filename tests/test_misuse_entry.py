@@ -23,11 +23,12 @@ from test_tokenizer import CORPUS
 
 @pytest.mark.parametrize("command, extra", [(["train"], []), (["generate"], []), (["data", "preview"], []),
                                             (["data", "reference"], ["--out=x"]), (["eval"], ["--checkpoint=x"])])
-def test_a_config_key_given_twice_is_refused(capsys, monkeypatch, command, extra):
+def test_a_config_key_given_twice_is_refused(tmp_path, capsys, monkeypatch, command, extra):
     """The last of two values won in silence: a command line grown by copy and paste trained with the value
     further right, whatever the user read first. The same value twice is harmless."""
     monkeypatch.chdir(ROOT)
-    argv = [*command, "--config=configs/pretrain.py:smoke", "--config.seed=1", *extra, "--config.seed=2"]
+    argv = [*command, "--config=configs/pretrain.py:smoke", f"--config.run_dir={tmp_path}", "--config.seed=1", *extra,
+            "--config.seed=2"]
     assert one_error_line(capsys, argv) == (f"kiln {command[0]}: error: config key 'seed' is set twice, by "
                                             "'--config.seed=1' and '--config.seed=2'; give it once")
     assert split_args(["--config=c.py", "--config.seed=1", "--config.seed=1"], "kiln x")[1] == ["--config.seed=1"] * 2
@@ -241,3 +242,36 @@ def test_rejection_sampling_refuses_prompts_read_from_the_files_it_writes(tmp_pa
             f"run_dir={tmp_path / 'rs'}; choose another run_dir")):
         rejection.run(config)
     assert os.listdir(tmp_path) == ["rs"] and os.listdir(tmp_path / "rs") == [name]
+
+
+@pytest.mark.parametrize("argv", [["train", "--config=configs/sft.py:smoke"],
+                                  ["generate", "--config=configs/rejection_sampling.py:smoke"],
+                                  ["data", "reference", "--config=configs/dpo.py:smoke", "--out={tmp}/ref"]])
+def test_a_model_to_start_from_that_is_a_file_is_named_so(tmp_path, capsys, monkeypatch, argv):
+    """model.init_from naming a file (a tokenizer.model, say) said "does not say which tokenizer its model was
+    trained with (no run config.json); set data.tokenizer", and with that set, that it is a file; kiln generate
+    told the user to pass --tokenizer, which it has not."""
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "tok.model").write_text("")
+    argv = [a.format(tmp=tmp_path) for a in argv] + [f"--config.model.init_from={tmp_path / 'tok.model'}",
+                                                     f"--config.run_dir={tmp_path / 'run'}"]
+    assert one_error_line(capsys, argv).endswith(
+        f"error: model.init_from='{tmp_path / 'tok.model'}': {tmp_path / 'tok.model'} is a file; name a Kiln run "
+        "directory, a checkpoint step directory (run/checkpoints/STEP) or a Hugging Face directory")
+    assert os.listdir(tmp_path) == ["tok.model"]
+
+
+@pytest.mark.parametrize("out, message", [
+    ("", "--out is empty; name the directory to write the reference log-probs into"),
+    ("{tmp}/f/ref", "--out {tmp}/f/ref: {tmp}/f is a file, not a directory; name a directory to write the reference "
+                    "log-probs into"),
+])
+def test_data_reference_checks_where_it_writes_before_loading_a_model(tmp_path, capsys, monkeypatch, out, message):
+    """`--out=` (an unset variable) and `--out` under a file loaded the policy and built the model, then failed
+    with "[Errno 2] No such file or directory: ''" or "[Errno 20] Not a directory"."""
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "f").write_text("mine")
+    argv = ["data", "reference", "--config=configs/dpo.py:smoke", "--out=" + out.format(tmp=tmp_path),
+            f"--config.model.init_from={tmp_path / 'missing'}"]
+    line = one_error_line(capsys, argv)
+    assert line == "kiln data: error: " + message.format(tmp=tmp_path)

@@ -57,9 +57,10 @@ def init_source(config: ConfigDict) -> str:
     if not source:
         return ""
     path = expand_path(source, "model.init_from")
-    if not os.path.exists(path):
-        raise ValueError(f"model.init_from={source!r}: {path} does not exist; name a Kiln run directory, "
-                         "a checkpoint step directory (run/checkpoints/STEP) or a Hugging Face directory")
+    if not os.path.isdir(path):  # a file was taken for a model without a tokenizer: "set data.tokenizer"
+        what = "is a file" if os.path.exists(path) else "does not exist"
+        raise ValueError(f"model.init_from={source!r}: {path} {what}; name a Kiln run directory, a checkpoint step "
+                         "directory (run/checkpoints/STEP) or a Hugging Face directory")
     return path
 
 

@@ -84,13 +84,20 @@ def check_train_sources(config: Any, kind: str) -> None:
 def check_start(config: Any) -> None:
     """ValueError for a model that is no reward model started from a reward-model run: reward training
     leaves the language-model head behind, and the policy (or DPO reference) would be the scorer's body
-    under it. A start that does not exist is named where it is loaded."""
-    path = config.model.init_from and sources.expand_path(config.model.init_from, "model.init_from")
-    if config.stage == "reward" or not path or not os.path.exists(path):
+    under it; or for a start that is a file. A start that does not exist is named where it is loaded."""
+    path = existing_start(config)
+    if config.stage == "reward" or not path:
         return
     started = modeldir.run_config(path)
     if started is not None and started.get("stage") == "reward":
         _refuse_reward_start(config, started.get("model", {}).get("init_from"))
+
+
+def existing_start(config: Any) -> str:
+    """The path model.init_from names if it exists, else "" (a start yet to be made is named where it is
+    loaded); ValueError for a file, named before the run directory is made."""
+    path = config.model.init_from and sources.expand_path(config.model.init_from, "model.init_from")
+    return build.init_source(config) if path and os.path.exists(path) else ""
 
 
 def _refuse_reward_start(config: Any, scored: str | None) -> None:
@@ -165,6 +172,7 @@ def check_sampling(config: Any) -> None:
     temperature), as many prompts as rollout.num_prompts asks for, and, for the verifier, a reference answer
     it can compare with every prompt's reply."""
     ro = config.rollout
+    existing_start(config)
     if ro.temperature == 0 and (config.stage != "rejection_sampling" or ro.num_samples > 1):
         learn = ("RL learns from sampled replies" if config.stage != "rejection_sampling" else
                  f"the rollout.num_samples={ro.num_samples} replies to each prompt would be one reply {ro.num_samples} "
