@@ -60,6 +60,10 @@ class Source:
     where: str
 
 
+# Ends the line that names a bad record; a command without the config key (kiln tokenizer) says its own way.
+SKIP_HINT = " (set data.skip_bad_records=true to skip such records)"
+
+
 def expand_path(path: str, what: str) -> str:
     """`path` with `$VARS` and `~` expanded; a clear error naming an unset variable."""
     missing = [v for v in re.findall(r"\$\{?(\w+)\}?", path) if v not in os.environ]
@@ -255,7 +259,7 @@ def _read_json_lines(path: str, view: Callable[[dict], dict], skip_bad: bool,
             records.append(view(_parse_json(raw)))
         except RecordError as e:
             if not skip_bad:
-                raise DataError(f"{path}:{line_no}: {e} (set data.skip_bad_records=true to skip such records)") from None
+                raise DataError(f"{path}:{line_no}: {e}{SKIP_HINT}") from None
             skipped += 1
     return records, skipped
 
@@ -276,7 +280,7 @@ def _array_record(name: str, src: Any, data_cfg: Any, kind: str, path: str, star
         except RecordError as e:
             if skip_bad:
                 return None
-            raise DataError(f"{path}: record {i}: {e} (set data.skip_bad_records=true to skip such records)") from None
+            raise DataError(f"{path}: record {i}: {e}{SKIP_HINT}") from None
 
     return Source(name, float(src.weight), grain.MapDataset.range(lo, hi).map(read), 0, path)
 

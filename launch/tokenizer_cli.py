@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import sys
 from typing import Iterator
 
 from ml_collections import ConfigDict
@@ -30,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
                    help="pieces may span line breaks (train on whole texts rather than lines)")
     p.add_argument("--out", required=True, help="where to write the .model file")
     p.add_argument("--text_field", default="text", help="the text field of .jsonl inputs (default: text)")
+    p.add_argument("--skip_bad_records", action="store_true",
+                   help="skip .jsonl records that are not JSON objects with the text field (and count them)")
     return p
 
 
@@ -37,7 +40,7 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     paths = input_paths(args.input)
     check_out(args.out, paths)
-    num_cut = spm.train(_texts(paths, args.text_field), args.out, vocab_size=args.vocab_size,
+    num_cut = spm.train(_texts(paths, args.text_field, args.skip_bad_records), args.out, vocab_size=args.vocab_size,
                         model_type=args.model_type, split_digits=args.split_digits,
                         newlines=args.newlines)
     tok = tokenizers.load(args.out)
@@ -56,6 +59,12 @@ def input_paths(spec: str) -> list[str]:
         paths += matches
     if not paths:
         raise sources.DataError("--input names no file")
+    first: dict[str, int] = {}
+    for i, path in enumerate(paths):  # a file read twice would weigh double in the vocabulary, in silence
+        seen = paths[first.setdefault(os.path.realpath(path), i)]
+        if first[os.path.realpath(path)] != i:
+            also = f" (also as {path})" if path != seen else ""
+            raise sources.DataError(f"--input names {seen} twice{also}; name each file once")
     return paths
 
 
@@ -74,13 +83,20 @@ def check_out(out: str, inputs: list[str]) -> None:
                                 "name another file")
 
 
-def _texts(paths: list[str], text_field: str) -> Iterator[str]:
+def _texts(paths: list[str], text_field: str, skip_bad: bool) -> Iterator[str]:
     # The data layer's readers, so bad UTF-8 or JSON is reported with its file and line.
-    data_cfg = ConfigDict(dict(text_separator="", skip_bad_records=False))
+    data_cfg = ConfigDict(dict(text_separator="", skip_bad_records=skip_bad))
     for path in paths:
         fmt = "jsonl" if path.endswith((".jsonl", ".jsonl.gz")) else "text"
         src = ConfigDict(dict(path=path, format=fmt, weight=1.0))
         if fmt == "jsonl":
             src.text_field = text_field
-        for record in sources.load(path, src, data_cfg, "pretrain").records:
+        try:
+            loaded = sources.load(path, src, data_cfg, "pretrain")
+        except sources.DataError as e:  # there is no data.skip_bad_records here
+            raise sources.DataError(str(e).replace(sources.SKIP_HINT, " (pass --skip_bad_records to skip such "
+                                                   "records)")) from None
+        if loaded.skipped:
+            print(f"{path}: {loaded.skipped} bad record(s) skipped", file=sys.stderr)
+        for record in loaded.records:
             yield record["text"]

@@ -2,6 +2,7 @@
 the command line, `kiln tokenizer`, `kiln data reference`, the cluster launchers and `kiln bench`. Each is
 one clear line (what, where, how to fix) before any work is done or any file is written, never a
 traceback, a silent wrong result or an output a later run trusts by mistake. All of them are fast."""
+import json
 import os
 import re
 import shlex
@@ -10,8 +11,9 @@ import sys
 import pytest
 
 from data import spm
+from data.sources import DataError
 from data.tokenizer_base import TokenizerError
-from launch import local, main as kiln, multinode, slurm, tpu_pod
+from launch import local, main as kiln, multinode, slurm, tokenizer_cli, tpu_pod
 from launch.config import ConfigError, load_config
 from launch.train import split_args
 from test_launchers import DRY, KILN, error, printed
@@ -275,3 +277,31 @@ def test_data_reference_checks_where_it_writes_before_loading_a_model(tmp_path, 
             f"--config.model.init_from={tmp_path / 'missing'}"]
     line = one_error_line(capsys, argv)
     assert line == "kiln data: error: " + message.format(tmp=tmp_path)
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ("{tmp}/a.txt,{tmp}/a.txt", "--input names {tmp}/a.txt twice; name each file once"),
+    ("{tmp}/*.txt,{tmp}/link", "--input names {tmp}/a.txt twice (also as {tmp}/link); name each file once"),
+])
+def test_tokenizer_refuses_an_input_named_twice(tmp_path, inputs, message):
+    """`--input=A,A` (or a pattern and a link to a file it matches) trained on A's text twice, from "2 file(s)":
+    its words weighed double in the vocabulary, in silence."""
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "b.txt").write_text("y")
+    os.symlink(tmp_path / "a.txt", tmp_path / "link")
+    with pytest.raises(DataError) as e:
+        tokenizer_cli.input_paths(inputs.format(tmp=tmp_path))
+    assert str(e.value) == message.format(tmp=tmp_path)
+    assert tokenizer_cli.input_paths(f"{tmp_path}/*.txt") == [f"{tmp_path}/a.txt", f"{tmp_path}/b.txt"]
+
+
+def test_tokenizer_names_its_own_flag_to_skip_bad_records(tmp_path, capsys):
+    """A bad .jsonl record ended with "(set data.skip_bad_records=true to skip such records)", a config key kiln
+    tokenizer has not. --skip_bad_records skips it and says how many."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in [5, *CORPUS]))
+    argv = ["tokenizer", f"--input={path}", "--vocab_size=400", f"--out={tmp_path / 'tok.model'}"]
+    assert one_error_line(capsys, argv) == (f"kiln tokenizer: error: {path}:1: field 'text' is int; expected str "
+                                            "(pass --skip_bad_records to skip such records)")
+    assert kiln.main([*argv, "--skip_bad_records"]) == 0
+    assert capsys.readouterr().err == f"{path}: 1 bad record(s) skipped\n"
