@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 import sys
 from typing import Any
@@ -176,8 +177,11 @@ def parse_value(raw: str, kind: type) -> Any:
         raise ValueError("expected true or false")
     if kind is int:
         return int(raw)
-    if kind is float:
-        return float(raw)
+    if kind is float:  # inf (or 1e400) passed every range check, nan those of optim.b1, model.dropout, ...
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return value
     if kind is str:
         return raw
     if kind in (tuple, list):

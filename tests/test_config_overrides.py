@@ -63,7 +63,7 @@ def test_bad_overrides_are_named(override, message):
     # ZeroDivisionError's traceback (a mesh axis of 0).
     ("pretrain.py:smoke", ["run_dir="], "config key 'run_dir' is empty; name the run's directory"),
     ("pretrain.py:smoke", ["run_dir=  "], "config key 'run_dir' is empty"),  # blanks: the current directory too
-    ("pretrain.py:smoke", ["optim.lr=nan"], "config key 'optim.lr' must be 0 or more, got nan"),
+    ("pretrain.py:smoke", ["optim.lr=nan"], "bad value 'nan' for config key 'optim.lr': expected a finite number"),
     ("pretrain.py:smoke", ["optim.lr=-1e-3"], "config key 'optim.lr' must be 0 or more, got -0.001"),
     ("pretrain.py:smoke", ["optim.warmup_steps=-1"], "config key 'optim.warmup_steps' must be 0 or more"),
     ("pretrain.py:smoke", ["train.eval_every=-5"], "config key 'train.eval_every' must be 0 or more, got -5"),

@@ -305,3 +305,18 @@ def test_tokenizer_names_its_own_flag_to_skip_bad_records(tmp_path, capsys):
                                             "(pass --skip_bad_records to skip such records)")
     assert kiln.main([*argv, "--skip_bad_records"]) == 0
     assert capsys.readouterr().err == f"{path}: 1 bad record(s) skipped\n"
+
+
+@pytest.mark.parametrize("spec, override", [
+    ("pretrain.py:smoke", "optim.lr=inf"), ("pretrain.py:smoke", "optim.weight_decay=1e400"),
+    ("pretrain.py:smoke", "optim.b2=nan"), ("pretrain.py:smoke", "model.dropout=nan"),
+    ("dpo.py:smoke", "loss.beta=inf"), ("rejection_sampling.py:smoke", "rollout.min_reward=nan"),
+])
+def test_a_config_number_that_is_not_finite_is_refused(spec, override):
+    """inf (or 1e400, which overflows to it) passed every range check, and nan those of the keys without one:
+    a learning rate of inf trained to NaN losses; a min_reward of nan kept no reply, in silence."""
+    key, _, raw = override.partition("=")
+    with pytest.raises(ConfigError) as e:
+        load(spec, f"--config.{override}")
+    assert str(e.value) == f"bad value {raw!r} for config key {key!r}: expected a finite number"
+    load(spec, f"--config.{key}=0.5")
