@@ -355,6 +355,17 @@ def validate(config: ConfigDict) -> None:
     for key in non_negative:
         if not _get(config, key) >= 0:
             raise ConfigError(f"config key {key!r} must be 0 or more, got {_get(config, key)}")
+    # Each trained on in silence: AdamW's moments grew without bound (b1 or b2 of 1 or more), dropout of 1 or
+    # more dropped every output, a schedule ended above (or below 0 of) its peak, a negative RoPE base.
+    model, optim = config.model, config.optim
+    rules = (("model.dropout", 0 <= model.dropout < 1, "in [0, 1)"), ("optim.b1", 0 <= optim.b1 < 1, "in [0, 1)"),
+             ("optim.b2", 0 <= optim.b2 < 1, "in [0, 1)"), ("optim.eps", optim.eps > 0, "positive"),
+             ("optim.min_lr_ratio", 0 <= optim.min_lr_ratio <= 1, "in [0, 1] (the final rate over the peak)"),
+             ("optim.decay_fraction", 0 <= optim.decay_fraction <= 1, "in [0, 1] (the part of the run that decays)"),
+             ("model.rope_theta", model.rope_theta is None or model.rope_theta > 0, "positive"))
+    for key, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"config key {key!r} must be {rule}, got {_get(config, key)}")
     for axis in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp"):
         size = config.mesh[axis]
         if size < 1 and not (size == -1 and axis in ("data", "fsdp", "tensor")):

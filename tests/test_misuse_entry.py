@@ -320,3 +320,22 @@ def test_a_config_number_that_is_not_finite_is_refused(spec, override):
         load(spec, f"--config.{override}")
     assert str(e.value) == f"bad value {raw!r} for config key {key!r}: expected a finite number"
     load(spec, f"--config.{key}=0.5")
+
+
+@pytest.mark.parametrize("override, rule, bound", [
+    ("model.dropout=1.0", "in [0, 1)", "0.0"), ("model.dropout=-0.1", "in [0, 1)", "0.99"),
+    ("optim.b1=1.0", "in [0, 1)", "0.0"), ("optim.b2=-0.5", "in [0, 1)", "0.999"),
+    ("optim.eps=0.0", "positive", "1e-12"),
+    ("optim.min_lr_ratio=1.5", "in [0, 1] (the final rate over the peak)", "1.0"),
+    ("optim.min_lr_ratio=-0.1", "in [0, 1] (the final rate over the peak)", "0.0"),
+    ("optim.decay_fraction=1.2", "in [0, 1] (the part of the run that decays)", "1.0"),
+    ("model.rope_theta=-5", "positive", "10000"),
+])
+def test_optimizer_and_model_rates_out_of_range_are_refused(override, rule, bound):
+    """optim.b1=1.5 (Adam's moments growing without bound), model.dropout=1.5, min_lr_ratio=3 (a schedule ending
+    at three times its peak), a negative RoPE base: each loaded and trained on in silence. Each bound loads."""
+    key, _, raw = override.partition("=")
+    with pytest.raises(ConfigError) as e:
+        load("pretrain.py:smoke", f"--config.{override}")
+    assert str(e.value) == f"config key {key!r} must be {rule}, got {float(raw)}"
+    load("pretrain.py:smoke", f"--config.{key}={bound}")
