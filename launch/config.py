@@ -344,14 +344,15 @@ def validate(config: ConfigDict) -> None:
         value = _get(config, key)
         if value not in allowed:
             raise ConfigError(f"config key {key!r} = {value!r}; expected one of {', '.join(allowed)}")
+    # data.packing_bins=0 failed in grain naming no key; train.max_nonfinite_steps=0 stopped at the first step.
     positive = ("data.seq_len", "data.batch_size", "train.steps", "train.log_every", "optim.grad_accum",
-                "checkpoint.keep")
+                "checkpoint.keep", "data.packing_bins", "train.max_nonfinite_steps")
     for key in positive:
         if _get(config, key) <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {_get(config, key)}")
     # 0 turns these off (or means none); a negative value, or NaN, would train on in silence.
     non_negative = ("optim.lr", "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_every",
-                    "train.eval_steps", "checkpoint.every", "checkpoint.keep_every")
+                    "train.eval_steps", "checkpoint.every", "checkpoint.keep_every", "data.num_workers")
     for key in non_negative:
         if not _get(config, key) >= 0:
             raise ConfigError(f"config key {key!r} must be 0 or more, got {_get(config, key)}")

@@ -339,3 +339,18 @@ def test_optimizer_and_model_rates_out_of_range_are_refused(override, rule, boun
         load("pretrain.py:smoke", f"--config.{override}")
     assert str(e.value) == f"config key {key!r} must be {rule}, got {float(raw)}"
     load("pretrain.py:smoke", f"--config.{key}={bound}")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.packing_bins=0", "config key 'data.packing_bins' must be positive, got 0"),
+    ("train.max_nonfinite_steps=0", "config key 'train.max_nonfinite_steps' must be positive, got 0"),
+    ("data.num_workers=-1", "config key 'data.num_workers' must be 0 or more, got -1"),
+])
+def test_data_and_divergence_counts_out_of_range_are_refused(override, message):
+    """data.packing_bins=0 failed in grain with "A failing component must be returned if no row is found",
+    naming no key; train.max_nonfinite_steps=0 stopped the run at its first step as diverged ("0 consecutive
+    non-finite steps"); data.num_workers=-1 ran as 0, in silence."""
+    with pytest.raises(ConfigError) as e:
+        load("pretrain.py:smoke", f"--config.{override}")
+    assert str(e.value) == message
+    load("pretrain.py:smoke", f"--config.{override.partition('=')[0]}=1")
