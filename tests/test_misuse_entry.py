@@ -17,7 +17,9 @@ from launch import local, main as kiln, multinode, slurm, tokenizer_cli, tpu_pod
 from launch.config import ConfigError, load_config
 from launch.train import split_args
 from test_launchers import DRY, KILN, error, printed
+from test_checks_edges import rejection_config
 from test_config_overrides import load
+from test_data_sources import write_jsonl
 from test_misuse import ROOT, one_error_line
 from test_misuse_post import saved_run
 from test_tokenizer import CORPUS
@@ -354,3 +356,19 @@ def test_data_and_divergence_counts_out_of_range_are_refused(override, message):
         load("pretrain.py:smoke", f"--config.{override}")
     assert str(e.value) == message
     load("pretrain.py:smoke", f"--config.{override.partition('=')[0]}=1")
+
+
+def test_rejection_sampling_rerun_after_its_prompts_file_changed_is_refused(tmp_path):
+    """The prompts file was recorded by its path alone: after it was edited in place, `kiln generate` (and a
+    recipe re-run) returned the earlier prompts' samples as this run's."""
+    from train import rejection
+
+    write_jsonl(tmp_path / "web.jsonl", [{"prompt": "1+1?", "answer": "2"}])
+    (tmp_path / "rs").mkdir()
+    (tmp_path / "rs" / "results.json").write_text(json.dumps({"settings": rejection.settings(
+        rejection_config(tmp_path, web="web.jsonl"))}))
+    rejection.check_settings(rejection_config(tmp_path, web="web.jsonl"))
+    write_jsonl(tmp_path / "web.jsonl", [{"prompt": "2+2?", "answer": "4"}])
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'rs'} holds the outputs of rejection sampling with "
+                                                   "data.sources.web.sha256=")):
+        rejection.check_settings(rejection_config(tmp_path, web="web.jsonl"))

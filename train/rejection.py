@@ -17,6 +17,7 @@ and writes into `run_dir`, each file whole or not at all:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -89,16 +90,29 @@ def run(config: Any) -> dict[str, Any]:
 def settings(config: Any) -> dict[str, Any]:
     """The settings that choose a run's outputs, by config key (values as JSON holds them): the policy (a
     Kiln run as its checkpoint directory and step: a policy that trained on since samples otherwise), the
-    prompts, how replies are sampled (each chunk of data.batch_size prompts from its own key) and scored,
-    and which are kept."""
+    prompts (a file's path and the SHA-256 of its bytes: one edited in place holds other prompts), how
+    replies are sampled (each chunk of data.batch_size prompts from its own key) and scored, and which are
+    kept."""
     path = expand_path(config.model.init_from, "model.init_from")
     chosen = {"model.init_from": reference_model(config) if os.path.exists(path) else path, "seed": config.seed,
               "data.batch_size": config.data.batch_size}
     chosen.update({f"data.sources.{name}.{k}": v for name, src in config.data.sources.items() for k, v in src.items()})
+    for name, src in config.data.sources.items():  # a prompts file edited in place: the same path, other prompts
+        path = src.path and expand_path(src.path, f"data.sources.{name}.path")
+        if path and os.path.isfile(path):
+            chosen[f"data.sources.{name}.sha256"] = _sha256(path)
     chosen.update({f"data.synthetic.{k}": v for k, v in config.data.synthetic.items()})
     chosen.update({f"rollout.{k}": config.rollout[k] for k in ("num_prompts", "num_samples", "max_new_tokens",
                                                                 "temperature", "top_k", "top_p", "reward", "min_reward")})
     return json.loads(json.dumps(chosen))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_settings(config: Any) -> dict[str, Any]:
