@@ -654,8 +654,8 @@ def test_an_evaluation_source_of_the_wrong_kind_is_named_before_training(tmp_pat
                                                    "end are fractions of its records"),
     ("dpo.py:smoke", "data.eval_sources.heldout.start=-0.1", "config key 'data.eval_sources.heldout.start' = -0.1: a "
                                                              "source's start and end are fractions of its records"),
-    ("eval.py:smoke", "eval.tasks.arithmetic.eval.start=nan", "config key 'eval.tasks.arithmetic.eval.start' = nan: a "
-                                                              "source's start and end are fractions of its records"),
+    ("eval.py:smoke", "eval.tasks.arithmetic.eval.start=1.5", "config key 'eval.tasks.arithmetic.eval.start' = 1.5: "
+                                                              "a source's start and end are fractions of its records"),
     ("sft.py:smoke", "data.sources.train.end=0", "config keys 'data.sources.train.start' = 0.0 and "
                                                  "'data.sources.train.end' = 0.0: the slice is empty"),
 ])
