@@ -372,3 +372,18 @@ def test_rejection_sampling_rerun_after_its_prompts_file_changed_is_refused(tmp_
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'rs'} holds the outputs of rejection sampling with "
                                                    "data.sources.web.sha256=")):
         rejection.check_settings(rejection_config(tmp_path, web="web.jsonl"))
+
+
+def test_rejection_sampling_rerun_after_its_reward_model_trained_on_is_refused(tmp_path):
+    """The reward model was recorded by the path given, unlike the policy: a recipe re-run that trained the reward
+    stage further took the old scorer's choices for the new one's."""
+    from train import rejection
+
+    reward = saved_run(tmp_path / "rm", 2)
+    (tmp_path / "rs").mkdir()
+    (tmp_path / "rs" / "results.json").write_text(json.dumps({"settings": rejection.settings(
+        rejection_config(tmp_path, f"--config.rollout.reward={reward}"))}))
+    assert rejection.check_settings(rejection_config(tmp_path, f"--config.rollout.reward={reward}/"))
+    saved_run(tmp_path / "rm", 4)
+    with pytest.raises(ValueError, match="with rollout.reward=.*rm/checkpoints step 2', and this run has .* step 4'"):
+        rejection.check_settings(rejection_config(tmp_path, f"--config.rollout.reward={reward}"))

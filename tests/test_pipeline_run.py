@@ -46,7 +46,7 @@ class Fake:
         self.calls.append(os.path.relpath(run_dir, self.root))
 
     def train(self, config):
-        os.makedirs(config.run_dir, exist_ok=True)
+        os.makedirs(os.path.join(config.run_dir, "checkpoints"), exist_ok=True)  # a Kiln run, not a Hugging Face one
         with open(os.path.join(config.run_dir, "metrics.jsonl"), "w") as f:
             f.write(json.dumps({"step": 1, "loss": 2.0, "lr": 0.001}) + "\n")
             row = {"step": config.train.steps, "loss": 1.5, "eval/loss": 1.75}

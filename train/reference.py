@@ -42,7 +42,13 @@ def encoding(data_cfg: Any) -> dict[str, Any]:
 def reference_model(config: Any) -> str:
     """The model `model.init_from` names, as a checkpoint directory and step (a Hugging Face directory as
     itself): what precomputed log-probs are recorded as scored under, and DPO's reference."""
-    path = os.path.realpath(expand_path(config.model.init_from, "model.init_from"))
+    return model_at(expand_path(config.model.init_from, "model.init_from"))
+
+
+def model_at(path: str) -> str:
+    """The model directory `path` names, as its checkpoint directory and latest step (a Hugging Face directory
+    as itself), so that one trained on since is told apart."""
+    path = os.path.realpath(path)
     if modeldir.is_hf_dir(path):
         return path
     return f"{modeldir.locate(path)[0]} step {checkpoint.latest_step(path)}"

@@ -29,7 +29,7 @@ import numpy as np
 from data.sources import expand_path
 from train import distributed, generate, records, rewards
 from train.build import init_source
-from train.reference import reference_model
+from train.reference import model_at, reference_model
 
 OUTPUTS = ("sft.jsonl", "pairs.jsonl", "results.json")
 
@@ -104,6 +104,10 @@ def settings(config: Any) -> dict[str, Any]:
     chosen.update({f"data.synthetic.{k}": v for k, v in config.data.synthetic.items()})
     chosen.update({f"rollout.{k}": config.rollout[k] for k in ("num_prompts", "num_samples", "max_new_tokens",
                                                                 "temperature", "top_k", "top_p", "reward", "min_reward")})
+    # A reward-model run with its step, as the policy: trained on since, it scores otherwise.
+    reward = expand_path(config.rollout.reward, "rollout.reward")
+    if config.rollout.reward != "verifier" and os.path.isdir(reward):
+        chosen["rollout.reward"] = model_at(reward)
     return json.loads(json.dumps(chosen))
 
 
