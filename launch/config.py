@@ -84,17 +84,6 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     return config
 
 
-def check_given_once(overrides: list[str]) -> list[str]:
-    """`overrides` (a command line's `--config.KEY=VALUE` arguments); ConfigError for a key given twice with
-    two values, of which the last won in silence."""
-    given: dict[str, str] = {}
-    for item in overrides:
-        key = item.partition("=")[0].removeprefix("--").removeprefix("config.")
-        if given.setdefault(key, item) != item:
-            raise ConfigError(f"config key {key!r} is set twice, by {given[key]!r} and {item!r}; give it once")
-    return overrides
-
-
 def source_entries(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
     """(key, entry) of every data source of `config`: training and evaluation sources, and eval tasks' splits."""
     groups = [("data.sources", config.data.sources), ("data.eval_sources", config.data.eval_sources)]

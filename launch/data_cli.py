@@ -18,7 +18,7 @@ import numpy as np
 
 from data import pipeline, stats, tokenizer as tokenizers
 from data.tokenizer import Tokenizer
-from launch.config import ConfigError, check_given_once, load_config
+from launch.config import ConfigError, load_config
 from train.build import tokenizer_name
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     for flag in ("num_examples", "max_stat_examples"):  # 0 statistics printed "-3 examples: ok 0, ..."
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    config = load_config(args.config, check_given_once(rest))
+    config = load_config(args.config, rest)
     kind = args.kind or pipeline.STAGE_KINDS.get(config.stage, "pretrain")
     data = config.data
     data.tokenizer = tokenizer_name(config)

@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from data import loader
-from launch.config import ConfigError, check_given_once, load_config
+from launch.config import ConfigError, load_config
 from model.sharding import make_mesh, use_rules
 from train import distributed, evaluate, generate, records, rundir, tasks
 
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     known = [a for a in argv if not a.startswith("--config.")]
     args = parser().parse_args(known)
     distributed.initialize()  # a no-op unless the environment describes a multi-process run
-    config = load_config(args.config, check_given_once([a for a in argv if a.startswith("--config.")]))
+    config = load_config(args.config, [a for a in argv if a.startswith("--config.")])
     if config.stage != "eval":  # a training config evaluated its run_dir's tasks into that run, in silence
         raise ConfigError(f"--config={args.config} is a config of stage {config.stage!r}; kiln eval reads an "
                           "evaluation config, such as configs/eval.py")

@@ -25,7 +25,7 @@ import numpy as np
 
 from data import pipeline, sources, tokenizer as tokenizers, views
 from data.examples import Encoder
-from launch.config import ConfigError, check_given_once, load_config
+from launch.config import ConfigError, load_config
 from model.sharding import make_mesh, use_rules
 from train import preflight, records
 from train.losses.dpo import sequence_logps
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     unknown = [a for a in rest if not a.startswith("--config.")]
     if unknown:
         raise ConfigError(f"unknown argument(s) {' '.join(unknown)}; expected --config.KEY=VALUE overrides")
-    config = load_config(args.config, check_given_once(rest))
+    config = load_config(args.config, rest)
     # Found now, not once the model is loaded and the pairs scored.
     if not args.out.strip():
         raise ConfigError("--out is empty; name the directory to write the reference log-probs into")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from launch.config import ConfigError, check_given_once, load_config
+from launch.config import ConfigError, load_config
 from train import distributed
 from train.checkpoint import CheckpointError
 from train.rundir import RunDirError
@@ -32,7 +32,7 @@ def split_args(argv: list[str], prog: str, doc: str | None = None) -> tuple[str,
             other.append(arg)
     if not spec:
         raise ConfigError(f"{prog} needs --config=FILE.py[:variant]")
-    return spec, check_given_once(overrides), other
+    return spec, overrides, other
 
 
 def main(argv: list[str]) -> int:
