@@ -48,9 +48,10 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--out is empty; name the directory to write the reference log-probs into")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out} is a file; name the directory to write the reference log-probs into")
-    if sources.file_above(args.out):
-        raise ConfigError(f"--out {args.out}: {sources.file_above(args.out)} is a file, not a directory; name a "
-                          "directory to write the reference log-probs into")
+    above = sources.file_above(args.out)
+    if above:
+        raise ConfigError(f"--out {args.out}: {above} is a file, not a directory; name a directory to write the "
+                          "reference log-probs into")
     if config.loss.preference_type in ("simpo", "orpo"):
         raise ConfigError(f"loss.preference_type={config.loss.preference_type} compares the policy with no reference: "
                           "there are no reference log-probs to precompute")

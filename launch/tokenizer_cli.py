@@ -59,12 +59,13 @@ def input_paths(spec: str) -> list[str]:
         paths += matches
     if not paths:
         raise sources.DataError("--input names no file")
-    first: dict[str, int] = {}
-    for i, path in enumerate(paths):  # a file read twice would weigh double in the vocabulary, in silence
-        seen = paths[first.setdefault(os.path.realpath(path), i)]
-        if first[os.path.realpath(path)] != i:
-            also = f" (also as {path})" if path != seen else ""
-            raise sources.DataError(f"--input names {seen} twice{also}; name each file once")
+    seen: dict[str, str] = {}  # real path -> the name it was first given as
+    for path in paths:  # a file read twice would weigh double in the vocabulary, in silence
+        first = seen.get(os.path.realpath(path))
+        if first is not None:
+            also = f" (also as {path})" if path != first else ""
+            raise sources.DataError(f"--input names {first} twice{also}; name each file once")
+        seen[os.path.realpath(path)] = path
     return paths
 
 

@@ -96,11 +96,12 @@ def settings(config: Any) -> dict[str, Any]:
     path = expand_path(config.model.init_from, "model.init_from")
     chosen = {"model.init_from": reference_model(config) if os.path.exists(path) else path, "seed": config.seed,
               "data.batch_size": config.data.batch_size}
-    chosen.update({f"data.sources.{name}.{k}": v for name, src in config.data.sources.items() for k, v in src.items()})
-    for name, src in config.data.sources.items():  # a prompts file edited in place: the same path, other prompts
+    for name, src in config.data.sources.items():
+        chosen.update({f"data.sources.{name}.{k}": v for k, v in src.items()})
         path = src.path and expand_path(src.path, f"data.sources.{name}.path")
-        if path and os.path.isfile(path):
-            chosen[f"data.sources.{name}.sha256"] = _sha256(path)
+        if path and os.path.isfile(path):  # a prompts file edited in place: the same path, other prompts
+            with open(path, "rb") as f:
+                chosen[f"data.sources.{name}.sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
     chosen.update({f"data.synthetic.{k}": v for k, v in config.data.synthetic.items()})
     chosen.update({f"rollout.{k}": config.rollout[k] for k in ("num_prompts", "num_samples", "max_new_tokens",
                                                                 "temperature", "top_k", "top_p", "reward", "min_reward")})
@@ -109,14 +110,6 @@ def settings(config: Any) -> dict[str, Any]:
     if config.rollout.reward != "verifier" and os.path.isdir(reward):
         chosen["rollout.reward"] = model_at(reward)
     return json.loads(json.dumps(chosen))
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_settings(config: Any) -> dict[str, Any]:
