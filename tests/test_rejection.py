@@ -113,3 +113,24 @@ def test_kiln_generate_refuses_other_stages_and_kiln_train_points_to_it(tmp_path
     assert "kiln generate runs stage rejection_sampling, not 'sft'" in capsys.readouterr().err
     assert main.main(["train", "--config=configs/rejection_sampling.py:smoke", f"--config.run_dir={tmp_path}"]) == 1
     assert "use `kiln generate --config=configs/rejection_sampling.py`" in capsys.readouterr().err
+
+
+def test_a_bare_checkpoint_policy_takes_data_tokenizer_and_an_empty_one_is_named(policy, tmp_path):
+    """A policy saved without its run (a copied step directory) records no tokenizer: kiln generate's own
+    data.tokenizer supplies it (it was ignored, and the error said to pass --tokenizer, which kiln generate has
+    no flag for); a directory holding no model at all is named as such, not as lacking a tokenizer."""
+    bare = str(tmp_path / "bare")
+    cfg, model = checkpoint.load_model(policy)
+    checkpoint.save_params(bare, 0, model, cfg)
+    args = [f"--config.model.init_from={bare}", "--config.rollout.num_prompts=2", "--config.rollout.num_samples=2",
+            "--config.rollout.max_new_tokens=4"]
+    with pytest.raises(ValueError, match=r"no config.json naming its tokenizer; pass a tokenizer .*data.tokenizer"):
+        rejection.run(load_config(os.path.join(ROOT, "configs/rejection_sampling.py:smoke"),
+                                  [f"--config.run_dir={tmp_path / 'auto'}", *args]))
+    results = rejection.run(load_config(os.path.join(ROOT, "configs/rejection_sampling.py:smoke"),
+                                        [f"--config.run_dir={tmp_path / 'byte'}", "--config.data.tokenizer=byte", *args]))
+    assert results["prompts"] == 2
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"empty: no finished checkpoint step"):
+        rejection.run(load_config(os.path.join(ROOT, "configs/rejection_sampling.py:smoke"),
+                                  [f"--config.run_dir={tmp_path / 'e'}", f"--config.model.init_from={tmp_path / 'empty'}"]))

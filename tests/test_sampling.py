@@ -500,7 +500,7 @@ def test_cli_bad_prompts_file_is_one_clear_error(run_dir, tmp_path, content, msg
 
 def test_cli_without_a_tokenizer_or_prompts_says_what_to_pass(tmp_path):
     checkpoint.save_params(str(tmp_path / "bare"), 0, MODEL, CFG)
-    with pytest.raises(ValueError, match=r"no config.json naming its tokenizer; pass a tokenizer \(--tokenizer\)"):
+    with pytest.raises(ValueError, match=r"no config.json naming its tokenizer; pass a tokenizer \(--tokenizer; data.tokenizer for kiln generate\)"):
         sample_cli.main([f"--checkpoint={tmp_path / 'bare'}", "--prompt=hi"])
     with pytest.raises(ValueError, match="--prompt=TEXT"):
         sample_cli.main([f"--checkpoint={tmp_path / 'bare'}"])

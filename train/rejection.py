@@ -51,7 +51,9 @@ def run(config: Any) -> dict[str, Any]:
         raise ValueError("rejection sampling needs a policy to sample from: set model.init_from (a run or HF directory)")
     policy = init_source(config)
     prompts = rewards.prompts(config, config.rollout.num_prompts)
-    sampler, _ = generate.load_sampler(policy, chat=True)
+    # "auto": the policy's own tokenizer, which load_sampler reads from the run it belongs to.
+    tokenizer = None if config.data.tokenizer == "auto" else config.data.tokenizer
+    sampler, _ = generate.load_sampler(policy, tokenizer=tokenizer, chat=True)
     score = rewards.scorer(ro.reward)
     started = time.perf_counter()
     scores = np.zeros((len(prompts), ro.num_samples), np.float32)
