@@ -16,6 +16,7 @@ in its tasks directly and resumes the same way. `--dry-run` prints the script in
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -55,6 +56,16 @@ def script(command: list[str], nodes: int, gpus_per_node: int, per: str, job_nam
                       f"export JAX_LOCAL_DEVICE_IDS={visible}", BODY.format(command=shlex.join(command))])
 
 
+def _written_here(path: str) -> bool:
+    """Whether `path` is a batch script this launcher wrote (an earlier one may be replaced; nothing else is)."""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read(1 << 16)
+    except OSError:
+        return False
+    return text.startswith("#!/bin/bash\n#SBATCH --job-name=") and BODY.splitlines()[1] in text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = launcher.parser("python -m launch.slurm", __doc__)
     p.add_argument("--nodes", type=int, required=True)
@@ -80,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.dry_run:
         print(text, end="")
         return 0
+    if os.path.isfile(a.out) and not _written_here(a.out):
+        p.error(f"--out={a.out} exists and is no script of this launcher's; name a new file (or remove it)")
     try:
         with open(a.out, "w") as f:
             f.write(text)

@@ -384,3 +384,18 @@ def test_rejection_sampling_rerun_after_its_reward_model_trained_on_is_refused(t
     saved_run(tmp_path / "rm", 4)
     with pytest.raises(ValueError, match="with rollout.reward=.*rm/checkpoints step 2', and this run has .* step 4'"):
         rejection.check_settings(rejection_config(tmp_path, f"--config.rollout.reward={reward}"))
+
+
+def test_slurm_replaces_its_own_script_but_no_other_file(tmp_path, capsys):
+    """--out naming the user's own file (a training script, a config) wrote the batch script over it; an
+    earlier script of this launcher's is replaced as before."""
+    out = tmp_path / "train.py"
+    out.write_text("print('my work')\n")
+    args = ["--nodes=1", "--gpus_per_node=4", f"--out={out}", "--", "kiln", "train"]
+    assert error(slurm.main, args, capsys).endswith(f"--out={out} exists and is no script of this launcher's; "
+                                                   "name a new file (or remove it)")
+    assert out.read_text() == "print('my work')\n"
+    job = tmp_path / "job.sbatch"
+    job.write_text(slurm.script(["kiln", "eval"], 2, 8, "node"))
+    assert slurm.main(["--nodes=1", "--gpus_per_node=4", f"--out={job}", "--", "kiln", "train"]) == 0
+    assert job.read_text() == slurm.script(["kiln", "train"], 1, 4, "gpu")
