@@ -49,6 +49,19 @@ class DataError(ValueError):
     """Bad data or a bad source entry, naming the file (and line) where there is one."""
 
 
+class BadRecordError(DataError):
+    """A malformed record that data.skip_bad_records would skip: `where` (file and line, or record index) and
+    `why`; the message ends with how to skip such records, `skip_hint` (a command without that config key, such
+    as kiln tokenizer, re-raises it with its own)."""
+
+    def __init__(self, where: str, why: str, skip_hint: str = "set data.skip_bad_records=true"):
+        super().__init__(f"{where}: {why} ({skip_hint} to skip such records)")
+        self.where, self.why, self.skip_hint = where, why, skip_hint
+
+    def __reduce__(self):  # raised in a data worker process, it is pickled back to the trainer
+        return type(self), (self.where, self.why, self.skip_hint)
+
+
 @dataclasses.dataclass
 class Source:
     """A loaded source. `records` holds the kind's records; a lazily read format (array_record)
@@ -59,9 +72,6 @@ class Source:
     skipped: int  # bad records skipped while loading
     where: str
 
-
-# Ends the line that names a bad record; a command without the config key (kiln tokenizer) says its own way.
-SKIP_HINT = " (set data.skip_bad_records=true to skip such records)"
 
 
 def expand_path(path: str, what: str) -> str:
@@ -259,7 +269,7 @@ def _read_json_lines(path: str, view: Callable[[dict], dict], skip_bad: bool,
             records.append(view(_parse_json(raw)))
         except RecordError as e:
             if not skip_bad:
-                raise DataError(f"{path}:{line_no}: {e}{SKIP_HINT}") from None
+                raise BadRecordError(f"{path}:{line_no}", str(e)) from None
             skipped += 1
     return records, skipped
 
@@ -280,7 +290,7 @@ def _array_record(name: str, src: Any, data_cfg: Any, kind: str, path: str, star
         except RecordError as e:
             if skip_bad:
                 return None
-            raise DataError(f"{path}: record {i}: {e}{SKIP_HINT}") from None
+            raise BadRecordError(f"{path}: record {i}", str(e)) from None
 
     return Source(name, float(src.weight), grain.MapDataset.range(lo, hi).map(read), 0, path)
 

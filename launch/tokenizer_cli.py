@@ -94,9 +94,8 @@ def _texts(paths: list[str], text_field: str, skip_bad: bool) -> Iterator[str]:
             src.text_field = text_field
         try:
             loaded = sources.load(path, src, data_cfg, "pretrain")
-        except sources.DataError as e:  # there is no data.skip_bad_records here
-            raise sources.DataError(str(e).replace(sources.SKIP_HINT, " (pass --skip_bad_records to skip such "
-                                                   "records)")) from None
+        except sources.BadRecordError as e:  # there is no data.skip_bad_records here
+            raise sources.BadRecordError(e.where, e.why, "pass --skip_bad_records") from None
         if loaded.skipped:
             print(f"{path}: {loaded.skipped} bad record(s) skipped", file=sys.stderr)
         for record in loaded.records:

@@ -258,3 +258,14 @@ def test_text_document_slices_end_where_asked(tmp_path):
     assert [d["text"] for d in records(tmp_path / "t.txt", "text", "pretrain", cfg, end=0.4)[0]] == ["one", "  two"]
     assert [d["text"] for d in records(tmp_path / "t.txt", "text", "pretrain", cfg, start=0.4, end=0.8)[0]] == [
         "three ", "four"]
+
+
+def test_a_bad_record_error_survives_the_trip_from_a_data_worker_process():
+    """Raised in a grain worker process (data.num_workers > 0), the error is pickled back to the trainer: it
+    must arrive whole, naming the record and how to skip it, not as a TypeError from rebuilding it."""
+    import pickle
+    from data.sources import BadRecordError
+    e = pickle.loads(pickle.dumps(BadRecordError("/d/x.array_record: record 7", "malformed JSON (column 2)")))
+    assert isinstance(e, BadRecordError) and (e.where, e.why) == ("/d/x.array_record: record 7", "malformed JSON (column 2)")
+    assert str(e) == ("/d/x.array_record: record 7: malformed JSON (column 2) (set data.skip_bad_records=true to skip "
+                      "such records)")
