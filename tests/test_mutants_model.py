@@ -1,0 +1,236 @@
+"""Holes a mutation pass over the model, the sampler, the data views and evaluation found: each test here
+fails under a small plausible bug (named in its docstring) that the rest of the suite let through."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from transformers.activations import ACT2FN
+
+from data import chat, tokenizer, views
+from model import attention_kernels, hf, hf_peft, lora, presets, sampling
+from model.config import LoraConfig
+from model.transformer import Transformer
+
+
+def test_gsm8k_drops_each_calculator_call_of_a_line_alone():
+    """Two `<<...>>` calls on one line: each goes, the text between them stays (a greedy `<<.*>>` would
+    drop everything from the first call to the last)."""
+    record = {"question": "Q?", "answer": "3 * 4 = <<3*4=12>>12 and 12 + 1 = <<12+1=13>>13\n#### 13"}
+    assert views.gsm8k({}, "pretrain")(record) == {"text": "Q?\n3 * 4 = 12 and 12 + 1 = 13\n#### 13"}
+
+
+def test_a_blank_sft_completion_is_refused_like_an_empty_one():
+    """A completion of blanks trains the end-of-turn token alone, as an empty one does (a check of
+    `not value` instead of `not value.strip()` lets it through)."""
+    view = views.jsonl({}, "sft")
+    with pytest.raises(views.RecordError, match="field 'completion' is empty"):
+        view({"prompt": "2+2?", "completion": " \n "})
+    assert view({"prompt": "2+2?", "completion": " 4"})["messages"][-1] == {"role": "assistant", "content": " 4"}
+
+
+# -- Hugging Face config.json ------------------------------------------------------------------------------
+MINIMAL = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=30, num_attention_heads=4)
+
+
+def test_a_config_without_kv_heads_is_multi_head_as_in_transformers():
+    """No num_key_value_heads: transformers gives every query head its own key/value head (a default of 1
+    would read a Llama file as multi-query attention and fail on its k_proj shapes)."""
+    theirs = transformers.AutoConfig.for_model("llama", **MINIMAL)
+    assert hf.config_from_hf(dict(MINIMAL, model_type="llama")).n_kv_heads == theirs.num_key_value_heads == 4
+
+
+def test_special_token_ids_travel_both_ways_each_in_its_own_field():
+    """bos, eos and pad ids are read and written each under its own key (the sampler stops at eos and pads
+    with pad): a swapped or dropped id changes what generation does, not the logits parity tests see."""
+    cfg = hf.config_from_hf(dict(MINIMAL, model_type="llama", bos_token_id=5, eos_token_id=[6, 7], pad_token_id=8))
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (5, (6, 7), 8)
+    written = hf.config_to_hf(cfg)
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (5, (6, 7), 8)
+
+
+@pytest.mark.parametrize("name", ["gelu_new", "gelu_fast", "gelu_pytorch_tanh"])
+def test_tanh_approximated_gelus_read_as_gelu_tanh(name):
+    """transformers' gelu_new and gelu_fast are the tanh approximation, as gelu_pytorch_tanh is (exact erf
+    GeLU differs by up to 1e-3: logits parity would break on such a checkpoint)."""
+    x = torch.linspace(-4, 4, 33)
+    np.testing.assert_allclose(ACT2FN[name](x).numpy(), torch.nn.functional.gelu(x, approximate="tanh").numpy(),
+                               atol=1e-6)
+    assert hf.config_from_hf(dict(MINIMAL, model_type="llama", hidden_act=name)).act == "gelu_tanh"
+
+
+def test_qwen2_slides_from_layer_28_when_the_file_does_not_say():
+    """use_sliding_window without max_window_layers: transformers' default 28 layers of full attention first."""
+    fields = dict(MINIMAL, use_sliding_window=True, sliding_window=9)
+    theirs = transformers.AutoConfig.for_model("qwen2", **fields)
+    want = tuple(9 if t == "sliding_attention" else 0 for t in theirs.layer_types)
+    assert want == (0,) * 28 + (9, 9)
+    assert hf.config_from_hf(dict(fields, model_type="qwen2")).layer_windows() == want
+
+
+# -- the sampler's argument checks ---------------------------------------------------------------------------
+def test_prompt_ids_must_lie_in_the_vocabulary_both_ends_included():
+    """Ids 0 and vocab_size - 1 are tokens; vocab_size is not (an embedding lookup would clamp it silently)."""
+    cfg = presets.get("tiny", vocab_size=264)
+    sampling._check(cfg, [[0, 263]], 4, 1.0, 0, 1.0, 1)
+    for bad in ([264], [-1]):
+        with pytest.raises(ValueError, match=r"prompt 0 holds token ids outside the vocabulary \[0, 264\)"):
+            sampling._check(cfg, [bad], 4, 1.0, 0, 1.0, 1)
+
+
+# -- attention kernels --------------------------------------------------------------------------------------
+def softcapped_attention(q_BTHD, k_BTKD, v_BTKD, scale, softcap):
+    """Causal attention of one document in float64, scores soft-capped: cap * tanh(scale * q.k / cap)."""
+    G = q_BTHD.shape[2] // k_BTKD.shape[2]
+    k, v = (np.repeat(x.astype(np.float64), G, axis=2) for x in (k_BTKD, v_BTKD))  # query head h: kv head h // G
+    scores = np.einsum("bthd,bshd->bhts", q_BTHD.astype(np.float64), k) * scale
+    scores = softcap * np.tanh(scores / softcap)
+    T = scores.shape[-1]
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", probs, v)
+
+
+def test_splash_kernel_soft_caps_the_scores():
+    """Scores of about +-10 under a cap of 2: the splash kernel's output is the capped attention's, far from the
+    uncapped one. (The model-level kernel test runs Gemma 2's cap of 20 over scores far below it, where a
+    kernel that drops the cap agrees to 1e-5.)"""
+    rng = np.random.default_rng(0)
+    T, D = 128, 16
+    q, k, v = (rng.normal(0, s, (1, T, n, D)).astype(np.float32) for s, n in ((2.5, 2), (2.5, 1), (1.0, 1)))
+    got = np.asarray(attention_kernels.attend("splash", jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), None,
+                                              jnp.ones((1, T), jnp.int32), 0, D ** -0.5, 2.0))
+    want, uncapped = (softcapped_attention(q, k, v, D ** -0.5, cap) for cap in (2.0, 1e9))
+    assert np.abs(want - uncapped).max() > 0.3
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+# -- the sampler ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def greedy():
+    """test_sampling's greedy continuations of its three prompts (its model and settings)."""
+    from test_sampling import generate
+
+    return generate()
+
+
+def test_a_stop_sequence_never_matches_before_the_first_generated_token(greedy):
+    """A stop sequence (0, t) where t is a row's first generated token: nothing before t was generated or is
+    0 (the prompts hold ids >= 8), so no row stops. A window of recent tokens that starts as zeros, a real
+    token id, would match at the first step and end every row after one token."""
+    from test_sampling import N, generate
+
+    pairs = [[0, t] for t in sorted(set(greedy.tokens[:, 0].tolist()))]
+    assert not any(row[i:i + 2] in pairs for row in greedy.tokens.tolist() for i in range(N - 1))
+    out = generate(stop_sequences=pairs)
+    assert out.finish_reasons == ["length"] * 3 and out.lengths.tolist() == [N] * 3
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+
+
+def test_every_stop_sequence_is_matched_not_only_the_first(greedy):
+    """Row 1's own tokens 6..8 given as the second of two stop sequences still end it after token 8."""
+    from test_sampling import generate
+
+    seq = greedy.tokens[1, 6:9].tolist()
+    text = greedy.tokens[1].tolist()
+    end = next(i + 3 for i in range(len(text) - 2) if text[i:i + 3] == seq)
+    out = generate(stop_sequences=[[1, 2, 3, 4, 5], seq])
+    assert out.finish_reasons[1] == "stop" and out.lengths[1] == end
+
+
+def test_a_prompt_longer_than_the_first_ones_bucket_is_sampled_whole():
+    """Prompts of 5 and 70 tokens: the batch is padded to the longest one's bucket (128), not the first's
+    (64), and each row continues exactly as the full forward recomputed every step does."""
+    from test_sampling import MODEL, generate, greedy_reference
+
+    prompts = [list(np.random.RandomState(i).randint(8, 264, n)) for i, n in ((5, 5), (6, 70))]
+    out = generate(prompts=prompts, max_new_tokens=4)
+    np.testing.assert_array_equal(out.tokens, greedy_reference(MODEL, prompts, 4))
+
+
+# -- Hugging Face export: shards --------------------------------------------------------------------------------
+def test_a_shard_takes_tensors_up_to_exactly_its_limit(tmp_path):
+    """max_shard_bytes is the most a shard may hold: tensors that fill it exactly make one file, one byte less
+    makes two."""
+    cfg = presets.get("tiny")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    total = sum(a.nbytes for _, a in hf.hf_tensors(model, cfg))
+    hf.save(model, cfg, str(tmp_path / "exact"), max_shard_bytes=total)
+    assert sorted(os.listdir(tmp_path / "exact")) == ["config.json", "model.safetensors"]
+    hf.save(model, cfg, str(tmp_path / "less"), max_shard_bytes=total - 1)
+    assert sum(f.endswith(".safetensors") for f in os.listdir(tmp_path / "less")) == 2
+
+
+# -- PEFT adapter directories -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("setting, value", [
+    ("use_dora", True), ("fan_in_fan_out", True), ("modules_to_save", ["lm_head"]), ("layers_to_transform", [0]),
+    ("rank_pattern", {"q_proj": 2}), ("alpha_pattern", {"q_proj": 4}), ("bias", "all"), ("bias", "lora_only"),
+])
+def test_a_lora_adapter_kiln_would_misread_is_refused_by_name(tmp_path, setting, value):
+    """Each of these changes what PEFT computes (transposed weights, other ranks, trained biases, ...) in a way
+    Kiln's plain LoRA does not: read as plain LoRA, the adapter would load without a word and compute another
+    model."""
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "none"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert hf_peft.read_config(str(tmp_path)) == LoraConfig(rank=4, alpha=8.0, targets=("q",))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(config, **{setting: value})))
+    with pytest.raises(hf_peft.AdapterError, match=f"Kiln does not support {setting} in LoRA adapters"):
+        hf_peft.read_config(str(tmp_path))
+
+
+# -- chat templates -------------------------------------------------------------------------------------------------
+def test_a_templates_bos_is_never_a_missing_control_token():
+    """BOS stands for the tokenizer's own BOS (none at all is fine): the byte tokenizer has every kiln control
+    token, and of gemma's it lacks <end_of_turn> first, not the BOS placeholder (an empty name, which the
+    sampler's check reads as "nothing missing" and its list of templates that fit as "missing")."""
+    byte = tokenizer.load("byte")
+    assert chat.missing_token("kiln", byte) is None
+    assert chat.missing_token("gemma", byte) == "<end_of_turn>"
+
+
+# -- the decoder ----------------------------------------------------------------------------------------------------
+def test_gemma_virtual_tokens_are_scaled_like_token_embeddings():
+    """Gemma multiplies its input embeddings by sqrt(d_model), virtual tokens' included (transformers scales
+    inputs_embeds, which is how PEFT feeds a prompt): a prompt holding TEXT's embeddings equals prepending TEXT.
+    The prompt-tuning tests run a Llama config, where an unscaled prompt is not told apart."""
+    from test_prefix import TEXT, X, prepended, tuned
+
+    gemma = presets.get("tiny", family="gemma2", norm_plus_one=True, sandwich_norm=True, embed_scale=True,
+                        tie_embeddings=True)
+    base = Transformer(gemma, rngs=nnx.Rngs(0))
+    err = float(jnp.abs(tuned(base, "prompt")(X) - prepended(base, X)).max())
+    assert err < 1e-5, err
+
+
+def test_a_bfloat16_reward_head_reads_out_in_float32():
+    """values() (and so rewards()) are float32 whatever the compute dtype: the dot with the score head runs over
+    float32 copies of the bf16 hidden states (a bf16 read-out keeps 8 bits of a reward)."""
+    model = Transformer(presets.get("tiny", dtype="bfloat16", reward_head=True, init_std=0.5), rngs=nnx.Rngs(0))
+    toks = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 8)))
+    values = model.values(toks)
+    h = np.asarray(model.hidden(toks).astype(jnp.float32), np.float64)
+    want = h @ np.asarray(model.score[...], np.float64)
+    assert values.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(values), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_update_comes_back_in_its_inputs_dtype():
+    """The adapter computes s * B(A x) in float32 and returns it in x's dtype, so a bfloat16 model stays bfloat16
+    (a float32 update added to a bf16 projection turns the residual stream float32, which the layer scan
+    refuses). No other test runs adapters under bfloat16 compute."""
+    adapter = lora.LoRA(LoraConfig(rank=2, alpha=4.0), (8,), (6,), ("embed",), ("mlp",), nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    adapter.b.set_value(jnp.asarray(rng.normal(0, 1, (2, 6)), jnp.float32))
+    x = jnp.asarray(rng.normal(0, 1, (3, 8)), jnp.bfloat16)
+    out = adapter(x)
+    assert out.dtype == jnp.bfloat16
+    want = np.asarray(x, np.float64) @ np.asarray(adapter.a[...], np.float64) @ np.asarray(adapter.b[...]) * 2.0
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2, atol=1e-2)
+    cfg = presets.get("tiny", dtype="bfloat16", lora=LoraConfig(rank=2, targets=("o", "down")))
+    logits = Transformer(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 4), jnp.int32))
+    assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
