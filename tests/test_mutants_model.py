@@ -3,17 +3,19 @@ fails under a small plausible bug (named in its docstring) that the rest of the 
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 from transformers.activations import ACT2FN
 
 from data import chat, tokenizer, views
-from model import attention_kernels, hf, hf_peft, lora, presets, sampling
-from model.config import LoraConfig
+from model import attention_kernels, hf, hf_peft, lora, prefix, presets, sampling
+from model.config import LoraConfig, PrefixConfig
 from model.transformer import Transformer
 
 
@@ -31,6 +33,22 @@ def test_a_blank_sft_completion_is_refused_like_an_empty_one():
     with pytest.raises(views.RecordError, match="field 'completion' is empty"):
         view({"prompt": "2+2?", "completion": " \n "})
     assert view({"prompt": "2+2?", "completion": " 4"})["messages"][-1] == {"role": "assistant", "content": " 4"}
+
+
+def test_an_hh_dialogue_with_text_before_its_first_turn_is_refused():
+    """Text before the first "\\n\\nHuman:" belongs to no turn: split silently, it would vanish from the prompt."""
+    chosen, rejected = "\n\nHuman: hi\n\nAssistant: hello", "\n\nHuman: hi\n\nAssistant: go away"
+    assert views.split_hh(chosen, rejected) == ([{"role": "user", "content": "hi"}], "hello", "go away")
+    with pytest.raises(views.RecordError, match="the dialogue does not start with"):
+        views.split_hh("Rules: be kind." + chosen, "Rules: be kind." + rejected)
+
+
+def test_a_gsm8k_answer_without_its_final_line_is_refused():
+    """No "#### N" line: there is no reference answer to verify a reply against."""
+    view = views.gsm8k({}, "prompts")
+    assert view({"question": "Q?", "answer": "2 + 3 = 5\n#### 5"})["answer"] == "5"
+    with pytest.raises(views.RecordError, match="the answer has no final '#### N' line"):
+        view({"question": "Q?", "answer": "2 + 3 = 5"})
 
 
 # -- Hugging Face config.json ------------------------------------------------------------------------------
@@ -70,6 +88,22 @@ def test_qwen2_slides_from_layer_28_when_the_file_does_not_say():
     want = tuple(9 if t == "sliding_attention" else 0 for t in theirs.layer_types)
     assert want == (0,) * 28 + (9, 9)
     assert hf.config_from_hf(dict(fields, model_type="qwen2")).layer_windows() == want
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(model_type="llama", rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
+     "partial_rotary_factor != 1 is not supported"),
+    (dict(model_type="gemma2", use_bidirectional_attention=True), "bidirectional Gemma2 attention is not supported"),
+    (dict(model_type="gemma2", rope_parameters=dict(full_attention=dict(rope_type="default", rope_theta=1e6),
+                                                    sliding_attention=dict(rope_type="default", rope_theta=1e4))),
+     "per-layer-type rope_parameters are not supported"),
+])
+def test_a_config_kiln_would_compute_differently_is_refused(fields, message):
+    """Rotary on part of the head, attention both ways, a theta per layer type: read past, each would load a
+    model computing something else than the checkpoint's (without a word: the weights' shapes all fit)."""
+    hf.config_from_hf(dict(MINIMAL, model_type=fields["model_type"]))  # the same file without the setting reads
+    with pytest.raises(hf.HFFormatError, match=f"config.json: {message}"):
+        hf.config_from_hf(dict(MINIMAL, **fields))
 
 
 # -- the sampler's argument checks ---------------------------------------------------------------------------
@@ -166,6 +200,22 @@ def test_a_shard_takes_tensors_up_to_exactly_its_limit(tmp_path):
     assert sum(f.endswith(".safetensors") for f in os.listdir(tmp_path / "less")) == 2
 
 
+def test_rotary_buffers_older_checkpoints_store_are_skipped(tmp_path):
+    """Checkpoints saved by older transformers hold each layer's rotary_emb.inv_freq buffer: recomputed from
+    the config, it is no weight to map, and the checkpoint loads as if it were absent."""
+    cfg = presets.get("tiny")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    hf.save(model, cfg, str(tmp_path))
+    file = str(tmp_path / "model.safetensors")
+    tensors = load_file(file)
+    for i in range(cfg.n_layers):
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = np.ones(cfg.dim_head // 2, np.float32)
+    save_file(tensors, file, metadata={"format": "pt"})
+    _, loaded = hf.load(str(tmp_path))
+    toks = jnp.arange(8)[None]
+    np.testing.assert_array_equal(np.asarray(loaded(toks)), np.asarray(model(toks)))
+
+
 # -- PEFT adapter directories -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("setting, value", [
     ("use_dora", True), ("fan_in_fan_out", True), ("modules_to_save", ["lm_head"]), ("layers_to_transform", [0]),
@@ -207,6 +257,17 @@ def test_gemma_virtual_tokens_are_scaled_like_token_embeddings():
     assert err < 1e-5, err
 
 
+def test_a_vocab_initialised_prompt_draws_from_the_whole_vocabulary():
+    """prompt_init=vocab copies embeddings of ids drawn uniformly from [0, vocab): 64 draws from 4 ids take
+    every one, the first and the last included (a range off by one at either end never draws it)."""
+    cfg = presets.get("tiny", vocab_size=4, prefix=PrefixConfig(kind="prompt", num_tokens=64))
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    prefix.init_prompt(model, "vocab", [], jax.random.key(0))
+    table, rows = np.asarray(model.embed.table[...]), np.asarray(model.prefix.embeddings[...])
+    ids = [int(np.flatnonzero((table == row).all(axis=1))[0]) for row in rows]
+    assert sorted(set(ids)) == [0, 1, 2, 3]
+
+
 def test_a_bfloat16_reward_head_reads_out_in_float32():
     """values() (and so rewards()) are float32 whatever the compute dtype: the dot with the score head runs over
     float32 copies of the bf16 hidden states (a bf16 read-out keeps 8 bits of a reward)."""
@@ -234,3 +295,33 @@ def test_a_lora_update_comes_back_in_its_inputs_dtype():
     cfg = presets.get("tiny", dtype="bfloat16", lora=LoraConfig(rank=2, targets=("o", "down")))
     logits = Transformer(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 4), jnp.int32))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+def test_a_lora_adapter_of_other_projections_is_refused_by_name(tmp_path):
+    """target_modules Kiln has no projection for (lm_head) are named, not a KeyError."""
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "lm_head"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(hf_peft.AdapterError, match=r"target_modules \['lm_head'\] are not projections Kiln adapts"):
+        hf_peft.read_config(str(tmp_path))
+
+
+def test_a_lora_tensor_stored_transposed_is_refused_not_reshaped(tmp_path):
+    """lora_A must be [r, in]: one stored [in, r] holds as many numbers, and reshaped into place it would load
+    without a word as another adapter."""
+    model = Transformer(presets.get("tiny", lora=LoraConfig(rank=2, targets=("q",))), rngs=nnx.Rngs(0))
+    path = tmp_path / "adapter"
+    hf_peft.save_adapter(model, str(path))
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    name = hf_peft.tensor_name("q", 0, "A")
+    assert tensors[name].shape == (2, 64)
+    tensors[name] = np.ascontiguousarray(tensors[name].T)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(hf_peft.AdapterError, match=r"has shape \(64, 2\); the model needs \(2, 64\)"):
+        hf_peft.load_adapter(model, str(path))
+
+
+def test_a_prompt_learning_adapter_is_refused_where_lora_is_read(tmp_path):
+    """A PREFIX_TUNING directory has no r or lora_alpha: named by its peft_type, not a KeyError."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
+    with pytest.raises(hf_peft.AdapterError, match="peft_type 'PREFIX_TUNING'; Kiln reads LORA adapters"):
+        hf_peft.read_config(str(tmp_path))
