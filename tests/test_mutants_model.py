@@ -187,6 +187,19 @@ def test_a_prompt_longer_than_the_first_ones_bucket_is_sampled_whole():
     np.testing.assert_array_equal(out.tokens, greedy_reference(MODEL, prompts, 4))
 
 
+def test_temperature_zero_is_argmax_even_over_exact_ties():
+    """All-zero weights give exactly uniform logits: greedy decoding takes the first id every step, whatever
+    the seed. (Sampling at a tiny temperature instead agrees with argmax everywhere but at ties, where it
+    draws at random.)"""
+    from test_sampling import MODEL, N, generate
+
+    graphdef, state = nnx.split(MODEL)
+    zero = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, state))
+    for seed in (0, 1):
+        out = generate(model=zero, seed=seed)
+        assert (out.tokens == 0).all() and out.lengths.tolist() == [N] * 3
+
+
 # -- Hugging Face export: shards --------------------------------------------------------------------------------
 def test_a_shard_takes_tensors_up_to_exactly_its_limit(tmp_path):
     """max_shard_bytes is the most a shard may hold: tensors that fill it exactly make one file, one byte less
