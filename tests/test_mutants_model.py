@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN
 
 from data import chat, tokenizer, views
 from model import attention_kernels, hf, hf_peft, lora, prefix, presets, sampling
-from model.config import LoraConfig, PrefixConfig
+from model.config import LoraConfig, PrefixConfig, RopeScaling
 from model.transformer import Transformer
 
 
@@ -104,6 +104,25 @@ def test_a_config_kiln_would_compute_differently_is_refused(fields, message):
     hf.config_from_hf(dict(MINIMAL, model_type=fields["model_type"]))  # the same file without the setting reads
     with pytest.raises(hf.HFFormatError, match=f"config.json: {message}"):
         hf.config_from_hf(dict(MINIMAL, **fields))
+
+
+def test_rope_scaling_in_either_key_style_and_with_a_full_rotary_factor_reads():
+    """transformers 4.3x wrote rope_scaling {"type": ...}; 5.x may write partial_rotary_factor 1.0 beside the
+    scaling. Both mean the scaling they name (read as "default", a linear-scaled model would lose its factor)."""
+    old = hf.config_from_hf(dict(MINIMAL, model_type="llama", rope_scaling={"type": "linear", "factor": 2.0}))
+    assert old.rope_scaling == RopeScaling(type="linear", factor=2.0)
+    llama3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=16, rope_theta=5e5, partial_rotary_factor=1.0)
+    new = hf.config_from_hf(dict(MINIMAL, model_type="llama", rope_parameters=llama3))
+    assert new.rope_scaling.type == "llama3" and new.rope_theta == 5e5
+
+
+def test_a_shard_index_without_a_weight_map_is_named(tmp_path):
+    cfg = presets.get("tiny")
+    hf.save(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, str(tmp_path), max_shard_bytes=100_000)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1}}))
+    with pytest.raises(hf.HFFormatError, match="model.safetensors.index.json: no weight_map; the file is damaged"):
+        hf.load(str(tmp_path))
 
 
 # -- the sampler's argument checks ---------------------------------------------------------------------------
@@ -338,3 +357,22 @@ def test_a_prompt_learning_adapter_is_refused_where_lora_is_read(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
     with pytest.raises(hf_peft.AdapterError, match="peft_type 'PREFIX_TUNING'; Kiln reads LORA adapters"):
         hf_peft.read_config(str(tmp_path))
+
+
+def test_an_adapter_directory_missing_a_part_is_named(tmp_path):
+    """A missing lora tensor or weights file, or LoRA settings off (peft.method not lora): each an AdapterError
+    naming it, never a KeyError or a safetensors error."""
+    cfg = LoraConfig(rank=2, targets=("q",))
+    model = Transformer(presets.get("tiny", lora=cfg), rngs=nnx.Rngs(0))
+    path = tmp_path / "adapter"
+    hf_peft.save_adapter(model, str(path))
+    with pytest.raises(hf_peft.AdapterError, match=f"peft.adapter_from={path}: set peft.method=lora"):
+        hf_peft.check_adapter(str(path), None)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    name = hf_peft.tensor_name("q", 1, "B")
+    save_file({k: v for k, v in tensors.items() if k != name}, str(path / "adapter_model.safetensors"))
+    with pytest.raises(hf_peft.AdapterError, match=f"tensor '{name}' is missing"):
+        hf_peft.load_adapter(model, str(path))
+    os.remove(path / "adapter_model.safetensors")
+    with pytest.raises(hf_peft.AdapterError, match="no adapter_model.safetensors"):
+        hf_peft.load_adapter(model, str(path))
