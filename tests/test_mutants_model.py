@@ -35,6 +35,12 @@ def test_a_blank_sft_completion_is_refused_like_an_empty_one():
     assert view({"prompt": "2+2?", "completion": " 4"})["messages"][-1] == {"role": "assistant", "content": " 4"}
 
 
+def test_sft_conversations_are_read_from_the_configured_messages_field():
+    """A source's messages_field names where its conversations are (the default "messages" is one name only)."""
+    turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert views.jsonl({"messages_field": "conversation"}, "sft")({"conversation": turns}) == {"messages": turns}
+
+
 def test_an_hh_dialogue_with_text_before_its_first_turn_is_refused():
     """Text before the first "\\n\\nHuman:" belongs to no turn: split silently, it would vanish from the prompt."""
     chosen, rejected = "\n\nHuman: hi\n\nAssistant: hello", "\n\nHuman: hi\n\nAssistant: go away"
