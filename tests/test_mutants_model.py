@@ -2,6 +2,7 @@
 fails under a small plausible bug (named in its docstring) that the rest of the suite let through."""
 import json
 import os
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from data import chat, tokenizer, views
 from model import attention_kernels, hf, hf_peft, lora, prefix, presets, sampling
 from model.config import LoraConfig, PrefixConfig, RopeScaling
 from model.transformer import Transformer
+from train import tasks
 
 
 def test_gsm8k_drops_each_calculator_call_of_a_line_alone():
@@ -39,6 +41,16 @@ def test_sft_conversations_are_read_from_the_configured_messages_field():
     """A source's messages_field names where its conversations are (the default "messages" is one name only)."""
     turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     assert views.jsonl({"messages_field": "conversation"}, "sft")({"conversation": turns}) == {"messages": turns}
+
+
+def test_the_longest_prompt_is_looked_for_among_every_problem():
+    """The sampler's length budget is the longest prompt of all (here the second problem's), not the first's."""
+    sampler = SimpleNamespace(encode=lambda text, chat: list(text))
+    evaluated = [tasks.Item("Q?", "#### 1", "1"), tasks.Item("A much longer question?", "#### 2", "2")]
+    shots = [tasks.Item("Shot?", "x\n#### 3", "3")]
+    want = len("Shot?\n#### 3\n\nA much longer question?\n#### ")
+    assert tasks.prompt(evaluated[1], shots, cot=False, chat=False) == "Shot?\n#### 3\n\nA much longer question?\n#### "
+    assert tasks.longest_prompt(sampler, evaluated, shots, cot=False, chat=False) == want
 
 
 def test_an_hh_dialogue_with_text_before_its_first_turn_is_refused():
