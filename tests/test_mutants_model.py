@@ -21,11 +21,20 @@ from model.transformer import Transformer
 from train import tasks
 
 
+# -- data views and chat templates -------------------------------------------------------------------------------
 def test_gsm8k_drops_each_calculator_call_of_a_line_alone():
     """Two `<<...>>` calls on one line: each goes, the text between them stays (a greedy `<<.*>>` would
     drop everything from the first call to the last)."""
     record = {"question": "Q?", "answer": "3 * 4 = <<3*4=12>>12 and 12 + 1 = <<12+1=13>>13\n#### 13"}
     assert views.gsm8k({}, "pretrain")(record) == {"text": "Q?\n3 * 4 = 12 and 12 + 1 = 13\n#### 13"}
+
+
+def test_a_gsm8k_answer_without_its_final_line_is_refused():
+    """No "#### N" line: there is no reference answer to verify a reply against."""
+    view = views.gsm8k({}, "prompts")
+    assert view({"question": "Q?", "answer": "2 + 3 = 5\n#### 5"})["answer"] == "5"
+    with pytest.raises(views.RecordError, match="the answer has no final '#### N' line"):
+        view({"question": "Q?", "answer": "2 + 3 = 5"})
 
 
 def test_a_blank_sft_completion_is_refused_like_an_empty_one():
@@ -43,6 +52,24 @@ def test_sft_conversations_are_read_from_the_configured_messages_field():
     assert views.jsonl({"messages_field": "conversation"}, "sft")({"conversation": turns}) == {"messages": turns}
 
 
+def test_an_hh_dialogue_with_text_before_its_first_turn_is_refused():
+    """Text before the first "\\n\\nHuman:" belongs to no turn: split silently, it would vanish from the prompt."""
+    chosen, rejected = "\n\nHuman: hi\n\nAssistant: hello", "\n\nHuman: hi\n\nAssistant: go away"
+    assert views.split_hh(chosen, rejected) == ([{"role": "user", "content": "hi"}], "hello", "go away")
+    with pytest.raises(views.RecordError, match="the dialogue does not start with"):
+        views.split_hh("Rules: be kind." + chosen, "Rules: be kind." + rejected)
+
+
+def test_a_templates_bos_is_never_a_missing_control_token():
+    """BOS stands for the tokenizer's own BOS (none at all is fine): the byte tokenizer has every kiln control
+    token, and of gemma's it lacks <end_of_turn> first, not the BOS placeholder (an empty name, which the
+    sampler's check reads as "nothing missing" and its list of templates that fit as "missing")."""
+    byte = tokenizer.load("byte")
+    assert chat.missing_token("kiln", byte) is None
+    assert chat.missing_token("gemma", byte) == "<end_of_turn>"
+
+
+# -- few-shot tasks ----------------------------------------------------------------------------------------------
 def test_the_longest_prompt_is_looked_for_among_every_problem():
     """The sampler's length budget is the longest prompt of all (here the second problem's), not the first's."""
     sampler = SimpleNamespace(encode=lambda text, chat: list(text))
@@ -53,23 +80,7 @@ def test_the_longest_prompt_is_looked_for_among_every_problem():
     assert tasks.longest_prompt(sampler, evaluated, shots, cot=False, chat=False) == want
 
 
-def test_an_hh_dialogue_with_text_before_its_first_turn_is_refused():
-    """Text before the first "\\n\\nHuman:" belongs to no turn: split silently, it would vanish from the prompt."""
-    chosen, rejected = "\n\nHuman: hi\n\nAssistant: hello", "\n\nHuman: hi\n\nAssistant: go away"
-    assert views.split_hh(chosen, rejected) == ([{"role": "user", "content": "hi"}], "hello", "go away")
-    with pytest.raises(views.RecordError, match="the dialogue does not start with"):
-        views.split_hh("Rules: be kind." + chosen, "Rules: be kind." + rejected)
-
-
-def test_a_gsm8k_answer_without_its_final_line_is_refused():
-    """No "#### N" line: there is no reference answer to verify a reply against."""
-    view = views.gsm8k({}, "prompts")
-    assert view({"question": "Q?", "answer": "2 + 3 = 5\n#### 5"})["answer"] == "5"
-    with pytest.raises(views.RecordError, match="the answer has no final '#### N' line"):
-        view({"question": "Q?", "answer": "2 + 3 = 5"})
-
-
-# -- Hugging Face config.json ------------------------------------------------------------------------------
+# -- Hugging Face config.json and checkpoints --------------------------------------------------------------------
 MINIMAL = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=30, num_attention_heads=4)
 
 
@@ -135,109 +146,6 @@ def test_rope_scaling_in_either_key_style_and_with_a_full_rotary_factor_reads():
     assert new.rope_scaling.type == "llama3" and new.rope_theta == 5e5
 
 
-def test_a_shard_index_without_a_weight_map_is_named(tmp_path):
-    cfg = presets.get("tiny")
-    hf.save(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, str(tmp_path), max_shard_bytes=100_000)
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1}}))
-    with pytest.raises(hf.HFFormatError, match="model.safetensors.index.json: no weight_map; the file is damaged"):
-        hf.load(str(tmp_path))
-
-
-# -- the sampler's argument checks ---------------------------------------------------------------------------
-def test_prompt_ids_must_lie_in_the_vocabulary_both_ends_included():
-    """Ids 0 and vocab_size - 1 are tokens; vocab_size is not (an embedding lookup would clamp it silently)."""
-    cfg = presets.get("tiny", vocab_size=264)
-    sampling._check(cfg, [[0, 263]], 4, 1.0, 0, 1.0, 1)
-    for bad in ([264], [-1]):
-        with pytest.raises(ValueError, match=r"prompt 0 holds token ids outside the vocabulary \[0, 264\)"):
-            sampling._check(cfg, [bad], 4, 1.0, 0, 1.0, 1)
-
-
-# -- attention kernels --------------------------------------------------------------------------------------
-def softcapped_attention(q_BTHD, k_BTKD, v_BTKD, scale, softcap):
-    """Causal attention of one document in float64, scores soft-capped: cap * tanh(scale * q.k / cap)."""
-    G = q_BTHD.shape[2] // k_BTKD.shape[2]
-    k, v = (np.repeat(x.astype(np.float64), G, axis=2) for x in (k_BTKD, v_BTKD))  # query head h: kv head h // G
-    scores = np.einsum("bthd,bshd->bhts", q_BTHD.astype(np.float64), k) * scale
-    scores = softcap * np.tanh(scores / softcap)
-    T = scores.shape[-1]
-    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    return np.einsum("bhts,bshd->bthd", probs, v)
-
-
-def test_splash_kernel_soft_caps_the_scores():
-    """Scores of about +-10 under a cap of 2: the splash kernel's output is the capped attention's, far from the
-    uncapped one. (The model-level kernel test runs Gemma 2's cap of 20 over scores far below it, where a
-    kernel that drops the cap agrees to 1e-5.)"""
-    rng = np.random.default_rng(0)
-    T, D = 128, 16
-    q, k, v = (rng.normal(0, s, (1, T, n, D)).astype(np.float32) for s, n in ((2.5, 2), (2.5, 1), (1.0, 1)))
-    got = np.asarray(attention_kernels.attend("splash", jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), None,
-                                              jnp.ones((1, T), jnp.int32), 0, D ** -0.5, 2.0))
-    want, uncapped = (softcapped_attention(q, k, v, D ** -0.5, cap) for cap in (2.0, 1e9))
-    assert np.abs(want - uncapped).max() > 0.3
-    np.testing.assert_allclose(got, want, atol=2e-5)
-
-
-# -- the sampler ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def greedy():
-    """test_sampling's greedy continuations of its three prompts (its model and settings)."""
-    from test_sampling import generate
-
-    return generate()
-
-
-def test_a_stop_sequence_never_matches_before_the_first_generated_token(greedy):
-    """A stop sequence (0, t) where t is a row's first generated token: nothing before t was generated or is
-    0 (the prompts hold ids >= 8), so no row stops. A window of recent tokens that starts as zeros, a real
-    token id, would match at the first step and end every row after one token."""
-    from test_sampling import N, generate
-
-    pairs = [[0, t] for t in sorted(set(greedy.tokens[:, 0].tolist()))]
-    assert not any(row[i:i + 2] in pairs for row in greedy.tokens.tolist() for i in range(N - 1))
-    out = generate(stop_sequences=pairs)
-    assert out.finish_reasons == ["length"] * 3 and out.lengths.tolist() == [N] * 3
-    np.testing.assert_array_equal(out.tokens, greedy.tokens)
-
-
-def test_every_stop_sequence_is_matched_not_only_the_first(greedy):
-    """Row 1's own tokens 6..8 given as the second of two stop sequences still end it after token 8."""
-    from test_sampling import generate
-
-    seq = greedy.tokens[1, 6:9].tolist()
-    text = greedy.tokens[1].tolist()
-    end = next(i + 3 for i in range(len(text) - 2) if text[i:i + 3] == seq)
-    out = generate(stop_sequences=[[1, 2, 3, 4, 5], seq])
-    assert out.finish_reasons[1] == "stop" and out.lengths[1] == end
-
-
-def test_a_prompt_longer_than_the_first_ones_bucket_is_sampled_whole():
-    """Prompts of 5 and 70 tokens: the batch is padded to the longest one's bucket (128), not the first's
-    (64), and each row continues exactly as the full forward recomputed every step does."""
-    from test_sampling import MODEL, generate, greedy_reference
-
-    prompts = [list(np.random.RandomState(i).randint(8, 264, n)) for i, n in ((5, 5), (6, 70))]
-    out = generate(prompts=prompts, max_new_tokens=4)
-    np.testing.assert_array_equal(out.tokens, greedy_reference(MODEL, prompts, 4))
-
-
-def test_temperature_zero_is_argmax_even_over_exact_ties():
-    """All-zero weights give exactly uniform logits: greedy decoding takes the first id every step, whatever
-    the seed. (Sampling at a tiny temperature instead agrees with argmax everywhere but at ties, where it
-    draws at random.)"""
-    from test_sampling import MODEL, N, generate
-
-    graphdef, state = nnx.split(MODEL)
-    zero = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, state))
-    for seed in (0, 1):
-        out = generate(model=zero, seed=seed)
-        assert (out.tokens == 0).all() and out.lengths.tolist() == [N] * 3
-
-
-# -- Hugging Face export: shards --------------------------------------------------------------------------------
 def test_a_shard_takes_tensors_up_to_exactly_its_limit(tmp_path):
     """max_shard_bytes is the most a shard may hold: tensors that fill it exactly make one file, one byte less
     makes two."""
@@ -248,6 +156,15 @@ def test_a_shard_takes_tensors_up_to_exactly_its_limit(tmp_path):
     assert sorted(os.listdir(tmp_path / "exact")) == ["config.json", "model.safetensors"]
     hf.save(model, cfg, str(tmp_path / "less"), max_shard_bytes=total - 1)
     assert sum(f.endswith(".safetensors") for f in os.listdir(tmp_path / "less")) == 2
+
+
+def test_a_shard_index_without_a_weight_map_is_named(tmp_path):
+    """A damaged index (no weight_map) is named as such, not a TypeError of the reader."""
+    cfg = presets.get("tiny")
+    hf.save(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, str(tmp_path), max_shard_bytes=100_000)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1}}))
+    with pytest.raises(hf.HFFormatError, match="model.safetensors.index.json: no weight_map; the file is damaged"):
+        hf.load(str(tmp_path))
 
 
 def test_rotary_buffers_older_checkpoints_store_are_skipped(tmp_path):
@@ -266,7 +183,7 @@ def test_rotary_buffers_older_checkpoints_store_are_skipped(tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(toks)), np.asarray(model(toks)))
 
 
-# -- PEFT adapter directories -------------------------------------------------------------------------------------
+# -- PEFT adapter directories ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("setting, value", [
     ("use_dora", True), ("fan_in_fan_out", True), ("modules_to_save", ["lm_head"]), ("layers_to_transform", [0]),
     ("rank_pattern", {"q_proj": 2}), ("alpha_pattern", {"q_proj": 4}), ("bias", "all"), ("bias", "lora_only"),
@@ -283,17 +200,56 @@ def test_a_lora_adapter_kiln_would_misread_is_refused_by_name(tmp_path, setting,
         hf_peft.read_config(str(tmp_path))
 
 
-# -- chat templates -------------------------------------------------------------------------------------------------
-def test_a_templates_bos_is_never_a_missing_control_token():
-    """BOS stands for the tokenizer's own BOS (none at all is fine): the byte tokenizer has every kiln control
-    token, and of gemma's it lacks <end_of_turn> first, not the BOS placeholder (an empty name, which the
-    sampler's check reads as "nothing missing" and its list of templates that fit as "missing")."""
-    byte = tokenizer.load("byte")
-    assert chat.missing_token("kiln", byte) is None
-    assert chat.missing_token("gemma", byte) == "<end_of_turn>"
+def test_a_lora_adapter_of_other_projections_is_refused_by_name(tmp_path):
+    """target_modules Kiln has no projection for (lm_head) are named, not a KeyError."""
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "lm_head"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(hf_peft.AdapterError, match=r"target_modules \['lm_head'\] are not projections Kiln adapts"):
+        hf_peft.read_config(str(tmp_path))
 
 
-# -- the decoder ----------------------------------------------------------------------------------------------------
+def test_a_prompt_learning_adapter_is_refused_where_lora_is_read(tmp_path):
+    """A PREFIX_TUNING directory has no r or lora_alpha: named by its peft_type, not a KeyError."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
+    with pytest.raises(hf_peft.AdapterError, match="peft_type 'PREFIX_TUNING'; Kiln reads LORA adapters"):
+        hf_peft.read_config(str(tmp_path))
+
+
+def test_a_lora_tensor_stored_transposed_is_refused_not_reshaped(tmp_path):
+    """lora_A must be [r, in]: one stored [in, r] holds as many numbers, and reshaped into place it would load
+    without a word as another adapter."""
+    model = Transformer(presets.get("tiny", lora=LoraConfig(rank=2, targets=("q",))), rngs=nnx.Rngs(0))
+    path = tmp_path / "adapter"
+    hf_peft.save_adapter(model, str(path))
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    name = hf_peft.tensor_name("q", 0, "A")
+    assert tensors[name].shape == (2, 64)
+    tensors[name] = np.ascontiguousarray(tensors[name].T)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(hf_peft.AdapterError, match=r"has shape \(64, 2\); the model needs \(2, 64\)"):
+        hf_peft.load_adapter(model, str(path))
+
+
+def test_an_adapter_directory_missing_a_part_is_named(tmp_path):
+    """A missing lora tensor or weights file, or LoRA settings off (peft.method not lora): each an AdapterError
+    naming it, never a KeyError or a safetensors error."""
+    cfg = LoraConfig(rank=2, targets=("q",))
+    model = Transformer(presets.get("tiny", lora=cfg), rngs=nnx.Rngs(0))
+    path = tmp_path / "adapter"
+    hf_peft.save_adapter(model, str(path))
+    with pytest.raises(hf_peft.AdapterError, match=f"peft.adapter_from={path}: set peft.method=lora"):
+        hf_peft.check_adapter(str(path), None)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    name = hf_peft.tensor_name("q", 1, "B")
+    save_file({k: v for k, v in tensors.items() if k != name}, str(path / "adapter_model.safetensors"))
+    with pytest.raises(hf_peft.AdapterError, match=f"tensor '{name}' is missing"):
+        hf_peft.load_adapter(model, str(path))
+    os.remove(path / "adapter_model.safetensors")
+    with pytest.raises(hf_peft.AdapterError, match="no adapter_model.safetensors"):
+        hf_peft.load_adapter(model, str(path))
+
+
+# -- the decoder, adapters and attention kernels -----------------------------------------------------------------
 def test_gemma_virtual_tokens_are_scaled_like_token_embeddings():
     """Gemma multiplies its input embeddings by sqrt(d_model), virtual tokens' included (transformers scales
     inputs_embeds, which is how PEFT feeds a prompt): a prompt holding TEXT's embeddings equals prepending TEXT.
@@ -347,50 +303,93 @@ def test_a_lora_update_comes_back_in_its_inputs_dtype():
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
 
 
-def test_a_lora_adapter_of_other_projections_is_refused_by_name(tmp_path):
-    """target_modules Kiln has no projection for (lm_head) are named, not a KeyError."""
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "lm_head"]}
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(hf_peft.AdapterError, match=r"target_modules \['lm_head'\] are not projections Kiln adapts"):
-        hf_peft.read_config(str(tmp_path))
+def softcapped_attention(q_BTHD, k_BTKD, v_BTKD, scale, softcap):
+    """Causal attention of one document in float64, scores soft-capped: cap * tanh(scale * q.k / cap)."""
+    G = q_BTHD.shape[2] // k_BTKD.shape[2]
+    k, v = (np.repeat(x.astype(np.float64), G, axis=2) for x in (k_BTKD, v_BTKD))  # query head h: kv head h // G
+    scores = np.einsum("bthd,bshd->bhts", q_BTHD.astype(np.float64), k) * scale
+    scores = softcap * np.tanh(scores / softcap)
+    T = scores.shape[-1]
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", probs, v)
 
 
-def test_a_lora_tensor_stored_transposed_is_refused_not_reshaped(tmp_path):
-    """lora_A must be [r, in]: one stored [in, r] holds as many numbers, and reshaped into place it would load
-    without a word as another adapter."""
-    model = Transformer(presets.get("tiny", lora=LoraConfig(rank=2, targets=("q",))), rngs=nnx.Rngs(0))
-    path = tmp_path / "adapter"
-    hf_peft.save_adapter(model, str(path))
-    tensors = load_file(str(path / "adapter_model.safetensors"))
-    name = hf_peft.tensor_name("q", 0, "A")
-    assert tensors[name].shape == (2, 64)
-    tensors[name] = np.ascontiguousarray(tensors[name].T)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    with pytest.raises(hf_peft.AdapterError, match=r"has shape \(64, 2\); the model needs \(2, 64\)"):
-        hf_peft.load_adapter(model, str(path))
+def test_splash_kernel_soft_caps_the_scores():
+    """Scores of about +-10 under a cap of 2: the splash kernel's output is the capped attention's, far from the
+    uncapped one. (The model-level kernel test runs Gemma 2's cap of 20 over scores far below it, where a
+    kernel that drops the cap agrees to 1e-5.)"""
+    rng = np.random.default_rng(0)
+    T, D = 128, 16
+    q, k, v = (rng.normal(0, s, (1, T, n, D)).astype(np.float32) for s, n in ((2.5, 2), (2.5, 1), (1.0, 1)))
+    got = np.asarray(attention_kernels.attend("splash", jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), None,
+                                              jnp.ones((1, T), jnp.int32), 0, D ** -0.5, 2.0))
+    want, uncapped = (softcapped_attention(q, k, v, D ** -0.5, cap) for cap in (2.0, 1e9))
+    assert np.abs(want - uncapped).max() > 0.3
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def test_a_prompt_learning_adapter_is_refused_where_lora_is_read(tmp_path):
-    """A PREFIX_TUNING directory has no r or lora_alpha: named by its peft_type, not a KeyError."""
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
-    with pytest.raises(hf_peft.AdapterError, match="peft_type 'PREFIX_TUNING'; Kiln reads LORA adapters"):
-        hf_peft.read_config(str(tmp_path))
+# -- the sampler -------------------------------------------------------------------------------------------------
+def test_prompt_ids_must_lie_in_the_vocabulary_both_ends_included():
+    """Ids 0 and vocab_size - 1 are tokens; vocab_size is not (an embedding lookup would clamp it silently)."""
+    cfg = presets.get("tiny", vocab_size=264)
+    sampling._check(cfg, [[0, 263]], 4, 1.0, 0, 1.0, 1)
+    for bad in ([264], [-1]):
+        with pytest.raises(ValueError, match=r"prompt 0 holds token ids outside the vocabulary \[0, 264\)"):
+            sampling._check(cfg, [bad], 4, 1.0, 0, 1.0, 1)
 
 
-def test_an_adapter_directory_missing_a_part_is_named(tmp_path):
-    """A missing lora tensor or weights file, or LoRA settings off (peft.method not lora): each an AdapterError
-    naming it, never a KeyError or a safetensors error."""
-    cfg = LoraConfig(rank=2, targets=("q",))
-    model = Transformer(presets.get("tiny", lora=cfg), rngs=nnx.Rngs(0))
-    path = tmp_path / "adapter"
-    hf_peft.save_adapter(model, str(path))
-    with pytest.raises(hf_peft.AdapterError, match=f"peft.adapter_from={path}: set peft.method=lora"):
-        hf_peft.check_adapter(str(path), None)
-    tensors = load_file(str(path / "adapter_model.safetensors"))
-    name = hf_peft.tensor_name("q", 1, "B")
-    save_file({k: v for k, v in tensors.items() if k != name}, str(path / "adapter_model.safetensors"))
-    with pytest.raises(hf_peft.AdapterError, match=f"tensor '{name}' is missing"):
-        hf_peft.load_adapter(model, str(path))
-    os.remove(path / "adapter_model.safetensors")
-    with pytest.raises(hf_peft.AdapterError, match="no adapter_model.safetensors"):
-        hf_peft.load_adapter(model, str(path))
+@pytest.fixture(scope="module")
+def greedy():
+    """test_sampling's greedy continuations of its three prompts (its model and settings)."""
+    from test_sampling import generate
+
+    return generate()
+
+
+def test_a_stop_sequence_never_matches_before_the_first_generated_token(greedy):
+    """A stop sequence (0, t) where t is a row's first generated token: nothing before t was generated or is
+    0 (the prompts hold ids >= 8), so no row stops. A window of recent tokens that starts as zeros, a real
+    token id, would match at the first step and end every row after one token."""
+    from test_sampling import N, generate
+
+    pairs = [[0, t] for t in sorted(set(greedy.tokens[:, 0].tolist()))]
+    assert not any(row[i:i + 2] in pairs for row in greedy.tokens.tolist() for i in range(N - 1))
+    out = generate(stop_sequences=pairs)
+    assert out.finish_reasons == ["length"] * 3 and out.lengths.tolist() == [N] * 3
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+
+
+def test_every_stop_sequence_is_matched_not_only_the_first(greedy):
+    """Row 1's own tokens 6..8 given as the second of two stop sequences still end it after token 8."""
+    from test_sampling import generate
+
+    seq = greedy.tokens[1, 6:9].tolist()
+    text = greedy.tokens[1].tolist()
+    end = next(i + 3 for i in range(len(text) - 2) if text[i:i + 3] == seq)
+    out = generate(stop_sequences=[[1, 2, 3, 4, 5], seq])
+    assert out.finish_reasons[1] == "stop" and out.lengths[1] == end
+
+
+def test_a_prompt_longer_than_the_first_ones_bucket_is_sampled_whole():
+    """Prompts of 5 and 70 tokens: the batch is padded to the longest one's bucket (128), not the first's
+    (64), and each row continues exactly as the full forward recomputed every step does."""
+    from test_sampling import MODEL, generate, greedy_reference
+
+    prompts = [list(np.random.RandomState(i).randint(8, 264, n)) for i, n in ((5, 5), (6, 70))]
+    out = generate(prompts=prompts, max_new_tokens=4)
+    np.testing.assert_array_equal(out.tokens, greedy_reference(MODEL, prompts, 4))
+
+
+def test_temperature_zero_is_argmax_even_over_exact_ties():
+    """All-zero weights give exactly uniform logits: greedy decoding takes the first id every step, whatever
+    the seed. (Sampling at a tiny temperature instead agrees with argmax everywhere but at ties, where it
+    draws at random.)"""
+    from test_sampling import MODEL, N, generate
+
+    graphdef, state = nnx.split(MODEL)
+    zero = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, state))
+    for seed in (0, 1):
+        out = generate(model=zero, seed=seed)
+        assert (out.tokens == 0).all() and out.lengths.tolist() == [N] * 3
