@@ -69,6 +69,13 @@ def test_a_templates_bos_is_never_a_missing_control_token():
     assert chat.missing_token("gemma", byte) == "<end_of_turn>"
 
 
+def test_an_empty_conversation_is_refused_by_name():
+    """No messages at all: a ChatError saying what a conversation is, not an IndexError of the renderer."""
+    for messages in ([], {}):
+        with pytest.raises(chat.ChatError, match=r"messages must be a non-empty list of \{role, content\} objects"):
+            chat.check_messages(messages)
+
+
 # -- few-shot tasks ----------------------------------------------------------------------------------------------
 def test_the_longest_prompt_is_looked_for_among_every_problem():
     """The sampler's length budget is the longest prompt of all (here the second problem's), not the first's."""
@@ -183,6 +190,16 @@ def test_rotary_buffers_older_checkpoints_store_are_skipped(tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(toks)), np.asarray(model(toks)))
 
 
+def test_a_directory_without_config_or_weights_is_named(tmp_path):
+    """Not a Hugging Face directory (no config.json), or one without weights: each named, never a bare
+    FileNotFoundError."""
+    with pytest.raises(hf.HFFormatError, match=r"no config.json \(is this a Hugging Face model directory\?\)"):
+        hf.load(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(presets.get("tiny"))))
+    with pytest.raises(hf.HFFormatError, match="no model.safetensors or model.safetensors.index.json"):
+        hf.load(str(tmp_path))
+
+
 # -- PEFT adapter directories ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("setting, value", [
     ("use_dora", True), ("fan_in_fan_out", True), ("modules_to_save", ["lm_head"]), ("layers_to_transform", [0]),
@@ -247,6 +264,13 @@ def test_an_adapter_directory_missing_a_part_is_named(tmp_path):
     os.remove(path / "adapter_model.safetensors")
     with pytest.raises(hf_peft.AdapterError, match="no adapter_model.safetensors"):
         hf_peft.load_adapter(model, str(path))
+
+
+def test_exporting_a_model_without_adapters_is_refused(tmp_path):
+    """A plain model has no adapter to write: refused by name, and no empty adapter directory is left behind."""
+    with pytest.raises(hf_peft.AdapterError, match="the model has no adapters to export"):
+        hf_peft.save_adapter(Transformer(presets.get("tiny"), rngs=nnx.Rngs(0)), str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter").exists()
 
 
 # -- the decoder, adapters and attention kernels -----------------------------------------------------------------
@@ -331,6 +355,12 @@ def test_splash_kernel_soft_caps_the_scores():
 
 
 # -- the sampler -------------------------------------------------------------------------------------------------
+def test_no_prompts_is_refused_by_name():
+    """An empty prompt list: the sampler says so (not max() of an empty sequence)."""
+    with pytest.raises(ValueError, match="no prompts to sample from"):
+        sampling.generate(Transformer(presets.get("tiny"), rngs=nnx.Rngs(0)), [], max_new_tokens=2)
+
+
 def test_prompt_ids_must_lie_in_the_vocabulary_both_ends_included():
     """Ids 0 and vocab_size - 1 are tokens; vocab_size is not (an embedding lookup would clamp it silently)."""
     cfg = presets.get("tiny", vocab_size=264)
