@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 from transformers.activations import ACT2FN
 
 from data import chat, tokenizer, views
-from model import attention_kernels, hf, hf_peft, lora, prefix, presets, sampling
+from model import attention_kernels, hf, hf_peft, layers, lora, prefix, presets, sampling, transformer
 from model.config import LoraConfig, PrefixConfig, RopeScaling
 from model.transformer import Transformer
 from train import tasks
@@ -325,6 +325,22 @@ def test_a_lora_update_comes_back_in_its_inputs_dtype():
     cfg = presets.get("tiny", dtype="bfloat16", lora=LoraConfig(rank=2, targets=("o", "down")))
     logits = Transformer(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 4), jnp.int32))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+def test_each_layer_draws_its_own_residual_dropout(monkeypatch):
+    """Two layers, two dropped branches each: four distinct dropout keys, so no two layers share a mask (one
+    key for the whole stack would drop the same units in every layer)."""
+    seen = []
+
+    def spy(x, rate, key):
+        if key is not None:
+            jax.debug.callback(lambda k: seen.append(tuple(np.asarray(k).ravel().tolist())), jax.random.key_data(key))
+        return layers.dropout(x, rate, key)
+
+    monkeypatch.setattr(transformer, "dropout", spy)
+    model = Transformer(presets.get("tiny", dropout=0.5), rngs=nnx.Rngs(0))
+    jax.block_until_ready(model(jnp.zeros((1, 4), jnp.int32), dropout_key=jax.random.key(0)))
+    assert len(seen) == 2 * model.cfg.n_layers and len(set(seen)) == len(seen)
 
 
 def softcapped_attention(q_BTHD, k_BTKD, v_BTKD, scale, softcap):
