@@ -298,6 +298,19 @@ def test_a_vocab_initialised_prompt_draws_from_the_whole_vocabulary():
     assert sorted(set(ids)) == [0, 1, 2, 3]
 
 
+def test_an_unknown_prompt_initialisation_is_refused_by_name():
+    """An initialisation that is none of random, vocab and text: refused by name, not an unbound variable."""
+    cfg = presets.get("tiny", prefix=PrefixConfig(kind="prompt", num_tokens=2))
+    with pytest.raises(ValueError, match="peft.prompt_init='zeros': choose random, vocab or text"):
+        prefix.init_prompt(Transformer(cfg, rngs=nnx.Rngs(0)), "zeros", [], jax.random.key(0))
+
+
+def test_values_of_a_model_without_a_reward_head_are_refused_by_name():
+    """A language model has no scalar head to read values from: said so, not an AttributeError on `score`."""
+    with pytest.raises(ValueError, match="this model has no reward head"):
+        Transformer(presets.get("tiny"), rngs=nnx.Rngs(0)).values(jnp.zeros((1, 2), jnp.int32))
+
+
 def test_a_bfloat16_reward_head_reads_out_in_float32():
     """values() (and so rewards()) are float32 whatever the compute dtype: the dot with the score head runs over
     float32 copies of the bf16 hidden states (a bf16 read-out keeps 8 bits of a reward)."""
