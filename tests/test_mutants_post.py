@@ -142,8 +142,11 @@ def test_rejection_sampling_draws_each_chunk_from_its_own_key_of_the_seed(tmp_pa
         calls.append(dict(sampling, seed=np.asarray(jax.random.key_data(sampling["seed"])).tolist()))
         return [{"text": "#### 2", "prompt_index": i} for i in range(len(prompts)) for _ in range(num_samples)]
 
-    monkeypatch.setattr(rejection.generate, "load_sampler",
-                        lambda path, chat: (SimpleNamespace(complete=complete), chat))
+    def load_sampler(path, chat):
+        assert chat  # the prompts are chats: sampled through the chat template
+        return SimpleNamespace(complete=complete), chat
+
+    monkeypatch.setattr(rejection.generate, "load_sampler", load_sampler)
     policy = saved_run(tmp_path / "policy", 2)
 
     def seeds(seed, run_dir):
@@ -153,7 +156,7 @@ def test_rejection_sampling_draws_each_chunk_from_its_own_key_of_the_seed(tmp_pa
                            "--config.data.batch_size=2", "--config.data.synthetic.num_examples=40",
                            f"--config.seed={seed}", "--config.rollout.temperature=0.7", "--config.rollout.top_k=5",
                            "--config.rollout.top_p=0.9"))
-        assert all((c["temperature"], c["top_k"], c["top_p"]) == (0.7, 5, 0.9) for c in calls)
+        assert all((c["temperature"], c["top_k"], c["top_p"], c["max_new_tokens"]) == (0.7, 5, 0.9, 24) for c in calls)
         return [c["seed"] for c in calls]
 
     first = seeds(0, "a")
