@@ -95,6 +95,17 @@ def test_each_rollout_samples_from_its_own_key_of_the_seed_and_resumes_on_it(mon
     assert keys[3] != keys[0]
 
 
+def test_each_rollout_reply_is_scored_beside_its_own_prompt(monkeypatch):
+    """Replies are prompt-major (reply i answers prompt i // G): the scorer gets each beside its own prompt and
+    answer, which a reward model or a reward function reads together."""
+    src, seen = stub_source(0, monkeypatch, []), []
+    src.score = lambda chats, replies, answers: seen.append((chats, answers)) or np.zeros(len(replies), np.float32)
+    src._rollout()
+    chosen = src._prompts(0)
+    assert chosen[0] != chosen[1]
+    assert seen == [([p["prompt"] for p in chosen for _ in range(2)], [p["answer"] for p in chosen for _ in range(2)])]
+
+
 def test_group_advantages_refuse_groups_of_one():
     """A group of one sample has no baseline (its unbiased std is NaN): refused, not NaN advantages."""
     with pytest.raises(ValueError, match="group_size=1"):
@@ -128,35 +139,44 @@ def test_rollout_samples_with_the_rollout_settings():
     assert kwargs == dict(max_new_tokens=5, temperature=0.7, top_k=3, top_p=0.9, num_samples=2, chat=True)
 
 
-def test_rejection_sampling_draws_each_chunk_from_its_own_key_of_the_seed(tmp_path, monkeypatch):
+def test_rejection_sampling_draws_each_chunk_from_its_own_key_and_scores_each_reply_with_its_prompt(
+        tmp_path, monkeypatch):
     """Each chunk of data.batch_size prompts samples from a key of (seed, chunk) with the rollout's sampling
-    settings: chunks differ, a re-run with the same seed repeats them, another seed draws others.
-    (The policy here replies "#### 2" to everything; nothing is loaded.)"""
-    from train import rejection
+    settings: chunks differ, a re-run with the same seed repeats them, another seed draws others. Every reply
+    is scored beside its own prompt and reference answer. (The policy here echoes the prompt; nothing is
+    loaded.)"""
+    from train import rejection, rewards
     from test_config_overrides import load
     from test_misuse_post import saved_run
 
-    calls = []
+    calls, scored = [], []
 
     def complete(prompts, *, num_samples, **sampling):
         calls.append(dict(sampling, seed=np.asarray(jax.random.key_data(sampling["seed"])).tolist()))
-        return [{"text": "#### 2", "prompt_index": i} for i in range(len(prompts)) for _ in range(num_samples)]
+        return [{"text": p[-1]["content"], "prompt_index": i} for i, p in enumerate(prompts) for _ in range(num_samples)]
 
     def load_sampler(path, chat):
         assert chat  # the prompts are chats: sampled through the chat template
         return SimpleNamespace(complete=complete), chat
 
+    def score(chats, replies, answers):
+        scored.extend(zip((c[-1]["content"] for c in chats), replies, answers))
+        return np.zeros(len(replies), np.float32)
+
     monkeypatch.setattr(rejection.generate, "load_sampler", load_sampler)
+    monkeypatch.setattr(rejection.rewards, "scorer", lambda reward: score)
     policy = saved_run(tmp_path / "policy", 2)
 
     def seeds(seed, run_dir):
-        del calls[:]
-        rejection.run(load("rejection_sampling.py:smoke", f"--config.run_dir={tmp_path / run_dir}",
-                           f"--config.model.init_from={policy}", "--config.rollout.num_prompts=4",
-                           "--config.data.batch_size=2", "--config.data.synthetic.num_examples=40",
-                           f"--config.seed={seed}", "--config.rollout.temperature=0.7", "--config.rollout.top_k=5",
-                           "--config.rollout.top_p=0.9"))
+        del calls[:], scored[:]
+        config = load("rejection_sampling.py:smoke", f"--config.run_dir={tmp_path / run_dir}",
+                      f"--config.model.init_from={policy}", "--config.rollout.num_prompts=4",
+                      "--config.data.batch_size=2", "--config.data.synthetic.num_examples=40", f"--config.seed={seed}",
+                      "--config.rollout.temperature=0.7", "--config.rollout.top_k=5", "--config.rollout.top_p=0.9")
+        rejection.run(config)
         assert all((c["temperature"], c["top_k"], c["top_p"], c["max_new_tokens"]) == (0.7, 5, 0.9, 24) for c in calls)
+        asked = [(r["prompt"][-1]["content"], r["answer"]) for r in rewards.prompts(config, 4)]
+        assert len(set(asked)) == 4 and scored == [(q, q, a) for q, a in asked for _ in range(4)]
         return [c["seed"] for c in calls]
 
     first = seeds(0, "a")
