@@ -155,8 +155,8 @@ def test_rejection_sampling_draws_each_chunk_from_its_own_key_and_scores_each_re
         calls.append(dict(sampling, seed=np.asarray(jax.random.key_data(sampling["seed"])).tolist()))
         return [{"text": p[-1]["content"], "prompt_index": i} for i, p in enumerate(prompts) for _ in range(num_samples)]
 
-    def load_sampler(path, chat):
-        assert chat  # the prompts are chats: sampled through the chat template
+    def load_sampler(path, tokenizer, chat):
+        assert chat and tokenizer is None  # chats through the chat template; data.tokenizer=auto: the policy's own
         return SimpleNamespace(complete=complete), chat
 
     def score(chats, replies, answers):
