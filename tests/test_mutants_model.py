@@ -278,7 +278,7 @@ def test_gemma_virtual_tokens_are_scaled_like_token_embeddings():
     """Gemma multiplies its input embeddings by sqrt(d_model), virtual tokens' included (transformers scales
     inputs_embeds, which is how PEFT feeds a prompt): a prompt holding TEXT's embeddings equals prepending TEXT.
     The prompt-tuning tests run a Llama config, where an unscaled prompt is not told apart."""
-    from test_prefix import TEXT, X, prepended, tuned
+    from test_prefix import X, prepended, tuned
 
     gemma = presets.get("tiny", family="gemma2", norm_plus_one=True, sandwich_norm=True, embed_scale=True,
                         tie_embeddings=True)
