@@ -455,7 +455,7 @@ def test_rejection_sampling_rerun_with_other_settings_is_refused(tmp_path, monke
         return [{"text": "#### 2", "prompt_index": i} for i in range(len(prompts)) for _ in range(num_samples)]
 
     monkeypatch.setattr(rejection.generate, "load_sampler",
-                        lambda path, chat: (types.SimpleNamespace(complete=complete), chat))
+                        lambda path, tokenizer, chat: (types.SimpleNamespace(complete=complete), chat))
     saved_run(tmp_path / "policy", 2)
     settings = [f"--config.run_dir={tmp_path / 'rs'}", f"--config.model.init_from={tmp_path / 'policy'}",
                 "--config.rollout.num_prompts=2", "--config.data.synthetic.num_examples=40"]

@@ -145,8 +145,6 @@ def load_sampler(path: str, *, tokenizer: str | None = None, chat_template: str 
     path = expand_path(path, "checkpoint")
     if not os.path.exists(path):
         raise ValueError(f"checkpoint {path}: no such directory")
-    if not modeldir.is_hf_dir(path):
-        checkpoint.latest_step(path)  # a directory holding no model: one error naming it, before the tokenizer's
     run_config = modeldir.run_config(path)
     if run_config is not None and run_config.get("stage") == "reward":
         raise ValueError(f"{path} is a reward model (stage reward): it scores replies and writes none; "
@@ -186,6 +184,7 @@ def _tokenizer(name: str | None, path: str) -> Tokenizer:
     recorded one (the model would read other tokens than it was trained on)."""
     recorded = modeldir.tokenizer_of(path)
     if (name or recorded) is None:
+        checkpoint.latest_step(path)  # a directory holding no model at all is named as such
         raise ValueError(f"{path} holds no config.json naming its tokenizer; pass a tokenizer (--tokenizer; data.tokenizer for kiln generate)")
     tok = _load_tokenizer(name or recorded)
     if name and recorded:
