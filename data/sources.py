@@ -73,7 +73,6 @@ class Source:
     where: str
 
 
-
 def expand_path(path: str, what: str) -> str:
     """`path` with `$VARS` and `~` expanded; a clear error naming an unset variable."""
     missing = [v for v in re.findall(r"\$\{?(\w+)\}?", path) if v not in os.environ]

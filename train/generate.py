@@ -185,7 +185,8 @@ def _tokenizer(name: str | None, path: str) -> Tokenizer:
     recorded = modeldir.tokenizer_of(path)
     if (name or recorded) is None:
         checkpoint.latest_step(path)  # a directory holding no model at all is named as such
-        raise ValueError(f"{path} holds no config.json naming its tokenizer; pass a tokenizer (--tokenizer; data.tokenizer for kiln generate)")
+        raise ValueError(f"{path} holds no config.json naming its tokenizer; pass a tokenizer (--tokenizer; "
+                         "data.tokenizer for kiln generate)")
     tok = _load_tokenizer(name or recorded)
     if name and recorded:
         try:
