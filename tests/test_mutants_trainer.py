@@ -1,5 +1,6 @@
 """The trainer layer's behaviours the other tests left open, each pinned by a number worked out by hand or an
-exact equality where the code promises one: the sharding rule table, the step a run builds from its config, the reference policy's own weights, damaged checkpoints set aside, atomic writes of run files."""
+exact equality where the code promises one: the sharding rule table, the step a run builds from its config, the model settings
+`peft.*` and `model.param_dtype` give, the reference policy's own weights, damaged checkpoints set aside, atomic writes of run files."""
 import os
 
 
@@ -12,9 +13,10 @@ from jax.sharding import PartitionSpec as P
 
 from launch.config import load_config
 from model import presets
+from model.config import LoraConfig, PrefixConfig
 from model.sharding import logical_to_spec, make_mesh, state_shardings
 from model.transformer import Transformer
-from train import checkpoint, losses, records, trainer
+from train import build, checkpoint, losses, records, trainer
 from train.reference import Reference
 from test_checkpoint import DATA, damage, run, save_steps  # noqa: F401 (run: a fixture)
 from test_train import config
@@ -79,10 +81,10 @@ def recording_shapes(loss_fn, shapes):
 
 
 def test_a_runs_step_follows_its_configs_schedule_seed_and_accumulation(monkeypatch):
-    """`trainer.setup` wires the config into the step: the LR schedule spans `train.steps` updates (linear from
-    lr to 0 over 4 steps: lr x 1, 3/4, 1/2, 1/4; a schedule over 5 steps would log 4/5, 3/5, 2/5), the step's
-    RNG is the key of `seed`, and `optim.grad_accum` = 2 splits the batch of 8 rows into micro-batches of 4.
-    A one-layer model on one device: compiling the step is the test's cost."""
+    """`trainer.setup` wires the config into the run: the LR schedule spans `train.steps` updates (linear from
+    lr to 0 over 4 steps: lr x 1, 3/4, 1/2, 1/4; a schedule over 5 steps would log 4/5, 3/5, 2/5), the fresh
+    model's weights and the step's key are those of `seed`, and `optim.grad_accum` = 2 splits the batch of 8
+    rows into micro-batches of 4. A one-layer model on one device: compiling the step is the test's cost."""
     shapes = []
     real_get = losses.get
     monkeypatch.setattr(losses, "get", lambda name, cfg: recording_shapes(real_get(name, cfg), shapes))
@@ -92,6 +94,9 @@ def test_a_runs_step_follows_its_configs_schedule_seed_and_accumulation(monkeypa
                  "--config.optim.grad_accum=2")
     run = trainer.setup(cfg, jax.devices()[:1])
     np.testing.assert_array_equal(np.asarray(run.state.rng), np.asarray(jax.random.key_data(jax.random.key(3))))
+    fresh = nnx.state(Transformer(run.model_cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    for got, want in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     B, T = cfg.data.batch_size, cfg.data.seq_len
     tokens = np.random.default_rng(0).integers(0, 200, (B, T + 1)).astype(np.int32)
     batch = run.global_batch(dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=np.ones((B, T), np.float32),
@@ -150,3 +155,30 @@ def test_every_damaged_later_step_is_set_aside_not_only_the_latest(run, tmp_path
     assert [w.split("checkpoint step ")[1][0] for w in warnings] == ["3", "2"]
     assert os.listdir(os.path.join(run_dir, "checkpoints")) == ["1"] and ckpt.latest_step() == 1
     assert sorted(m.split("-")[0] for m in os.listdir(os.path.join(run_dir, "checkpoints.corrupt"))) == ["2", "3"]
+
+
+def test_peft_settings_reach_the_models_config():
+    """Every `peft.*` value a user sets is the one the adapters get: a LoRA alpha or rsLoRA flag left at its
+    default trains with another scale (alpha / rank = 1 here instead of 24 / sqrt(4) = 12) without a word."""
+    cfg = config("sft", "/nonexistent", "--config.peft.method=lora", "--config.peft.lora_rank=4",
+                 "--config.peft.lora_alpha=24", "--config.peft.lora_dropout=0.25", "--config.peft.lora_rslora=true",
+                 "--config.peft.lora_targets=('v','down')", "--config.peft.lora_init=gaussian")
+    assert build.peft_configs(cfg) == {"lora": LoraConfig(rank=4, alpha=24.0, dropout=0.25, targets=("v", "down"),
+                                                          rslora=True, init="gaussian"), "prefix": None}
+    for method, hidden, prefix in (("prompt_tuning", [], PrefixConfig(kind="prompt", num_tokens=7)),
+                                   ("prefix_tuning", ["--config.peft.prefix_hidden=12"],
+                                    PrefixConfig(kind="prefix", num_tokens=7, hidden=12))):
+        cfg = config("sft", "/nonexistent", f"--config.peft.method={method}", "--config.peft.num_virtual_tokens=7",
+                     *hidden)
+        assert build.peft_configs(cfg) == {"lora": None, "prefix": prefix}
+
+
+def test_a_loaded_model_takes_the_runs_parameter_dtype():
+    """`model.param_dtype=bfloat16` on a float32 checkpoint: every loaded weight is stored as bfloat16 (its float32
+    value rounded), not kept in float32 under a config that says bfloat16."""
+    model = Transformer(presets.get("tiny", n_layers=1), rngs=nnx.Rngs(0))
+    cast = build.with_config(model, model.cfg.replace(param_dtype="bfloat16"), seed=0)
+    before, after = nnx.state(model, nnx.Param), nnx.state(cast, nnx.Param)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        assert y.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x.astype(jnp.bfloat16)))
