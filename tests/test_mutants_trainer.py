@@ -1,8 +1,8 @@
 """The trainer layer's behaviours the other tests left open, each pinned by a number worked out by hand or an
-exact equality where the code promises one: the sharding rule table, the step a run builds from its config, the model settings
-`peft.*` and `model.param_dtype` give, the reference policy's own weights, damaged checkpoints set aside, atomic writes of run files."""
+exact equality where the code promises one: the sharding rule table, the step a run builds from its config,
+the model settings `peft.*` and `model.param_dtype` give, the reference policy's own weights, damaged
+checkpoints set aside, atomic writes of run files."""
 import os
-
 
 import jax
 import jax.numpy as jnp
@@ -57,15 +57,15 @@ def test_tiny_models_parameters_are_sharded_fsdp_by_tensor(rules):
     params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     shardings = state_shardings(params, make_mesh(1, 4, 2, devices=jax.devices()[:8]), rules)
     specs = {jax.tree_util.keystr(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(shardings)}
-    heads, embed_last = P(None, "fsdp", "tensor", None), P(None, "tensor", None, "fsdp")
+    heads, heads_bias, embed_last = P(None, "fsdp", "tensor", None), P(None, "tensor", None), P(None, "tensor", None, "fsdp")
     assert specs == {
         "['embed']['table']": P("tensor", "fsdp"), "['lm_head']": P("fsdp", "tensor"),
         "['final_norm']['scale']": P(None), "['layers']['attn_norm']['scale']": P(None, None),
         "['layers']['mlp_norm']['scale']": P(None, None),
         "['layers']['attn']['q']": heads, "['layers']['attn']['k']": heads, "['layers']['attn']['v']": heads,
         "['layers']['attn']['o']": embed_last,
-        "['layers']['attn']['q_bias']": P(None, "tensor", None), "['layers']['attn']['k_bias']": P(None, "tensor", None),
-        "['layers']['attn']['v_bias']": P(None, "tensor", None), "['layers']['attn']['o_bias']": P(None, "fsdp"),
+        "['layers']['attn']['q_bias']": heads_bias, "['layers']['attn']['k_bias']": heads_bias,
+        "['layers']['attn']['v_bias']": heads_bias, "['layers']['attn']['o_bias']": P(None, "fsdp"),
         "['layers']['mlp']['gate']": P(None, "fsdp", "tensor"), "['layers']['mlp']['up']": P(None, "fsdp", "tensor"),
         "['layers']['mlp']['down']": P(None, "tensor", "fsdp"), "['layers']['mlp']['gate_bias']": P(None, "tensor"),
         "['layers']['mlp']['up_bias']": P(None, "tensor"), "['layers']['mlp']['down_bias']": P(None, "fsdp"),
@@ -90,11 +90,12 @@ def test_a_runs_step_follows_its_configs_schedule_seed_and_accumulation(monkeypa
     monkeypatch.setattr(losses, "get", lambda name, cfg: recording_shapes(real_get(name, cfg), shapes))
     cfg = config("pretrain", "/nonexistent", "--config.seed=3", "--config.train.steps=4", "--config.data.seq_len=16",
                  "--config.model.n_layers=1", "--config.model.d_model=32", "--config.model.d_ff=64",
-                 "--config.optim.lr=0.01", "--config.optim.schedule=linear", "--config.optim.warmup_steps=0", "--config.optim.min_lr_ratio=0.0",
-                 "--config.optim.grad_accum=2")
+                 "--config.optim.lr=0.01", "--config.optim.schedule=linear", "--config.optim.warmup_steps=0",
+                 "--config.optim.min_lr_ratio=0.0", "--config.optim.grad_accum=2")
     run = trainer.setup(cfg, jax.devices()[:1])
     np.testing.assert_array_equal(np.asarray(run.state.rng), np.asarray(jax.random.key_data(jax.random.key(3))))
-    fresh = nnx.state(Transformer(run.model_cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    with jax.set_mesh(run.mesh):  # as setup builds it (so the model's eager ops are compiled once)
+        fresh = nnx.state(Transformer(run.model_cfg, rngs=nnx.Rngs(3)), nnx.Param)
     for got, want in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(fresh), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     B, T = cfg.data.batch_size, cfg.data.seq_len
