@@ -250,3 +250,10 @@ def test_resolve_train_uses_the_configured_vocabulary_size_and_model_type(tmp_pa
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString((tmp_path / "tokenizer.model").read_bytes())
     assert tok.vocab_size == 350 and proto.trainer_spec.model_type == proto.trainer_spec.UNIGRAM
+
+
+def test_batch_slots_that_do_not_split_over_the_processes_are_refused():
+    """8 saved batch slots cannot be re-divided over 3 processes: an error, not 2 slots each and 2 lost."""
+    saved = pipeline.combine_states([{"parents": [{"slot": i} for i in range(p * 4, p * 4 + 4)]} for p in range(2)])
+    with pytest.raises(ValueError, match="the checkpoint's 8 batch slots do not split over 3 processes"):
+        pipeline.process_state(saved, 0, 3)
