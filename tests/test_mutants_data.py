@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
-from jax.sharding import AxisType
+from jax.sharding import AxisType, PartitionSpec
 from ml_collections import ConfigDict
 import tokenizers as hf
 from sentencepiece import sentencepiece_model_pb2
@@ -257,3 +257,20 @@ def test_batch_slots_that_do_not_split_over_the_processes_are_refused():
     saved = pipeline.combine_states([{"parents": [{"slot": i} for i in range(p * 4, p * 4 + 4)]} for p in range(2)])
     with pytest.raises(ValueError, match="the checkpoint's 8 batch slots do not split over 3 processes"):
         pipeline.process_state(saved, 0, 3)
+
+
+def test_global_batch_splits_over_the_batch_axes_the_mesh_has():
+    """On a mesh without an fsdp axis, the batch dimension is split over "data" alone (tensor replicates)."""
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    tokens = np.arange(24, dtype=np.int32).reshape(8, 3)
+    arrays = loader.global_batch({"tokens": tokens}, mesh)
+    assert arrays["tokens"].sharding.spec == PartitionSpec(("data",), None)
+    assert arrays["tokens"].addressable_shards[0].data.shape == (4, 3)
+    assert np.array_equal(np.asarray(arrays["tokens"]), tokens)
+
+
+def test_a_source_path_in_the_home_directory_is_expanded(tmp_path, monkeypatch):
+    """A source path may start with "~", as a shell path does."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "home"}])
+    assert records("~/d.jsonl", "jsonl", "pretrain")[0] == [{"text": "home"}]
