@@ -2,6 +2,9 @@
 (an off-by-one, a dropped mask, an ignored argument) used to change without any test failing."""
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -274,3 +277,41 @@ def test_a_source_path_in_the_home_directory_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     write_jsonl(tmp_path / "d.jsonl", [{"text": "home"}])
     assert records("~/d.jsonl", "jsonl", "pretrain")[0] == [{"text": "home"}]
+
+
+def test_an_evaluation_source_is_read_from_eval_sources_when_a_training_source_has_its_name(tmp_path):
+    """An evaluation source and a training source of one name are two sources: evaluation reads its own."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "train"}])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"text": "held"}])
+    cfg = data_cfg_sources(sources=ConfigDict({"x": base.source(str(train), "jsonl")}),
+                           eval_sources=ConfigDict({"x": base.source(str(held), "jsonl")}))
+    assert sources.eval_source(cfg, "pretrain", "x").records[0] == {"text": "held"}
+
+
+def test_an_unset_braced_variable_in_a_path_is_named(monkeypatch):
+    """"${VAR}" is checked as "$VAR" is: unset, it is named, not reported as a file not found."""
+    monkeypatch.delenv("KILN_UNSET_DIR", raising=False)
+    with pytest.raises(sources.DataError, match=r"uses \$KILN_UNSET_DIR, which is not set"):
+        records("${KILN_UNSET_DIR}/d.jsonl", "jsonl", "pretrain")
+
+
+def test_a_role_token_named_in_tokenizer_config_must_exist(tmp_path):
+    """tokenizer_config.json naming an EOS the vocabulary lacks is a clear error, not a tokenizer without EOS."""
+    path = hf_dir(tmp_path, LLAMA3, {"bos_token": "<|begin_of_text|>", "eos_token": "<|nope|>"})
+    with pytest.raises(tk.TokenizerError, match="has no token '<|nope|>'"):
+        tk.load(path)
+
+
+def test_the_shuffle_is_the_same_in_every_python_process():
+    """A run is a function of its config and seeds: the data order must not depend on Python's per-process
+    string hashing (PYTHONHASHSEED), or resumed and multi-host runs would read other data."""
+    code = ("import json; from configs import base; from data import pipeline, tokenizer; "
+            "cfg = base.get_config().data; cfg.seq_len, cfg.batch_size, cfg.packing = 256, 2, False; "
+            "print(json.dumps(next(pipeline.train_iterator(cfg, 'sft', tokenizer.load('byte'), seed=0))['tokens'].tolist()))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outputs = [subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, PYTHONHASHSEED=str(h)),
+                              capture_output=True, text=True, check=True).stdout for h in (1, 2)]
+    cfg = base.get_config().data
+    cfg.seq_len, cfg.batch_size, cfg.packing = 256, 2, False
+    here = next(pipeline.train_iterator(cfg, "sft", BYTE, seed=0))["tokens"].tolist()
+    assert [json.loads(o) for o in outputs] == [here, here]
