@@ -315,3 +315,16 @@ def test_the_shuffle_is_the_same_in_every_python_process():
     cfg.seq_len, cfg.batch_size, cfg.packing = 256, 2, False
     here = next(pipeline.train_iterator(cfg, "sft", BYTE, seed=0))["tokens"].tolist()
     assert [json.loads(o) for o in outputs] == [here, here]
+
+
+def test_hf_roles_found_by_the_llama2_and_gpt2_names(tmp_path):
+    """Without tokenizer_config.json: Llama 2's <s> / </s> are BOS / EOS (padding with EOS); GPT-2's
+    <|endoftext|> is EOS and padding, and there is no BOS."""
+    found = []
+    for name, specials in (("llama2", ["<s>", "</s>"]), ("gpt2", ["<|endoftext|>"])):
+        (tmp_path / name).mkdir()
+        path = hf_dir(tmp_path / name, specials, {})
+        os.remove(os.path.join(path, "tokenizer_config.json"))
+        tok = tk.load(path)
+        found.append((tok.bos_id, tok.eos_id, tok.pad_id))
+    assert found == [(0, 1, 1), (None, 0, 0)]
