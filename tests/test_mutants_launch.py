@@ -1,0 +1,178 @@
+"""Holes a planted bug in the config layer slipped through: each range's exact bound, every documented
+choice accepted, every key accepted by each setting that reads it (and refused by the others), and the
+documented values of stage configs that no other test pinned."""
+import functools
+
+import pytest
+
+from launch.config import ConfigError, load_config
+from model import presets
+from test_config_overrides import load
+
+
+@pytest.mark.parametrize("override, rule, inside", [
+    ("optim.b2=1.0", "in [0, 1)", "0.0"),  # b2 = 1: the second moment never forgets, Adam's step never shrinks
+    ("model.rope_theta=0.0", "positive", "0.5"),  # base 0: every rotation angle is 0 ** (2i / d)
+])
+def test_a_strict_bound_is_refused_at_its_own_value(override, rule, inside):
+    """The open end of a range, given exactly (tests/test_misuse_entry.py tries values beyond it)."""
+    key, _, raw = override.partition("=")
+    with pytest.raises(ConfigError) as e:
+        load("pretrain.py:smoke", f"--config.{override}")
+    assert str(e.value) == f"config key {key!r} must be {rule}, got {float(raw)}"
+    load("pretrain.py:smoke", f"--config.{key}={inside}")
+
+
+# Documented in configs/base.py: which loss.type reads which loss.* key, which stage which rollout.* key,
+# which peft.method which peft.* key; each with a value other than its default.
+LOSS_READERS = {
+    # rejection sampling trains nothing: its loss.type stays the default, next_token
+    "z_loss=1e-4": ("pretrain.py:smoke", "sft.py:smoke", "rejection_sampling.py:smoke"),
+    "margin=0.5": ("reward.py:smoke",), "center_coef=0.01": ("reward.py:smoke",),
+    "label_smoothing=0.1": ("dpo.py:smoke",), "nll_coef=0.2": ("dpo.py:smoke",),
+    "reference=data": ("dpo.py:smoke",), "preference_type=hinge": ("dpo.py:smoke",),
+    "beta=0.2": ("dpo.py:smoke", "grpo.py:smoke", "ppo.py:smoke"),
+    "kl_estimator=k1": ("grpo.py:smoke", "ppo.py:smoke"), "clip_eps_low=0.1": ("grpo.py:smoke", "ppo.py:smoke"),
+    "clip_eps_high=0.28": ("grpo.py:smoke", "ppo.py:smoke"), "aggregation=dr_grpo": ("grpo.py:smoke", "ppo.py:smoke"),
+    "value_coef=0.5": ("ppo.py:smoke",), "value_clip=0.0": ("ppo.py:smoke",),
+}
+SAMPLING = ("num_samples=2", "temperature=0.7", "top_p=0.9", "top_k=5", "max_new_tokens=8", "reward=runs/rm")
+ROLLOUT_READERS = {
+    **{k: ("rejection_sampling.py:smoke", "grpo.py:smoke", "ppo.py:smoke") for k in SAMPLING},
+    "num_prompts=3": ("rejection_sampling.py:smoke",), "min_reward=0.5": ("rejection_sampling.py:smoke",),
+    **{k: ("grpo.py:smoke", "ppo.py:smoke") for k in ("batch_prompts=4", "epochs=2", "format_penalty=0.5",
+                                                      "mask_truncated=true")},
+    "advantage=rloo": ("grpo.py:smoke",),
+    **{k: ("ppo.py:smoke",) for k in ("gamma=0.9", "lam=0.9", "kl_target=0.1", "kl_horizon=100",
+                                      "value_from=runs/rm")},
+}
+PEFT_READERS = {
+    **{k: ("lora",) for k in ("lora_rank=4", "lora_alpha=8.0", "lora_dropout=0.1", "lora_targets=('q','down')",
+                              "lora_rslora=true", "lora_init=gaussian", "adapter_from=/adapters/a")},
+    "num_virtual_tokens=8": ("prompt_tuning", "prefix_tuning"), "prompt_init=vocab": ("prompt_tuning",),
+    "prefix_hidden=32": ("prefix_tuning",),
+}
+STAGES = ("pretrain.py:smoke", "sft.py:smoke", "reward.py:smoke", "dpo.py:smoke", "rejection_sampling.py:smoke",
+          "grpo.py:smoke", "ppo.py:smoke")
+CASES = [(f"{group}.{item}", spec, spec in readers) for group, table in (("loss", LOSS_READERS),
+                                                                          ("rollout", ROLLOUT_READERS))
+         for item, readers in table.items() for spec in STAGES]
+CASES += [(f"peft.{item}", method, method in readers) for item, readers in PEFT_READERS.items()
+          for method in ("none", "lora", "prompt_tuning", "prefix_tuning")]
+
+
+@pytest.mark.parametrize("override, where, read", CASES, ids=[f"{o}@{w}" for o, w, _ in CASES])
+def test_each_key_is_taken_where_it_is_read_and_refused_elsewhere(override, where, read):
+    """A key dropped from (or added to) a setting's readers refused a documented setting, or let one that
+    does nothing through in silence (ppo's rollout.kl_horizon, reward's loss.center_coef were refused)."""
+    if override.startswith("peft."):
+        spec, extra = "sft.py:smoke", [f"--config.peft.method={where}"]
+    else:
+        spec, extra = where, []
+    key = override.split("=", 1)[0]
+    if read:
+        assert load(spec, *extra, f"--config.{override}").is_locked
+    else:
+        with pytest.raises(ConfigError, match=f"config key '{key}' is set but "):
+            load(spec, *extra, f"--config.{override}")
+
+
+@pytest.mark.parametrize("spec, override", [
+    ("pretrain.py:smoke", "optim.schedule=wsd"), ("pretrain.py:smoke", "optim.schedule=constant"),
+    ("pretrain.py:smoke", "optim.schedule=linear"), ("pretrain.py:smoke", "model.remat=save_qkv_proj"),
+    ("pretrain.py:smoke", "model.dtype=bfloat16"), ("pretrain.py:smoke", "model.param_dtype=float16"),
+    ("pretrain.py:smoke", "checkpoint.resume=none"), ("sft.py:smoke", "data.chat_template=chatml"),
+    ("sft.py:smoke", "data.chat_template=llama3"), ("sft.py:smoke", "data.chat_template=gemma"),
+    ("context_extension.py:smoke", "model.rope_scaling.type=linear"),
+    ("context_extension.py:smoke", "model.rope_scaling.type=llama3"),
+    ("dpo.py:smoke", "loss.preference_type=ipo"), ("dpo.py:smoke", "loss.preference_type=robust"),
+    ("grpo.py:smoke", "loss.aggregation=dapo"), ("grpo.py:smoke", "rollout.advantage=dr_grpo"),
+])
+def test_every_documented_choice_loads(spec, override):
+    """A choice dropped from launch/config.py's CHOICES refused a documented setting (optim.schedule=wsd)."""
+    key, _, value = override.partition("=")
+    assert str(functools.reduce(getattr, key.split("."), load(spec, f"--config.{override}"))) == value
+
+
+def test_a_config_without_training_sources_says_so(tmp_path):
+    """Not "weights sum to zero" (there are none to weigh): the file names no training source at all."""
+    path = tmp_path / "nosources.py"
+    path.write_text("from ml_collections import ConfigDict\nfrom configs import base\n\n"
+                    "def get_config():\n    c = base.get_config()\n    c.data.sources = ConfigDict()\n    return c\n")
+    with pytest.raises(ConfigError, match="^data.sources is empty; name at least one training source$"):
+        load_config(str(path))
+
+
+# What each stage config sets beyond tests/test_config_values.py's checks: its docstring's figures, the
+# model it starts from, its optimizer and its step counts. A changed value changes every run of the stage.
+STAGE_VALUES = {
+    "pretrain.py": {"optim.warmup_steps": 20, "train.eval_steps": 10, "model.init_from": ""},
+    "pretrain.py:smoke": {"optim.lr": 1e-3, "optim.warmup_steps": 5, "train.steps": 20, "data.seq_len": 64},
+    "pretrain.py:shakespeare": {"optim.warmup_steps": 20, "optim.min_lr_ratio": 0.1, "model.scan_layers": False,
+                                "train.eval_every": 100, "train.eval_steps": 0},
+    "context_extension.py": {"model.init_from": "runs/pretrain", "optim.lr": 2e-4, "optim.warmup_steps": 10},
+    "anneal.py": {"model.init_from": "runs/pretrain", "optim.lr": 3e-4},
+    "continue.py": {"model.init_from": "runs/pretrain_shakespeare", "optim.lr": 5e-4},
+    "continue.py:synthetic": {"model.init_from": "runs/lifecycle/anneal", "data.synthetic.problems_per_document": 4,
+                              "data.sources.train.min_ops": 2, "data.sources.train.max_ops": 3,
+                              "data.sources.replay.min_ops": 1, "data.sources.replay.max_digits": 1},
+    "sft.py": {"train.eval_every": 40, "run_dir": "runs/sft"},
+    "sft.py:smoke": {"optim.lr": 1e-3, "model.max_seq_len": 512},
+    "sft.py:gsm8k": {"run_dir": "runs/sft_gsm8k", "data.sources.train.format": "gsm8k"},
+    "reward.py": {"optim.lr": 1e-4, "optim.warmup_steps": 5, "train.steps": 100, "train.eval_every": 50},
+    "reward.py:hh": {"run_dir": "runs/reward_hh", "data.sources.train.format": "hh_rlhf",
+                     "data.eval_sources.heldout.format": "hh_rlhf", "model.n_heads": 4, "model.n_kv_heads": 4,
+                     "model.d_ff": 704},
+    "dpo.py": {"optim.lr": 1e-5, "optim.warmup_steps": 5, "optim.weight_decay": 0.0, "train.steps": 60,
+               "train.eval_every": 30},
+    "dpo.py:hh": {"run_dir": "runs/dpo_hh", "data.seq_len": 1024},
+    "rejection_sampling.py": {"model.init_from": "runs/sft", "data.batch_size": 16},
+    "rejection_sampling.py:gsm8k": {"rollout.num_prompts": 512, "rollout.max_new_tokens": 320},
+    # GRPO: 8 prompts x 8 replies per rollout, 1 temperature, 4 mini-batches of 16, 30 rollouts; PPO: token-mean.
+    "grpo.py": {"model.init_from": "runs/sft", "rollout.temperature": 1.0, "optim.warmup_steps": 4,
+                "optim.weight_decay": 0.0, "train.log_every": 4, "train.eval_every": 0, "checkpoint.every": 40},
+    "ppo.py": {"model.init_from": "runs/sft", "loss.aggregation": "dapo"},
+    # Evaluation: 0- and 4-shot over the whole held-out text; smoke 0-shot only, on a handful of problems.
+    "eval.py": {"eval.shots": (0, 4), "train.eval_steps": 0, "data.seq_len": 512},
+    "eval.py:smoke": {"eval.shots": (0,), "eval.num_problems": 4, "eval.max_new_tokens": 48},
+    "eval.py:gsm8k": {"data.seq_len": 2048, "run_dir": "runs/eval_gsm8k"},
+    # The RL smoke variant: a tiny model from scratch, two prompts' rollouts of 16 tokens, 4 steps.
+    "grpo.py:smoke": {"model.init_from": "", "model.preset": "tiny", "data.seq_len": 192, "rollout.batch_prompts": 2,
+                      "rollout.max_new_tokens": 16, "train.steps": 4, "checkpoint.every": 2, "optim.warmup_steps": 1},
+}
+
+
+@pytest.mark.parametrize("spec", sorted(STAGE_VALUES))
+def test_stage_configs_set_their_documented_values(spec):
+    c = load(spec)
+    assert {k: functools.reduce(getattr, k.split("."), c) for k in STAGE_VALUES[spec]} == STAGE_VALUES[spec]
+
+
+@pytest.mark.parametrize("spec, rollouts", [("grpo.py", 30), ("ppo.py", 30)])
+def test_rl_steps_are_the_documented_rollouts_of_mini_batches(spec, rollouts):
+    """Each rollout of batch_prompts x num_samples replies is `epochs` passes of mini-batches of data.batch_size:
+    GRPO's docstring says 8 x 8 replies in 4 mini-batches of 16, PPO's 8 x 4 in 2 epochs of 2, 30 rollouts each."""
+    c = load(spec)
+    per_rollout = c.rollout.batch_prompts * c.rollout.num_samples // c.data.batch_size * c.rollout.epochs
+    assert (per_rollout, c.train.steps) == ({"grpo.py": 4, "ppo.py": 4}[spec], rollouts * per_rollout)
+
+
+def test_context_extension_smoke_extends_fourfold():
+    """As the full config (256 -> 1024): the smoke's 128-token rows are 4x its original_max_position_embeddings."""
+    c = load("context_extension.py:smoke")
+    assert (c.data.seq_len, c.model.rope_scaling.original_max_position_embeddings, c.model.rope_scaling.factor) == (
+        128, 32, 4.0)
+
+
+def test_small_and_tiny_presets_are_their_documented_shapes():
+    """`small` (model/presets.py): ~30M parameters, d_model 512, 8 layers, SwiGLU 1408, vocab 8192, tied: the
+    DESIGN's 34M benchmark model is it with --untied. Counted by hand: embeddings V*d, per layer 4*d*d attention
+    (8 kv heads of 64) + 3*d*d_ff MLP + 2 norms of d, a final norm. `tiny`: GQA (2 kv heads of 4), untied."""
+    from model.transformer import param_count
+    small, tiny = presets.get("small"), presets.get("tiny")
+    assert (small.vocab_size, small.d_model, small.n_layers, small.n_heads, small.n_kv_heads, small.d_ff,
+            small.tie_embeddings, small.max_seq_len) == (8192, 512, 8, 8, 8, 1408, True, 1024)
+    assert param_count(small) == 8192 * 512 + 8 * (4 * 512 * 512 + 3 * 512 * 1408 + 2 * 512) + 512 == 29_893_120
+    assert (tiny.vocab_size, tiny.d_model, tiny.n_layers, tiny.n_heads, tiny.n_kv_heads, tiny.d_ff,
+            tiny.tie_embeddings, tiny.max_seq_len) == (256, 64, 2, 4, 2, 128, False, 256)
+    assert param_count(tiny) == 2 * 256 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
