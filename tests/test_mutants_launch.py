@@ -176,3 +176,53 @@ def test_small_and_tiny_presets_are_their_documented_shapes():
     assert (tiny.vocab_size, tiny.d_model, tiny.n_layers, tiny.n_heads, tiny.n_kv_heads, tiny.d_ff,
             tiny.tie_embeddings, tiny.max_seq_len) == (256, 64, 2, 4, 2, 128, False, 256)
     assert param_count(tiny) == 2 * 256 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+
+
+def write_sweep(tmp_path, **fields) -> str:
+    """A sweep file whose get_config returns `fields` over tests/test_sweep.py's defaults (None: left out)."""
+    path = tmp_path / "sweep_file.py"
+    settings = {**dict(run_dir=str(tmp_path / "out"), base="configs/sft.py:smoke", overrides=(), seeds=(0,),
+                       metrics=("eval/loss",), points=({"optim.lr": 0.1},)), **fields}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    path.write_text(f"from ml_collections import ConfigDict\ndef get_config(variant=''):\n"
+                    f"    return ConfigDict({settings!r})\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("base", [None, ""])
+def test_a_sweep_without_a_base_config_is_refused(tmp_path, base):
+    """Without `base` every run would load nothing: the check names the missing key before any run."""
+    from launch import sweep
+    with pytest.raises(ConfigError, match="a sweep sets 'base'"):
+        sweep.load_sweep(write_sweep(tmp_path, base=base), [])
+
+
+def test_the_plot_draws_one_line_per_series_value(tmp_path, monkeypatch):
+    """plot.series splits the points into labelled lines (dpo_beta.py: one line per loss type over beta)."""
+    from matplotlib.figure import Figure
+
+    from launch import sweep
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: drawn.append(fig))
+    monkeypatch.setattr(sweep.os, "replace", lambda *a: None)
+    s = sweep.load_sweep(write_sweep(tmp_path, plot={"x": "loss.beta", "series": "loss.type", "y": ("m",)}), [])
+    points = [{"point": f"{t}{b}", "overrides": {"loss.beta": b, "loss.type": t}, "mean": {"m": b * (t == "a")},
+               "std": {"m": 0.0}} for t in ("a", "b") for b in (0.1, 0.5)]
+    sweep.plot({"points": points}, s, str(tmp_path / "p.png"))
+    [ax] = drawn[0].axes
+    assert [bars.lines[0].get_xydata().tolist() for bars in ax.containers] == [[[0.1, 0.1], [0.5, 0.5]], [[0.1, 0.0], [0.5, 0.0]]]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["loss.type=a", "loss.type=b"]
+
+
+def test_a_stage_row_waits_for_no_helper_that_has_not_run():
+    """result_rows of a stage done while its helper is not (results.json kept the stage's row alone): the row
+    stands on its own figures, with no parts, rather than failing on the helper's missing entry."""
+    from launch import stage_results
+    stages = [{"name": "gen", "part_of": "sft"}, {"name": "sft"}, {"name": "dpo"}]
+    done = {"sft": {"stage": "sft", "seconds": 60.0, "metrics": {"accuracy": 0.5}}}
+    assert stage_results.result_rows(stages, done) == [
+        {"stage": "sft", "seconds": 60.0, "metrics": {"accuracy": 0.5}, "parts": []}]
+    done["gen"] = {"stage": "gen", "seconds": 30.0, "metrics": {"pass@1": 0.25}}
+    assert stage_results.result_rows(stages, done) == [
+        {"stage": "sft", "seconds": 90.0, "metrics": {"accuracy": 0.5, "gen/pass@1": 0.25}, "parts": ["gen"],
+         "part_seconds": {"gen": 30.0}}]
