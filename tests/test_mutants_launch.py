@@ -2,6 +2,7 @@
 choice accepted, every key accepted by each setting that reads it (and refused by the others), and the
 documented values of stage configs that no other test pinned."""
 import functools
+import os
 
 import pytest
 
@@ -226,3 +227,48 @@ def test_a_stage_row_waits_for_no_helper_that_has_not_run():
     assert stage_results.result_rows(stages, done) == [
         {"stage": "sft", "seconds": 90.0, "metrics": {"accuracy": 0.5, "gen/pass@1": 0.25}, "parts": ["gen"],
          "part_seconds": {"gen": 30.0}}]
+
+
+KILN = ["kiln", "train", "--config=configs/pretrain.py"]
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    ("local", ["--num_processes=2", "--devices_per_process=0"], "--num_processes and --devices_per_process of at "
+                                                                 "least 1"),
+    ("multinode", ["--nodes=1", "--node_rank=0", "--coordinator=h:1", "--processes_per_node=0"],
+     "--nodes and --processes_per_node must be at least 1"),
+    ("slurm", ["--nodes=1", "--gpus_per_node=8", "--time=10:5:00"], "--time='10:5:00' is not HH:MM:SS"),
+])
+def test_launchers_refuse_a_count_of_zero_and_a_malformed_time(main, argv, message, capsys):
+    """Dry runs: zero devices per process, or zero processes per node (nothing started, exit 0), went through."""
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"launch.{main}").main([*argv, "--dry-run", "--", *KILN])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_local_gives_each_process_one_cpu_device_by_default(capsys):
+    from launch import local
+    assert local.main(["--num_processes=1", "--port=1234", "--dry-run", "--", *KILN]) == 0
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=1 " in capsys.readouterr().out
+
+
+def test_each_process_variables_win_over_this_environment(monkeypatch):
+    """A launcher started from inside a multi-process job (JAX_PROCESS_ID set here) still gives each process
+    its own id: the process's variables go on top of the environment, not under it."""
+    from launch import launcher
+    seen = []
+
+    class Process:
+        returncode = 0
+
+        def __init__(self, command, env, stdout, stderr):
+            seen.append((env["JAX_PROCESS_ID"], env["PATH"]))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setenv("JAX_PROCESS_ID", "7")
+    monkeypatch.setattr(launcher.subprocess, "Popen", Process)
+    assert launcher.supervise(KILN, [{"JAX_PROCESS_ID": "0"}, {"JAX_PROCESS_ID": "1"}], [None, None]) == 0
+    assert seen == [("0", os.environ["PATH"]), ("1", os.environ["PATH"])]
