@@ -3,6 +3,7 @@ choice accepted, every key accepted by each setting that reads it (and refused b
 documented values of stage configs that no other test pinned."""
 import functools
 import os
+import types
 
 import pytest
 
@@ -272,3 +273,91 @@ def test_each_process_variables_win_over_this_environment(monkeypatch):
     monkeypatch.setattr(launcher.subprocess, "Popen", Process)
     assert launcher.supervise(KILN, [{"JAX_PROCESS_ID": "0"}, {"JAX_PROCESS_ID": "1"}], [None, None]) == 0
     assert seen == [("0", os.environ["PATH"]), ("1", os.environ["PATH"])]
+
+
+def test_sample_defaults_are_its_documented_ones(tmp_path, monkeypatch):
+    """`kiln sample` without options: 256 new tokens at temperature 1, top_p 1, top_k 0 (off), one sample per
+    prompt, seed 0, no stop strings, prompts 64 to a batch (65 prompts: two calls)."""
+    import jax
+
+    from launch import sample
+    from test_launch_edges import Sampler
+    sampler = Sampler()
+    monkeypatch.setattr(sample, "load_sampler", lambda path, **kw: (sampler, False))
+    prompts = [f"--prompt=p{i}" for i in range(65)]
+    assert sample.main(["--checkpoint=ck", *prompts, f"--output={tmp_path / 'out.jsonl'}"]) == 0
+    assert [len(call.pop("prompts")) for call in sampler.calls] == [64, 1]
+    for call, start in zip(sampler.calls, (0, 64)):
+        assert (jax.random.key_data(call.pop("seed")) == jax.random.key_data(
+            jax.random.fold_in(jax.random.key(0), start))).all()
+        assert call == dict(stop=[], max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, num_samples=1,
+                            chat=False)
+
+
+@pytest.mark.parametrize("num_samples, refused", [(1, False), (2, True)])
+def test_greedy_sampling_of_two_samples_is_refused(num_samples, refused):
+    """Temperature 0 makes every sample of a prompt the same one: two or more are refused, one is fine."""
+    import argparse
+
+    from launch import sample
+    args = argparse.Namespace(temperature=0.0, top_p=1.0, top_k=0, num_samples=num_samples)
+    if refused:
+        with pytest.raises(ValueError, match="--temperature=0 samples greedily"):
+            sample.check_sampling(args)
+    else:
+        sample.check_sampling(args)
+
+
+def test_eval_hands_its_batch_size_and_reply_length_to_the_task_accuracy(tmp_path, monkeypatch):
+    """eval.batch_size and eval.max_new_tokens reach tasks.accuracy as set (stand-ins as in
+    tests/test_eval_cli.py): a dropped one left the default batch of 32 in silence."""
+    import types
+
+    from launch import eval as kiln_eval
+    seen = []
+
+    def accuracy(sampler, evaluated, shots, *, cot, chat, max_new_tokens, batch_size):
+        seen.append((max_new_tokens, batch_size))
+        return {"accuracy": 0.0, "correct": 0, "n": 1, "examples": []}
+
+    sampler = types.SimpleNamespace(model=None, tokenizer=None)
+    monkeypatch.setattr(kiln_eval.generate, "load_sampler", lambda path, **kw: (sampler, False))
+    monkeypatch.setattr(kiln_eval, "_task_runs", lambda config, s, chat: [("arithmetic", 0, True, ["q"], [])])
+    monkeypatch.setattr(kiln_eval.nnx, "split", lambda model, *filters: (None, None, None))
+    monkeypatch.setattr(kiln_eval.evaluate, "make_eval_step", lambda graphdef: lambda *a: None)
+    monkeypatch.setattr(kiln_eval.evaluate, "evaluate_sources", lambda *a: {})
+    monkeypatch.setattr(kiln_eval.tasks, "accuracy", accuracy)
+    config = load("eval.py:smoke", f"--config.run_dir={tmp_path / 'eval'}", "--config.eval.batch_size=5",
+                  "--config.eval.max_new_tokens=11")
+    kiln_eval.run(config, str(tmp_path / "ckpt"))
+    assert seen == [(11, 5)]
+
+
+def test_kiln_tokenizer_defaults_and_flags_reach_the_trainer(tmp_path, monkeypatch, capsys):
+    """Documented defaults: BPE, digits split one per piece, pieces within lines; --no-split_digits, --newlines
+    and --model_type reach sentencepiece's trainer (a stand-in here) as given."""
+    from launch import tokenizer_cli
+    (tmp_path / "a.txt").write_text("one 12\n")
+    trained = []
+    monkeypatch.setattr(tokenizer_cli.spm, "train", lambda texts, out, **kw: trained.append((list(texts), kw)) or 0)
+    monkeypatch.setattr(tokenizer_cli.tokenizers, "load", lambda out: types.SimpleNamespace(vocab_size=9))
+    argv = [f"--input={tmp_path / 'a.txt'}", "--vocab_size=9", f"--out={tmp_path / 't.model'}"]
+    assert tokenizer_cli.main(argv) == 0
+    assert tokenizer_cli.main([*argv, "--no-split_digits", "--newlines", "--model_type=unigram"]) == 0
+    assert [kw for _, kw in trained] == [
+        dict(vocab_size=9, model_type="bpe", split_digits=True, newlines=False),
+        dict(vocab_size=9, model_type="unigram", split_digits=False, newlines=True)]
+    assert trained[0][0] == ["one 12\n"]
+
+
+def test_lifecycle_wires_each_setting_to_its_stage():
+    """Each stage's learning rate is its own setting (rejection sampling's SFT at half SFT's), rs_generate keeps
+    replies scoring at least min_reward, and every train stage evaluates at its last step."""
+    from configs.recipes import lifecycle
+    c = lifecycle.get_config()
+    c.sft_lr, c.dpo_lr, c.grpo_lr, c.min_reward = 1e-3, 3e-5, 2e-5, 0.5
+    by = {s["name"]: dict(o.split("=", 1) for o in s["overrides"]) for s in lifecycle.stages(c)}
+    assert {n: float(by[n]["optim.lr"]) for n in by if "optim.lr" in by[n]} == {
+        "sft": 1e-3, "rejection_sampling": 5e-4, "dpo": 3e-5, "grpo": 2e-5}
+    assert by["rs_generate"]["rollout.min_reward"] == "0.5"
+    assert all(o["train.eval_every"] == o["train.steps"] for o in by.values() if "train.steps" in o)
