@@ -1,15 +1,22 @@
 """Holes a planted bug in the config layer slipped through: each range's exact bound, every documented
 choice accepted, every key accepted by each setting that reads it (and refused by the others), and the
 documented values of stage configs that no other test pinned."""
+import argparse
 import functools
+import importlib
 import os
 import types
 
+import jax
 import pytest
 
+from configs.recipes import lifecycle
+from launch import eval as kiln_eval, launcher, local, sample, stage_results, sweep, tokenizer_cli
 from launch.config import ConfigError, load_config
 from model import presets
+from model.transformer import param_count
 from test_config_overrides import load
+from test_launch_edges import Sampler
 
 
 @pytest.mark.parametrize("override, rule, inside", [
@@ -170,7 +177,6 @@ def test_small_and_tiny_presets_are_their_documented_shapes():
     """`small` (model/presets.py): ~30M parameters, d_model 512, 8 layers, SwiGLU 1408, vocab 8192, tied: the
     DESIGN's 34M benchmark model is it with --untied. Counted by hand: embeddings V*d, per layer 4*d*d attention
     (8 kv heads of 64) + 3*d*d_ff MLP + 2 norms of d, a final norm. `tiny`: GQA (2 kv heads of 4), untied."""
-    from model.transformer import param_count
     small, tiny = presets.get("small"), presets.get("tiny")
     assert (small.vocab_size, small.d_model, small.n_layers, small.n_heads, small.n_kv_heads, small.d_ff,
             small.tie_embeddings, small.max_seq_len) == (8192, 512, 8, 8, 8, 1408, True, 1024)
@@ -194,7 +200,6 @@ def write_sweep(tmp_path, **fields) -> str:
 @pytest.mark.parametrize("base", [None, ""])
 def test_a_sweep_without_a_base_config_is_refused(tmp_path, base):
     """Without `base` every run would load nothing: the check names the missing key before any run."""
-    from launch import sweep
     with pytest.raises(ConfigError, match="a sweep sets 'base'"):
         sweep.load_sweep(write_sweep(tmp_path, base=base), [])
 
@@ -202,8 +207,6 @@ def test_a_sweep_without_a_base_config_is_refused(tmp_path, base):
 def test_the_plot_draws_one_line_per_series_value(tmp_path, monkeypatch):
     """plot.series splits the points into labelled lines (dpo_beta.py: one line per loss type over beta)."""
     from matplotlib.figure import Figure
-
-    from launch import sweep
     drawn = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: drawn.append(fig))
     monkeypatch.setattr(sweep.os, "replace", lambda *a: None)
@@ -212,14 +215,14 @@ def test_the_plot_draws_one_line_per_series_value(tmp_path, monkeypatch):
                "std": {"m": 0.0}} for t in ("a", "b") for b in (0.1, 0.5)]
     sweep.plot({"points": points}, s, str(tmp_path / "p.png"))
     [ax] = drawn[0].axes
-    assert [bars.lines[0].get_xydata().tolist() for bars in ax.containers] == [[[0.1, 0.1], [0.5, 0.5]], [[0.1, 0.0], [0.5, 0.0]]]
+    assert [bars.lines[0].get_xydata().tolist() for bars in ax.containers] == [  # errorbar: (data line, caps, bars)
+        [[0.1, 0.1], [0.5, 0.5]], [[0.1, 0.0], [0.5, 0.0]]]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["loss.type=a", "loss.type=b"]
 
 
 def test_a_stage_row_waits_for_no_helper_that_has_not_run():
     """result_rows of a stage done while its helper is not (results.json kept the stage's row alone): the row
     stands on its own figures, with no parts, rather than failing on the helper's missing entry."""
-    from launch import stage_results
     stages = [{"name": "gen", "part_of": "sft"}, {"name": "sft"}, {"name": "dpo"}]
     done = {"sft": {"stage": "sft", "seconds": 60.0, "metrics": {"accuracy": 0.5}}}
     assert stage_results.result_rows(stages, done) == [
@@ -242,14 +245,12 @@ KILN = ["kiln", "train", "--config=configs/pretrain.py"]
 ])
 def test_launchers_refuse_a_count_of_zero_and_a_malformed_time(main, argv, message, capsys):
     """Dry runs: zero devices per process, or zero processes per node (nothing started, exit 0), went through."""
-    import importlib
     with pytest.raises(SystemExit) as e:
         importlib.import_module(f"launch.{main}").main([*argv, "--dry-run", "--", *KILN])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_local_gives_each_process_one_cpu_device_by_default(capsys):
-    from launch import local
     assert local.main(["--num_processes=1", "--port=1234", "--dry-run", "--", *KILN]) == 0
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=1 " in capsys.readouterr().out
 
@@ -257,7 +258,6 @@ def test_local_gives_each_process_one_cpu_device_by_default(capsys):
 def test_each_process_variables_win_over_this_environment(monkeypatch):
     """A launcher started from inside a multi-process job (JAX_PROCESS_ID set here) still gives each process
     its own id: the process's variables go on top of the environment, not under it."""
-    from launch import launcher
     seen = []
 
     class Process:
@@ -278,10 +278,6 @@ def test_each_process_variables_win_over_this_environment(monkeypatch):
 def test_sample_defaults_are_its_documented_ones(tmp_path, monkeypatch):
     """`kiln sample` without options: 256 new tokens at temperature 1, top_p 1, top_k 0 (off), one sample per
     prompt, seed 0, no stop strings, prompts 64 to a batch (65 prompts: two calls)."""
-    import jax
-
-    from launch import sample
-    from test_launch_edges import Sampler
     sampler = Sampler()
     monkeypatch.setattr(sample, "load_sampler", lambda path, **kw: (sampler, False))
     prompts = [f"--prompt=p{i}" for i in range(65)]
@@ -297,9 +293,6 @@ def test_sample_defaults_are_its_documented_ones(tmp_path, monkeypatch):
 @pytest.mark.parametrize("num_samples, refused", [(1, False), (2, True)])
 def test_greedy_sampling_of_two_samples_is_refused(num_samples, refused):
     """Temperature 0 makes every sample of a prompt the same one: two or more are refused, one is fine."""
-    import argparse
-
-    from launch import sample
     args = argparse.Namespace(temperature=0.0, top_p=1.0, top_k=0, num_samples=num_samples)
     if refused:
         with pytest.raises(ValueError, match="--temperature=0 samples greedily"):
@@ -311,9 +304,6 @@ def test_greedy_sampling_of_two_samples_is_refused(num_samples, refused):
 def test_eval_hands_its_batch_size_and_reply_length_to_the_task_accuracy(tmp_path, monkeypatch):
     """eval.batch_size and eval.max_new_tokens reach tasks.accuracy as set (stand-ins as in
     tests/test_eval_cli.py): a dropped one left the default batch of 32 in silence."""
-    import types
-
-    from launch import eval as kiln_eval
     seen = []
 
     def accuracy(sampler, evaluated, shots, *, cot, chat, max_new_tokens, batch_size):
@@ -336,7 +326,6 @@ def test_eval_hands_its_batch_size_and_reply_length_to_the_task_accuracy(tmp_pat
 def test_kiln_tokenizer_defaults_and_flags_reach_the_trainer(tmp_path, monkeypatch, capsys):
     """Documented defaults: BPE, digits split one per piece, pieces within lines; --no-split_digits, --newlines
     and --model_type reach sentencepiece's trainer (a stand-in here) as given."""
-    from launch import tokenizer_cli
     (tmp_path / "a.txt").write_text("one 12\n")
     trained = []
     monkeypatch.setattr(tokenizer_cli.spm, "train", lambda texts, out, **kw: trained.append((list(texts), kw)) or 0)
@@ -353,7 +342,6 @@ def test_kiln_tokenizer_defaults_and_flags_reach_the_trainer(tmp_path, monkeypat
 def test_lifecycle_wires_each_setting_to_its_stage():
     """Each stage's learning rate is its own setting (rejection sampling's SFT at half SFT's), rs_generate keeps
     replies scoring at least min_reward, and every train stage evaluates at its last step."""
-    from configs.recipes import lifecycle
     c = lifecycle.get_config()
     c.sft_lr, c.dpo_lr, c.grpo_lr, c.min_reward = 1e-3, 3e-5, 2e-5, 0.5
     by = {s["name"]: dict(o.split("=", 1) for o in s["overrides"]) for s in lifecycle.stages(c)}
