@@ -57,7 +57,8 @@ def test_tiny_models_parameters_are_sharded_fsdp_by_tensor(rules):
     params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     shardings = state_shardings(params, make_mesh(1, 4, 2, devices=jax.devices()[:8]), rules)
     specs = {jax.tree_util.keystr(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(shardings)}
-    heads, heads_bias, embed_last = P(None, "fsdp", "tensor", None), P(None, "tensor", None), P(None, "tensor", None, "fsdp")
+    heads, heads_bias = P(None, "fsdp", "tensor", None), P(None, "tensor", None)
+    embed_last = P(None, "tensor", None, "fsdp")
     assert specs == {
         "['embed']['table']": P("tensor", "fsdp"), "['lm_head']": P("fsdp", "tensor"),
         "['final_norm']['scale']": P(None), "['layers']['attn_norm']['scale']": P(None, None),
@@ -92,20 +93,20 @@ def test_a_runs_step_follows_its_configs_schedule_seed_and_accumulation(monkeypa
                  "--config.model.n_layers=1", "--config.model.d_model=32", "--config.model.d_ff=64",
                  "--config.optim.lr=0.01", "--config.optim.schedule=linear", "--config.optim.warmup_steps=0",
                  "--config.optim.min_lr_ratio=0.0", "--config.optim.grad_accum=2")
-    run = trainer.setup(cfg, jax.devices()[:1])
-    np.testing.assert_array_equal(np.asarray(run.state.rng), np.asarray(jax.random.key_data(jax.random.key(3))))
-    with jax.set_mesh(run.mesh):  # as setup builds it (so the model's eager ops are compiled once)
-        fresh = nnx.state(Transformer(run.model_cfg, rngs=nnx.Rngs(3)), nnx.Param)
-    for got, want in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(fresh), strict=True):
+    job = trainer.setup(cfg, jax.devices()[:1])
+    np.testing.assert_array_equal(np.asarray(job.state.rng), np.asarray(jax.random.key_data(jax.random.key(3))))
+    with jax.set_mesh(job.mesh):  # as setup builds it (so the model's eager ops are compiled once)
+        fresh = nnx.state(Transformer(job.model_cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    for got, want in zip(jax.tree.leaves(job.state.params), jax.tree.leaves(fresh), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     B, T = cfg.data.batch_size, cfg.data.seq_len
     tokens = np.random.default_rng(0).integers(0, 200, (B, T + 1)).astype(np.int32)
-    batch = run.global_batch(dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=np.ones((B, T), np.float32),
+    batch = job.global_batch(dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=np.ones((B, T), np.float32),
                                   positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)),
                                   segment_ids=np.ones((B, T), np.int32)))
     lrs = []
     for _ in range(4):
-        run.state, metrics = run.step_fn(run.state, run.frozen, batch)
+        job.state, metrics = job.step_fn(job.state, job.frozen, batch)
         lrs.append(float(metrics["lr"]))
     np.testing.assert_allclose(lrs, [0.01, 0.0075, 0.005, 0.0025], rtol=1e-6)
     assert set(shapes) == {(B // 2, T)}
