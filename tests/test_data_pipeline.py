@@ -318,10 +318,13 @@ def test_mixture_follows_the_weights(pairs, tmp_path):
 
 
 def test_grain_worker_processes_are_deterministic_and_resumable():
+    """data.num_workers = 2 builds batches in two grain worker processes (not one, not in the calling thread),
+    and a restored iterator continues exactly."""
     cfg = data_cfg(num_workers=2, batch_size=2)
     it = pipeline.train_iterator(cfg, "sft", BYTE, seed=0)
     take(it, 2)
     state = json.loads(json.dumps(it.get_state()))
+    assert len(state["iterators_in_use_indices"]) == 2  # grain's state holds one iterator per worker process
     expected = take(it, 2)
     it.close()
     resumed = pipeline.train_iterator(cfg, "sft", BYTE, seed=0)
