@@ -1,6 +1,7 @@
 """Mutation-found holes in the lm-eval adapter (train/harness.py), the text sampler (train/generate.py) and the
 run checks (train/preflight.py): each test here failed against a planted bug that the rest of the suite let
 through."""
+import dataclasses
 import types
 
 import numpy as np
@@ -16,6 +17,7 @@ from test_config_overrides import load  # noqa: E402
 from test_harness import BYTE, Request, ScriptedSampler, lm  # noqa: E402,F401  (lm: the module's fixture)
 from test_misuse import ROOT  # noqa: E402
 from train import preflight  # noqa: E402
+from train.generate import Sampler, load_sampler  # noqa: E402
 from train.harness import KilnLM  # noqa: E402
 
 
@@ -54,7 +56,7 @@ def test_sampler_complete_and_generate_pass_every_sampling_setting_through(lm):
     seed, top_k, top_p, temperature and stop ids: a setting dropped on the way (left at its default) samples
     other tokens."""
     sampler, prompts = lm.sampler, ["Ava has", "Ben"]
-    settings = dict(max_new_tokens=6, temperature=0.8, top_k=5, top_p=0.9, seed=3, num_samples=2)
+    settings = dict(max_new_tokens=6, temperature=0.8, top_k=5, top_p=0.3, seed=3, num_samples=2)  # top_p cuts the 5
     want = generate(sampler.model, [BYTE.encode(p, add_bos=True) for p in prompts], stop_ids=sampler.stop_ids(),
                     pad_id=BYTE.pad_id, **settings)
     got = sampler.complete(prompts, chat=False, **settings)
@@ -166,3 +168,24 @@ def test_an_rl_rollout_of_no_prompts_samples_or_epochs_is_refused(key):
     config.rollout[key] = 0
     with pytest.raises(ValueError, match="rollout.batch_prompts, rollout.num_samples and rollout.epochs must be"):
         preflight.check_rollout(config)
+
+
+def test_a_sampler_refuses_a_tokenizer_larger_than_its_model(lm):
+    """A tokenizer with more ids than the model's embedding rows is refused when the Sampler is built (its
+    top ids would index past the table); one that fits is taken."""
+    small = types.SimpleNamespace(cfg=dataclasses.replace(lm.sampler.model.cfg, vocab_size=BYTE.vocab_size - 1))
+    with pytest.raises(ValueError, match=f"has {BYTE.vocab_size} tokens but the model only {BYTE.vocab_size - 1}"):
+        Sampler(small, BYTE)
+    Sampler(types.SimpleNamespace(cfg=dataclasses.replace(small.cfg, vocab_size=BYTE.vocab_size)), BYTE)
+
+
+def test_chat_prompts_need_a_tokenizer_with_a_known_chat_template(tmp_path):
+    """chat=True with a tokenizer whose control tokens match no Kiln template is refused by name before any model
+    is loaded (the directory holds none)."""
+    from test_tokenizer import hf_dir
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "model").mkdir()
+    tok = hf_dir(tmp_path / "tok", ["<|endoftext|>"], {"bos_token": None, "eos_token": "<|endoftext|>"})
+    with pytest.raises(ValueError, match="chat prompts: tokenizer .* has no chat control tokens that Kiln knows"):
+        load_sampler(str(tmp_path / "model"), tokenizer=tok, chat=True)
