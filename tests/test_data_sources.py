@@ -34,6 +34,15 @@ def write_jsonl(path, rows):
     return path
 
 
+def write_array_record(path, rows) -> str:
+    """An array_record file of `rows` (dicts as JSON, bytes as they are), one record per group."""
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    for r in rows:
+        writer.write(r if isinstance(r, bytes) else json.dumps(r).encode())
+    writer.close()
+    return str(path)
+
+
 def trained_text(example, tok=BYTE):
     return tok.decode(example["targets"][example["loss_mask"] > 0].tolist())
 
@@ -187,11 +196,8 @@ def test_mixture_weights_that_make_no_sense(weights, message):
 
 
 def test_array_record_source_lazy_errors_and_skips(tmp_path):
-    path = str(tmp_path / "r.array_record")
-    writer = ArrayRecordWriter(path, "group_size:1")
-    for r in [{"prompt": "p0", "completion": "c0"}, b"not json", {"prompt": "p2", "completion": "c2"}]:
-        writer.write(r if isinstance(r, bytes) else json.dumps(r).encode())
-    writer.close()
+    path = write_array_record(tmp_path / "r.array_record",
+                              [{"prompt": "p0", "completion": "c0"}, b"not json", {"prompt": "p2", "completion": "c2"}])
     src = sources.load("s", base.source(path, "array_record"), data_cfg(), "sft")
     assert len(src.records) == 3 and src.records[2]["messages"][1] == {"role": "assistant", "content": "c2"}
     with pytest.raises(sources.DataError, match=r"r.array_record: record 1: malformed JSON"):

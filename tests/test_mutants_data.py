@@ -9,7 +9,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
 from jax.sharding import AxisType, PartitionSpec
 from ml_collections import ConfigDict
 import tokenizers as hf
@@ -19,7 +18,7 @@ from configs import base
 from data import examples, loader, pipeline, sources, spm, stats, synthetic
 from data import tokenizer as tk
 from test_data_pipeline import BYTE, data_cfg, take
-from test_data_sources import data_cfg as data_cfg_sources, records, write_jsonl
+from test_data_sources import data_cfg as data_cfg_sources, records, write_array_record, write_jsonl
 from test_tokenizer import LLAMA3, hf_dir, sp_path  # noqa: F401  (sp_path: a fixture, a small sentencepiece model)
 
 
@@ -73,14 +72,6 @@ def test_one_text_document_without_shifted_windows_is_shuffled_by_window(tmp_pat
 
 
 # -- sources ----------------------------------------------------------------------------------------
-def write_array_record(path, rows) -> str:
-    writer = ArrayRecordWriter(str(path), "group_size:1")
-    for r in rows:
-        writer.write(r if isinstance(r, bytes) else json.dumps(r).encode())
-    writer.close()
-    return str(path)
-
-
 def test_a_blank_slice_of_one_text_document_has_no_records(tmp_path):
     """A whole-file document whose selected characters are only whitespace is no document: a clear error, not
     a run that trains on blanks."""
@@ -222,6 +213,7 @@ def test_blank_texts_are_no_text_to_train_a_tokenizer_on(tmp_path):
 
 
 def test_cut_line_cuts_before_a_tab_as_before_a_space():
+    """A tab is whitespace to cut at, as a space is: the piece after the cut starts with it."""
     assert spm.cut_line("aaaa\tbbbbbb", 8) == ["aaaa", "\tbbbbbb"]
 
 

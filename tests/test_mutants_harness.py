@@ -13,9 +13,11 @@ from configs import base  # noqa: E402
 from data import sources  # noqa: E402
 from model import presets  # noqa: E402
 from model.sampling import generate  # noqa: E402
+from model.sharding import make_mesh  # noqa: E402
 from test_config_overrides import load  # noqa: E402
 from test_harness import BYTE, Request, ScriptedSampler, lm  # noqa: E402,F401  (lm: the module's fixture)
 from test_misuse import ROOT  # noqa: E402
+from test_tokenizer import hf_dir  # noqa: E402
 from train import preflight  # noqa: E402
 from train.generate import Sampler, load_sampler  # noqa: E402
 from train.harness import KilnLM  # noqa: E402
@@ -109,7 +111,6 @@ def test_rejection_sampling_one_prompt_more_than_the_sources_hold_is_refused(mon
 
 def test_a_sequence_one_token_longer_than_the_model_is_refused():
     """data.seq_len=257 for a model of max_seq_len=256 is refused (256 fits: test_shape_checks_at_their_boundaries)."""
-    from model.sharding import make_mesh
     cfg = load("pretrain.py:smoke", "--config.data.seq_len=257")
     with pytest.raises(ValueError, match="data.seq_len=257 is longer than the model's max_seq_len=256"):
         preflight.check_shapes(cfg, presets.get("tiny"), make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
@@ -182,8 +183,6 @@ def test_a_sampler_refuses_a_tokenizer_larger_than_its_model(lm):
 def test_chat_prompts_need_a_tokenizer_with_a_known_chat_template(tmp_path):
     """chat=True with a tokenizer whose control tokens match no Kiln template is refused by name before any model
     is loaded (the directory holds none)."""
-    from test_tokenizer import hf_dir
-
     (tmp_path / "tok").mkdir()
     (tmp_path / "model").mkdir()
     tok = hf_dir(tmp_path / "tok", ["<|endoftext|>"], {"bos_token": None, "eos_token": "<|endoftext|>"})
