@@ -42,5 +42,5 @@ setup(
         "gpu": ["jax[cuda12]>=0.10.2,<0.12"],
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
     },
-    entry_points={"console_scripts": ["kiln=launch.main:main"]},
+    entry_points={"console_scripts": ["kiln=launch.main:cli"]},
 )

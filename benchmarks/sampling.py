@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import positive
+from launch.host_memory import keep_freed_memory
 from model import hf, presets, sampling
 from model.sharding import make_mesh, shard_module, use_cpu_devices
 from model.transformer import Transformer, param_count
@@ -128,4 +129,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # before JAX allocates (launch/host_memory.py)
     sys.exit(main())

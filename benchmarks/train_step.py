@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import positive
+from launch.host_memory import keep_freed_memory
 from model import presets
 from model.config import ModelConfig
 from model.sharding import make_mesh, shard_module
@@ -237,4 +238,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # before JAX allocates (launch/host_memory.py)
     sys.exit(main())
