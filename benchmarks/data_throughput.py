@@ -23,7 +23,6 @@ from ml_collections import ConfigDict
 from benchmarks import positive
 from configs import base
 from data import pipeline, tokenizer as tokenizers
-from launch.host_memory import keep_freed_memory
 
 
 def config(source: ConfigDict, seq_len: int, batch_size: int, separator: str = "") -> ConfigDict:
@@ -82,5 +81,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # before JAX allocates (launch/host_memory.py)
     sys.exit(main(sys.argv[1:]))

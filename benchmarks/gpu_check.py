@@ -14,7 +14,6 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.train_step import measure
-from launch.host_memory import keep_freed_memory
 from model import presets
 from model.sharding import make_mesh, shard_module
 from model.transformer import KVCache, Transformer
@@ -64,5 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # before JAX allocates (launch/host_memory.py)
     sys.exit(main())

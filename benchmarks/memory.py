@@ -20,7 +20,6 @@ import subprocess
 import sys
 
 from benchmarks import positive
-from launch.host_memory import keep_freed_memory
 
 GIB = 2 ** 30
 
@@ -108,5 +107,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # before JAX allocates (launch/host_memory.py)
     sys.exit(main())

@@ -21,7 +21,6 @@ import time
 import numpy as np
 
 from benchmarks import positive
-from launch.host_memory import keep_freed_memory
 
 CONFIG = "configs/pretrain.py:shakespeare"
 METRIC = "eval/bits_per_byte"
@@ -94,5 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # before JAX allocates (launch/host_memory.py)
     sys.exit(main())

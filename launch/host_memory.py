@@ -19,7 +19,7 @@ import platform
 # of -1, which mallopt(3) documents as "never trim".
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-# JAX computes on these when installed (and JAX_PLATFORMS does not say cpu): host memory is not the step's.
+# With one of these installed (and JAX_PLATFORMS not naming cpu first), JAX computes on an accelerator.
 _ACCELERATOR_PLUGINS = ("jax-cuda", "jax-rocm", "libtpu")  # distribution name prefixes
 OPT_OUT = "KILN_KEEP_FREED_MEMORY"  # =0: leave glibc's defaults
 
