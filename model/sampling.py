@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
-from model.sharding import DEFAULT_RULES, Rules, constrain, replicated, to_host, use_rules
+from model.sharding import DEFAULT_RULES, Rules, constrain, logical_to_spec, replicated, to_host, use_rules
 from model.transformer import KVCache
 
 PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this: fewer compiled programs
@@ -218,6 +218,44 @@ def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature: jax.Arra
     return tok_B, logp_B
 
 
+def greedy_pick(logits_BV: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(the argmax token [B], its log-prob [B]): `sample_logits(..., greedy=True)` in one collective.
+
+    With the vocabulary split over mesh axes (a tied LM head under tensor parallelism), each shard
+    reduces its own columns to (max, log of its softmax sum, first argmax) and a single all-gather of
+    those [B, 3] statistics combines them, where the compiler would otherwise run an all-reduce or an
+    all-gather each for the max, the argmax, the softmax's sum and the chosen token's logit: five
+    collectives a decode step (docs/performance.md). Ties go to the lowest token id, as `jnp.argmax`.
+    """
+    logits_BV = logits_BV.astype(jnp.float32)
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = PartitionSpec() if mesh.empty else logical_to_spec(("batch", "act_vocab"), logits_BV.shape,
+                                                              dict(mesh.shape))
+    vocab_axes = () if len(spec) < 2 or spec[1] is None else spec[1]
+    if not vocab_axes:
+        tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return tok_B, -jax.nn.logsumexp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True), axis=-1)
+
+    def local(logits_bv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        max_b = jnp.max(logits_bv, axis=-1)
+        log_sum_b = jnp.log(jnp.sum(jnp.exp(logits_bv - max_b[:, None]), axis=-1))
+        first = jax.lax.axis_index(vocab_axes) * logits_bv.shape[-1]
+        tok_b = (jnp.argmax(logits_bv, axis=-1) + first).astype(jnp.int32)
+        stats_b3 = jnp.stack([max_b, log_sum_b, jax.lax.bitcast_convert_type(tok_b, jnp.float32)], axis=-1)
+        stats_Sb3 = jax.lax.all_gather(stats_b3, vocab_axes)  # S shards, in vocabulary order
+        max_Sb, log_sum_Sb = stats_Sb3[..., 0], stats_Sb3[..., 1]
+        best_b = jnp.argmax(max_Sb, axis=0)  # the first shard holding the overall max
+        top_b = jnp.max(max_Sb, axis=0)
+        tok_b = jax.lax.bitcast_convert_type(jnp.take_along_axis(stats_Sb3[..., 2], best_b[None], axis=0)[0],
+                                             jnp.int32)
+        # log-prob of the max = -log sum_v exp(logit_v - max), summed shard by shard.
+        return tok_b, -jax.nn.logsumexp(max_Sb - top_b[None] + log_sum_Sb, axis=0)
+
+    batch_spec = PartitionSpec(spec[0])
+    # Every shard computes the same combined result, which the replication check cannot see through all_gather.
+    return jax.shard_map(local, in_specs=spec, out_specs=(batch_spec, batch_spec), check_vma=False)(logits_BV)
+
+
 def _constrain_cache(cache: KVCache) -> KVCache:
     return cache._replace(k=tuple(constrain(k, _CACHE_KV) for k in cache.k),
                           v=tuple(constrain(v, _CACHE_KV) for v in cache.v),
@@ -250,6 +288,8 @@ def _sample(graphdef: nnx.GraphDef, plan: _Plan, state: nnx.State, tokens_BP: ja
         stop_active_N = jnp.any(stop_seqs_NL != _NO_TOKEN, axis=-1)
 
         def choose(logits_BV, step):
+            if plan.greedy:
+                return greedy_pick(logits_BV)
             keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, step)
             return sample_logits(logits_BV, keys_B, temperature, top_p, greedy=plan.greedy, top_k=plan.top_k,
                                  use_top_p=plan.use_top_p)

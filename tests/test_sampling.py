@@ -326,6 +326,41 @@ def test_sharded_run_equals_one_device(axes, monkeypatch):
     assert len(one.lengths) == 6  # the 6 rows were padded to a multiple of the 2 batch shards and back
 
 
+@pytest.mark.parametrize("tensor", [2, 4])
+def test_greedy_pick_over_vocabulary_shards_equals_the_unsplit_argmax_and_log_softmax(tensor):
+    """One all-gather of per-shard statistics: the same token (ties to the lowest id, also across shards)
+    and log-prob as `sample_logits` on the whole row."""
+    rng = np.random.RandomState(0)
+    logits = rng.standard_normal((6, 32)).astype(np.float32) * 3
+    logits[0, 3] = logits[0, 3 + 8] = logits[0, 30] = 20.0  # a three-way tie: shard 0 of 4 (and of 2) wins
+    logits[1, 17] = logits[1, 29] = 20.0  # a tie inside the last shard(s): the lower id wins
+    logits[2, 31] = 20.0  # the very last id
+    logits[3, 9] = 20.0  # inside the second shard of 4
+    logits[4, 0] = 20.0
+    mesh = make_mesh(data=1, fsdp=1, tensor=tensor, devices=jax.devices()[:tensor])
+    want_tok, want_logp = SAMPLE(jnp.asarray(logits), jnp.zeros((6,), jnp.uint32), greedy=True)
+    with jax.set_mesh(mesh):
+        logits_BV = jax.device_put(logits, jax.NamedSharding(mesh, jax.P(None, "tensor")))
+        tok, logp = jax.jit(sampling.greedy_pick)(logits_BV)
+    np.testing.assert_array_equal(np.asarray(tok), [3, 17, 31, 9, 0, np.argmax(logits[5])])
+    np.testing.assert_array_equal(np.asarray(tok), np.asarray(want_tok))
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(want_logp), rtol=1e-6, atol=1e-6)
+    rows = logits.astype(np.float64)
+    exact = -np.log(np.exp(rows - rows.max(-1, keepdims=True)).sum(-1))  # the log-prob of the max
+    np.testing.assert_allclose(np.asarray(logp), exact, rtol=1e-6, atol=1e-6)
+    assert abs(exact[0] - np.log(1 / 3)) < 1e-5  # three tied logits far above the rest share the mass
+
+
+def test_greedy_on_a_tensor_mesh_equals_one_device(greedy):
+    mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
+    graphdef, state = nnx.split(MODEL)
+    with jax.set_mesh(mesh):
+        model = shard_module(nnx.merge(graphdef, jax.tree.map(jnp.copy, state)), mesh)
+    two = generate(model=model, mesh=mesh)
+    np.testing.assert_array_equal(two.tokens, greedy.tokens)
+    np.testing.assert_allclose(two.logprobs, greedy.logprobs, atol=1e-5)
+
+
 # -- the text wrapper ----------------------------------------------------------------------------
 def test_complete_cuts_text_at_stop_strings():
     sampler = Sampler(MODEL, BYTE)
