@@ -485,6 +485,14 @@ def test_load_sampler_chats_for_conversation_stages_with_the_tokenizers_template
         sampler, chats = load_sampler(str(tmp_path / stage))
         assert (chats, sampler.chat_template) == (chat, "kiln"), stage
     assert load_sampler(str(run_dir), chat=False)[1] is False  # an explicit choice wins
+    # A template the run recorded wins over the one the tokenizer's control tokens suggest (kiln here).
+    (tmp_path / "recorded").mkdir()
+    (tmp_path / "recorded" / "checkpoints").symlink_to(run_dir / "checkpoints")
+    (tmp_path / "recorded" / "config.json").write_text(
+        json.dumps({"stage": "pretrain", "data": {"tokenizer": "byte", "chat_template": "chatml"}}))
+    assert load_sampler(str(tmp_path / "recorded"))[0].chat_template == "chatml"
+    with pytest.raises(ValueError, match=r"'chatml' \(the data.chat_template of .*recorded\) needs the token"):
+        load_sampler(str(tmp_path / "recorded"), chat=True)
 
 
 def test_load_sampler_refuses_a_reward_model_and_another_tokenizer(run_dir, tmp_path):
