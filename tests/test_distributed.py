@@ -89,10 +89,14 @@ def test_dry_run_prints_one_command_per_process(tmp_path):
 
 
 def test_an_unreachable_coordinator_is_one_line(tmp_path):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{distributed_free_port()}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID="1", KILN_DISTRIBUTED_TIMEOUT_S="2")
-    out = subprocess.run([*SMOKE, f"--config.run_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
+    import socket
+    # A port bound here but never listened on refuses connections, and no other test can take it meanwhile.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{held.getsockname()[1]}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID="1", KILN_DISTRIBUTED_TIMEOUT_S="2")
+        out = subprocess.run([*SMOKE, f"--config.run_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
         f"kiln train: error: process 1 of 2 found no coordinator at {env['JAX_COORDINATOR_ADDRESS']} within 2s "
@@ -105,12 +109,12 @@ def test_a_coordinator_that_starts_late_is_waited_for():
     """Process 1 may start before process 0 listens: it retries until the address answers, within the timeout."""
     import socket
     import threading
-    port = distributed_free_port()
     server = socket.socket()
+    server.bind(("127.0.0.1", 0))  # bound now (refusing until it listens), so no other test takes the port
+    port = server.getsockname()[1]
 
     def listen_late():
         time.sleep(0.2)
-        server.bind(("127.0.0.1", port))
         server.listen()
     threading.Thread(target=listen_late).start()
     try:
@@ -119,10 +123,6 @@ def test_a_coordinator_that_starts_late_is_waited_for():
         assert 0.2 <= time.monotonic() - start < 10
     finally:
         server.close()
-
-def distributed_free_port():
-    from launch.local import free_port
-    return free_port()
 
 
 def test_data_positions_are_redivided_over_a_new_process_count():
