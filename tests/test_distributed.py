@@ -5,8 +5,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -89,7 +91,6 @@ def test_dry_run_prints_one_command_per_process(tmp_path):
 
 
 def test_an_unreachable_coordinator_is_one_line(tmp_path):
-    import socket
     # A port bound here but never listened on refuses connections, and no other test can take it meanwhile.
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
@@ -107,8 +108,6 @@ def test_an_unreachable_coordinator_is_one_line(tmp_path):
 
 def test_a_coordinator_that_starts_late_is_waited_for():
     """Process 1 may start before process 0 listens: it retries until the address answers, within the timeout."""
-    import socket
-    import threading
     server = socket.socket()
     server.bind(("127.0.0.1", 0))  # bound now (refusing until it listens), so no other test takes the port
     port = server.getsockname()[1]
